@@ -1,0 +1,23 @@
+"""The settings of one engine instance, from config.pbtxt parameters and the instance group."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int = 0            # 0: the model's max_position_embeddings
+    kv_block_size: int = 16
+    kv_cache_blocks: int = 0          # 0: sized from kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.0  # 0: 0.9 of free memory on cuda/npu, 0.1 on cpu
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

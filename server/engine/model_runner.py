@@ -1,0 +1,150 @@
+"""Loads a transformers checkpoint onto the device, owns the KV pool, and runs one batch."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.block_manager import blocks_needed
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.devices import free_memory_bytes, open_device, parse_device
+from pdserve.engine.models.llama import build_model
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            sources.append(json.load(f).get("eos_token_id"))
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return ids
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = open_device(parse_device(cfg.device))
+        self.dtype = getattr(torch, cfg.dtype)
+        self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        state = load_state_dict(cfg.model_path)
+        if "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        self.model = build_model(self.hf_config, state.keys())
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.inv_freq.data = self.model.inv_freq.data.float()
+        self.eos_ids = eos_token_ids(cfg.model_path, self.hf_config, self.tokenizer)
+        self.max_model_len = cfg.max_model_len or self.hf_config.max_position_embeddings
+        self.block_size = cfg.kv_block_size
+        self.kv_cache = self._allocate_kv_cache()
+        self.num_blocks = self.kv_cache.shape[0]
+        self.sampler = Sampler(self.device, cfg.seed)
+
+    # ---- the KV pool -------------------------------------------------------------------
+    def _kv_block_shape(self) -> tuple[int, ...]:
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return (c.num_hidden_layers, 2, self.block_size, kv_heads, head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        n = 1
+        for d in self._kv_block_shape():
+            n *= d
+        return n * torch.finfo(self.dtype).bits // 8
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        useful = self.cfg.max_num_seqs * blocks_needed(self.max_model_len, self.block_size)
+        if self.cfg.kv_cache_blocks:
+            num_blocks = self.cfg.kv_cache_blocks
+        else:
+            fraction = self.cfg.kv_cache_memory_fraction or (0.1 if self.device.type == "cpu" else 0.9)
+            num_blocks = min(useful, int(free_memory_bytes(self.device) * fraction) // self.block_bytes)
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache; lower max_num_seqs or set kv_cache_blocks")
+        log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                 num_blocks * self.block_bytes / 2**20)
+        # torch.empty: on CPU, pages are committed only as blocks are first written.
+        return torch.empty((num_blocks, *self._kv_block_shape()), dtype=self.dtype, device=self.device)
+
+    # ---- one step --------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> tuple[list[int], list[int]]:
+        blocks = [seq.block_table[p // self.block_size] for p in range(start, end)]
+        offsets = [p % self.block_size for p in range(start, end)]
+        return blocks, offsets
+
+    def _prepare_prefill(self, seqs: list[Sequence]):
+        input_ids, positions, slot_blocks, slot_offsets, bounds, last = [], [], [], [], [], []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_tokens
+            begin = len(input_ids)
+            input_ids += seq.all_token_ids[start:end]
+            positions += range(start, end)
+            blocks, offsets = self._slots(seq, start, end)
+            slot_blocks += blocks
+            slot_offsets += offsets
+            bounds.append((begin, len(input_ids)))
+            last.append(len(input_ids) - 1)
+        meta = AttentionMetadata(
+            is_prefill=True, slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
+            last_token_indices=self._tensor(last), prefill_bounds=bounds)
+        return self._tensor(input_ids), self._tensor(positions), meta
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        input_ids = [seq.last_token_id for seq in seqs]
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        slot_blocks = [seq.block_table[p // self.block_size] for seq, p in zip(seqs, positions)]
+        slot_offsets = [p % self.block_size for p in positions]
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        context_lens = self._tensor([seq.num_tokens for seq in seqs])
+        span = torch.arange(max_blocks * self.block_size, device=self.device)
+        mask = (span[None, :] < context_lens[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            is_prefill=False, slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
+            last_token_indices=torch.arange(len(seqs), device=self.device),
+            block_tables=self._tensor(tables), context_lens=context_lens, context_mask=mask)
+        return self._tensor(input_ids), self._tensor(positions), meta
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """Computes one step for the batch and returns one sampled token per sequence."""
+        prepare = self._prepare_prefill if is_prefill else self._prepare_decode
+        input_ids, positions, meta = prepare(seqs)
+        logits = self.model(input_ids, positions, self.kv_cache, meta)
+        for seq in seqs:
+            seq.num_cached_tokens = seq.num_tokens
+        return self.sampler.sample(logits, seqs, self.eos_ids)

@@ -1,0 +1,87 @@
+"""Continuous batching: every step admits waiting sequences or decodes the running ones.
+
+A step is either a prefill of newly admitted sequences (within max_num_seqs and the token
+budget) or a decode of every running sequence. When the pool runs out of blocks, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the head
+of the queue, to be recomputed (prompt plus what it generated so far) later.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from pdserve.engine.block_manager import BlockManager, blocks_needed
+from pdserve.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if blocks_needed(seq.num_tokens + 1, self.block_manager.block_size) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the request needs {blocks_needed(seq.num_tokens + 1, self.block_manager.block_size)} KV blocks "
+                f"but the pool has {self.block_manager.num_blocks}; shorten the prompt or raise kv_cache_blocks")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def waiting_prefill_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.waiting)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns the sequences of the next step and whether it is a prefill step."""
+        prefills: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if (prefills and seq.num_tokens > budget) or not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            budget -= seq.num_tokens
+            self.running.append(seq)
+            prefills.append(seq)
+        if prefills:
+            return prefills, True
+
+        decodes: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while not self.block_manager.can_append(seq):
+                if queue:
+                    self.preempt(queue.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                decodes.append(seq)
+        self.running = list(decodes)  # everything else was preempted; a copy, as finish() edits it
+        return decodes, False
+
+    def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence wherever it is (running, waiting) and frees its blocks."""
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
