@@ -1,0 +1,55 @@
+# Quick start:  make serve   (installs everything, builds the demo model, serves it)
+#               make test    (the same set-up, then the test suite)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO := model_repository/tiny-qwen2/1
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: serve test setup system-deps venv proto demo-model bench clean
+
+serve: setup demo-model
+	$(VENV)/bin/pdserve --model-repository model_repository --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+setup: system-deps venv proto
+
+# Debian packages: etcd (cluster membership), the libraries Mooncake's transfer engine
+# loads, and Prometheus (the dashboards test). apt runs only for what is missing.
+SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# torch first, pinned, so the project's torch range is met by the CPU build and pip
+# does not pull a multi-GB CUDA build; then the project with its test extras.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,mooncake]'
+	touch $@
+
+proto: server/_proto/__init__.py
+server/_proto/__init__.py: protos/*.proto protos/generate.py $(VENV)/.installed
+	$(PY) protos/generate.py
+
+demo-model: $(DEMO)/model.safetensors
+$(DEMO)/model.safetensors: tools/make_demo_model.py $(VENV)/.installed
+	$(PY) tools/make_demo_model.py $(DEMO)
+
+bench: setup demo-model
+	$(PY) bench/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) server/_proto $(DEMO) *.egg-info

@@ -1,0 +1,84 @@
+"""The `pdserve` command: one node's front end and the engines of its models."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import tempfile
+
+import grpc
+
+from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
+from pdserve.frontend.service import InferenceService
+from pdserve.metrics import Metrics
+from pdserve.repository.manager import ModelRepositoryManager
+from pdserve.router import POLICIES, Router
+from pdserve.supervisor import Supervisor
+
+log = logging.getLogger("pdserve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdserve", description="Serve a model repository over the KServe v2 gRPC protocol.")
+    ap.add_argument("--model-repository", required=True, help="the folder of model folders")
+    ap.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="poll")
+    ap.add_argument("--repository-poll-secs", type=float, default=15.0,
+                    help="poll mode: full rescan period in seconds (file events act sooner)")
+    ap.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                    help="explicit mode: a model to load at start (repeatable)")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 turns it off")
+    ap.add_argument("--host", default="0.0.0.0", help="address the gRPC and metrics servers bind")
+    ap.add_argument("--advertise-host", default="127.0.0.1", help="address engines bind and announce")
+    ap.add_argument("--routing-policy", choices=sorted(POLICIES), default="least_load")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+async def run(args) -> None:
+    supervisor = Supervisor(args.advertise_host, tempfile.mkdtemp(prefix="pdserve-"))
+    manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
+                                     args.repository_poll_secs, args.load_model)
+    metrics = Metrics(manager)
+    service = InferenceService(manager, Router(args.routing_policy), metrics)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20),
+                                      ("grpc.max_send_message_length", 64 * 2**20)])
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    try:
+        from grpc_reflection.v1alpha import reflection
+        reflection.enable_server_reflection(
+            [grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+             reflection.SERVICE_NAME], server)
+    except ImportError:
+        pass
+    server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    await server.start()
+    if args.metrics_port:
+        metrics.serve(args.host, args.metrics_port)
+    log.info("KServe v2 gRPC on %s:%d, metrics on :%d, repository %s (%s mode)", args.host, args.grpc_port,
+             args.metrics_port, args.model_repository, args.model_control_mode)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await manager.start()
+    service.started = True
+    metrics.start_polling()
+    log.info("pdserve ready")
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=3)
+    await metrics.close()
+    await manager.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s pdserve %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""KServe v2 tensors <-> generation requests, with the interface of Triton's vLLM backend.
+
+Inputs: text_input (BYTES), stream, exclude_input_in_output, return_finish_reason,
+return_num_input_tokens, return_num_output_tokens (BOOL), sampling_parameters (BYTES, JSON).
+BYTES tensors come as contents.bytes_contents or as raw_input_contents, where each element
+is a 4-byte little-endian length followed by the bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+from pdserve._proto import engine_pb2, grpc_service_pb2 as pb
+
+
+class InvalidInput(ValueError):
+    """Maps to INVALID_ARGUMENT; the message tells the client what to change."""
+
+
+BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason",
+               "return_num_input_tokens", "return_num_output_tokens")
+BYTES_INPUTS = ("text_input", "sampling_parameters")
+OUTPUT_NAMES = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    sampling: engine_pb2.SamplingParams
+    stream: bool = False
+    exclude_input_in_output: bool | None = None
+    return_finish_reason: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+    requested_outputs: list[str] = field(default_factory=list)
+
+    def wants(self, output: str) -> bool:
+        """Requested outputs, as Triton: all of them when the request names none."""
+        if self.requested_outputs:
+            return output in self.requested_outputs
+        return output == "text_output" or getattr(self, f"return_{output}", False)
+
+
+def _deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"input '{name}': raw BYTES contents end inside a length prefix; each element "
+                               "needs a 4-byte little-endian length followed by its bytes")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f"input '{name}': a raw BYTES element claims {length} bytes but only "
+                               f"{len(raw) - offset} remain")
+        items.append(raw[offset:offset + length])
+        offset += length
+    return items
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _elements(tensor, raw: bytes | None) -> list:
+    name, dtype = tensor.name, tensor.datatype
+    expected_dtype = "BYTES" if name in BYTES_INPUTS else "BOOL"
+    if dtype != expected_dtype:
+        raise InvalidInput(f"input '{name}' has datatype {dtype or '(none)'}; send it as {expected_dtype}")
+    if any(d < 0 for d in tensor.shape):
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)}; dimensions cannot be negative")
+    count = math.prod(tensor.shape) if tensor.shape else 0
+    if raw is not None:
+        values = _deserialize_bytes(raw, name) if dtype == "BYTES" else [b != 0 for b in raw]
+    elif dtype == "BYTES":
+        values = list(tensor.contents.bytes_contents)
+    else:
+        values = list(tensor.contents.bool_contents)
+    if count != 1:
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)}; send exactly one element (shape [1]); "
+                           "batch prompts as separate requests")
+    if len(values) != 1:
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)} but carries {len(values)} elements; "
+                           "the data must hold exactly one element")
+    return values
+
+
+def _text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input '{name}' is not valid UTF-8 ({exc}); encode the text as UTF-8") from exc
+
+
+def _number(params: dict, key: str, kind, low=None, high=None, low_open=False):
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be a number")
+    try:
+        number = kind(float(value)) if kind is float else int(str(value), 10) if isinstance(value, str) else value
+        if kind is int and isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+    except ValueError as exc:
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be a{'n integer' if kind is int else ' number'}") from exc
+    if isinstance(number, float) and not math.isfinite(number):
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be finite")
+    if low is not None and (number < low or (low_open and number == low)):
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be {'>' if low_open else '>='} {low}")
+    if high is not None and number > high:
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be <= {high}")
+    return number
+
+
+def _flag(params: dict, key: str) -> bool:
+    value = params[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be true or false")
+
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                 "ignore_eos", "min_tokens")
+
+
+def parse_sampling_parameters(text: str | None) -> engine_pb2.SamplingParams:
+    params = {}
+    if text:
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"sampling_parameters is not valid JSON ({exc}); send a JSON object such as "
+                               '{"max_tokens": 64, "temperature": 0}') from exc
+        if not isinstance(params, dict):
+            raise InvalidInput("sampling_parameters must be a JSON object such as {\"max_tokens\": 64}")
+    unknown = sorted(set(params) - set(SAMPLING_KEYS))
+    if unknown:
+        raise InvalidInput(f"sampling_parameters has unknown key(s) {unknown}; supported: {', '.join(SAMPLING_KEYS)}")
+    sp = engine_pb2.SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, top_p=1.0)
+    if "max_tokens" in params:
+        sp.max_tokens = _number(params, "max_tokens", int, low=1, high=2**31 - 1)
+    if "temperature" in params:
+        sp.temperature = _number(params, "temperature", float, low=0.0)
+    if "top_p" in params:
+        sp.top_p = _number(params, "top_p", float, low=0.0, high=1.0, low_open=True)
+    if "top_k" in params:
+        top_k = _number(params, "top_k", int, low=-1, high=2**31 - 1)
+        sp.top_k = 0 if top_k == -1 else top_k  # vLLM: -1 means all tokens
+    if "seed" in params:
+        sp.has_seed, sp.seed = True, _number(params, "seed", int, low=0, high=2**63 - 1)
+    if "min_tokens" in params:
+        sp.min_tokens = _number(params, "min_tokens", int, low=0, high=sp.max_tokens)
+    if "ignore_eos" in params:
+        sp.ignore_eos = _flag(params, "ignore_eos")
+    if "stop" in params:
+        stop = params["stop"]
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidInput("sampling_parameters 'stop' must be a non-empty string or a list of them")
+        sp.stop.extend(stop)
+    if "stop_token_ids" in params:
+        ids = params["stop_token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise InvalidInput("sampling_parameters 'stop_token_ids' must be a list of non-negative integers")
+        sp.stop_token_ids.extend(ids)
+    return sp
+
+
+def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
+    """Validates the tensors of one ModelInferRequest; raises InvalidInput."""
+    model = request.model_name
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput(f"the request has {len(request.inputs)} inputs but {len(request.raw_input_contents)} "
+                           "raw_input_contents; send one raw content per input, or none")
+    values: dict[str, object] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in BOOL_INPUTS + BYTES_INPUTS:
+            raise InvalidInput(f"unexpected inference input '{tensor.name}' for model '{model}'; "
+                               f"expected inputs: {', '.join(BYTES_INPUTS + BOOL_INPUTS)}")
+        if tensor.name in values:
+            raise InvalidInput(f"input '{tensor.name}' is given twice; send it once")
+        raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        values[tensor.name] = _elements(tensor, raw)[0]
+    if "text_input" not in values:
+        raise InvalidInput(f"expected 'text_input' for model '{model}'; send the prompt as a BYTES tensor of shape [1]")
+    for out in request.outputs:
+        if out.name not in OUTPUT_NAMES:
+            raise InvalidInput(f"unexpected inference output '{out.name}' for model '{model}'; "
+                               f"outputs: {', '.join(OUTPUT_NAMES)}")
+    sampling_text = values.get("sampling_parameters")
+    gen = GenerationRequest(
+        prompt=_text(values["text_input"], "text_input"),
+        sampling=parse_sampling_parameters(_text(sampling_text, "sampling_parameters") if sampling_text else None),
+        stream=bool(values.get("stream", False)),
+        exclude_input_in_output=values.get("exclude_input_in_output"),
+        return_finish_reason=bool(values.get("return_finish_reason", False)),
+        return_num_input_tokens=bool(values.get("return_num_input_tokens", False)),
+        return_num_output_tokens=bool(values.get("return_num_output_tokens", False)),
+        requested_outputs=[o.name for o in request.outputs])
+    if gen.stream and gen.exclude_input_in_output is False:
+        raise InvalidInput("exclude_input_in_output=false is not allowed when streaming; "
+                           "drop it or set it to true (streamed pieces never repeat the prompt)")
+    return gen
+
+
+def build_response(request: pb.ModelInferRequest, gen: GenerationRequest, text: str, finish_reason: str,
+                   num_input_tokens: int, num_output_tokens: int) -> pb.ModelInferResponse:
+    """One response: outputs as raw contents, as Triton sends them."""
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                     id=request.id)
+    def add(name: str, datatype: str, raw: bytes) -> None:
+        response.outputs.add(name=name, datatype=datatype, shape=[1])
+        response.raw_output_contents.append(raw)
+    if gen.wants("text_output"):
+        add("text_output", "BYTES", serialize_bytes([text.encode("utf-8")]))
+    if gen.wants("finish_reason") and finish_reason:
+        add("finish_reason", "BYTES", serialize_bytes([finish_reason.encode("utf-8")]))
+    if gen.wants("num_input_tokens"):
+        add("num_input_tokens", "UINT32", struct.pack("<I", num_input_tokens))
+    if gen.wants("num_output_tokens"):
+        add("num_output_tokens", "UINT32", struct.pack("<I", num_output_tokens))
+    return response

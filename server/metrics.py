@@ -1,0 +1,153 @@
+"""Prometheus metrics for one node: Triton's nv_inference_* names plus pdserve_* LLM metrics.
+
+Request figures are observed in the front end as requests finish; engine figures (running,
+waiting, KV use) come from the engines' Stats RPC, polled in the background and exported at
+scrape time, so an engine that is gone leaves no stale series behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
+FIRST_RESPONSE_MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 60000)
+STATS_POLL_S = 1.0
+
+
+class TritonCounters:
+    """Triton's counters keep their exact names (no `_total`), as Triton's dashboards expect."""
+
+    def __init__(self):
+        self.success = defaultdict(int)
+        self.failure = defaultdict(int)
+        self.count = defaultdict(int)
+        self.duration_us = defaultdict(int)
+        self.queue_us = defaultdict(int)
+        self.pending = defaultdict(int)
+
+    def collect(self):
+        def counter(name, doc, values, label_names=("model", "version")):
+            metric = Metric(name, doc, "counter")
+            for labels, value in values.items():
+                metric.add_sample(name, dict(zip(label_names, labels)), value)
+            return metric
+        yield counter("nv_inference_request_success", "Number of successful inference requests", self.success)
+        yield counter("nv_inference_request_failure", "Number of failed inference requests", self.failure,
+                      ("model", "version", "reason"))
+        yield counter("nv_inference_count", "Number of inferences performed", self.count)
+        yield counter("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+                      self.duration_us)
+        yield counter("nv_inference_queue_duration_us", "Cumulative time requests wait before their first token",
+                      self.queue_us)
+        gauge = GaugeMetricFamily("nv_inference_pending_request_count", "Requests in flight", labels=["model", "version"])
+        for labels, value in self.pending.items():
+            gauge.add_metric(list(labels), value)
+        yield gauge
+
+
+class EngineCollector:
+    """Engine and repository figures, read from the last Stats of every engine at scrape time."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def collect(self):
+        running = GaugeMetricFamily("pdserve_requests_running", "Sequences running in the engine",
+                                    labels=["model", "role", "instance"])
+        waiting = GaugeMetricFamily("pdserve_requests_waiting", "Sequences waiting in the engine",
+                                    labels=["model", "role", "instance"])
+        kv = GaugeMetricFamily("pdserve_kv_cache_usage_ratio", "Share of the engine's KV blocks in use",
+                               labels=["model", "role", "instance"])
+        preempt = Metric("pdserve_preemptions", "Sequences preempted for lack of KV blocks", "counter")
+        instances = GaugeMetricFamily("pdserve_instances", "Live engine instances", labels=["model", "role"])
+        states = GaugeMetricFamily("pdserve_model_state", "1 for each model version's state",
+                                   labels=["model", "version", "state"])
+        live = defaultdict(int)
+        for dep in self.manager.all_deployments():
+            for engine in dep.live_engines():
+                live[(dep.name, engine.instance.role)] += 1
+                stats = engine.client.last_stats
+                if stats is None:
+                    continue
+                labels = [dep.name, engine.instance.role, engine.instance_id]
+                running.add_metric(labels, stats.num_running)
+                waiting.add_metric(labels, stats.num_waiting)
+                total = max(stats.num_total_blocks, 1)
+                kv.add_metric(labels, (stats.num_total_blocks - stats.num_free_blocks) / total)
+                preempt.add_sample("pdserve_preemptions_total", dict(zip(["model", "role", "instance"], labels)),
+                                   stats.num_preemptions)
+        for (model, role), n in live.items():
+            instances.add_metric([model, role], n)
+        for name, status in self.manager.index():
+            states.add_metric([name, status.version, status.state], 1)
+        yield from (running, waiting, kv, preempt, instances, states)
+
+
+class Metrics:
+    def __init__(self, manager):
+        self.manager = manager
+        self.registry = CollectorRegistry()
+        labels = ["model", "version"]
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("pdserve_time_per_output_token_seconds", "Mean time per output token after the first, per request",
+                              labels, buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "End-to-end request latency", labels,
+                             buckets=E2E_BUCKETS, registry=self.registry)
+        self.first_response = Histogram("nv_inference_first_response_histogram_ms", "Time to the first response in ms",
+                                        labels, buckets=FIRST_RESPONSE_MS_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", labels, registry=self.registry)
+        self.triton = TritonCounters()
+        self.registry.register(self.triton)
+        self.registry.register(EngineCollector(manager))
+        self._poller: asyncio.Task | None = None
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def request_started(self, key: tuple[str, str]) -> None:
+        self.triton.pending[key] += 1
+
+    def request_finished(self, key, ok: bool, reason: str, start: float, first: float | None,
+                         n_in: int, n_out: int) -> None:
+        now = time.monotonic()
+        self.triton.pending[key] -= 1
+        self.triton.duration_us[key] += int((now - start) * 1e6)
+        if not ok:
+            self.triton.failure[(*key, reason)] += 1
+            return
+        self.triton.success[key] += 1
+        self.triton.count[key] += 1
+        self.e2e.labels(*key).observe(now - start)
+        self.prompt_tokens.labels(*key).inc(n_in)
+        self.generation_tokens.labels(*key).inc(n_out)
+        if first is not None:
+            self.triton.queue_us[key] += int((first - start) * 1e6)
+            self.ttft.labels(*key).observe(first - start)
+            self.first_response.labels(*key).observe((first - start) * 1000)
+            if n_out > 1:
+                self.tpot.labels(*key).observe((now - first) / (n_out - 1))
+
+    def start_polling(self) -> None:
+        self._poller = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            engines = [e for d in self.manager.all_deployments() for e in d.live_engines()]
+            await asyncio.gather(*(e.client.stats() for e in engines), return_exceptions=True)
+            await asyncio.sleep(STATS_POLL_S)
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()

@@ -1,0 +1,1 @@
+"""The model repository: config parsing and validation, and the manager that loads models."""

@@ -1,0 +1,208 @@
+"""Reads and validates one model folder: config.pbtxt plus numeric version folders.
+
+Every error names the file, the field and the fix, because an operator reads it in
+RepositoryIndex or the log without the code at hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+
+from pdserve._proto import model_config_pb2 as mc
+from pdserve.engine.config import DTYPES, EngineConfig
+from pdserve.engine.devices import DeviceError, parse_device
+
+CONFIG_FILE = "config.pbtxt"
+ROLES = ("BOTH", "PREFILL", "DECODE")
+BACKENDS = ("", "pdserve", "vllm")
+
+# The tensor interface of Triton's vLLM backend: (name, datatype, optional).
+INPUTS = [("text_input", mc.TYPE_STRING, False), ("stream", mc.TYPE_BOOL, True),
+          ("sampling_parameters", mc.TYPE_STRING, True), ("exclude_input_in_output", mc.TYPE_BOOL, True),
+          ("return_finish_reason", mc.TYPE_BOOL, True), ("return_num_input_tokens", mc.TYPE_BOOL, True),
+          ("return_num_output_tokens", mc.TYPE_BOOL, True)]
+OUTPUTS = [("text_output", mc.TYPE_STRING), ("finish_reason", mc.TYPE_STRING),
+           ("num_input_tokens", mc.TYPE_UINT32), ("num_output_tokens", mc.TYPE_UINT32)]
+
+# config.pbtxt `parameters` that set engine options, with their types.
+ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if f.name not in ("model_path", "device")}
+ENGINE_PARAMETERS["kv_transport"] = "str"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    group: str
+    index: int
+    role: str
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}_{self.index}"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    config: mc.ModelConfig
+    versions: list[int]
+    instances: list[InstanceSpec]
+    engine_parameters: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def engine_config(self, version: int, device: str) -> EngineConfig:
+        params = {k: v for k, v in self.engine_parameters.items() if k != "kv_transport"}
+        return EngineConfig(model_path=os.path.join(self.path, str(version)), device=device, **params)
+
+
+def fingerprint(model_dir: str) -> str:
+    """Changes whenever config.pbtxt or any file of a version folder changes."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(model_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            digest.update(f"{os.path.relpath(path, model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def version_folders(model_dir: str) -> list[int]:
+    return sorted(int(d) for d in os.listdir(model_dir) if d.isdigit() and os.path.isdir(os.path.join(model_dir, d)))
+
+
+def _parse(path: str) -> mc.ModelConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: file not found; every model folder needs a config.pbtxt")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}; fix the protobuf text format (fields of protos/model_config.proto)") from exc
+    return config
+
+
+def _select_versions(path: str, config: mc.ModelConfig, available: list[int]) -> list[int]:
+    if not available:
+        raise ConfigError(f"{path}: no numeric version folder beside it; put the model files in {os.path.dirname(path)}/1/")
+    policy = config.version_policy.WhichOneof("policy_choice")
+    if policy == "all":
+        return available
+    if policy == "specific":
+        wanted = sorted(set(config.version_policy.specific.versions))
+        missing = [v for v in wanted if v not in available]
+        if missing:
+            raise ConfigError(f"{path}: version_policy.specific lists versions {missing} that have no folder; "
+                              f"available: {available}")
+        return wanted
+    num = config.version_policy.latest.num_versions if policy == "latest" else 1
+    if num < 1:
+        raise ConfigError(f"{path}: version_policy.latest.num_versions must be at least 1")
+    return available[-num:]
+
+
+def _group_devices(path: str, i: int, group: mc.ModelInstanceGroup) -> list[str]:
+    where = f"{path}: instance_group[{i}]"
+    if group.devices:
+        devices = list(group.devices)
+    elif group.kind == mc.ModelInstanceGroup.KIND_GPU:
+        devices = [f"cuda:{g}" for g in group.gpus] or ["cuda:0"]
+    elif group.kind == mc.ModelInstanceGroup.KIND_NPU:
+        devices = [f"npu:{g}" for g in group.gpus] or ["npu:0"]
+    else:
+        devices = ["cpu"]
+    for device in devices:
+        try:
+            parse_device(device)
+        except DeviceError as exc:
+            raise ConfigError(f"{where}.devices: {exc}") from exc
+    if group.count < 0:
+        raise ConfigError(f"{where}.count is {group.count}; use a positive count of instances per device")
+    return devices
+
+
+def _instances(path: str, config: mc.ModelConfig) -> list[InstanceSpec]:
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU)]
+    instances = []
+    for i, group in enumerate(groups):
+        role = mc.ModelInstanceGroup.Role.Name(group.role)
+        name = group.name or f"{config.name}_{role.lower()}_{i}"
+        for device in _group_devices(path, i, group):
+            for _ in range(group.count or 1):
+                instances.append(InstanceSpec(name, len([s for s in instances if s.group == name]), role, device))
+    roles = {s.role for s in instances}
+    if "PREFILL" in roles and "DECODE" not in roles:
+        raise ConfigError(f"{path}: instance_group has PREFILL instances but no DECODE instance; "
+                          "add a group with role: DECODE (prefill engines hand their KV to decode engines)")
+    return instances
+
+
+def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
+    params = {}
+    for key, value in config.parameters.items():
+        if key not in ENGINE_PARAMETERS:
+            raise ConfigError(f"{path}: parameters key '{key}' is unknown; known keys: {', '.join(sorted(ENGINE_PARAMETERS))}")
+        kind = ENGINE_PARAMETERS[key]
+        text = value.string_value.strip()
+        try:
+            params[key] = {"int": int, "float": float, "str": str}[kind](text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: parameters '{key}' is '{text}'; it must be a{'n' if kind == 'int' else ''} {kind}") from exc
+        if kind in ("int", "float") and params[key] < 0:
+            raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative")
+    if params.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"{path}: parameters 'dtype' is '{params['dtype']}'; use one of {', '.join(DTYPES)}")
+    if params.get("kv_block_size", 16) < 1:
+        raise ConfigError(f"{path}: parameters 'kv_block_size' must be at least 1")
+    if params.get("max_num_seqs", 1) < 1:
+        raise ConfigError(f"{path}: parameters 'max_num_seqs' must be at least 1")
+    fraction = params.get("kv_cache_memory_fraction", 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"{path}: parameters 'kv_cache_memory_fraction' is {fraction}; use a value in (0, 1]")
+    return params
+
+
+def complete_config(config: mc.ModelConfig) -> None:
+    """Fills in what Triton's vLLM backend would: the tensors and the decoupled policy."""
+    if not config.backend:
+        config.backend = "pdserve"
+    if not config.input:
+        for name, dtype, optional in INPUTS:
+            config.input.add(name=name, data_type=dtype, dims=[1], optional=optional)
+    if not config.output:
+        for name, dtype in OUTPUTS:
+            config.output.add(name=name, data_type=dtype, dims=[-1])
+    config.model_transaction_policy.decoupled = True
+
+
+def load_model_spec(model_dir: str) -> ModelSpec:
+    """Parses and validates a model folder; raises ConfigError with an actionable message."""
+    model_dir = os.path.abspath(model_dir)
+    folder = os.path.basename(model_dir)
+    path = os.path.join(model_dir, CONFIG_FILE)
+    digest = fingerprint(model_dir)
+    config = _parse(path)
+    if config.name and config.name != folder:
+        raise ConfigError(f"{path}: name is '{config.name}' but the folder is '{folder}'; make them equal or drop 'name'")
+    config.name = folder
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"{path}: backend '{config.backend}' is not served here; use backend: \"pdserve\"")
+    versions = _select_versions(path, config, version_folders(model_dir))
+    instances = _instances(path, config)
+    params = _engine_parameters(path, config)
+    complete_config(config)
+    return ModelSpec(folder, model_dir, config, versions, instances, params, digest)

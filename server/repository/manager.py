@@ -1,0 +1,235 @@
+"""Keeps the served models in step with the repository folder.
+
+Modes (Triton's --model-control-mode): `none` loads everything at start and never
+changes; `poll` watches the folder (watchdog events, debounced, plus a rescan every
+--repository-poll-secs) and loads, reloads or unloads what changed; `explicit` loads only
+--load-model names and RepositoryModelLoad/Unload calls.
+
+A reload starts the new engines beside the serving ones and switches only once they are
+all READY; if the new config or weights fail, the old version keeps serving and its
+index entry carries the reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from pdserve.repository.config import CONFIG_FILE, ConfigError, ModelSpec, fingerprint, load_model_spec
+from pdserve.supervisor import Deployment, EngineStartError, Supervisor
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+DRAIN_TIMEOUT_S = 120.0
+
+
+@dataclass
+class VersionStatus:
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass
+class ModelEntry:
+    """What the server knows of one model: what serves, what loads, what failed."""
+    name: str
+    serving: dict[int, Deployment] = field(default_factory=dict)
+    loading: dict[int, Deployment] = field(default_factory=dict)
+    unloading: dict[int, Deployment] = field(default_factory=dict)
+    spec: ModelSpec | None = None          # the config that serves (or the last one tried)
+    fingerprint: str = ""                  # of the folder contents last acted on
+    reason: str = ""                       # why the last load failed, if it did
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def statuses(self) -> list[VersionStatus]:
+        out: dict[int, VersionStatus] = {}
+        for v in self.unloading:
+            out[v] = VersionStatus(str(v), UNLOADING)
+        for v in self.serving:
+            out[v] = VersionStatus(str(v), READY, self.reason)
+        for v in self.loading:
+            if v not in self.serving:
+                out[v] = VersionStatus(str(v), LOADING)
+        if not out:
+            return [VersionStatus("", UNAVAILABLE, self.reason or "unloaded")]
+        return [out[v] for v in sorted(out)]
+
+
+class ModelRepositoryManager:
+    def __init__(self, repository: str, supervisor: Supervisor, mode: str = "poll", poll_secs: float = 15.0,
+                 startup_models: list[str] | None = None):
+        self.repository = os.path.abspath(repository)
+        self.supervisor = supervisor
+        self.mode = mode
+        self.poll_secs = poll_secs
+        self.startup_models = startup_models or []
+        self.models: dict[str, ModelEntry] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._observer = None
+        self._closing = False
+
+    # ---- queries ---------------------------------------------------------------------
+    def folder_names(self) -> list[str]:
+        try:
+            return sorted(d for d in os.listdir(self.repository)
+                          if os.path.isdir(os.path.join(self.repository, d)) and not d.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def index(self) -> list[tuple[str, VersionStatus]]:
+        names = set(self.folder_names()) | set(self.models)
+        rows = []
+        for name in sorted(names):
+            entry = self.models.get(name) or ModelEntry(name)
+            rows += [(name, status) for status in entry.statuses()]
+        return rows
+
+    def entry(self, name: str) -> ModelEntry | None:
+        return self.models.get(name)
+
+    def knows(self, name: str) -> bool:
+        return name in self.models or name in self.folder_names()
+
+    def all_deployments(self) -> list[Deployment]:
+        out = []
+        for entry in self.models.values():
+            out += list(entry.serving.values()) + list(entry.loading.values()) + list(entry.unloading.values())
+        return out
+
+    # ---- start and stop ------------------------------------------------------------------
+    async def start(self) -> None:
+        names = self.startup_models if self.mode == "explicit" else self.folder_names()
+        await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        if self.mode == "poll":
+            self._start_watchdog()
+            self._spawn(self._poll_loop())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._observer is not None:
+            self._observer.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(d.stop() for d in self.all_deployments()), return_exceptions=True)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- poll mode ----------------------------------------------------------------------
+    def _start_watchdog(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                loop.call_soon_threadsafe(wake.set)
+
+        os.makedirs(self.repository, exist_ok=True)
+        self._observer = Observer()
+        self._observer.schedule(Handler(), self.repository, recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+
+    async def _poll_loop(self) -> None:
+        debounce = min(1.0, self.poll_secs)
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_secs)
+                # Debounce: a copy of a model folder fires many events; act once it settles.
+                while True:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=debounce)
+                    except asyncio.TimeoutError:
+                        break
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.rescan()
+
+    async def rescan(self) -> None:
+        """Poll mode: load new folders, reload changed ones, unload removed ones."""
+        folders = set(self.folder_names())
+        jobs = []
+        for name in folders:
+            entry = self.models.get(name)
+            model_dir = os.path.join(self.repository, name)
+            if entry is None or (fingerprint(model_dir) != entry.fingerprint and not entry.lock.locked()):
+                jobs.append(self.load(name))
+        for name in set(self.models) - folders:
+            if self.models[name].serving or self.models[name].loading:
+                jobs.append(self.unload(name))
+            elif not self.models[name].lock.locked():
+                del self.models[name]
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+    # ---- load, reload, unload -------------------------------------------------------------
+    async def load(self, name: str) -> None:
+        """Loads or reloads a model; raises ConfigError or EngineStartError when it fails."""
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            model_dir = os.path.join(self.repository, name)
+            entry.fingerprint = fingerprint(model_dir) if os.path.isdir(model_dir) else ""
+            try:
+                if not os.path.isdir(model_dir):
+                    raise ConfigError(f"{model_dir}: no such model folder in the repository")
+                spec = load_model_spec(model_dir)
+            except ConfigError as exc:
+                self._failed(entry, str(exc))
+                raise
+            new = {v: self.supervisor.deployment(spec, v) for v in spec.versions}
+            entry.loading = new
+            log.info("loading %s versions %s (%d engines each)", name, spec.versions, len(spec.instances))
+            try:
+                await asyncio.gather(*(d.start() for d in new.values()))
+            except (EngineStartError, asyncio.CancelledError) as exc:
+                entry.loading = {}
+                await asyncio.gather(*(d.stop() for d in new.values()), return_exceptions=True)
+                self._failed(entry, f"{model_dir}: {exc}")
+                raise
+            old = entry.serving
+            entry.serving, entry.loading, entry.spec, entry.reason = new, {}, spec, ""
+            log.info("model %s versions %s READY", name, spec.versions)
+        if old:
+            await self._retire(entry, old)
+
+    def _failed(self, entry: ModelEntry, reason: str) -> None:
+        if entry.serving:
+            entry.reason = f"the last reload failed, the previous configuration keeps serving: {reason}"
+        else:
+            entry.reason = reason
+        log.error("model %s: %s", entry.name, entry.reason)
+
+    async def _retire(self, entry: ModelEntry, old: dict[int, Deployment]) -> None:
+        entry.unloading.update({v: d for v, d in old.items()})
+        try:
+            await asyncio.gather(*(d.drain(DRAIN_TIMEOUT_S) for d in old.values()))
+            await asyncio.gather(*(d.stop() for d in old.values()))
+        finally:
+            for v, d in old.items():
+                if entry.unloading.get(v) is d:
+                    del entry.unloading[v]
+
+    async def unload(self, name: str) -> None:
+        entry = self.models.get(name)
+        if entry is None:
+            return
+        async with entry.lock:
+            old = entry.serving
+            entry.serving = {}
+            entry.reason = "unloaded"
+            entry.fingerprint = ""
+        await self._retire(entry, old)
+        if not os.path.isdir(os.path.join(self.repository, name)) and not entry.serving:
+            self.models.pop(name, None)
