@@ -135,12 +135,16 @@ def _group_devices(path: str, i: int, group: mc.ModelInstanceGroup) -> list[str]
     return devices
 
 
+def _group_name(config: mc.ModelConfig, i: int, group: mc.ModelInstanceGroup) -> str:
+    return f"{config.name}_{mc.ModelInstanceGroup.Role.Name(group.role).lower()}_{i}"
+
+
 def _instances(path: str, config: mc.ModelConfig) -> list[InstanceSpec]:
     groups = list(config.instance_group) or [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU)]
     instances = []
     for i, group in enumerate(groups):
         role = mc.ModelInstanceGroup.Role.Name(group.role)
-        name = group.name or f"{config.name}_{role.lower()}_{i}"
+        name = group.name or _group_name(config, i, group)
         for device in _group_devices(path, i, group):
             for _ in range(group.count or 1):
                 instances.append(InstanceSpec(name, len([s for s in instances if s.group == name]), role, device))
@@ -187,6 +191,15 @@ def complete_config(config: mc.ModelConfig) -> None:
         for name, dtype in OUTPUTS:
             config.output.add(name=name, data_type=dtype, dims=[-1])
     config.model_transaction_policy.decoupled = True
+    kinds = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "cuda": mc.ModelInstanceGroup.KIND_GPU,
+             "npu": mc.ModelInstanceGroup.KIND_NPU}
+    if not config.instance_group:
+        config.instance_group.add(devices=["cpu"])
+    for i, group in enumerate(config.instance_group):
+        group.name = group.name or _group_name(config, i, group)
+        group.count = group.count or 1
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO and group.devices:
+            group.kind = kinds[parse_device(group.devices[0]).kind]
 
 
 def load_model_spec(model_dir: str) -> ModelSpec:
