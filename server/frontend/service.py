@@ -13,7 +13,8 @@ import grpc
 from pdserve import __version__
 from pdserve._proto import engine_pb2, grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 from pdserve._proto import model_config_pb2 as mc
-from pdserve.frontend.tensors import GenerationRequest, InvalidInput, build_response, parse_request
+from pdserve.frontend.responses import build_response
+from pdserve.frontend.tensors import GenerationRequest, InvalidInput, parse_request
 from pdserve.repository.config import ConfigError
 from pdserve.repository.manager import LOADING, READY, ModelRepositoryManager
 from pdserve.router import NoEngineAvailable, Router

@@ -12,7 +12,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-from pdserve._proto import engine_pb2, grpc_service_pb2 as pb
+from pdserve._proto import engine_pb2
 
 
 class InvalidInput(ValueError):
@@ -171,7 +171,7 @@ def parse_sampling_parameters(text: str | None) -> engine_pb2.SamplingParams:
     return sp
 
 
-def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
+def parse_request(request) -> GenerationRequest:
     """Validates the tensors of one ModelInferRequest; raises InvalidInput."""
     model = request.model_name
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
@@ -206,22 +206,3 @@ def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
         raise InvalidInput("exclude_input_in_output=false is not allowed when streaming; "
                            "drop it or set it to true (streamed pieces never repeat the prompt)")
     return gen
-
-
-def build_response(request: pb.ModelInferRequest, gen: GenerationRequest, text: str, finish_reason: str,
-                   num_input_tokens: int, num_output_tokens: int) -> pb.ModelInferResponse:
-    """One response: outputs as raw contents, as Triton sends them."""
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                     id=request.id)
-    def add(name: str, datatype: str, raw: bytes) -> None:
-        response.outputs.add(name=name, datatype=datatype, shape=[1])
-        response.raw_output_contents.append(raw)
-    if gen.wants("text_output"):
-        add("text_output", "BYTES", serialize_bytes([text.encode("utf-8")]))
-    if gen.wants("finish_reason") and finish_reason:
-        add("finish_reason", "BYTES", serialize_bytes([finish_reason.encode("utf-8")]))
-    if gen.wants("num_input_tokens"):
-        add("num_input_tokens", "UINT32", struct.pack("<I", num_input_tokens))
-    if gen.wants("num_output_tokens"):
-        add("num_output_tokens", "UINT32", struct.pack("<I", num_output_tokens))
-    return response

@@ -1,0 +1,101 @@
+"""Pure logic: config validation messages, tensor parsing, detokenizer, block accounting."""
+import json
+import struct
+
+import pytest
+
+from harness import config_text, write_config
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import SamplingParams, Sequence
+from pdserve.frontend.tensors import InvalidInput, parse_sampling_parameters
+from pdserve.repository.config import ConfigError, load_model_spec
+
+
+def model_folder(tmp_path, config: str, versions=(1,)):
+    folder = tmp_path / "m"
+    for v in versions:
+        (folder / str(v)).mkdir(parents=True)
+    write_config(str(folder), config)
+    return str(folder)
+
+
+@pytest.mark.parametrize("config,words", [
+    ("instance_group [ { role: BOTH devices: [ \"tpu:0\" ] } ]", ["devices", "cpu, cpu:N, cuda:N, npu:N"]),
+    ("instance_group [ { role: PREFILL } ]", ["PREFILL", "role: DECODE"]),
+    ('parameters: { key: "kv_cache_blocks" value: { string_value: "many" } }', ["kv_cache_blocks", "int"]),
+    ('parameters: { key: "colour" value: { string_value: "red" } }', ["colour", "known keys"]),
+    ('name: "other"', ["folder", "'m'"]),
+    ("max_batch_size: [", ["config.pbtxt", "text format"]),
+    ("version_policy: { specific: { versions: [ 4 ] } }", ["[4]", "available"]),
+])
+def test_config_errors_name_the_file_field_and_fix(tmp_path, config, words):
+    with pytest.raises(ConfigError) as info:
+        load_model_spec(model_folder(tmp_path, config))
+    message = str(info.value)
+    assert "config.pbtxt" in message
+    for word in words:
+        assert word in message
+
+
+def test_config_versions_and_instances(tmp_path):
+    text = config_text(role_groups=(("PREFILL", "cpu:0"), ("DECODE", "cpu:1"))) + "version_policy: { latest: { num_versions: 2 } }\n"
+    spec = load_model_spec(model_folder(tmp_path, text, versions=(1, 3, 7)))
+    assert spec.versions == [3, 7]
+    assert [(i.role, i.device) for i in spec.instances] == [("PREFILL", "cpu:0"), ("DECODE", "cpu:1")]
+    assert spec.engine_config(7, "cpu:1").model_path.endswith("/m/7")
+    assert spec.config.model_transaction_policy.decoupled
+
+
+def test_no_version_folder(tmp_path):
+    with pytest.raises(ConfigError, match="no numeric version folder"):
+        load_model_spec(model_folder(tmp_path, "", versions=()))
+
+
+def test_sampling_parameters_accept_strings_like_triton_vllm():
+    sp = parse_sampling_parameters(json.dumps({"temperature": "0.5", "max_tokens": "7", "top_k": -1, "stop": "\n"}))
+    assert (sp.temperature, sp.max_tokens, sp.top_k, list(sp.stop)) == (0.5, 7, 0, ["\n"])
+    for bad in ({"max_tokens": 1.5}, {"seed": -1}, {"ignore_eos": "maybe"}, {"stop": [1]}, {"min_tokens": 99}, [1]):
+        with pytest.raises(InvalidInput):
+            parse_sampling_parameters(json.dumps(bad))
+
+
+class ByteTokenizer:
+    """Token i is byte i: decoding joins bytes, as a byte-level BPE decoder does."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_never_splits_a_character_and_holds_back_stops():
+    detok = IncrementalDetokenizer(ByteTokenizer(), stop=("END",))
+    pieces = []
+    for b in "héllo €nd E".encode():
+        detok.add_token(b)
+        pieces.append(detok.take_piece(final=False))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "héllo €nd"  # " E" could begin "END": held back
+    stopped_at = next(i for i, b in enumerate(b"ND more") if detok.add_token(b))
+    assert stopped_at == 1  # "END" completes with the D
+    assert "".join(pieces) + detok.take_piece(final=True) == "héllo €nd "
+
+
+def test_preemption_frees_and_requeues():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a, b = (Sequence(r, [1, 2, 3], SamplingParams()) for r in "ab")
+    sched.add(a)
+    sched.add(b)
+    batch, prefill = sched.schedule()
+    assert prefill and batch == [a, b] and bm.num_free_blocks == 0
+    for seq in batch:
+        seq.output_token_ids.append(5)
+        seq.num_cached_tokens = 3
+    batch, prefill = sched.schedule()  # both need a 3rd block for their 4th token: b is preempted
+    assert not prefill and batch == [a] and list(sched.waiting) == [b] and b.block_table == []
+    sched.finish(a, "stop")
+    assert bm.num_free_blocks == 4
+    with pytest.raises(ValueError, match="kv_cache_blocks"):
+        sched.add(Sequence("c", list(range(20)), SamplingParams()))
