@@ -91,9 +91,9 @@ def test_preemption_frees_and_requeues():
     batch, prefill = sched.schedule()
     assert prefill and batch == [a, b] and bm.num_free_blocks == 0
     for seq in batch:
-        seq.output_token_ids.append(5)
-        seq.num_cached_tokens = 3
-    batch, prefill = sched.schedule()  # both need a 3rd block for their 4th token: b is preempted
+        seq.output_token_ids += [5, 6]
+        seq.num_cached_tokens = 4
+    batch, prefill = sched.schedule()  # both need a 3rd block for their 5th token: b is preempted
     assert not prefill and batch == [a] and list(sched.waiting) == [b] and b.block_table == []
     sched.finish(a, "stop")
     assert bm.num_free_blocks == 4
