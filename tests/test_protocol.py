@@ -220,3 +220,18 @@ def test_cancelled_stream_frees_the_engine(served):
     served.wait_for(lambda: served.metric_value("pdserve_requests_running", model="small") == 0
                     and served.metric_value("pdserve_kv_cache_usage_ratio", model="small") == 0,
                     "the engine to free the cancelled request", 15)
+
+
+def test_generate_cli_streams_to_the_terminal(served):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pdserve_clients.generate", "def f", "--url", served.url,
+                          "--model", "small", "--max-tokens", "12", "--stats"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    expected = infer_text(served, "def f", exclude_input_in_output=True).as_numpy("text_output")[0].decode()
+    assert out.stdout == expected + "\n"
+    assert "12 generated" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "pdserve_clients.generate", "x", "--url", served.url,
+                          "--model", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown model" in bad.stderr
