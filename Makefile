@@ -14,7 +14,7 @@ METRICS_PORT ?= 8002
 serve: setup demo-model
 	$(VENV)/bin/pdserve --model-repository model_repository --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: setup
+test: setup demo-model
 	$(PY) -m pytest -q tests
 
 setup: system-deps venv proto
@@ -31,17 +31,19 @@ system-deps:
 	fi
 
 # torch first, pinned, so the project's torch range is met by the CPU build and pip
-# does not pull a multi-GB CUDA build; then the project with its test extras.
+# does not pull a multi-GB CUDA build; then the protos (the package includes the
+# generated server/_proto); then the project with its test extras.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml protos/*.proto protos/generate.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "grpcio-tools>=1.80,<1.81" "protobuf>=6.31,<7"
+	$(PY) protos/generate.py
 	$(PIP) install -q -e '.[test,mooncake]'
 	touch $@
 
-proto: server/_proto/__init__.py
-server/_proto/__init__.py: protos/*.proto protos/generate.py $(VENV)/.installed
+proto: $(VENV)/.installed
 	$(PY) protos/generate.py
 
 demo-model: $(DEMO)/model.safetensors
