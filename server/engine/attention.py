@@ -51,11 +51,11 @@ def _prefill_attention(q, k, v, meta: AttentionMetadata) -> torch.Tensor:
 def _decode_attention(q, kv_cache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
     seqs, max_blocks = meta.block_tables.shape
     _, _, _, block_size, kv_heads, dim = kv_cache.shape
-    # One gather of K and V for the whole batch: [seqs * max_blocks, 2, block_size, kv_heads, dim].
-    kv = kv_cache[:, layer].index_select(0, meta.block_tables.reshape(-1))
-    kv = kv.view(seqs, max_blocks, 2, block_size, kv_heads, dim)
-    keys = kv[:, :, 0].reshape(seqs, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
-    values = kv[:, :, 1].reshape(seqs, max_blocks * block_size, kv_heads, dim).transpose(1, 2)
+    blocks = meta.block_tables.reshape(-1)
+    # Gathering K and V separately yields contiguous [seqs * max_blocks, block_size, kv_heads, dim]
+    # tensors that view as [seqs, context, kv_heads, dim] with no further copy.
+    keys = kv_cache[:, layer, 0].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
+    values = kv_cache[:, layer, 1].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=meta.context_mask, enable_gqa=True)
+        q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.context_mask, enable_gqa=True)
     return out.squeeze(2)

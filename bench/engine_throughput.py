@@ -1,0 +1,218 @@
+"""Engine throughput on DESIGN.md's workload, against transformers, in one run.
+
+Workload: 32 requests x 256 prompt tokens x 128 greedy output tokens (ignore_eos), offline.
+Measured in this one process, one after the other, on the same machine:
+  - pdserve's engine in-process (LLMEngine), and a sweep of batch sizes;
+  - pdserve through the server (a pdserve process, tritonclient streaming, all requests at once),
+    with each request's TPOT seen by the client against the engine's own decode step time;
+  - transformers' generate_batch (continuous batching), and a raw transformers forward loop
+    at the same batch size (prefill, then one forward per decode step with its KV cache).
+
+    python bench/engine_throughput.py [--dtype float32] [--device cpu] [--json bench/out/engine.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids as text, re-encoded: every path sees the same ids; lengths about `length`."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    prompts = []
+    for _ in range(n):
+        text = tokenizer.decode([rng.choice(vocab) for _ in range(length)])
+        ids = tokenizer.encode(text)[:length]
+        prompts.append(ids)
+    return prompts
+
+
+def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int) -> dict:
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
+                                    max_model_len=1024, max_num_seqs=256))
+    tok = engine.tokenizer
+    texts = [tok.decode(p) for p in prompts]
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    # warm-up
+    engine.add_request("warm", texts[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+
+    def run(batch: list[str]) -> dict:
+        for i, text in enumerate(batch):
+            engine.add_request(f"r{i}", text, params)
+        decode_times, prefill_time = [], 0.0
+        start = time.perf_counter()
+        while engine.has_work():
+            t = time.perf_counter()
+            prefill = bool(engine.scheduler.waiting)
+            outputs = engine.step()
+            dt = time.perf_counter() - t
+            if prefill:
+                prefill_time += dt
+            elif len(outputs) == len(batch):
+                decode_times.append(dt)
+        wall = time.perf_counter() - start
+        return {"requests": len(batch), "seconds": wall, "output_tokens_per_s": len(batch) * output_len / wall,
+                "prefill_seconds": prefill_time,
+                "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None}
+
+    main = run(texts)
+    sweep = []
+    for batch_size in (1, 8, 16, 32, 64):
+        batch = (texts * (batch_size // len(texts) + 1))[:batch_size]
+        sweep.append(run(batch))
+    return {"workload": main, "sweep": sweep,
+            "prompt_tokens_mean": statistics.mean(len(tok.encode(t)) for t in texts)}
+
+
+def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], output_len: int) -> dict:
+    import tritonclient.grpc as grpcclient
+    from harness import PdServer, config_text, inputs
+
+    repo = tempfile.mkdtemp(prefix="pdserve-bench-")
+    os.makedirs(os.path.join(repo, "bench"))
+    os.symlink(os.path.abspath(model), os.path.join(repo, "bench", "1"))
+    with open(os.path.join(repo, "bench", "config.pbtxt"), "w") as f:
+        f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
+                            max_model_len=1024, max_num_seqs=256))
+    server = PdServer(repo, mode="none").start()
+    try:
+        server.wait_ready("bench", timeout=300)
+        client = grpcclient.InferenceServerClient(server.url)
+        params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
+
+        def one_round(texts: list[str]) -> dict:
+            results: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+            start = time.perf_counter()
+            for i, text in enumerate(texts):
+                client.async_stream_infer("bench", inputs(text, True, params, return_num_output_tokens=True),
+                                          request_id=str(i))
+            first: dict[str, float] = {}
+            last: dict[str, float] = {}
+            tokens: dict[str, int] = {}
+            done = 0
+            while done < len(texts):
+                result, error, now = results.get(timeout=600)
+                if error is not None:
+                    raise error
+                rid = result.get_response().id
+                first.setdefault(rid, now)
+                last[rid] = now
+                tokens[rid] = tokens.get(rid, 0) + int(result.as_numpy("num_output_tokens")[0])
+                done += result.get_response().parameters["triton_final_response"].bool_param
+            wall = time.perf_counter() - start
+            client.stop_stream()
+            tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
+            return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
+                    "ttft_s_median": statistics.median(first[r] - start for r in first),
+                    "tpot_ms_median": 1000 * statistics.median(tpots)}
+
+        one_round(prompts_text[:2])  # warm-up
+        out = one_round(prompts_text)
+        client.close()
+        return out
+    finally:
+        server.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict:
+    from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    out: dict = {}
+    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    hf.generate_batch(inputs=[prompts[0][:16]], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))
+    start = time.perf_counter()
+    results = hf.generate_batch(inputs=prompts, generation_config=config)
+    wall = time.perf_counter() - start
+    generated = sum(len(r.generated_tokens) for r in results.values())
+    out["generate_batch"] = {"seconds": wall, "output_tokens_per_s": generated / wall, "output_tokens": generated}
+
+    # Raw forward loop: all prompts padded to the same length (they are ~equal), KV cache, greedy.
+    width = min(len(p) for p in prompts)
+    ids = torch.tensor([p[:width] for p in prompts])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        cache = DynamicCache()
+        logits = hf(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        prefill = time.perf_counter() - start
+        steps = []
+        for _ in range(output_len - 1):
+            t = time.perf_counter()
+            logits = hf(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+            steps.append(time.perf_counter() - t)
+        wall = time.perf_counter() - start
+    out["raw_forward"] = {"seconds": wall, "output_tokens_per_s": len(prompts) * output_len / wall,
+                          "prefill_seconds": prefill, "decode_step_ms": 1000 * statistics.mean(steps)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "model_repository", "tiny-qwen2", "1"))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--skip", action="append", default=[], choices=["engine", "server", "hf"])
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "engine_throughput.json"))
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = make_prompts(tokenizer, args.num_requests, args.prompt_len)
+    texts = [tokenizer.decode(p) for p in prompts]
+    report: dict = {"torch_threads": torch.get_num_threads(), "dtype": args.dtype, "device": args.device,
+                    "cpu": os.uname().machine, "cores": os.cpu_count(), "args": vars(args)}
+    if "hf" not in args.skip:
+        report["transformers"] = bench_hf(args.model, args.dtype, prompts, args.output_len)
+        print(json.dumps(report["transformers"], indent=1), flush=True)
+    if "engine" not in args.skip:
+        report["engine"] = bench_engine(args.model, args.dtype, args.device, prompts, args.output_len)
+        print(json.dumps(report["engine"], indent=1), flush=True)
+    if "server" not in args.skip:
+        report["server"] = bench_server(args.model, args.dtype, args.device, texts, args.output_len)
+        print(json.dumps(report["server"], indent=1), flush=True)
+    if "engine" in report and "server" in report:
+        step = report["engine"]["workload"]["decode_step_ms"]
+        report["server_tpot_over_engine_step"] = report["server"]["tpot_ms_median"] / step
+    if "engine" in report and "transformers" in report:
+        report["engine_over_generate_batch"] = (report["engine"]["workload"]["output_tokens_per_s"]
+                                                / report["transformers"]["generate_batch"]["output_tokens_per_s"])
+    if "server" in report and "transformers" in report:
+        report["server_over_generate_batch"] = (report["server"]["output_tokens_per_s"]
+                                                / report["transformers"]["generate_batch"]["output_tokens_per_s"])
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    for key in ("engine_over_generate_batch", "server_over_generate_batch", "server_tpot_over_engine_step"):
+        if key in report:
+            print(f"{key}: {report[key]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
