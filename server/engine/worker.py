@@ -61,6 +61,10 @@ class EngineLoop:
             if isinstance(item, Exception) or getattr(item, "finish_reason", None):
                 self.streams.pop(request_id, None)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
     def _handle(self, command) -> None:
         if command[0] == "add":
             _, request_id, prompt, params = command
@@ -91,8 +95,8 @@ class EngineLoop:
                     self.engine.abort(request_id)
                     self.loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"engine step failed: {exc}"))
                 continue
-            for out in outputs:
-                self.loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+            if outputs:  # one wake-up of the asyncio loop per step, not one per request
+                self.loop.call_soon_threadsafe(self._deliver_all, outputs)
 
     def stop(self) -> None:
         self.stopped = True
