@@ -4,17 +4,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import tempfile
 
 import grpc
 
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
+from pdserve.cluster.etcd import EtcdClient, EtcdProcess
+from pdserve.cluster.registry import RegistryView
+from pdserve.frontend.engine_client import EngineClients
 from pdserve.frontend.service import InferenceService
 from pdserve.metrics import Metrics
 from pdserve.repository.manager import ModelRepositoryManager
 from pdserve.router import POLICIES, Router
-from pdserve.supervisor import Supervisor
+from pdserve.supervisor import ClusterSettings, Supervisor
 
 log = logging.getLogger("pdserve")
 
@@ -31,17 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 turns it off")
     ap.add_argument("--host", default="0.0.0.0", help="address the gRPC and metrics servers bind")
     ap.add_argument("--advertise-host", default="127.0.0.1", help="address engines bind and announce")
+    ap.add_argument("--etcd-endpoints", default="",
+                    help="host:port,... of the cluster's etcd; omitted: a private local etcd (single node)")
+    ap.add_argument("--cluster", default="default", help="the cluster's name: the etcd key prefix /pdserve/NAME/")
+    ap.add_argument("--node-name", default="", help="this node in the registry (default: hostname:grpc-port)")
+    ap.add_argument("--lease-ttl", type=int, default=10, help="seconds an engine's record outlives its last keepalive")
     ap.add_argument("--routing-policy", choices=sorted(POLICIES), default="least_load")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
 
 async def run(args) -> None:
-    supervisor = Supervisor(args.advertise_host, tempfile.mkdtemp(prefix="pdserve-"))
+    run_dir = tempfile.mkdtemp(prefix="pdserve-")
+    embedded_etcd = None
+    endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
+    if not endpoints:
+        embedded_etcd = EtcdProcess(data_dir=os.path.join(run_dir, "etcd"))
+        os.makedirs(embedded_etcd.data_dir, exist_ok=True)
+        embedded_etcd.start()
+        endpoints = [embedded_etcd.endpoint]
+        log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
+    etcd = EtcdClient(endpoints)
+    registry = RegistryView(etcd, args.cluster)
+    registry.start()
+    clients = EngineClients()
+    node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
+    supervisor = Supervisor(args.advertise_host, run_dir, ClusterSettings(endpoints, args.cluster, node, args.lease_ttl),
+                            clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model)
     metrics = Metrics(manager)
-    service = InferenceService(manager, Router(args.routing_policy), metrics)
+    service = InferenceService(manager, Router(registry, clients, args.routing_policy), metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20),
                                       ("grpc.max_send_message_length", 64 * 2**20)])
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
@@ -63,15 +88,24 @@ async def run(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(registry.connected.wait(), timeout=30)
+    except asyncio.TimeoutError:
+        log.error("etcd at %s is not reachable; engines will register when it is", ",".join(endpoints))
+    metrics.start_polling(registry, clients)
     await manager.start()
     service.started = True
-    metrics.start_polling()
-    log.info("pdserve ready")
+    log.info("pdserve ready (node %s, cluster %s)", node, args.cluster)
     await stop.wait()
     log.info("shutting down")
     await server.stop(grace=3)
     await metrics.close()
     await manager.close()
+    await registry.close()
+    await clients.close()
+    await etcd.close()
+    if embedded_etcd is not None:
+        embedded_etcd.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -139,13 +139,15 @@ class Metrics:
             if n_out > 1:
                 self.tpot.labels(*key).observe((now - first) / (n_out - 1))
 
-    def start_polling(self) -> None:
-        self._poller = asyncio.ensure_future(self._poll())
+    def start_polling(self, registry, clients) -> None:
+        """Every engine of the cluster (the router's load figures), this node's for the metrics."""
+        self._poller = asyncio.ensure_future(self._poll(registry, clients))
 
-    async def _poll(self) -> None:
+    async def _poll(self, registry, clients) -> None:
         while True:
-            engines = [e for d in self.manager.all_deployments() for e in d.live_engines()]
-            await asyncio.gather(*(e.client.stats() for e in engines), return_exceptions=True)
+            addresses = {r.address for r in registry.records.values()}
+            addresses |= {e.address for d in self.manager.all_deployments() for e in d.live_engines()}
+            await asyncio.gather(*(clients.get(a).stats() for a in addresses), return_exceptions=True)
             await asyncio.sleep(STATS_POLL_S)
 
     async def close(self) -> None:

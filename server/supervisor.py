@@ -1,12 +1,14 @@
-"""Starts, watches and stops engine worker processes, one per model instance.
+"""Starts, watches, restarts and stops engine worker processes, one per model instance.
 
-A Deployment is the set of engines serving one version of one model under one config;
-a reload builds a new Deployment beside the old one and the old is drained then stopped.
+A Deployment is the set of engines serving one version of one model under one config. Its
+engines register in etcd as `standby`; the manager activates them (`ready`, routable) when the
+whole deployment is up, and sets them `draining` before stopping them, so routers on every
+node stop sending new requests while the ones in flight finish. An engine that dies while its
+deployment serves is taken out of the registry at once and restarted.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
@@ -16,36 +18,61 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from pdserve.frontend.engine_client import EngineClient
+from pdserve.cluster.registry import DRAINING, READY, RegistryView, engine_key
+from pdserve.frontend.engine_client import EngineClient, EngineClients
 from pdserve.repository.config import InstanceSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT_S = float(os.environ.get("PDSERVE_ENGINE_START_TIMEOUT", "300"))
-_generation = itertools.count(1)
+RESTART_BACKOFF_S = 2.0
 
 
 class EngineStartError(RuntimeError):
     pass
 
 
+@dataclass
+class ClusterSettings:
+    etcd_endpoints: list[str]
+    cluster: str = "default"
+    node: str = ""
+    lease_ttl: int = 10
+
+
 class EngineProcess:
-    def __init__(self, model: str, version: int, instance: InstanceSpec, spec: ModelSpec, host: str, run_dir: str):
-        self.model = model
+    def __init__(self, spec: ModelSpec, version: int, instance: InstanceSpec, host: str, run_dir: str,
+                 cluster: ClusterSettings, clients: EngineClients):
+        self._args = (spec, version, instance, host, run_dir, cluster, clients)
+        self.model = spec.name
         self.version = version
         self.instance = instance
-        self.instance_id = f"{model}-v{version}-{instance.name}-{uuid.uuid4().hex[:8]}"
-        self.host = host
-        self.engine_config = spec.engine_config(version, instance.device)
+        self.instance_id = f"{spec.name}-v{version}-{instance.name}-{uuid.uuid4().hex[:8]}"
+        self.spec = {"instance_id": self.instance_id, "model": spec.name, "version": str(version),
+                     "role": instance.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
+                     "kv_transport": spec.engine_parameters.get("kv_transport", ""),
+                     "etcd_endpoints": cluster.etcd_endpoints, "cluster": cluster.cluster, "node": cluster.node,
+                     "lease_ttl": cluster.lease_ttl}
+        self.cluster = cluster
+        self.clients = clients
         self.ready_file = os.path.join(run_dir, f"{self.instance_id}.ready")
         self.log_file = os.path.join(run_dir, f"{self.instance_id}.log")
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.client: EngineClient | None = None
+        self.stopping = False
+
+    @property
+    def registry_key(self) -> str:
+        return engine_key(self.cluster.cluster, self.model, self.instance_id)
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def replacement(self) -> "EngineProcess":
+        """The same instance, to start anew (a new instance id and incarnation)."""
+        return EngineProcess(*self._args)
 
     def _log_tail(self, lines: int = 5) -> str:
         try:
@@ -55,11 +82,10 @@ class EngineProcess:
             return ""
 
     async def start(self) -> None:
-        spec = {"instance_id": self.instance_id, "model": self.model, "version": str(self.version),
-                "role": self.instance.role, "host": self.host, "engine": self.engine_config.to_dict()}
+        where = f"instance {self.instance.name} on {self.instance.device}"
         with open(self.log_file, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(spec),
+                [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
                  "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -68,32 +94,41 @@ class EngineProcess:
                     info = json.load(f)
                 if "error" in info:
                     await self.stop()
-                    raise EngineStartError(f"instance {self.instance.name} on {self.instance.device}: {info['error']}")
+                    raise EngineStartError(f"{where}: {info['error']}")
                 self.address = info["address"]
-                self.client = EngineClient(self.address, self.instance_id, self.instance.role)
+                self.client = self.clients.get(self.address)
                 return
             if self.proc.poll() is not None:
-                raise EngineStartError(f"instance {self.instance.name} on {self.instance.device} exited with code "
-                                       f"{self.proc.returncode}: {self._log_tail()}")
+                raise EngineStartError(f"{where} exited with code {self.proc.returncode}: {self._log_tail()}")
             await asyncio.sleep(0.1)
         await self.stop()
-        raise EngineStartError(f"instance {self.instance.name} on {self.instance.device} was not ready within "
-                               f"{ENGINE_START_TIMEOUT_S:.0f} s (PDSERVE_ENGINE_START_TIMEOUT)")
+        raise EngineStartError(f"{where} was not ready within {ENGINE_START_TIMEOUT_S:.0f} s (PDSERVE_ENGINE_START_TIMEOUT)")
+
+    async def set_state(self, state: str) -> None:
+        await self.client.set_state(state)
+
+    async def idle(self) -> bool:
+        """True when the engine holds no request (asks it; a dead engine is idle)."""
+        try:
+            s = await self.client.stats()
+        except Exception:
+            return True
+        return s.num_running + s.num_waiting + s.num_awaiting_kv == 0
 
     async def stop(self, timeout: float = 10.0) -> None:
-        if self.client is not None:
-            await self.client.close()
+        self.stopping = True
+        if self.address:
+            await self.clients.drop(self.address)
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # graceful: the engine revokes its lease
             end = time.monotonic() + timeout
             while self.proc.poll() is None and time.monotonic() < end:
                 await asyncio.sleep(0.05)
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        for path in (self.ready_file,):
-            if os.path.exists(path):
-                os.remove(path)
+        if os.path.exists(self.ready_file):
+            os.remove(self.ready_file)
 
 
 @dataclass
@@ -102,12 +137,21 @@ class Deployment:
     spec: ModelSpec
     version: int
     engines: list[EngineProcess]
-    generation: int = field(default_factory=lambda: next(_generation))
+    supervisor: "Supervisor"
     inflight: int = 0
+    active: bool = False
+    _monitor: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def instance_ids(self) -> set[str]:
+        return {e.instance_id for e in self.engines}
+
+    def live_engines(self) -> list[EngineProcess]:
+        return [e for e in self.engines if e.client is not None and e.alive]
 
     async def start(self) -> None:
         results = await asyncio.gather(*(e.start() for e in self.engines), return_exceptions=True)
@@ -116,25 +160,82 @@ class Deployment:
             await self.stop()
             raise EngineStartError("; ".join(str(e) for e in errors))
 
+    async def activate(self) -> None:
+        """Makes the engines routable cluster-wide and starts restarting any that die."""
+        await asyncio.gather(*(e.set_state(READY) for e in self.engines))
+        await self.supervisor.wait_in_view(self.instance_ids, READY)
+        self.active = True
+        self._monitor = asyncio.ensure_future(self.supervisor.monitor(self))
+
     async def drain(self, timeout: float) -> None:
-        """Waits for the requests already routed here to finish (new ones go elsewhere)."""
+        """Stops new routing here, then waits for the requests already routed to finish."""
+        self.active = False
+        await asyncio.gather(*(e.set_state(DRAINING) for e in self.engines if e.alive), return_exceptions=True)
         end = time.monotonic() + timeout
-        while self.inflight > 0 and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        while time.monotonic() < end:
+            if self.inflight == 0 and all(await asyncio.gather(*(e.idle() for e in self.engines))):
+                return
+            await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
+        self.active = False
+        if self._monitor is not None:
+            self._monitor.cancel()
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
-
-    def live_engines(self, role: str | None = None) -> list[EngineProcess]:
-        return [e for e in self.engines if e.client is not None and e.alive and (role is None or e.instance.role == role)]
 
 
 class Supervisor:
-    def __init__(self, host: str, run_dir: str):
+    def __init__(self, host: str, run_dir: str, cluster: ClusterSettings, clients: EngineClients,
+                 registry: RegistryView):
         self.host = host
         self.run_dir = run_dir
+        self.cluster = cluster
+        self.clients = clients
+        self.registry = registry
         os.makedirs(run_dir, exist_ok=True)
 
     def deployment(self, spec: ModelSpec, version: int) -> Deployment:
-        engines = [EngineProcess(spec.name, version, inst, spec, self.host, self.run_dir) for inst in spec.instances]
-        return Deployment(spec, version, engines)
+        engines = [EngineProcess(spec, version, inst, self.host, self.run_dir, self.cluster, self.clients)
+                   for inst in spec.instances]
+        return Deployment(spec, version, engines, self)
+
+    async def wait_in_view(self, instance_ids: set[str], state: str, timeout: float = 5.0) -> None:
+        """Waits until this node's registry view shows the engines in the state (etcd round trip)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            seen = {r.instance_id for r in self.registry.records.values() if r.state == state}
+            if instance_ids <= seen:
+                return
+            await asyncio.sleep(0.02)
+        log.warning("engines %s not seen %s in etcd within %.0f s; going on", sorted(instance_ids), state, timeout)
+
+    async def monitor(self, dep: Deployment) -> None:
+        """Restarts the engines of a serving deployment that die (crash, kill -9, OOM)."""
+        while dep.active:
+            await asyncio.sleep(0.25)
+            for i, engine in enumerate(list(dep.engines)):
+                if engine.stopping or engine.alive or not dep.active:
+                    continue
+                log.error("engine %s (%s %s) exited with code %s: restarting it", engine.instance_id, dep.name,
+                          engine.instance.role, engine.proc.returncode if engine.proc else "?")
+                await self._forget(engine)
+                replacement = engine.replacement()
+                dep.engines[i] = replacement
+                try:
+                    await replacement.start()
+                    await replacement.set_state(READY)
+                    log.info("engine %s restarted as %s", engine.instance_id, replacement.instance_id)
+                except Exception as exc:
+                    log.error("restart of %s failed: %s; retrying", engine.instance_id, exc)
+                    dep.engines[i] = engine  # try again from the dead one on the next round
+                    await asyncio.sleep(RESTART_BACKOFF_S)
+
+    async def _forget(self, engine: EngineProcess) -> None:
+        """A dead engine leaves the view now; its record is deleted instead of waiting for the TTL."""
+        self.registry.forget(engine.instance_id)
+        if engine.address:
+            await self.clients.drop(engine.address)
+        try:
+            await self.registry.client.delete(engine.registry_key)
+        except Exception as exc:
+            log.warning("could not delete %s from etcd (%s); its lease expires", engine.registry_key, exc)

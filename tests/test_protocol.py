@@ -206,20 +206,28 @@ def test_stream_closes_with_status_when_client_asks(served):
     c.close()
 
 
-def test_cancelled_stream_frees_the_engine(served):
-    results: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(served.url)
-    c.start_stream(callback=lambda result, error: results.put((result, error)))
-    c.async_stream_infer("small", inputs("long", True, {"max_tokens": 480, "temperature": 0, "ignore_eos": True}))
-    for _ in range(3):
-        result, error = results.get(timeout=60)
-        assert error is None
-    served.wait_for(lambda: served.metric_value("pdserve_requests_running", model="small") == 1, "a running request", 10)
-    c.stop_stream(cancel_requests=True)
-    c.close()
-    served.wait_for(lambda: served.metric_value("pdserve_requests_running", model="small") == 0
-                    and served.metric_value("pdserve_kv_cache_usage_ratio", model="small") == 0,
-                    "the engine to free the cancelled request", 15)
+def test_cancelled_stream_frees_the_engine(repo, demo_model):
+    """A client that cancels its stream frees the request's blocks in the engine at once."""
+    from harness import PdServer, add_model, config_text
+    add_model(repo, "tiny", demo_model, config_text(max_model_len=2048))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("tiny")
+        results: queue.Queue = queue.Queue()
+        c = grpcclient.InferenceServerClient(server.url)
+        c.start_stream(callback=lambda result, error: results.put((result, error)))
+        c.async_stream_infer("tiny", inputs("long", True, {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}))
+        for _ in range(3):
+            result, error = results.get(timeout=60)
+            assert error is None
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", model="tiny") == 1, "a running request", 10)
+        c.stop_stream(cancel_requests=True)
+        c.close()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", model="tiny") == 0
+                        and server.metric_value("pdserve_kv_cache_usage_ratio", model="tiny") == 0,
+                        "the engine to free the cancelled request", 15)
+    finally:
+        server.stop()
 
 
 def test_generate_cli_streams_to_the_terminal(served):

@@ -68,6 +68,7 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache()
         self.num_blocks = self.kv_cache.shape[0]
         self.sampler = Sampler(self.device, cfg.seed)
+        self.vocab_size = self.model.lm_head.out_features
 
     # ---- the KV pool -------------------------------------------------------------------
     def _kv_block_shape(self) -> tuple[int, ...]:

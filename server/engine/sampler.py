@@ -53,6 +53,12 @@ class Sampler:
         greedy_tokens[rows] = sampled
         return greedy_tokens.tolist()
 
+    def skip_draw(self, seq: Sequence, vocab_size: int) -> None:
+        """Advances a seeded request's generator past one token, drawn by another engine (PD),
+        so the rest of its tokens match what one engine would have drawn."""
+        if not seq.params.greedy and seq.params.seed is not None:
+            torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator(seq))
+
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
             return self.default_generator

@@ -1,7 +1,9 @@
 """Continuous batching: every step admits waiting sequences or decodes the running ones.
 
 A step is either a prefill of newly admitted sequences (within max_num_seqs and the token
-budget) or a decode of every running sequence. When the pool runs out of blocks, the most
+budget) or a decode of every running sequence. A sequence whose prompt a prefill engine
+computes (PD) is admitted like any other, but only reserves its blocks and waits, outside the
+steps, until its KV has been written (kv_arrived) or the handoff failed (release). When the pool runs out of blocks, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the head
 of the queue, to be recomputed (prompt plus what it generated so far) later.
 """
@@ -20,6 +22,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.awaiting_kv: dict[str, Sequence] = {}
+        self.reserved: list[Sequence] = []   # newly reserved for a remote prefill, to dispatch
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -40,12 +44,18 @@ class Scheduler:
         """Returns the sequences of the next step and whether it is a prefill step."""
         prefills: list[Sequence] = []
         budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) + len(self.awaiting_kv) < self.max_num_seqs:
             seq = self.waiting[0]
-            if (prefills and seq.num_tokens > budget) or not self.block_manager.can_allocate(seq):
+            local = not seq.remote_prefill
+            if (local and prefills and seq.num_tokens > budget) or not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
+            if not local:
+                seq.status = SequenceStatus.AWAITING_KV
+                self.awaiting_kv[seq.request_id] = seq
+                self.reserved.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             budget -= seq.num_tokens
             self.running.append(seq)
@@ -68,6 +78,26 @@ class Scheduler:
                 decodes.append(seq)
         self.running = list(decodes)  # everything else was preempted; a copy, as finish() edits it
         return decodes, False
+
+    def take_reserved(self) -> list[Sequence]:
+        reserved, self.reserved = self.reserved, []
+        return reserved
+
+    def kv_arrived(self, seq: Sequence) -> None:
+        """The prompt's KV is in the reserved blocks: the sequence decodes from now on.
+        Should it be preempted later, it is recomputed locally like any other."""
+        del self.awaiting_kv[seq.request_id]
+        seq.remote_prefill = False
+        seq.num_cached_tokens = seq.num_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def release(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence whose handoff failed or was abandoned; only now may its blocks be reused."""
+        self.awaiting_kv.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -10,6 +10,7 @@ import torch
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    AWAITING_KV = "awaiting_kv"   # DECODE: blocks reserved, a prefill engine is writing the prompt's KV
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -48,6 +49,12 @@ class Sequence:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # PD: on a DECODE engine, a prefill engine computes the prompt (until its KV arrives);
+    # on a PREFILL engine, where the prompt's KV goes and until when it may be written.
+    remote_prefill: bool = False
+    kv_destination: dict | None = None
+    deadline: float = 0.0
+    aborted: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,7 +4,12 @@
 
 The model runs in a dedicated thread (the engine loop); the asyncio gRPC server hands it
 requests and aborts through a queue and streams each request's outputs back. When the
-worker is ready it writes its address to the ready file (or the error that stopped it).
+worker is ready it writes its address to the ready file (or the error that stopped it) and
+registers in etcd under its own lease (cluster/registry.py).
+
+PD handoff, DECODE side: a request with a prefill_address reserves its blocks at admission;
+the asyncio side then calls that engine's Prefill with the block ids and waits for the first
+token, which goes to the client at once, and the sequence joins the decode steps.
 """
 from __future__ import annotations
 
@@ -23,11 +28,21 @@ import time
 import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
+from pdserve.cluster.etcd import EtcdClient
+from pdserve.cluster.registry import DEFAULT_TTL_S, STANDBY, EngineRecord, EngineRegistration
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_transport import make_transport
 from pdserve.engine.llm_engine import LLMEngine, RequestError, RequestOutput
 from pdserve.engine.sequence import SamplingParams
 
 log = logging.getLogger("pdserve.engine")
+
+KV_HANDOFF_TIMEOUT_S = float(os.environ.get("PDSERVE_KV_HANDOFF_TIMEOUT", "60"))
+HANDOFF_GRACE_S = 10.0  # past the deadline, how long to wait for the prefill engine's answer
+
+
+class KVHandoffError(RuntimeError):
+    """The prompt's KV did not arrive: the request ends with an error, never with other KV."""
 
 
 class EngineLoop:
@@ -38,17 +53,57 @@ class EngineLoop:
         self.loop = loop
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
+        self.prefill_addresses: dict[str, str] = {}
+        self.peers: dict[str, engine_pb2_grpc.EngineStub] = {}
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, request_id: str, prompt: str, params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt: str, params: SamplingParams, prefill_address: str = "") -> asyncio.Queue:
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = stream
-        self.inbox.put(("add", request_id, prompt, params))
+        if prefill_address:
+            self.prefill_addresses[request_id] = prefill_address
+        self.inbox.put(("add", request_id, prompt, params, bool(prefill_address)))
         return stream
+
+    def submit_prefill(self, request: engine_pb2.PrefillRequest) -> asyncio.Queue:
+        stream: asyncio.Queue = asyncio.Queue()
+        self.streams[request.request_id] = stream
+        self.inbox.put(("prefill", request))
+        return stream
+
+    # ---- DECODE side of the handoff (asyncio) ----------------------------------------------
+    def _dispatch_prefills(self, seqs: list[tuple]) -> None:
+        for item in seqs:
+            asyncio.ensure_future(self._remote_prefill(*item))
+
+    async def _remote_prefill(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                              block_ids: list[int]) -> None:
+        address = self.prefill_addresses.pop(request_id, "")
+        stub = self.peers.get(address)
+        if stub is None:
+            stub = self.peers[address] = engine_pb2_grpc.EngineStub(grpc.aio.insecure_channel(address))
+        handshake = self.engine.transport.handshake()
+        deadline = time.time() + KV_HANDOFF_TIMEOUT_S
+        request = engine_pb2.PrefillRequest(
+            request_id=request_id, token_ids=token_ids, sampling=from_sampling_params(params), deadline=deadline,
+            destination=engine_pb2.KVDestination(
+                transport=handshake["transport"], protocol=handshake["protocol"], session=handshake["session"],
+                base_address=handshake["base_address"], block_bytes=handshake["block_bytes"], block_ids=block_ids))
+        # No client-side deadline: the prefill engine enforces `deadline` itself, and until it
+        # answers (or dies) it may be writing into our blocks, so they stay reserved till then.
+        call = asyncio.ensure_future(stub.Prefill(request))
+        try:
+            response = await asyncio.wait_for(asyncio.shield(call), KV_HANDOFF_TIMEOUT_S + HANDOFF_GRACE_S)
+            self.inbox.put(("kv_ready", request_id, response.first_token))
+        except asyncio.TimeoutError:
+            self.inbox.put(("kv_failed", request_id, f"prefill engine {address} did not answer within "
+                            f"{KV_HANDOFF_TIMEOUT_S + HANDOFF_GRACE_S:.0f} s", call))
+        except grpc.aio.AioRpcError as exc:
+            self.inbox.put(("kv_failed", request_id, f"prefill engine {address}: {exc.code().name}: {exc.details()}", None))
 
     def abort(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
@@ -66,21 +121,53 @@ class EngineLoop:
             self._deliver(out.request_id, out)
 
     def _handle(self, command) -> None:
-        if command[0] == "add":
-            _, request_id, prompt, params = command
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt, params, remote = command
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, remote_prefill=remote)
             except RequestError as exc:
                 self.loop.call_soon_threadsafe(self._deliver, request_id, exc)
-        elif command[0] == "abort":
+        elif kind == "prefill":
+            request = command[1]
+            try:
+                self.engine.add_prefill_request(
+                    request.request_id, list(request.token_ids), to_sampling_params(request.sampling),
+                    destination={"transport": request.destination.transport, "session": request.destination.session,
+                                 "base_address": request.destination.base_address,
+                                 "block_bytes": request.destination.block_bytes,
+                                 "block_ids": list(request.destination.block_ids)},
+                    deadline=request.deadline)
+            except RequestError as exc:
+                self.loop.call_soon_threadsafe(self._deliver, request.request_id, exc)
+        elif kind == "abort":
             self.engine.abort(command[1])
+        elif kind == "kv_ready":
+            out = self.engine.complete_remote_prefill(command[1], command[2])
+            if out is not None:
+                self.loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+        elif kind == "kv_failed":
+            _, request_id, message, pending_call = command
+            self.loop.call_soon_threadsafe(self._deliver, request_id, KVHandoffError(f"KV handoff failed: {message}"))
+            if pending_call is None:
+                self.engine.fail_remote_prefill(request_id)
+            else:  # the prefill engine may still write: release the blocks when it has answered
+                self.engine.abort(request_id)
+                pending_call.add_done_callback(lambda _: self.inbox.put(("kv_release", request_id)))
+        elif kind == "kv_release":
+            self.engine.fail_remote_prefill(command[1])
 
     def _run(self) -> None:
+        stalled = False
         while not self.stopped:
             try:
-                # Block on the inbox only when there is nothing to compute.
-                idle = not self.engine.has_work()
-                self._handle(self.inbox.get() if idle else self.inbox.get_nowait())
+                # Block on the inbox when there is nothing to compute, and briefly when the queue
+                # waits for blocks that only a handoff in flight will give back.
+                if not self.engine.has_work():
+                    command = self.inbox.get()
+                else:
+                    command = self.inbox.get(timeout=0.02) if stalled else self.inbox.get_nowait()
+                self._handle(command)
                 while True:
                     self._handle(self.inbox.get_nowait())
             except queue.Empty:
@@ -97,10 +184,25 @@ class EngineLoop:
                 continue
             if outputs:  # one wake-up of the asyncio loop per step, not one per request
                 self.loop.call_soon_threadsafe(self._deliver_all, outputs)
+            stalled = not outputs and not self._dispatch_reserved()
+
+    def _dispatch_reserved(self) -> bool:
+        reserved = [(s.request_id, list(s.prompt_token_ids), s.params, list(s.block_table))
+                    for s in self.engine.take_reserved()]
+        if reserved:
+            self.loop.call_soon_threadsafe(self._dispatch_prefills, reserved)
+        return bool(reserved)
 
     def stop(self) -> None:
         self.stopped = True
         self.inbox.put(("stop",))
+
+
+def from_sampling_params(p: SamplingParams) -> engine_pb2.SamplingParams:
+    return engine_pb2.SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        has_seed=p.seed is not None, seed=p.seed or 0, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos, min_tokens=p.min_tokens)
 
 
 def to_sampling_params(msg: engine_pb2.SamplingParams) -> SamplingParams:
@@ -111,13 +213,19 @@ def to_sampling_params(msg: engine_pb2.SamplingParams) -> SamplingParams:
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
-    def __init__(self, engine_loop: EngineLoop, identity: dict):
+    def __init__(self, engine_loop: EngineLoop, identity: dict, registration: EngineRegistration | None):
         self.engine_loop = engine_loop
         self.engine = engine_loop.engine
         self.identity = identity
+        self.registration = registration
+        self.state = STANDBY
 
     async def Generate(self, request, context):
-        stream = self.engine_loop.submit(request.request_id, request.prompt, to_sampling_params(request.sampling))
+        if request.prefill_address and self.engine.transport is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this engine has no KV transport and cannot take KV from a prefill engine")
+        stream = self.engine_loop.submit(request.request_id, request.prompt, to_sampling_params(request.sampling),
+                                         request.prefill_address)
         finished = False
         try:
             while True:
@@ -125,6 +233,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 if isinstance(item, RequestError):
                     finished = True
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, KVHandoffError):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 if isinstance(item, Exception):
                     finished = True
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
@@ -140,9 +251,37 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             if not finished:  # the caller went away (cancel, deadline): free the request's blocks
                 self.engine_loop.abort(request.request_id)
 
+    async def Prefill(self, request, context):
+        stream = self.engine_loop.submit_prefill(request)
+        answered = False
+        try:
+            item = await stream.get()
+            answered = True
+        finally:
+            if not answered:  # the decode engine went away: do not compute for nobody
+                self.engine_loop.abort(request.request_id)
+        if isinstance(item, RequestError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+        if isinstance(item, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, str(item))
+        if item.error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, item.error)
+        return engine_pb2.PrefillResponse(first_token=item.token_ids[0], num_prompt_tokens=item.num_input_tokens,
+                                          transfer_seconds=item.transfer_seconds, transfer_bytes=item.transfer_bytes)
+
+    async def SetState(self, request, context):
+        self.state = request.state
+        if self.registration is not None:
+            await self.registration.set_state(request.state)
+        return engine_pb2.SetStateResponse()
+
     async def Stats(self, request, context):
         e = self.engine
+        t = e.transfers
         return engine_pb2.StatsResponse(
+            num_awaiting_kv=len(e.scheduler.awaiting_kv), kv_transfers=t.count, kv_transfer_failures=t.failures,
+            kv_transfer_seconds=t.seconds, kv_transfer_bytes=t.bytes, kv_transfer_bucket_counts=t.buckets,
+            state=self.state, incarnation=self.registration.record.incarnation if self.registration else "",
             instance_id=self.identity["instance_id"], model=self.identity["model"], version=self.identity["version"],
             role=self.identity["role"], device=e.cfg.device,
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
@@ -168,15 +307,30 @@ def die_with_parent() -> None:
 
 
 async def serve(spec: dict, ready_file: str) -> None:
-    engine = LLMEngine(EngineConfig(**spec["engine"]))
+    cfg = EngineConfig(**spec["engine"])
+    transport_kind = spec.get("kv_transport") or ("mooncake" if spec["role"] in ("PREFILL", "DECODE") else "none")
+    transport = make_transport(transport_kind, spec["host"])
+    engine = LLMEngine(cfg, transport)
     loop = asyncio.get_running_loop()
     engine_loop = EngineLoop(engine, loop)
     engine_loop.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, spec), server)
     port = server.add_insecure_port(f"{spec['host']}:0")
-    await server.start()
     address = f"{spec['host']}:{port}"
+    registration = None
+    if spec.get("etcd_endpoints"):
+        record = EngineRecord(
+            instance_id=spec["instance_id"], model=spec["model"], version=spec["version"], role=spec["role"],
+            device=cfg.device, node=spec.get("node", ""), address=address,
+            kv_transport=transport.handshake() if transport else {},
+            capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
+                      "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
+        registration = EngineRegistration(EtcdClient(spec["etcd_endpoints"]), spec.get("cluster", "default"), record,
+                                          ttl=int(spec.get("lease_ttl", DEFAULT_TTL_S)))
+    engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, spec, registration), server)
+    await server.start()
+    if registration is not None:
+        await registration.start()
     log.info("engine %s (%s %s) serving on %s", spec["instance_id"], spec["model"], spec["role"], address)
     write_ready_file(ready_file, {"address": address, "pid": os.getpid(), "max_model_len": engine.max_model_len,
                                   "num_blocks": engine.block_manager.num_blocks, "ready_time": time.time()})
@@ -184,6 +338,8 @@ async def serve(spec: dict, ready_file: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if registration is not None:
+        await registration.stop()  # graceful: the record goes at once
     await server.stop(grace=2)
     engine_loop.stop()
 

@@ -53,6 +53,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None):
         self.manager = manager
         self.router = router
+        self.clients = router.clients
         self.metrics = metrics
         self.started = False
         self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
@@ -187,15 +188,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------------------
     async def _generate(self, request: pb.ModelInferRequest, gen: GenerationRequest, dep: Deployment, timing: dict):
-        """Yields the engine's GenerateResponses; raises RequestFailed."""
+        """Routes to a decode engine (with a prefill engine in PD) and yields its GenerateResponses."""
         try:
-            engine = self.router.choose(dep)
+            decode, prefill = self.router.choose(dep.name, str(dep.version))
         except NoEngineAvailable as exc:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc), "no_engine") from exc
+        chosen = [decode.instance_id] + ([prefill.instance_id] if prefill else [])
         dep.inflight += 1
-        self.router.inflight[engine.instance_id] += 1
-        call = engine.client.generate(engine_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling))
+        for instance_id in chosen:
+            self.router.inflight[instance_id] += 1
+        call = self.clients.get(decode.address).generate(engine_pb2.GenerateRequest(
+            request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling,
+            prefill_address=prefill.address if prefill else "", prefill_instance_id=prefill.instance_id if prefill else ""))
         finished = False
         try:
             async for response in call:
@@ -208,12 +212,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, exc.details()) from exc
             if exc.code() == grpc.StatusCode.CANCELLED:
                 raise
+            handoff = "KV handoff failed" in (exc.details() or "")
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                f"engine {engine.instance_id} failed while serving the request "
-                                f"({exc.code().name}: {exc.details()}); retry the request", "engine_failure") from exc
+                                f"engine {decode.instance_id} could not finish the request ({exc.code().name}: "
+                                f"{exc.details()}); retry the request", "kv_handoff" if handoff else "engine_failure") from exc
         finally:
             dep.inflight -= 1
-            self.router.inflight[engine.instance_id] -= 1
+            for instance_id in chosen:
+                self.router.inflight[instance_id] -= 1
             if not finished:
                 call.cancel()
 

@@ -193,11 +193,14 @@ class ModelRepositoryManager:
             log.info("loading %s versions %s (%d engines each)", name, spec.versions, len(spec.instances))
             try:
                 await asyncio.gather(*(d.start() for d in new.values()))
-            except (EngineStartError, asyncio.CancelledError) as exc:
+                await asyncio.gather(*(d.activate() for d in new.values()))
+            except BaseException as exc:
                 entry.loading = {}
                 await asyncio.gather(*(d.stop() for d in new.values()), return_exceptions=True)
                 self._failed(entry, f"{model_dir}: {exc}")
-                raise
+                if isinstance(exc, (EngineStartError, asyncio.CancelledError)):
+                    raise
+                raise EngineStartError(str(exc)) from exc
             old = entry.serving
             entry.serving, entry.loading, entry.spec, entry.reason = new, {}, spec, ""
             log.info("model %s versions %s READY", name, spec.versions)
@@ -212,6 +215,7 @@ class ModelRepositoryManager:
         log.error("model %s: %s", entry.name, entry.reason)
 
     async def _retire(self, entry: ModelEntry, old: dict[int, Deployment]) -> None:
+        """Old deployments stop taking requests, finish those they have, then stop."""
         entry.unloading.update({v: d for v, d in old.items()})
         try:
             await asyncio.gather(*(d.drain(DRAIN_TIMEOUT_S) for d in old.values()))

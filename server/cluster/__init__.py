@@ -1,0 +1,1 @@
+"""Cluster membership: etcd (client and a private server), engine registration, the live view."""
