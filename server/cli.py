@@ -52,7 +52,6 @@ async def run(args) -> None:
     endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
     if not endpoints:
         embedded_etcd = EtcdProcess(data_dir=os.path.join(run_dir, "etcd"))
-        os.makedirs(embedded_etcd.data_dir, exist_ok=True)
         embedded_etcd.start()
         endpoints = [embedded_etcd.endpoint]
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)

@@ -12,7 +12,9 @@ import time
 from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from pdserve.engine.llm_engine import KV_TRANSFER_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ class EngineCollector:
         kv = GaugeMetricFamily("pdserve_kv_cache_usage_ratio", "Share of the engine's KV blocks in use",
                                labels=["model", "role", "instance"])
         preempt = Metric("pdserve_preemptions", "Sequences preempted for lack of KV blocks", "counter")
+        transfer = HistogramMetricFamily("pdserve_kv_transfer_seconds", "KV handoff write time, per prefill engine",
+                                         labels=["model", "role", "instance"])
+        transfer_bytes = Metric("pdserve_kv_transfer_bytes", "KV bytes written to decode engines", "counter")
+        transfer_failures = Metric("pdserve_kv_transfer_failures", "KV handoffs that failed", "counter")
         instances = GaugeMetricFamily("pdserve_instances", "Live engine instances", labels=["model", "role"])
         states = GaugeMetricFamily("pdserve_model_state", "1 for each model version's state",
                                    labels=["model", "version", "state"])
@@ -83,13 +89,18 @@ class EngineCollector:
                 waiting.add_metric(labels, stats.num_waiting)
                 total = max(stats.num_total_blocks, 1)
                 kv.add_metric(labels, (stats.num_total_blocks - stats.num_free_blocks) / total)
-                preempt.add_sample("pdserve_preemptions_total", dict(zip(["model", "role", "instance"], labels)),
-                                   stats.num_preemptions)
+                named = dict(zip(["model", "role", "instance"], labels))
+                preempt.add_sample("pdserve_preemptions_total", named, stats.num_preemptions)
+                if engine.instance.role == "PREFILL":
+                    buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, stats.kv_transfer_bucket_counts)]
+                    transfer.add_metric(labels, buckets + [("+Inf", stats.kv_transfers)], stats.kv_transfer_seconds)
+                    transfer_bytes.add_sample("pdserve_kv_transfer_bytes_total", named, stats.kv_transfer_bytes)
+                    transfer_failures.add_sample("pdserve_kv_transfer_failures_total", named, stats.kv_transfer_failures)
         for (model, role), n in live.items():
             instances.add_metric([model, role], n)
         for name, status in self.manager.index():
             states.add_metric([name, status.version, status.state], 1)
-        yield from (running, waiting, kv, preempt, instances, states)
+        yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, instances, states)
 
 
 class Metrics:

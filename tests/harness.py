@@ -76,6 +76,22 @@ def inputs(prompt: str, stream: bool = False, params: dict | None = None, **flag
     return tensors
 
 
+def etcd_records(endpoint: str) -> list[tuple[str, dict, int]]:
+    """Every engine record in etcd: (key, record, lease id), read with the project's etcd client."""
+    import asyncio
+
+    from pdserve.cluster.etcd import EtcdClient
+
+    async def read():
+        client = EtcdClient([endpoint])
+        try:
+            _, kvs = await client.get_prefix("/pdserve/")
+            return [(k, json.loads(v), lease) for k, v, lease in kvs]
+        finally:
+            await client.close()
+    return asyncio.run(read())
+
+
 class PdServer:
     def __init__(self, repo: str, mode: str = "poll", poll_secs: float = 1.0, load_models=(), extra_args=()):
         self.repo = repo
@@ -110,6 +126,20 @@ class PdServer:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-6000:]
+
+    @property
+    def etcd_endpoint(self) -> str:
+        if "--etcd-endpoints" in self.cmd:
+            return self.cmd[self.cmd.index("--etcd-endpoints") + 1]
+        with open(self.log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            if "private etcd on " in line:
+                return line.split("private etcd on ")[1].split()[0]
+        raise RuntimeError("no etcd endpoint in the server log")
+
+    def engines(self, role: str | None = None) -> list[dict]:
+        return [r for _, r, _ in etcd_records(self.etcd_endpoint) if role is None or r["role"] == role]
 
     def index(self) -> dict[tuple[str, str], tuple[str, str]]:
         rows = self.client.get_model_repository_index().models

@@ -24,7 +24,6 @@ def model_folder(tmp_path, config: str, versions=(1,)):
 
 @pytest.mark.parametrize("config,words", [
     ("instance_group [ { role: BOTH devices: [ \"tpu:0\" ] } ]", ["devices", "cpu, cpu:N, cuda:N, npu:N"]),
-    ("instance_group [ { role: PREFILL } ]", ["PREFILL", "role: DECODE"]),
     ('parameters: { key: "kv_cache_blocks" value: { string_value: "many" } }', ["kv_cache_blocks", "int"]),
     ('parameters: { key: "colour" value: { string_value: "red" } }', ["colour", "known keys"]),
     ('name: "other"', ["folder", "'m'"]),

@@ -78,10 +78,11 @@ class EtcdClient:
         response = await self._call(self.kv.Put, etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease))
         return response.header.revision
 
-    async def get_prefix(self, prefix: str) -> tuple[int, list[tuple[str, bytes]]]:
+    async def get_prefix(self, prefix: str) -> tuple[int, list[tuple[str, bytes, int]]]:
+        """Returns the store's revision and every (key, value, lease id) under prefix."""
         key = prefix.encode()
         response = await self._call(self.kv.Range, etcdrpc.RangeRequest(key=key, range_end=prefix_end(key)))
-        return response.header.revision, [(kv.key.decode(), kv.value) for kv in response.kvs]
+        return response.header.revision, [(kv.key.decode(), kv.value, kv.lease) for kv in response.kvs]
 
     async def delete(self, key: str) -> None:
         await self._call(self.kv.DeleteRange, etcdrpc.DeleteRangeRequest(key=key.encode()))
@@ -144,6 +145,7 @@ class EtcdProcess:
     def __init__(self, data_dir: str | None = None, client_port: int | None = None):
         self.binary = shutil.which("etcd") or "/usr/bin/etcd"
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="pdserve-etcd-")
+        os.makedirs(self.data_dir, exist_ok=True)
         self.client_port = client_port or _free_port()
         self.peer_port = _free_port()
         self.proc: subprocess.Popen | None = None

@@ -46,6 +46,7 @@ class EngineRecord:
     kv_transport: dict = field(default_factory=dict)   # the transport's handshake data
     capacity: dict = field(default_factory=dict)       # num_blocks, block_size, max_model_len, max_num_seqs
     started: float = field(default_factory=time.time)
+    pid: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -125,7 +126,7 @@ class RegistryView:
         while True:
             try:
                 revision, kvs = await self.client.get_prefix(self.prefix)
-                fresh = {k: EngineRecord.from_json(v) for k, v in kvs}
+                fresh = {k: EngineRecord.from_json(v) for k, v, _ in kvs}
                 self._log_diff(self.records, fresh)
                 self.records = fresh
                 self.connected.set()

@@ -184,7 +184,8 @@ class EngineLoop:
                 continue
             if outputs:  # one wake-up of the asyncio loop per step, not one per request
                 self.loop.call_soon_threadsafe(self._deliver_all, outputs)
-            stalled = not outputs and not self._dispatch_reserved()
+            dispatched = self._dispatch_reserved()  # always: a step can both decode and reserve
+            stalled = not outputs and not dispatched
 
     def _dispatch_reserved(self) -> bool:
         reserved = [(s.request_id, list(s.prompt_token_ids), s.params, list(s.block_table))
@@ -321,7 +322,7 @@ async def serve(spec: dict, ready_file: str) -> None:
     if spec.get("etcd_endpoints"):
         record = EngineRecord(
             instance_id=spec["instance_id"], model=spec["model"], version=spec["version"], role=spec["role"],
-            device=cfg.device, node=spec.get("node", ""), address=address,
+            device=cfg.device, node=spec.get("node", ""), address=address, pid=os.getpid(),
             kv_transport=transport.handshake() if transport else {},
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})

@@ -148,10 +148,7 @@ def _instances(path: str, config: mc.ModelConfig) -> list[InstanceSpec]:
         for device in _group_devices(path, i, group):
             for _ in range(group.count or 1):
                 instances.append(InstanceSpec(name, len([s for s in instances if s.group == name]), role, device))
-    roles = {s.role for s in instances}
-    if "PREFILL" in roles and "DECODE" not in roles:
-        raise ConfigError(f"{path}: instance_group has PREFILL instances but no DECODE instance; "
-                          "add a group with role: DECODE (prefill engines hand their KV to decode engines)")
+    # A node may host only PREFILL instances: their DECODE partners can run on other nodes.
     return instances
 
 

@@ -1,0 +1,264 @@
+"""PD disaggregation against a real etcd, real engine processes and Mooncake over TCP."""
+import os
+import queue
+import random
+import signal
+import threading
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from harness import PdServer, add_model, config_text, etcd_records, inputs
+
+from pdserve.cluster.etcd import EtcdProcess
+
+PD = (("PREFILL", "cpu"), ("DECODE", "cpu"))
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def generate(server, model, prompt, max_tokens=16, **extra):
+    result = server.client.infer(model, inputs(prompt, False, {**GREEDY, "max_tokens": max_tokens, **extra},
+                                               exclude_input_in_output=True, return_num_output_tokens=True,
+                                               return_finish_reason=True))
+    return (result.as_numpy("text_output")[0].decode(), int(result.as_numpy("num_output_tokens")[0]),
+            result.as_numpy("finish_reason")[0].decode())
+
+
+@pytest.fixture(scope="module")
+def pd_server(tmp_path_factory, small_model):
+    """'agg' (one BOTH engine) and 'pd' (one PREFILL + one DECODE engine) on the same weights."""
+    repo = str(tmp_path_factory.mktemp("pd-repo"))
+    add_model(repo, "agg", small_model, config_text(max_model_len=512))
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=512))
+    server = PdServer(repo).start()
+    server.wait_ready("agg")
+    server.wait_ready("pd")
+    yield server
+    server.stop()
+
+
+def transfers(server) -> float:
+    return server.metric_value("pdserve_kv_transfer_seconds_count", model="pd")
+
+
+def test_pd_greedy_equals_aggregated(pd_server, small_model):
+    short = "x = 1"                                   # below one block of 16 tokens
+    long = "def handler(event, context):\n    " * 20   # many blocks
+    before = transfers(pd_server)
+    for prompt, max_tokens in [(short, 24), (long, 24), ("import os", 1)]:
+        assert generate(pd_server, "pd", prompt, max_tokens) == generate(pd_server, "agg", prompt, max_tokens)
+    # up to max_model_len: the prompt plus what fits, ending on "length"
+    text, n, reason = generate(pd_server, "pd", long, max_tokens=2000)
+    assert (text, n, reason) == generate(pd_server, "agg", long, max_tokens=2000)
+    assert reason == "length" and n > 0
+    # seeded sampling gives the same tokens through PD (the first token is drawn by the prefill engine)
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
+    assert generate(pd_server, "pd", short, 20, **seeded) == generate(pd_server, "agg", short, 20, **seeded)
+    pd_server.wait_for(lambda: transfers(pd_server) >= before + 5, "the prefill engine's handoffs in the metrics", 5)
+    assert pd_server.metric_value("pdserve_kv_transfer_bytes_total", model="pd") > 0
+
+
+def test_etcd_records_carry_leases_and_go_on_stop(repo, small_model):
+    add_model(repo, "pd", small_model, config_text(role_groups=PD))
+    server = PdServer(repo, extra_args=["--cluster", "blue"]).start()
+    try:
+        server.wait_ready("pd")
+        records = etcd_records(server.etcd_endpoint)
+        assert sorted(r["role"] for _, r, _ in records) == ["DECODE", "PREFILL"]
+        for key, record, lease in records:
+            assert key == f"/pdserve/blue/engines/pd/{record['instance_id']}"
+            assert lease != 0, "every record hangs on its engine's lease"
+            assert record["state"] == "ready" and record["address"] and record["incarnation"]
+            assert record["kv_transport"]["transport"] == "mooncake" and record["kv_transport"]["session"]
+            assert record["capacity"]["num_blocks"] == 256
+        endpoint = server.etcd_endpoint
+        # removing the model stops its engines gracefully: their leases are revoked, the records go
+        import shutil
+        shutil.rmtree(os.path.join(repo, "pd"))
+        server.wait_for(lambda: not etcd_records(endpoint), "the records to go", 30)
+    finally:
+        server.stop()
+
+
+def stream_tokens(url, model, prompt, max_tokens, results_out: list):
+    """Streams one request; appends ('ok', text) or ('error', message) to results_out."""
+    client = grpcclient.InferenceServerClient(url)
+    pieces: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: pieces.put((result, error)))
+    client.async_stream_infer(model, inputs(prompt, True, {**GREEDY, "max_tokens": max_tokens}))
+    text = ""
+    try:
+        while True:
+            result, error = pieces.get(timeout=60)
+            if error is not None:
+                results_out.append(("error", str(error), time.monotonic()))
+                return
+            text += result.as_numpy("text_output")[0].decode()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                results_out.append(("ok", text, time.monotonic()))
+                return
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_killing_the_decode_engine(repo, demo_model):
+    add_model(repo, "pd", demo_model, config_text(role_groups=PD, max_model_len=1024, kv_cache_blocks=512))
+    server = PdServer(repo, extra_args=["--lease-ttl", "6"]).start()
+    try:
+        server.wait_ready("pd")
+        outcomes: list = []
+        threads = [threading.Thread(target=stream_tokens, args=(server.url, "pd", f"def f{i}(x):", 600, outcomes))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 3, "3 streams", 30)
+        decode = server.engines("DECODE")[0]
+        killed_at = time.monotonic()
+        os.kill(decode["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=60)
+        assert [o[0] for o in outcomes] == ["error"] * 3, outcomes
+        assert all(o[2] - killed_at < 6 for o in outcomes), "terminal errors arrive within the lease TTL"
+        # the supervisor restarts the decode engine; new requests then succeed
+        server.wait_for(lambda: any(r["role"] == "DECODE" and r["state"] == "ready" and r["pid"] != decode["pid"]
+                                    for r in server.engines()), "a restarted decode engine", 60)
+        assert generate(server, "pd", "def g(y):", 8)[1] == 8
+        server.wait_for(lambda: server.metric_value("pdserve_kv_cache_usage_ratio", role="PREFILL") == 0
+                        and server.metric_value("pdserve_kv_cache_usage_ratio", role="DECODE") == 0,
+                        "every pool all-free", 10)
+    finally:
+        server.stop()
+
+
+def test_killing_the_prefill_engine_falls_back_to_local_prefill(repo, small_model):
+    add_model(repo, "pd", small_model, config_text(role_groups=PD))
+    add_model(repo, "agg", small_model, config_text())
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd")
+        server.wait_ready("agg")
+        expected = generate(server, "agg", "import json", 12)
+        prefill = server.engines("PREFILL")[0]
+        os.kill(prefill["pid"], signal.SIGKILL)
+        time.sleep(1.0)  # the supervisor notices within a fraction of a second
+        # while the prefill engine is gone (and being restarted) requests prefill on the decode engine
+        for _ in range(5):
+            assert generate(server, "pd", "import json", 12) == expected
+        server.wait_for(lambda: any(r["role"] == "PREFILL" and r["pid"] != prefill["pid"] for r in server.engines()),
+                        "a restarted prefill engine", 60)
+    finally:
+        server.stop()
+
+
+def test_etcd_restart_mid_load_loses_no_request(repo, small_model, tmp_path):
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd")).start()
+    add_model(repo, "pd", small_model, config_text(role_groups=PD))
+    server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint, "--lease-ttl", "4"]).start()
+    try:
+        server.wait_ready("pd")
+        outcomes: list = []
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                stream_tokens(server.url, "pd", "for x in range(3):", 24, outcomes)
+
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        etcd.stop()
+        time.sleep(6)  # longer than the lease TTL: the engines' records expire server-side
+        etcd.start()
+        time.sleep(4)
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+        assert outcomes and all(kind == "ok" for kind, _, _ in outcomes), [o for o in outcomes if o[0] != "ok"][:3]
+        # the engines registered again and the view is whole
+        server.wait_for(lambda: sorted(r["role"] for r in server.engines()) == ["DECODE", "PREFILL"],
+                        "both engines back in etcd", 20)
+        assert generate(server, "pd", "x", 4)[1] == 4
+    finally:
+        server.stop()
+        etcd.cleanup()
+
+
+def test_two_nodes_one_cluster(tmp_path, small_model):
+    """Node A hosts the PREFILL engine, node B the DECODE engine; either front end serves."""
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd")).start()
+    repo_a, repo_b = str(tmp_path / "a"), str(tmp_path / "b")
+    add_model(repo_a, "pd", small_model, config_text(role_groups=(("PREFILL", "cpu"),)))
+    add_model(repo_b, "pd", small_model, config_text(role_groups=(("DECODE", "cpu"),)))
+    add_model(repo_b, "agg", small_model, config_text())
+    common = ["--etcd-endpoints", etcd.endpoint, "--cluster", "two"]
+    node_a = PdServer(repo_a, extra_args=common + ["--node-name", "a"]).start()
+    node_b = PdServer(repo_b, extra_args=common + ["--node-name", "b"]).start()
+    try:
+        node_a.wait_ready("pd")
+        node_b.wait_ready("pd")
+        node_b.wait_ready("agg")
+        records = node_a.engines()
+        assert {(r["node"], r["role"]) for r in records if r["model"] == "pd"} == {("a", "PREFILL"), ("b", "DECODE")}
+        expected = generate(node_b, "agg", "while True:", 16)
+        assert generate(node_a, "pd", "while True:", 16) == expected
+        assert generate(node_b, "pd", "while True:", 16) == expected
+        node_a.wait_for(lambda: node_a.metric_value("pdserve_kv_transfer_seconds_count", model="pd") >= 2,
+                        "node A's prefill engine to have handed off both requests", 5)
+    finally:
+        node_a.stop()
+        node_b.stop()
+        etcd.cleanup()
+
+
+def test_200_mixed_requests_with_cancellations_leave_every_pool_free(pd_server):
+    rng = random.Random(3)
+    prompts = ["a", "def f(x):\n    return x", "class A:\n    pass\n" * 12, "import os\n" * 40]
+    outcomes = {"ok": 0, "cancelled": 0, "error": []}
+    lock = threading.Lock()
+
+    def worker(seed: int, count: int):
+        r = random.Random(seed)
+        client = grpcclient.InferenceServerClient(pd_server.url)
+        for _ in range(count):
+            pieces: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: pieces.put((result, error)))
+            model = r.choice(["pd", "pd", "agg"])
+            client.async_stream_infer(model, inputs(r.choice(prompts), True, {**GREEDY, "max_tokens": r.randint(1, 40)}))
+            cancel_after = r.choice([None, None, None, 0, 1, 3])
+            seen = 0
+            while True:
+                if cancel_after is not None and seen >= cancel_after:
+                    client.stop_stream(cancel_requests=True)
+                    with lock:
+                        outcomes["cancelled"] += 1
+                    break
+                result, error = pieces.get(timeout=60)
+                if error is not None:
+                    with lock:
+                        outcomes["error"].append(str(error))
+                    client.stop_stream()
+                    break
+                seen += 1
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    with lock:
+                        outcomes["ok"] += 1
+                    client.stop_stream()
+                    break
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(rng.random(), 25)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert outcomes["error"] == []
+    assert outcomes["ok"] + outcomes["cancelled"] == 200 and outcomes["cancelled"] > 20
+    pd_server.wait_for(
+        lambda: all(s.value == 0 for fam, samples in pd_server.metrics().items()
+                    if fam in ("pdserve_kv_cache_usage_ratio", "pdserve_requests_running", "pdserve_requests_waiting")
+                    for s in samples),
+        "every engine's pool all-free", 15)
