@@ -101,10 +101,10 @@ def test_broken_model_is_unavailable_with_reason(repo, small_model):
     model_dir = add_model(repo, "broken", small_model, config_text(dtype="float8"))
     server = PdServer(repo, poll_secs=1).start()
     try:
-        server.wait_for(lambda: server.states("broken") and server.states("broken")[0][1] == "UNAVAILABLE",
-                        "the broken model to be UNAVAILABLE")
-        _, _, reason = server.states("broken")[0]
-        assert "dtype" in reason and "float32" in reason
+        server.wait_for(lambda: server.states("broken") and "dtype" in server.states("broken")[0][2],
+                        "the broken model's reason")
+        _, state, reason = server.states("broken")[0]
+        assert state == "UNAVAILABLE" and "float32" in reason
         assert not server.client.is_server_ready()
         with pytest.raises(InferenceServerException) as info:
             generate(server, "broken")
@@ -121,9 +121,10 @@ def test_missing_device_makes_model_unavailable(repo, small_model):
     add_model(repo, "nodevice", small_model, config_text(role_groups=(("BOTH", "cuda:99"),)))
     server = PdServer(repo, poll_secs=1).start()
     try:
-        server.wait_for(lambda: server.states("nodevice") and server.states("nodevice")[0][1] == "UNAVAILABLE",
-                        "the model to be UNAVAILABLE", timeout=60)
-        assert "cuda:99 is not available" in server.states("nodevice")[0][2]
+        server.wait_for(lambda: server.states("nodevice") and "cuda:99" in server.states("nodevice")[0][2],
+                        "the load failure's reason", timeout=60)
+        _, state, reason = server.states("nodevice")[0]
+        assert state == "UNAVAILABLE" and "cuda:99 is not available" in reason
     finally:
         server.stop()
 
