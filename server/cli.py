@@ -64,7 +64,7 @@ async def run(args) -> None:
                             clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model)
-    metrics = Metrics(manager)
+    metrics = Metrics(manager, registry)
     service = InferenceService(manager, Router(registry, clients, args.routing_policy), metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20),
                                       ("grpc.max_send_message_length", 64 * 2**20)])

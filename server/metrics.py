@@ -26,7 +26,10 @@ STATS_POLL_S = 1.0
 
 
 class TritonCounters:
-    """Triton's counters keep their exact names (no `_total`), as Triton's dashboards expect."""
+    """Triton's counters keep their exact names (no `_total`), as Triton's dashboards expect.
+
+    They are exported untyped: prometheus_client would write a counter's TYPE line as
+    `<name>_total`, which would not match these sample names. PromQL's rate() works the same."""
 
     def __init__(self):
         self.success = defaultdict(int)
@@ -38,7 +41,7 @@ class TritonCounters:
 
     def collect(self):
         def counter(name, doc, values, label_names=("model", "version")):
-            metric = Metric(name, doc, "counter")
+            metric = Metric(name, doc, "unknown")
             for labels, value in values.items():
                 metric.add_sample(name, dict(zip(label_names, labels)), value)
             return metric
@@ -56,11 +59,27 @@ class TritonCounters:
         yield gauge
 
 
-class EngineCollector:
-    """Engine and repository figures, read from the last Stats of every engine at scrape time."""
+FAILURE_REASONS = ("invalid_argument", "not_found", "unavailable", "no_engine", "engine_failure", "kv_handoff",
+                   "cancelled")
+HANDOFF_CAUSES = ("timeout", "prefill_engine_lost", "transfer_error")
 
-    def __init__(self, manager):
+
+def handoff_cause(details: str) -> str:
+    """Classifies a decode engine's 'KV handoff failed: ...' message."""
+    if "did not answer within" in details or "deadline" in details:
+        return "timeout"
+    if "TransferError" in details or "Mooncake" in details or "block size" in details:
+        return "transfer_error"
+    return "prefill_engine_lost"
+
+
+class EngineCollector:
+    """Engine, cluster and repository figures, read at scrape time: this node's engines from
+    their last Stats, the cluster from the registry view, the models from the manager."""
+
+    def __init__(self, manager, registry=None):
         self.manager = manager
+        self.registry = registry
 
     def collect(self):
         running = GaugeMetricFamily("pdserve_requests_running", "Sequences running in the engine",
@@ -74,7 +93,11 @@ class EngineCollector:
                                          labels=["model", "role", "instance"])
         transfer_bytes = Metric("pdserve_kv_transfer_bytes", "KV bytes written to decode engines", "counter")
         transfer_failures = Metric("pdserve_kv_transfer_failures", "KV handoffs that failed", "counter")
-        instances = GaugeMetricFamily("pdserve_instances", "Live engine instances", labels=["model", "role"])
+        keepalive = Metric("pdserve_lease_keepalive_failures", "etcd lease keepalives that failed, per engine", "counter")
+        instances = GaugeMetricFamily("pdserve_instances", "Live engine instances on this node", labels=["model", "role"])
+        cluster = GaugeMetricFamily("pdserve_cluster_instances", "Engine instances in the etcd view, by state",
+                                    labels=["model", "role", "state"])
+        outages = Metric("pdserve_etcd_outages", "Times this front end lost its etcd watch", "counter")
         states = GaugeMetricFamily("pdserve_model_state", "1 for each model version's state",
                                    labels=["model", "version", "state"])
         live = defaultdict(int)
@@ -91,6 +114,7 @@ class EngineCollector:
                 kv.add_metric(labels, (stats.num_total_blocks - stats.num_free_blocks) / total)
                 named = dict(zip(["model", "role", "instance"], labels))
                 preempt.add_sample("pdserve_preemptions_total", named, stats.num_preemptions)
+                keepalive.add_sample("pdserve_lease_keepalive_failures_total", named, stats.lease_keepalive_failures)
                 if engine.instance.role == "PREFILL":
                     buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, stats.kv_transfer_bucket_counts)]
                     transfer.add_metric(labels, buckets + [("+Inf", stats.kv_transfers)], stats.kv_transfer_seconds)
@@ -100,11 +124,19 @@ class EngineCollector:
             instances.add_metric([model, role], n)
         for name, status in self.manager.index():
             states.add_metric([name, status.version, status.state], 1)
-        yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, instances, states)
+        if self.registry is not None:
+            counts = defaultdict(int)
+            for record in self.registry.records.values():
+                counts[(record.model, record.role, record.state)] += 1
+            for labels, n in counts.items():
+                cluster.add_metric(list(labels), n)
+            outages.add_sample("pdserve_etcd_outages_total", {}, self.registry.outages)
+        yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, keepalive,
+                    instances, cluster, outages, states)
 
 
 class Metrics:
-    def __init__(self, manager):
+    def __init__(self, manager, registry=None):
         self.manager = manager
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
@@ -119,16 +151,26 @@ class Metrics:
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", labels,
                                      registry=self.registry)
         self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", labels, registry=self.registry)
+        self.handoff_failures = Counter("pdserve_kv_handoff_failures", "Requests that failed in the KV handoff, by cause",
+                                        ["model", "version", "cause"], registry=self.registry)
         self.triton = TritonCounters()
         self.registry.register(self.triton)
-        self.registry.register(EngineCollector(manager))
+        self.registry.register(EngineCollector(manager, registry))
         self._poller: asyncio.Task | None = None
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
     def request_started(self, key: tuple[str, str]) -> None:
+        if key not in self.triton.pending:  # failure series exist (at 0) before the first failure
+            for reason in FAILURE_REASONS:
+                self.triton.failure[(*key, reason)] += 0
+            for cause in HANDOFF_CAUSES:
+                self.handoff_failures.labels(*key, cause)
         self.triton.pending[key] += 1
+
+    def handoff_failed(self, key: tuple[str, str], details: str) -> None:
+        self.handoff_failures.labels(*key, handoff_cause(details)).inc()
 
     def request_finished(self, key, ok: bool, reason: str, start: float, first: float | None,
                          n_in: int, n_out: int) -> None:

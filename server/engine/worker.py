@@ -283,6 +283,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             num_awaiting_kv=len(e.scheduler.awaiting_kv), kv_transfers=t.count, kv_transfer_failures=t.failures,
             kv_transfer_seconds=t.seconds, kv_transfer_bytes=t.bytes, kv_transfer_bucket_counts=t.buckets,
             state=self.state, incarnation=self.registration.record.incarnation if self.registration else "",
+            lease_keepalive_failures=self.registration.keepalive_failures if self.registration else 0,
             instance_id=self.identity["instance_id"], model=self.identity["model"], version=self.identity["version"],
             role=self.identity["role"], device=e.cfg.device,
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),

@@ -213,6 +213,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if exc.code() == grpc.StatusCode.CANCELLED:
                 raise
             handoff = "KV handoff failed" in (exc.details() or "")
+            if handoff and self.metrics:
+                self.metrics.handoff_failed((dep.name, str(dep.version)), exc.details())
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                 f"engine {decode.instance_id} could not finish the request ({exc.code().name}: "
                                 f"{exc.details()}); retry the request", "kv_handoff" if handoff else "engine_failure") from exc
