@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml protos/*.proto protos/generate.py
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "grpcio-tools>=1.80,<1.81" "protobuf>=6.31,<7"
 	$(PY) protos/generate.py
-	$(PIP) install -q -e '.[test,mooncake]'
+	$(PIP) install -q -e '.[test,mooncake,bench]'
 	touch $@
 
 proto: $(VENV)/.installed
@@ -52,6 +52,7 @@ $(DEMO)/model.safetensors: tools/make_demo_model.py $(VENV)/.installed
 
 bench: setup demo-model
 	$(PY) bench/engine_throughput.py
+	$(PY) bench/pd_vs_aggregated.py --rate 0.5 --requests 50
 
 clean:
 	rm -rf $(VENV) server/_proto $(DEMO) *.egg-info

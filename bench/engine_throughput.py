@@ -178,6 +178,38 @@ def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int) 
     return out
 
 
+def plot(report: dict, path: str) -> None:
+    """Throughput and decode step time over batch size, and the systems side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    if "engine" in report:
+        sweep = report["engine"]["sweep"]
+        sizes = [r["requests"] for r in sweep]
+        axes[0].plot(sizes, [r["output_tokens_per_s"] for r in sweep], "o-", label="output tok/s")
+        ax2 = axes[0].twinx()
+        ax2.plot(sizes, [r["decode_step_ms"] for r in sweep], "s--", color="tab:red", label="decode step (ms)")
+        ax2.set_ylabel("decode step (ms)")
+        axes[0].set(title="pdserve engine over batch size", xlabel="concurrent requests", ylabel="output tok/s")
+        axes[0].legend(loc="upper left")
+        ax2.legend(loc="lower right")
+    bars = {}
+    if "transformers" in report:
+        bars["generate_batch"] = report["transformers"]["generate_batch"]["output_tokens_per_s"]
+        bars["raw forward"] = report["transformers"]["raw_forward"]["output_tokens_per_s"]
+    if "engine" in report:
+        bars["pdserve engine"] = report["engine"]["workload"]["output_tokens_per_s"]
+    if "server" in report:
+        bars["pdserve server"] = report["server"]["output_tokens_per_s"]
+    axes[1].bar(list(bars), list(bars.values()), color="tab:blue")
+    axes[1].set(title=f"32 x 256 prompt x 128 output, {report['dtype']}", ylabel="output tok/s")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "model_repository", "tiny-qwen2", "1"))
@@ -217,6 +249,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
+    plot(report, os.path.splitext(args.json)[0] + ".png")
     for key in ("engine_over_generate_batch", "server_over_generate_batch", "server_tpot_over_engine_step"):
         if key in report:
             print(f"{key}: {report[key]:.2f}")
