@@ -1,8 +1,6 @@
 """Generation equals transformers' generate, token for token; seeds repeat; preemption loses nothing."""
-import os
 import queue
 import random
-import threading
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from harness import PdServer, add_model, config_text, etcd_records, inputs
 

@@ -1,6 +1,5 @@
 """The KServe v2 protocol through the real tritonclient against a real server process."""
 import queue
-import time
 
 import grpc
 import numpy as np

@@ -1,6 +1,5 @@
 """Pure logic: config validation messages, tensor parsing, detokenizer, block accounting."""
 import json
-import struct
 
 import pytest
 

@@ -6,7 +6,6 @@ revision. Every call takes a deadline; endpoints are tried in order.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -184,10 +183,6 @@ class EtcdProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def cleanup(self) -> None:
         self.stop()

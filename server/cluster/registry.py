@@ -117,7 +117,6 @@ class RegistryView:
         self.connected = asyncio.Event()
         self.outages = 0
         self._task: asyncio.Task | None = None
-        self.changed = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -130,7 +129,6 @@ class RegistryView:
                 self._log_diff(self.records, fresh)
                 self.records = fresh
                 self.connected.set()
-                self.changed.set()
                 async for event in self.client.watch_prefix(self.prefix, revision + 1):
                     if event.kind == "put":
                         self.records[event.key] = EngineRecord.from_json(event.value)
@@ -138,7 +136,6 @@ class RegistryView:
                         gone = self.records.pop(event.key, None)
                         if gone:
                             log.info("engine %s (%s %s) left the cluster", gone.instance_id, gone.model, gone.role)
-                    self.changed.set()
             except EtcdUnavailable as exc:
                 if self.connected.is_set():
                     self.outages += 1

@@ -57,7 +57,6 @@ class ModelSpec:
     versions: list[int]
     instances: list[InstanceSpec]
     engine_parameters: dict = field(default_factory=dict)
-    fingerprint: str = ""
 
     def engine_config(self, version: int, device: str) -> EngineConfig:
         params = {k: v for k, v in self.engine_parameters.items() if k != "kv_transport"}
@@ -204,7 +203,6 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     model_dir = os.path.abspath(model_dir)
     folder = os.path.basename(model_dir)
     path = os.path.join(model_dir, CONFIG_FILE)
-    digest = fingerprint(model_dir)
     config = _parse(path)
     if config.name and config.name != folder:
         raise ConfigError(f"{path}: name is '{config.name}' but the folder is '{folder}'; make them equal or drop 'name'")
@@ -215,4 +213,4 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     instances = _instances(path, config)
     params = _engine_parameters(path, config)
     complete_config(config)
-    return ModelSpec(folder, model_dir, config, versions, instances, params, digest)
+    return ModelSpec(folder, model_dir, config, versions, instances, params)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
-from pdserve.repository.config import CONFIG_FILE, ConfigError, ModelSpec, fingerprint, load_model_spec
+from pdserve.repository.config import ConfigError, ModelSpec, fingerprint, load_model_spec
 from pdserve.supervisor import Deployment, EngineStartError, Supervisor
 
 log = logging.getLogger(__name__)
