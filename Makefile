@@ -32,7 +32,7 @@ system-deps:
 
 # torch first, pinned, so the project's torch range is met by the CPU build and pip
 # does not pull a multi-GB CUDA build; then the protos (the package includes the
-# generated server/_proto); then the project with its test extras.
+# generated server/pdserve/_proto); then the project with its test extras.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml protos/*.proto protos/generate.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,4 +55,4 @@ bench: setup demo-model
 	$(PY) bench/pd_vs_aggregated.py --rate 0.5 --requests 50
 
 clean:
-	rm -rf $(VENV) server/_proto $(DEMO) *.egg-info
+	rm -rf $(VENV) server/pdserve/_proto $(DEMO) *.egg-info

@@ -1,6 +1,5 @@
-"""Compiles protos/*.proto into the package pdserve._proto (folder server/_proto).
+"""Compiles protos/*.proto into the package pdserve._proto (folder server/pdserve/_proto).
 
-Run by `make` (and by the server at import time if the modules are missing):
     python protos/generate.py
 """
 import pathlib
@@ -11,7 +10,7 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-OUT = ROOT / "server" / "_proto"
+OUT = ROOT / "server" / "pdserve" / "_proto"
 
 
 def main() -> int:

@@ -80,7 +80,7 @@ def etcd_records(endpoint: str) -> list[tuple[str, dict, int]]:
     """Every engine record in etcd: (key, record, lease id), read with the project's etcd client."""
     import asyncio
 
-    from pdserve.cluster.etcd import EtcdClient
+    from pdserve.common.etcd import EtcdClient
 
     async def read():
         client = EtcdClient([endpoint])

@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 
 from harness import PdServer, add_model, config_text, etcd_records, inputs
 
-from pdserve.cluster.etcd import EtcdProcess
+from pdserve.common.etcd import EtcdProcess
 
 PD = (("PREFILL", "cpu"), ("DECODE", "cpu"))
 GREEDY = {"temperature": 0, "ignore_eos": True}

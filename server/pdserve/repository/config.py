@@ -14,7 +14,7 @@ from google.protobuf import text_format
 
 from pdserve._proto import model_config_pb2 as mc
 from pdserve.engine.config import DTYPES, EngineConfig
-from pdserve.engine.devices import DeviceError, parse_device
+from pdserve.common.devices import DeviceError, parse_device
 
 CONFIG_FILE = "config.pbtxt"
 ROLES = ("BOTH", "PREFILL", "DECODE")

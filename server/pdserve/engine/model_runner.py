@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoTokenizer
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.block_manager import blocks_needed
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.devices import free_memory_bytes, open_device, parse_device
+from pdserve.common.devices import parse_device
+from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.models.llama import build_model
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sequence import Sequence

@@ -12,14 +12,14 @@ import tempfile
 import grpc
 
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
-from pdserve.cluster.etcd import EtcdClient, EtcdProcess
+from pdserve.common.etcd import EtcdClient, EtcdProcess
 from pdserve.cluster.registry import RegistryView
-from pdserve.frontend.engine_client import EngineClients
+from pdserve.cluster.engine_client import EngineClients
 from pdserve.frontend.service import InferenceService
-from pdserve.metrics import Metrics
+from pdserve.frontend.metrics import Metrics
 from pdserve.repository.manager import ModelRepositoryManager
-from pdserve.router import POLICIES, Router
-from pdserve.supervisor import ClusterSettings, Supervisor
+from pdserve.cluster.router import POLICIES, Router
+from pdserve.repository.supervisor import ClusterSettings, Supervisor
 
 log = logging.getLogger("pdserve")
 

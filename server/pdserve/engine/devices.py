@@ -1,37 +1,13 @@
-"""Device strings of config.pbtxt ("cpu", "cpu:N", "cuda:N", "npu:N") to torch devices.
-
-Device modules are imported only for the device asked for: torch_npu only for npu:N.
-"""
+"""Opens the device an engine runs on; torch_npu is imported only for npu:N."""
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 
 import torch
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda|npu)(?::(\d+))?$")
+from pdserve.common.devices import DeviceError, DeviceSpec
 
-
-class DeviceError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    kind: str             # cpu, cuda, npu
-    index: int | None     # cpu: the core to pin to; cuda/npu: the device ordinal
-
-    def __str__(self) -> str:
-        return self.kind if self.index is None else f"{self.kind}:{self.index}"
-
-
-def parse_device(text: str) -> DeviceSpec:
-    match = _DEVICE_RE.match(text.strip())
-    if not match:
-        raise DeviceError(f"device '{text}' is not one of cpu, cpu:N, cuda:N, npu:N")
-    index = int(match.group(2)) if match.group(2) is not None else None
-    return DeviceSpec(match.group(1), index)
+__all__ = ["DeviceError", "open_device", "free_memory_bytes"]
 
 
 def open_device(spec: DeviceSpec) -> torch.device:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
-from pdserve.cluster.registry import EngineRecord, RegistryView
-from pdserve.frontend.engine_client import EngineClients
+from pdserve.cluster.registry import RegistryView
+from pdserve.common.records import EngineRecord
+from pdserve.cluster.engine_client import EngineClients
 
 
 class NoEngineAvailable(RuntimeError):

@@ -139,7 +139,8 @@ def _free_port() -> int:
 
 class EtcdProcess:
     """A private single-member etcd on loopback: pdserve's default without --etcd-endpoints,
-    and the tests' real etcd. Keeps its data folder across restart() (leases survive)."""
+    and the tests' real etcd. Its data folder outlives stop(), so a start() after it keeps
+    the leases and records (the tests' etcd-restart case)."""
 
     def __init__(self, data_dir: str | None = None, client_port: int | None = None):
         self.binary = shutil.which("etcd") or "/usr/bin/etcd"

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from pdserve.repository.config import ConfigError, ModelSpec, fingerprint, load_model_spec
-from pdserve.supervisor import Deployment, EngineStartError, Supervisor
+from pdserve.repository.supervisor import Deployment, EngineStartError, Supervisor
 
 log = logging.getLogger(__name__)
 

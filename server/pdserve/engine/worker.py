@@ -28,8 +28,9 @@ import time
 import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
-from pdserve.cluster.etcd import EtcdClient
-from pdserve.cluster.registry import DEFAULT_TTL_S, STANDBY, EngineRecord, EngineRegistration
+from pdserve.common.etcd import EtcdClient
+from pdserve.common.records import DEFAULT_TTL_S, STANDBY, EngineRecord
+from pdserve.engine.registration import EngineRegistration
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_transport import make_transport
 from pdserve.engine.llm_engine import LLMEngine, RequestError, RequestOutput

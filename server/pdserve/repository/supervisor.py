@@ -18,8 +18,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from pdserve.cluster.registry import DRAINING, READY, RegistryView, engine_key
-from pdserve.frontend.engine_client import EngineClient, EngineClients
+from pdserve.cluster.registry import RegistryView
+from pdserve.common.records import DRAINING, READY, engine_key
+from pdserve.cluster.engine_client import EngineClient, EngineClients
 from pdserve.repository.config import InstanceSpec, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pdserve.frontend.responses import build_response
 from pdserve.frontend.tensors import GenerationRequest, InvalidInput, parse_request
 from pdserve.repository.config import ConfigError
 from pdserve.repository.manager import LOADING, READY, ModelRepositoryManager
-from pdserve.router import NoEngineAvailable, Router
-from pdserve.supervisor import Deployment, EngineStartError
+from pdserve.cluster.router import NoEngineAvailable, Router
+from pdserve.repository.supervisor import Deployment, EngineStartError
 
 log = logging.getLogger(__name__)
 
