@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import random
 import shutil
 import statistics
@@ -50,8 +49,8 @@ def workload(tokenizer, n: int, rate: float, long_share: float, short_len: int, 
 
 
 def run_setup(name: str, model: str, requests, output_len: int) -> dict:
-    import tritonclient.grpc as grpcclient
     from harness import PdServer, config_text, inputs
+    from pdserve_clients import LLMClient
 
     repo = tempfile.mkdtemp(prefix=f"pdserve-bench-{name}-")
     os.makedirs(os.path.join(repo, "m"))
@@ -67,29 +66,20 @@ def run_setup(name: str, model: str, requests, output_len: int) -> dict:
             server.client.infer("m", inputs(text, False, params))
         results: list[dict] = [{} for _ in requests]
 
-        def one(i: int, text: str, start: float):
-            client = grpcclient.InferenceServerClient(server.url)
-            pieces: queue.Queue = queue.Queue()
-            client.start_stream(callback=lambda result, error: pieces.put((result, error, time.perf_counter())))
-            client.async_stream_infer("m", inputs(text, True, params, return_num_output_tokens=True))
-            times, tokens = [], 0
-            while True:
-                result, error, now = pieces.get(timeout=600)
-                if error is not None:
-                    results[i] = {"error": str(error)}
-                    break
-                n = int(result.as_numpy("num_output_tokens")[0])
-                if n:
-                    times.append(now)
-                    tokens += n
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    results[i] = {"ttft": times[0] - start, "e2e": times[-1] - start, "tokens": tokens,
-                                  "tpot": (times[-1] - times[0]) / max(tokens - 1, 1),
-                                  "gaps": [b - a for a, b in zip(times, times[1:])],
-                                  "max_gap": max((b - a for a, b in zip(times, times[1:])), default=0.0)}
-                    break
-            client.stop_stream()
-            client.close()
+        def one(i: int, text: str):
+            client = LLMClient(server.url, "m")
+            try:
+                r = client.stream_all(text, timeout=600, **params)
+            except Exception as exc:
+                results[i] = {"error": str(exc)}
+                return
+            finally:
+                client.close()
+            times = r.piece_times   # seconds from the stream's start, one per response with tokens
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            results[i] = {"ttft": times[0], "e2e": times[-1], "tokens": r.num_output_tokens,
+                          "tpot": (times[-1] - times[0]) / max(r.num_output_tokens - 1, 1),
+                          "gaps": gaps, "max_gap": max(gaps, default=0.0)}
 
         threads = []
         t0 = time.perf_counter()
@@ -97,7 +87,7 @@ def run_setup(name: str, model: str, requests, output_len: int) -> dict:
             delay = t0 + offset - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            th = threading.Thread(target=one, args=(i, text, time.perf_counter()))
+            th = threading.Thread(target=one, args=(i, text))
             th.start()
             threads.append(th)
         for th in threads:

@@ -35,9 +35,9 @@ def run_engine(engine: LLMEngine, requests: list[tuple[str, str, SamplingParams]
     while pending or engine.has_work():
         while pending and pending[0][0] <= step:
             _, (rid, prompt, params) = pending.pop(0)
-            engine.add_request(rid, prompt, params)
+            engine.add_request(rid, engine.tokenizer.encode(prompt), params)
         for out in engine.step():
-            outputs[out.request_id] += out.token_ids
+            outputs[out.request_id] += list(out.token_ids)
         step += 1
     return outputs
 
@@ -72,7 +72,7 @@ def float64_engine(tmp_path_factory):
 
 def test_concurrent_greedy_equals_generate_in_any_arrival_order(float64_engine):
     engine, hf, tokenizer = float64_engine
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     expected = {str(i): hf_greedy(hf, tokenizer, p, 24) for i, p in enumerate(PROMPTS)}
     rng = random.Random(7)
     for trial in range(3):
@@ -98,12 +98,12 @@ def test_seeded_sampling_repeats_whatever_the_batch(float64_engine):
 
 def test_min_tokens_and_stop_token_ids(float64_engine):
     engine, hf, tokenizer = float64_engine
-    greedy = run_engine(engine, [("g", "def f", SamplingParams(max_tokens=12, ignore_eos=True))], [0])["g"]
+    greedy = run_engine(engine, [("g", "def f", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))], [0])["g"]
     stop_at = greedy[5]
     first = greedy.index(stop_at)
-    got = run_engine(engine, [("s", "def f", SamplingParams(max_tokens=12, stop_token_ids=(stop_at,)))], [0])["s"]
+    got = run_engine(engine, [("s", "def f", SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_at,)))], [0])["s"]
     assert got == greedy[:first + 1]
-    later = run_engine(engine, [("m", "def f", SamplingParams(max_tokens=12, stop_token_ids=(stop_at,),
+    later = run_engine(engine, [("m", "def f", SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_at,),
                                                                min_tokens=first + 2))], [0])["m"]
     assert len(later) > first + 1
 

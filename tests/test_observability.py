@@ -15,6 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from harness import ROOT, PdServer, add_model, config_text, free_port, inputs
 
+from pdserve_clients import LLMClient
+
 sys.path.insert(0, os.path.join(ROOT, "grafana"))
 import make_dashboard  # noqa: E402
 
@@ -35,16 +37,11 @@ def node(tmp_path_factory, small_model):
 
 
 def stream(server, model, prompt, max_tokens):
-    import queue
-    results: queue.Queue = queue.Queue()
-    server.client.start_stream(callback=lambda result, error: results.put((result, error)))
-    server.client.async_stream_infer(model, inputs(prompt, True, {**GREEDY, "max_tokens": max_tokens}))
-    while True:
-        result, error = results.get(timeout=60)
-        assert error is None
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            break
-    server.client.stop_stream()
+    client = LLMClient(server.url, model)
+    try:
+        client.stream_all(prompt, timeout=60, **GREEDY, max_tokens=max_tokens)
+    finally:
+        client.close()
 
 
 def test_counters_and_histograms_move(node):

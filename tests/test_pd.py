@@ -1,15 +1,16 @@
 """PD disaggregation against a real etcd, real engine processes and Mooncake over TCP."""
 import os
-import queue
 import random
 import signal
 import threading
 import time
 
 import pytest
-import tritonclient.grpc as grpcclient
 
 from harness import PdServer, add_model, config_text, etcd_records, inputs
+from tritonclient.utils import InferenceServerException
+
+from pdserve_clients import LLMClient
 
 from pdserve.common.etcd import EtcdProcess
 
@@ -83,23 +84,13 @@ def test_etcd_records_carry_leases_and_go_on_stop(repo, small_model):
 
 def stream_tokens(url, model, prompt, max_tokens, results_out: list):
     """Streams one request; appends ('ok', text) or ('error', message) to results_out."""
-    client = grpcclient.InferenceServerClient(url)
-    pieces: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: pieces.put((result, error)))
-    client.async_stream_infer(model, inputs(prompt, True, {**GREEDY, "max_tokens": max_tokens}))
-    text = ""
+    client = LLMClient(url, model)
     try:
-        while True:
-            result, error = pieces.get(timeout=60)
-            if error is not None:
-                results_out.append(("error", str(error), time.monotonic()))
-                return
-            text += result.as_numpy("text_output")[0].decode()
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                results_out.append(("ok", text, time.monotonic()))
-                return
+        text = client.stream_all(prompt, timeout=60, **GREEDY, max_tokens=max_tokens).text
+        results_out.append(("ok", text, time.monotonic()))
+    except InferenceServerException as exc:
+        results_out.append(("error", str(exc), time.monotonic()))
     finally:
-        client.stop_stream()
         client.close()
 
 
@@ -221,33 +212,28 @@ def test_200_mixed_requests_with_cancellations_leave_every_pool_free(pd_server):
 
     def worker(seed: int, count: int):
         r = random.Random(seed)
-        client = grpcclient.InferenceServerClient(pd_server.url)
+        clients = {model: LLMClient(pd_server.url, model) for model in ("pd", "agg")}
         for _ in range(count):
-            pieces: queue.Queue = queue.Queue()
-            client.start_stream(callback=lambda result, error: pieces.put((result, error)))
-            model = r.choice(["pd", "pd", "agg"])
-            client.async_stream_infer(model, inputs(r.choice(prompts), True, {**GREEDY, "max_tokens": r.randint(1, 40)}))
-            cancel_after = r.choice([None, None, None, 0, 1, 3])
-            seen = 0
-            while True:
-                if cancel_after is not None and seen >= cancel_after:
-                    client.stop_stream(cancel_requests=True)
-                    with lock:
-                        outcomes["cancelled"] += 1
-                    break
-                result, error = pieces.get(timeout=60)
-                if error is not None:
-                    with lock:
-                        outcomes["error"].append(str(error))
-                    client.stop_stream()
-                    break
-                seen += 1
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    with lock:
-                        outcomes["ok"] += 1
-                    client.stop_stream()
-                    break
-        client.close()
+            client = clients[r.choice(["pd", "pd", "agg"])]
+            pieces = client.stream(r.choice(prompts), timeout=60, **GREEDY, max_tokens=r.randint(1, 40))
+            cancel_after = r.choice([None, None, None, 1, 1, 3])   # pieces read before cancelling
+            outcome = "ok"
+            try:
+                for seen, _ in enumerate(pieces, start=1):
+                    if seen == cancel_after:
+                        outcome = "cancelled"
+                        break
+            except InferenceServerException as exc:
+                outcome = str(exc)
+            finally:
+                pieces.close()              # an early close cancels the request
+            with lock:
+                if outcome in ("ok", "cancelled"):
+                    outcomes[outcome] += 1
+                else:
+                    outcomes["error"].append(outcome)
+        for client in clients.values():
+            client.close()
 
     threads = [threading.Thread(target=worker, args=(rng.random(), 25)) for _ in range(8)]
     for t in threads:

@@ -1,15 +1,15 @@
 """Hot add, change, break and remove of models (poll mode); explicit load/unload; bad devices."""
 import os
-import queue
 import shutil
 import threading
 import time
 
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from harness import PdServer, add_model, config_text, inputs, write_config
+
+from pdserve_clients import LLMClient
 
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -24,23 +24,13 @@ class BackgroundStreams:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        client = grpcclient.InferenceServerClient(self.url)
+        client = LLMClient(self.url, self.model)
         while not self._stop.is_set():
-            results: queue.Queue = queue.Queue()
-            client.start_stream(callback=lambda result, error: results.put((result, error)))
-            client.async_stream_infer(self.model, inputs("hello", True, GREEDY))
             try:
-                while True:
-                    result, error = results.get(timeout=60)
-                    if error is not None:
-                        self.failures.append(str(error))
-                        break
-                    if result.get_response().parameters["triton_final_response"].bool_param:
-                        self.completed += 1
-                        break
-            except queue.Empty:
-                self.failures.append("timed out")
-            client.stop_stream()
+                client.stream_all("hello", timeout=60, **GREEDY)
+                self.completed += 1
+            except (InferenceServerException, TimeoutError) as exc:
+                self.failures.append(str(exc) or "timed out")
         client.close()
 
     def __enter__(self):

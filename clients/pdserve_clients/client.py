@@ -18,8 +18,8 @@ class GenerationResult:
     finish_reason: str = ""
     num_input_tokens: int = 0
     num_output_tokens: int = 0
-    ttft_s: float = 0.0                      # time to the first text piece
-    piece_times: list[float] = field(default_factory=list)  # seconds since the request, per piece
+    ttft_s: float = 0.0                      # time to the first token
+    piece_times: list[float] = field(default_factory=list)  # seconds since the request, per response with tokens
     latency_s: float = 0.0
 
     @property
@@ -65,8 +65,11 @@ class LLMClient:
         out.latency_s = out.ttft_s = time.monotonic() - start
         return out
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Streams text pieces as they come; the last value of .result holds the totals."""
+    def stream(self, prompt: str, timeout: float | None = None, **sampling) -> Iterator[str]:
+        """Streams text pieces as they come; .result holds the totals and timings so far.
+
+        Raises the server's error (InferenceServerException), or TimeoutError when no response
+        comes within `timeout` seconds. Closing the iterator early (break) cancels the request."""
         responses: queue.Queue = queue.Queue()
         self.result = GenerationResult()
         start = time.monotonic()
@@ -74,24 +77,35 @@ class LLMClient:
         try:
             self.client.async_stream_infer(self.model, build_inputs(prompt, True, sampling))
             while True:
-                result, error = responses.get()
+                try:
+                    result, error = responses.get(timeout=timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"no response from {self.url} within {timeout} s") from None
                 if error is not None:
                     raise error
                 now = time.monotonic() - start
                 text = result.as_numpy("text_output")
                 piece = text[0].decode("utf-8") if text is not None else ""
-                if piece:
+                tokens_before = self.result.num_output_tokens
+                self._read_counts(self.result, result, accumulate=True)
+                if piece or self.result.num_output_tokens > tokens_before:
                     if not self.result.piece_times:
                         self.result.ttft_s = now
                     self.result.piece_times.append(now)
+                if piece:
                     self.result.text += piece
                     yield piece
-                self._read_counts(self.result, result, accumulate=True)
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     self.result.latency_s = now
                     return
         finally:
             self.client.stop_stream(cancel_requests=True)
+
+    def stream_all(self, prompt: str, timeout: float | None = None, **sampling) -> GenerationResult:
+        """Streams one request to its end; returns its text, counts and timings."""
+        for _ in self.stream(prompt, timeout=timeout, **sampling):
+            pass
+        return self.result
 
     @staticmethod
     def _read_counts(out: GenerationResult, result, accumulate: bool = False) -> None:

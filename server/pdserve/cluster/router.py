@@ -3,36 +3,44 @@
 Per request: a DECODE (or BOTH) engine by load, and, when the choice is a DECODE engine and
 a PREFILL engine is alive, a PREFILL engine by queued prefill work. No prefill engine: the
 decode engine prefills locally. No engine that can generate: UNAVAILABLE at once.
-Policies are pluggable: round-robin and least-load at least.
+Policies are pluggable (round_robin, least_load) and pure: they see records and a load
+function, so they are unit-tested without processes.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
-from pdserve.cluster.registry import RegistryView
-from pdserve.common.records import EngineRecord
 from pdserve.cluster.engine_client import EngineClients
+from pdserve.cluster.registry import RegistryView
+from pdserve.common.errors import Cause, ServeError
+from pdserve.common.records import EngineRecord
 
-
-class NoEngineAvailable(RuntimeError):
-    pass
+LoadFn = Callable[[EngineRecord], tuple]
 
 
 class RoundRobinPolicy:
-    def __init__(self):
-        self._counters = defaultdict(itertools.count)
+    """Takes the engines in turn, one turn counter per model and role (a bounded set)."""
 
-    def choose(self, engines: list[EngineRecord], load) -> EngineRecord:
-        key = tuple(sorted(e.instance_id for e in engines))
-        return engines[next(self._counters[key]) % len(engines)]
+    def __init__(self):
+        self._turns: dict[tuple[str, str, str], itertools.count] = defaultdict(itertools.count)
+
+    def choose(self, engines: list[EngineRecord], load: LoadFn) -> EngineRecord:
+        first = engines[0]
+        ordered = sorted(engines, key=lambda e: e.instance_id)
+        return ordered[next(self._turns[(first.model, first.version, first.role)]) % len(ordered)]
 
 
 class LeastLoadPolicy:
+    """The engine with the lowest load; ties are broken in turn."""
+
     def __init__(self):
         self._tie_break = itertools.count()
 
-    def choose(self, engines: list[EngineRecord], load) -> EngineRecord:
+    def choose(self, engines: list[EngineRecord], load: LoadFn) -> EngineRecord:
         scores = [load(e) for e in engines]
         best = min(scores)
         tied = [e for e, score in zip(engines, scores) if score == best]
@@ -42,39 +50,64 @@ class LeastLoadPolicy:
 POLICIES = {"round_robin": RoundRobinPolicy, "least_load": LeastLoadPolicy}
 
 
+@dataclass(frozen=True)
+class Route:
+    decode: EngineRecord
+    prefill: EngineRecord | None = None   # None: the decode engine prefills itself
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return [self.decode.instance_id] + ([self.prefill.instance_id] if self.prefill else [])
+
+
 class Router:
     def __init__(self, registry: RegistryView, clients: EngineClients, policy: str = "least_load"):
         self.registry = registry
         self.clients = clients
         self.decode_policy = POLICIES[policy]()
         self.prefill_policy = POLICIES[policy]()
-        self.inflight: dict[str, int] = defaultdict(int)   # requests this front end has on each engine
+        self.inflight: Counter[str] = Counter()   # requests this front end has on each engine
 
     def _stats(self, record: EngineRecord):
         client = self.clients.peek(record.address)
         return client.last_stats if client else None
 
-    def decode_load(self, record: EngineRecord):
+    def decode_load(self, record: EngineRecord) -> tuple:
         """Requests in flight from here plus the engine's queue, then free KV blocks."""
         stats = self._stats(record)
         waiting = (stats.num_waiting + stats.num_awaiting_kv) if stats else 0
         return self.inflight[record.instance_id] + waiting, -(stats.num_free_blocks if stats else 0)
 
-    def prefill_load(self, record: EngineRecord):
+    def prefill_load(self, record: EngineRecord) -> tuple:
         """Prompt tokens queued on the prefill engine, then requests in flight from here."""
         stats = self._stats(record)
         return (stats.waiting_prefill_tokens if stats else 0), self.inflight[record.instance_id]
 
-    def choose(self, model: str, version: str) -> tuple[EngineRecord, EngineRecord | None]:
+    def choose(self, model: str, version: str) -> Route:
         decoders = self.registry.engines(model, version, roles=("BOTH", "DECODE"))
         if not decoders:
-            raise NoEngineAvailable(f"model '{model}' version {version} has no live engine that can generate "
-                                    "(no DECODE or BOTH instance is ready in the cluster); check the engine logs "
-                                    "and the instance_group devices")
+            raise ServeError(Cause.NO_ENGINE,
+                             f"model '{model}' version {version} has no live engine that can generate "
+                             "(no DECODE or BOTH instance is ready in the cluster); check the engine logs "
+                             "and the instance_group devices")
         decode = self.decode_policy.choose(decoders, self.decode_load)
         if decode.role != "DECODE":
-            return decode, None
+            return Route(decode)
         prefills = self.registry.engines(model, version, roles=("PREFILL",))
         if not prefills:
-            return decode, None  # graceful fallback: the decode engine prefills locally
-        return decode, self.prefill_policy.choose(prefills, self.prefill_load)
+            return Route(decode)  # graceful fallback: the decode engine prefills locally
+        return Route(decode, self.prefill_policy.choose(prefills, self.prefill_load))
+
+    @contextlib.contextmanager
+    def route(self, model: str, version: str) -> Iterator[Route]:
+        """Chooses the engines and counts the request on them until it ends."""
+        chosen = self.choose(model, version)
+        for instance_id in chosen.instance_ids:
+            self.inflight[instance_id] += 1
+        try:
+            yield chosen
+        finally:
+            for instance_id in chosen.instance_ids:
+                self.inflight[instance_id] -= 1
+                if not self.inflight[instance_id]:
+                    del self.inflight[instance_id]

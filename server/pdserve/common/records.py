@@ -4,7 +4,8 @@ Key layout (documented in docs/cluster.md):
     /pdserve/<cluster>/engines/<model>/<instance_id>  ->  JSON EngineRecord, attached to the
                                                           engine's own lease
 The writer is engine/registration.py, the readers cluster/registry.py. Each start of an engine
-process has a fresh instance id and incarnation, so records of a former self never match.
+process has a fresh instance id (so a fresh key) and incarnation id: records of a former self
+are never taken for the new one.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,17 @@ log = logging.getLogger(__name__)
 
 class TransferError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a prompt's KV goes: the decode engine's pool (its handshake) and reserved blocks."""
+    transport: str
+    protocol: str
+    session: str
+    base_address: int
+    block_bytes: int
+    block_ids: tuple[int, ...]
 
 
 class KVTransport(ABC):
@@ -32,7 +44,7 @@ class KVTransport(ABC):
         """What a peer needs to write into this pool."""
 
     @abstractmethod
-    def write_blocks(self, peer: dict, src_blocks: list[int], dst_blocks: list[int]) -> int:
+    def write_blocks(self, peer: KVDestination, src_blocks: list[int], dst_blocks: list[int]) -> int:
         """Writes local blocks into the peer's blocks; returns the bytes written or raises TransferError."""
 
 
@@ -83,18 +95,18 @@ class MooncakeTransport(KVTransport):
         return {"transport": self.name, "protocol": self.protocol, "session": self.session,
                 "base_address": self.base, "block_bytes": self.block_bytes}
 
-    def write_blocks(self, peer: dict, src_blocks: list[int], dst_blocks: list[int]) -> int:
-        if peer.get("block_bytes") != self.block_bytes:
-            raise TransferError(f"KV block size differs: here {self.block_bytes} bytes, peer {peer.get('block_bytes')}; "
+    def write_blocks(self, peer: KVDestination, src_blocks: list[int], dst_blocks: list[int]) -> int:
+        if peer.block_bytes != self.block_bytes:
+            raise TransferError(f"KV block size differs: here {self.block_bytes} bytes, peer {peer.block_bytes}; "
                                 "prefill and decode engines need the same model, dtype and kv_block_size")
         srcs, dsts, lengths = [], [], []
         for s, d, n in contiguous_runs(src_blocks, dst_blocks):
             srcs.append(self.base + s * self.block_bytes)
-            dsts.append(peer["base_address"] + d * self.block_bytes)
+            dsts.append(peer.base_address + d * self.block_bytes)
             lengths.append(n * self.block_bytes)
-        status = self.engine.batch_transfer_sync_write(peer["session"], srcs, dsts, lengths)
+        status = self.engine.batch_transfer_sync_write(peer.session, srcs, dsts, lengths)
         if status != 0:
-            raise TransferError(f"Mooncake write to {peer['session']} failed with status {status}")
+            raise TransferError(f"Mooncake write to {peer.session} failed with status {status}")
         return sum(lengths)
 
 

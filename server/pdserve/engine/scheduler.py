@@ -2,28 +2,31 @@
 
 A step is either a prefill of newly admitted sequences (within max_num_seqs and the token
 budget) or a decode of every running sequence. A sequence whose prompt a prefill engine
-computes (PD) is admitted like any other, but only reserves its blocks and waits, outside the
-steps, until its KV has been written (kv_arrived) or the handoff failed (release). When the pool runs out of blocks, the most
-recently admitted sequence is preempted: its blocks are freed and it goes back to the head
-of the queue, to be recomputed (prompt plus what it generated so far) later.
+computes (PD; the DecodeKVConnector says which) is admitted like any other, but only reserves
+its blocks and waits outside the steps, in `awaiting_kv`, until the connector admits it
+(kv_arrived) or lets its blocks go (release). When the pool runs out of blocks, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the head of
+the queue, to be recomputed (prompt plus what it generated so far) later.
 """
 from __future__ import annotations
 
 from collections import deque
 
 from pdserve.engine.block_manager import BlockManager, blocks_needed
+from pdserve.engine.kv_connector import DecodeKVConnector
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 kv_connector: DecodeKVConnector | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv_connector = kv_connector
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
-        self.reserved: list[Sequence] = []   # newly reserved for a remote prefill, to dispatch
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -40,21 +43,24 @@ class Scheduler:
     def waiting_prefill_tokens(self) -> int:
         return sum(seq.num_tokens for seq in self.waiting)
 
+    def _remote(self, seq: Sequence) -> bool:
+        return self.kv_connector is not None and self.kv_connector.awaits_remote_kv(seq.request_id)
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns the sequences of the next step and whether it is a prefill step."""
         prefills: list[Sequence] = []
         budget = self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(self.awaiting_kv) < self.max_num_seqs:
             seq = self.waiting[0]
-            local = not seq.remote_prefill
-            if (local and prefills and seq.num_tokens > budget) or not self.block_manager.can_allocate(seq):
+            remote = self._remote(seq)
+            if (not remote and prefills and seq.num_tokens > budget) or not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
-            if not local:
+            if remote:
                 seq.status = SequenceStatus.AWAITING_KV
                 self.awaiting_kv[seq.request_id] = seq
-                self.reserved.append(seq)
+                self.kv_connector.reserved(seq.request_id, seq.block_table)
                 continue
             seq.status = SequenceStatus.RUNNING
             budget -= seq.num_tokens
@@ -79,25 +85,13 @@ class Scheduler:
         self.running = list(decodes)  # everything else was preempted; a copy, as finish() edits it
         return decodes, False
 
-    def take_reserved(self) -> list[Sequence]:
-        reserved, self.reserved = self.reserved, []
-        return reserved
-
     def kv_arrived(self, seq: Sequence) -> None:
         """The prompt's KV is in the reserved blocks: the sequence decodes from now on.
         Should it be preempted later, it is recomputed locally like any other."""
         del self.awaiting_kv[seq.request_id]
-        seq.remote_prefill = False
         seq.num_cached_tokens = seq.num_tokens
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-
-    def release(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence whose handoff failed or was abandoned; only now may its blocks be reused."""
-        self.awaiting_kv.pop(seq.request_id, None)
-        seq.finish_reason = reason
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -107,11 +101,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence wherever it is (running, waiting) and frees its blocks."""
+        """Ends a sequence wherever it is (running, waiting, awaiting KV) and frees its blocks."""
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.awaiting_kv.pop(seq.request_id, None)
         self.block_manager.free(seq)

@@ -14,7 +14,8 @@ from collections import defaultdict
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from pdserve.engine.llm_engine import KV_TRANSFER_BUCKETS
+from pdserve.common.constants import KV_TRANSFER_BUCKETS
+from pdserve.common.errors import FAILURE_LABELS, HANDOFF_LABELS, Cause
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ class TritonCounters:
         for labels, value in self.pending.items():
             gauge.add_metric(list(labels), value)
         yield gauge
-
-
-FAILURE_REASONS = ("invalid_argument", "not_found", "unavailable", "no_engine", "engine_failure", "kv_handoff",
-                   "cancelled")
-HANDOFF_CAUSES = ("timeout", "prefill_engine_lost", "transfer_error")
-
-
-def handoff_cause(details: str) -> str:
-    """Classifies a decode engine's 'KV handoff failed: ...' message."""
-    if "did not answer within" in details or "deadline" in details:
-        return "timeout"
-    if "TransferError" in details or "Mooncake" in details or "block size" in details:
-        return "transfer_error"
-    return "prefill_engine_lost"
 
 
 class EngineCollector:
@@ -163,22 +150,21 @@ class Metrics:
 
     def request_started(self, key: tuple[str, str]) -> None:
         if key not in self.triton.pending:  # failure series exist (at 0) before the first failure
-            for reason in FAILURE_REASONS:
+            for reason in FAILURE_LABELS:
                 self.triton.failure[(*key, reason)] += 0
-            for cause in HANDOFF_CAUSES:
+            for cause in HANDOFF_LABELS:
                 self.handoff_failures.labels(*key, cause)
         self.triton.pending[key] += 1
 
-    def handoff_failed(self, key: tuple[str, str], details: str) -> None:
-        self.handoff_failures.labels(*key, handoff_cause(details)).inc()
-
-    def request_finished(self, key, ok: bool, reason: str, start: float, first: float | None,
+    def request_finished(self, key, failure: Cause | None, start: float, first: float | None,
                          n_in: int, n_out: int) -> None:
         now = time.monotonic()
         self.triton.pending[key] -= 1
         self.triton.duration_us[key] += int((now - start) * 1e6)
-        if not ok:
-            self.triton.failure[(*key, reason)] += 1
+        if failure is not None:
+            self.triton.failure[(*key, failure.failure_label)] += 1
+            if failure.handoff_label:
+                self.handoff_failures.labels(*key, failure.handoff_label).inc()
             return
         self.triton.success[key] += 1
         self.triton.count[key] += 1

@@ -1,4 +1,8 @@
-"""The KServe v2 GRPCInferenceService (Triton's wire protocol) over the repository manager."""
+"""The KServe v2 GRPCInferenceService (Triton's wire protocol): the protocol and nothing else.
+
+Model lookup and in-flight counting belong to the repository manager, engine choice to the
+router; every failure arrives as a ServeError whose cause decides the status (common/errors.py).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,26 +16,17 @@ import grpc
 
 from pdserve import __version__
 from pdserve._proto import engine_pb2, grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
-from pdserve._proto import model_config_pb2 as mc
+from pdserve.cluster.router import Router
+from pdserve.common.errors import Cause, ServeError, cause_of
 from pdserve.frontend.responses import build_response
-from pdserve.frontend.tensors import GenerationRequest, InvalidInput, parse_request
-from pdserve.repository.config import ConfigError
-from pdserve.repository.manager import LOADING, READY, ModelRepositoryManager
-from pdserve.cluster.router import NoEngineAvailable, Router
+from pdserve.frontend.tensors import GenerationRequest, parse_request
+from pdserve.repository.config import KSERVE_DATATYPES, ConfigError
+from pdserve.repository.manager import ModelRepositoryManager, ModelState
 from pdserve.repository.supervisor import Deployment, EngineStartError
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters"]
-DATATYPES = {mc.TYPE_STRING: "BYTES", mc.TYPE_BOOL: "BOOL", mc.TYPE_UINT32: "UINT32"}
-
-
-class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason or code.name.lower()
 
 
 @dataclass
@@ -49,6 +44,10 @@ def _bool_param(value: bool) -> pb.InferParameter:
     return pb.InferParameter(bool_param=value)
 
 
+async def _abort(context, error: ServeError) -> None:
+    await context.abort(error.cause.status, error.message)
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None):
         self.manager = manager
@@ -58,85 +57,53 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.started = False
         self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
 
-    # ---- resolving a model name and version ------------------------------------------------
-    def resolve(self, name: str, version: str) -> Deployment:
-        if not name:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty; name the model to call")
-        entry = self.manager.entry(name)
-        if entry is None and not self.manager.knows(name):
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"Request for unknown model: '{name}' is not found")
-        serving = entry.serving if entry else {}
-        if version:
-            if not version.isdigit():
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"model_version '{version}' is not a version number; send digits or leave it empty")
-            v = int(version)
-            if v in serving:
-                return serving[v]
-            if entry and (v in entry.loading or v in entry.unloading):
-                state = LOADING if v in entry.loading else "UNLOADING"
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                    f"Request for model '{name}' version {v}: the version is not ready ({state}); retry shortly")
-            available = ", ".join(str(x) for x in sorted(serving)) or "none"
-            raise RequestFailed(grpc.StatusCode.NOT_FOUND,
-                                f"Request for unknown model: '{name}' version {v} is not found; ready versions: {available}")
-        if not serving:
-            why = f": {entry.reason}" if entry and entry.reason else ""
-            state = " (loading)" if entry and entry.loading else ""
-            raise RequestFailed(grpc.StatusCode.NOT_FOUND,
-                                f"Request for unknown model: '{name}' has no available versions{state}{why}")
-        return serving[max(serving)]
+    async def _call(self, context, fn):
+        try:
+            return fn()
+        except ServeError as exc:
+            await _abort(context, exc)
 
     # ---- health and metadata -------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        rows = self.manager.index()
-        ready = self.started and all(s.state == READY or s.reason == "unloaded" for _, s in rows)
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.started and self.manager.all_ready())
 
     async def ModelReady(self, request, context):
         try:
-            self.resolve(request.name, request.version)
+            self.manager.get(request.name, request.version)
             return pb.ModelReadyResponse(ready=True)
-        except RequestFailed:
+        except ServeError:
             return pb.ModelReadyResponse(ready=False)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="pdserve", version=__version__, extensions=EXTENSIONS)
 
-    async def _call(self, context, fn):
-        try:
-            return fn()
-        except RequestFailed as exc:
-            await context.abort(exc.code, exc.message)
-
     async def ModelMetadata(self, request, context):
         def build():
-            dep = self.resolve(request.name, request.version)
-            config = dep.spec.config
-            entry = self.manager.entry(request.name)
+            config = self.manager.get(request.name, request.version).spec.config
             return pb.ModelMetadataResponse(
-                name=request.name, versions=[str(v) for v in sorted(entry.serving)], platform="pdserve",
-                inputs=[pb.ModelMetadataResponse.TensorMetadata(name=i.name, datatype=DATATYPES[i.data_type], shape=list(i.dims))
+                name=request.name, versions=[str(v) for v in self.manager.ready_versions(request.name)],
+                platform="pdserve",
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(name=i.name, datatype=KSERVE_DATATYPES[i.data_type], shape=list(i.dims))
                         for i in config.input],
-                outputs=[pb.ModelMetadataResponse.TensorMetadata(name=o.name, datatype=DATATYPES[o.data_type], shape=list(o.dims))
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(name=o.name, datatype=KSERVE_DATATYPES[o.data_type], shape=list(o.dims))
                          for o in config.output])
         return await self._call(context, build)
 
     async def ModelConfig(self, request, context):
         return await self._call(context, lambda: pb.ModelConfigResponse(
-            config=self.resolve(request.name, request.version).spec.config))
+            config=self.manager.get(request.name, request.version).spec.config))
 
     async def ModelStatistics(self, request, context):
         def build():
             if request.name:
-                dep = self.resolve(request.name, request.version)
+                dep = self.manager.get(request.name, request.version)
                 keys = [(dep.name, str(dep.version))]
             else:
-                keys = [(name, status.version) for name, status in self.manager.index() if status.state == READY]
+                keys = [(name, status.version) for name, status in self.manager.index()
+                        if status.state == ModelState.READY]
             out = pb.ModelStatisticsResponse()
             for name, version in keys:
                 s = self.stats[(name, version)]
@@ -154,98 +121,83 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         out = pb.RepositoryIndexResponse()
         for name, status in self.manager.index():
-            if request.ready and status.state != READY:
+            if request.ready and status.state != ModelState.READY:
                 continue
-            out.models.add(name=name, version=status.version, state=status.state, reason=status.reason)
+            out.models.add(name=name, version=status.version, state=status.state.value, reason=status.reason)
         return out
 
-    async def _explicit_only(self, context, what: str):
+    def _check_repository_call(self, name: str, what: str) -> None:
         if self.manager.mode != "explicit":
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"explicit model {what} is not allowed in model control mode '{self.manager.mode}'; "
-                                "start pdserve with --model-control-mode explicit")
+            raise ServeError(Cause.CONTROL_MODE,
+                             f"explicit model {what} is not allowed in model control mode '{self.manager.mode}'; "
+                             "start pdserve with --model-control-mode explicit")
+        if not name:
+            raise ServeError(Cause.INVALID_ARGUMENT, f"model_name is empty; name the model to {what}")
 
     async def RepositoryModelLoad(self, request, context):
-        await self._explicit_only(context, "load")
-        if not request.model_name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty; name the model folder to load")
-        if not self.manager.knows(request.model_name):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"failed to load '{request.model_name}': no such folder in the model repository "
-                                f"{self.manager.repository}")
         try:
-            await self.manager.load(request.model_name)
-        except (ConfigError, EngineStartError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load '{request.model_name}': {exc}")
+            self._check_repository_call(request.model_name, "load")
+            if not self.manager.knows(request.model_name):
+                raise ServeError(Cause.MODEL_LOAD_FAILED,
+                                 f"failed to load '{request.model_name}': no such folder in the model repository "
+                                 f"{self.manager.repository}")
+            try:
+                await self.manager.load(request.model_name)
+            except (ConfigError, EngineStartError) as exc:
+                raise ServeError(Cause.MODEL_LOAD_FAILED, f"failed to load '{request.model_name}': {exc}") from exc
+        except ServeError as exc:
+            await _abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        await self._explicit_only(context, "unload")
-        if not request.model_name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty; name the model to unload")
+        await self._call(context, lambda: self._check_repository_call(request.model_name, "unload"))
         await self.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- inference ---------------------------------------------------------------------------------
-    async def _generate(self, request: pb.ModelInferRequest, gen: GenerationRequest, dep: Deployment, timing: dict):
+    async def _generate(self, gen: GenerationRequest, dep: Deployment, timing: dict):
         """Routes to a decode engine (with a prefill engine in PD) and yields its GenerateResponses."""
-        try:
-            decode, prefill = self.router.choose(dep.name, str(dep.version))
-        except NoEngineAvailable as exc:
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc), "no_engine") from exc
-        chosen = [decode.instance_id] + ([prefill.instance_id] if prefill else [])
-        dep.inflight += 1
-        for instance_id in chosen:
-            self.router.inflight[instance_id] += 1
-        call = self.clients.get(decode.address).generate(engine_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling,
-            prefill_address=prefill.address if prefill else "", prefill_instance_id=prefill.instance_id if prefill else ""))
-        finished = False
-        try:
-            async for response in call:
-                if "first" not in timing:
-                    timing["first"] = time.monotonic()
-                finished = bool(response.finish_reason)
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, exc.details()) from exc
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                raise
-            handoff = "KV handoff failed" in (exc.details() or "")
-            if handoff and self.metrics:
-                self.metrics.handoff_failed((dep.name, str(dep.version)), exc.details())
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                f"engine {decode.instance_id} could not finish the request ({exc.code().name}: "
-                                f"{exc.details()}); retry the request", "kv_handoff" if handoff else "engine_failure") from exc
-        finally:
-            dep.inflight -= 1
-            for instance_id in chosen:
-                self.router.inflight[instance_id] -= 1
-            if not finished:
-                call.cancel()
+        with self.router.route(dep.name, str(dep.version)) as route, dep.serving_request():
+            call = self.clients.get(route.decode.address).generate(engine_pb2.GenerateRequest(
+                request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling.to_proto(),
+                prefill_address=route.prefill.address if route.prefill else ""))
+            finished = False
+            try:
+                async for response in call:
+                    if "first" not in timing:
+                        timing["first"] = time.monotonic()
+                    finished = bool(response.finish_reason)
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    raise
+                cause = cause_of(exc, Cause.ENGINE_FAILURE)
+                if cause == Cause.INVALID_ARGUMENT:
+                    raise ServeError(cause, exc.details()) from exc
+                raise ServeError(cause, f"engine {route.decode.instance_id} could not finish the request "
+                                        f"({exc.code().name}: {exc.details()}); retry the request") from exc
+            finally:
+                if not finished:
+                    call.cancel()
 
     async def _run_request(self, request: pb.ModelInferRequest, streaming_rpc: bool):
         """Validates, routes and runs one request; yields (ModelInferResponse, is_last).
 
         Streaming yields one response per text piece; otherwise one response with the whole text.
         """
-        dep = self.resolve(request.model_name, request.model_version)  # unknown models count nowhere
+        dep = self.manager.get(request.model_name, request.model_version)  # unknown models count nowhere
         key = (dep.name, str(dep.version))
         start, timing = time.monotonic(), {}
         n_in = n_out = 0
-        outcome = "cancelled"
+        outcome = Cause.CANCELLED
         if self.metrics:
             self.metrics.request_started(key)
         try:
-            try:
-                gen = parse_request(request)
-            except InvalidInput as exc:
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            gen = parse_request(request)
             stream = streaming_rpc and gen.stream
             prefix = gen.prompt if (not stream and gen.exclude_input_in_output is not True) else ""
             pieces, reason = [prefix], ""
-            async for r in self._generate(request, gen, dep, timing):
+            async for r in self._generate(gen, dep, timing):
                 n_in, reason = r.num_input_tokens, r.finish_reason
                 delta = r.num_output_tokens - n_out
                 n_out = r.num_output_tokens
@@ -255,17 +207,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     yield build_response(request, gen, r.text, reason, n_in, delta), bool(reason)
             if not stream:
                 yield build_response(request, gen, "".join(pieces), reason, n_in, n_out), True
-            outcome = ""
-        except RequestFailed as exc:
-            outcome = exc.reason
+            outcome = None
+        except ServeError as exc:
+            outcome = exc.cause
             raise
         finally:
             self._record(key, start, timing, n_in, n_out, outcome)
 
-    def _record(self, key, start: float, timing: dict, n_in: int, n_out: int, failure: str) -> None:
+    def _record(self, key, start: float, timing: dict, n_in: int, n_out: int, failure: Cause | None) -> None:
         elapsed_ns = int((time.monotonic() - start) * 1e9)
         s = self.stats[key]
-        if not failure:
+        if failure is None:
             s.success_count += 1
             s.success_ns += elapsed_ns
             s.last_inference_ms = int(time.time() * 1000)
@@ -276,14 +228,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             s.fail_count += 1
             s.fail_ns += elapsed_ns
         if self.metrics:
-            self.metrics.request_finished(key, not failure, failure, start, timing.get("first"), n_in, n_out)
+            self.metrics.request_finished(key, failure, start, timing.get("first"), n_in, n_out)
 
     async def ModelInfer(self, request, context):
         try:
             responses = [r async for r, _ in self._run_request(request, streaming_rpc=False)]
             return responses[-1]
-        except RequestFailed as exc:
-            await context.abort(exc.code, exc.message)
+        except ServeError as exc:
+            await _abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Decoupled streaming: requests run concurrently; each ends with triton_final_response."""
@@ -304,7 +256,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                                   id=request.id)
                     final.parameters["triton_final_response"].CopyFrom(_bool_param(True))
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=final))
-            except RequestFailed as exc:
+            except ServeError as exc:
                 await outbox.put(exc)
 
         async def read_requests():
@@ -322,9 +274,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if reader.done() and not tasks:
                         break
                     continue
-                if isinstance(item, RequestFailed):
+                if isinstance(item, ServeError):
                     if close_on_error:
-                        await context.abort(item.code, item.message)
+                        await _abort(context, item)
                     yield pb.ModelStreamInferResponse(error_message=item.message)
                     continue
                 yield item

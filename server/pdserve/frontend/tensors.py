@@ -7,29 +7,35 @@ is a 4-byte little-endian length followed by the bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 from dataclasses import dataclass, field
 
-from pdserve._proto import engine_pb2
+import numpy as np
+
+from pdserve.common.errors import Cause, ServeError
+from pdserve.common.sampling import SamplingParams
+from pdserve.repository.config import INPUTS, OUTPUTS
 
 
-class InvalidInput(ValueError):
-    """Maps to INVALID_ARGUMENT; the message tells the client what to change."""
+class InvalidInput(ServeError):
+    """INVALID_ARGUMENT; the message tells the client what to change."""
+
+    def __init__(self, message: str):
+        super().__init__(Cause.INVALID_ARGUMENT, message)
 
 
-BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason",
-               "return_num_input_tokens", "return_num_output_tokens")
-BYTES_INPUTS = ("text_input", "sampling_parameters")
-OUTPUT_NAMES = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
-DEFAULT_MAX_TOKENS = 16
+BOOL_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BOOL")
+BYTES_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BYTES")
+OUTPUT_NAMES = tuple(name for name, _ in OUTPUTS)
 
 
 @dataclass
 class GenerationRequest:
     prompt: str
-    sampling: engine_pb2.SamplingParams
+    sampling: SamplingParams
     stream: bool = False
     exclude_input_in_output: bool | None = None
     return_finish_reason: bool = False
@@ -124,11 +130,10 @@ def _flag(params: dict, key: str) -> bool:
     raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be true or false")
 
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                 "ignore_eos", "min_tokens")
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def parse_sampling_parameters(text: str | None) -> engine_pb2.SamplingParams:
+def parse_sampling_parameters(text: str | None) -> SamplingParams:
     params = {}
     if text:
         try:
@@ -141,34 +146,40 @@ def parse_sampling_parameters(text: str | None) -> engine_pb2.SamplingParams:
     unknown = sorted(set(params) - set(SAMPLING_KEYS))
     if unknown:
         raise InvalidInput(f"sampling_parameters has unknown key(s) {unknown}; supported: {', '.join(SAMPLING_KEYS)}")
-    sp = engine_pb2.SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, top_p=1.0)
+    sp: dict = {}
     if "max_tokens" in params:
-        sp.max_tokens = _number(params, "max_tokens", int, low=1, high=2**31 - 1)
+        sp["max_tokens"] = _number(params, "max_tokens", int, low=1, high=2**31 - 1)
     if "temperature" in params:
-        sp.temperature = _number(params, "temperature", float, low=0.0)
+        sp["temperature"] = _number(params, "temperature", float, low=0.0)
     if "top_p" in params:
-        sp.top_p = _number(params, "top_p", float, low=0.0, high=1.0, low_open=True)
+        sp["top_p"] = _number(params, "top_p", float, low=0.0, high=1.0, low_open=True)
+        if np.float32(sp["top_p"]) == 0.0:  # the engine RPC carries float32
+            raise InvalidInput(f"sampling_parameters 'top_p' is {params['top_p']!r}; it rounds to 0 in float32, "
+                               "use a value of at least 1e-38")
     if "top_k" in params:
         top_k = _number(params, "top_k", int, low=-1, high=2**31 - 1)
-        sp.top_k = 0 if top_k == -1 else top_k  # vLLM: -1 means all tokens
+        sp["top_k"] = 0 if top_k == -1 else top_k  # vLLM: -1 means all tokens
     if "seed" in params:
-        sp.has_seed, sp.seed = True, _number(params, "seed", int, low=0, high=2**63 - 1)
+        sp["seed"] = _number(params, "seed", int, low=0, high=2**63 - 1)
     if "min_tokens" in params:
-        sp.min_tokens = _number(params, "min_tokens", int, low=0, high=sp.max_tokens)
+        sp["min_tokens"] = _number(params, "min_tokens", int, low=0,
+                                   high=sp.get("max_tokens", SamplingParams.max_tokens))
     if "ignore_eos" in params:
-        sp.ignore_eos = _flag(params, "ignore_eos")
+        sp["ignore_eos"] = _flag(params, "ignore_eos")
     if "stop" in params:
         stop = params["stop"]
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidInput("sampling_parameters 'stop' must be a non-empty string or a list of them")
-        sp.stop.extend(stop)
+        sp["stop"] = tuple(stop)
     if "stop_token_ids" in params:
         ids = params["stop_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise InvalidInput("sampling_parameters 'stop_token_ids' must be a list of non-negative integers")
-        sp.stop_token_ids.extend(ids)
-    return sp
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
+                                                  for i in ids):
+            raise InvalidInput("sampling_parameters 'stop_token_ids' must be a list of token ids (integers from 0 "
+                               "to 2^31 - 1)")
+        sp["stop_token_ids"] = tuple(ids)
+    return SamplingParams(**sp)
 
 
 def parse_request(request) -> GenerationRequest:

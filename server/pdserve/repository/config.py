@@ -20,13 +20,16 @@ CONFIG_FILE = "config.pbtxt"
 ROLES = ("BOTH", "PREFILL", "DECODE")
 BACKENDS = ("", "pdserve", "vllm")
 
-# The tensor interface of Triton's vLLM backend: (name, datatype, optional).
-INPUTS = [("text_input", mc.TYPE_STRING, False), ("stream", mc.TYPE_BOOL, True),
-          ("sampling_parameters", mc.TYPE_STRING, True), ("exclude_input_in_output", mc.TYPE_BOOL, True),
-          ("return_finish_reason", mc.TYPE_BOOL, True), ("return_num_input_tokens", mc.TYPE_BOOL, True),
-          ("return_num_output_tokens", mc.TYPE_BOOL, True)]
-OUTPUTS = [("text_output", mc.TYPE_STRING), ("finish_reason", mc.TYPE_STRING),
-           ("num_input_tokens", mc.TYPE_UINT32), ("num_output_tokens", mc.TYPE_UINT32)]
+# The tensor interface of Triton's vLLM backend, declared once: (name, KServe datatype, optional).
+# frontend/tensors.py parses requests by it; complete_config() writes it into ModelConfig.
+INPUTS = [("text_input", "BYTES", False), ("stream", "BOOL", True), ("sampling_parameters", "BYTES", True),
+          ("exclude_input_in_output", "BOOL", True), ("return_finish_reason", "BOOL", True),
+          ("return_num_input_tokens", "BOOL", True), ("return_num_output_tokens", "BOOL", True)]
+OUTPUTS = [("text_output", "BYTES"), ("finish_reason", "BYTES"), ("num_input_tokens", "UINT32"),
+           ("num_output_tokens", "UINT32")]
+# KServe datatype <-> ModelConfig data type.
+CONFIG_DATATYPES = {"BYTES": mc.TYPE_STRING, "BOOL": mc.TYPE_BOOL, "UINT32": mc.TYPE_UINT32}
+KSERVE_DATATYPES = {v: k for k, v in CONFIG_DATATYPES.items()}
 
 # config.pbtxt `parameters` that set engine options, with their types.
 ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if f.name not in ("model_path", "device")}
@@ -182,10 +185,10 @@ def complete_config(config: mc.ModelConfig) -> None:
         config.backend = "pdserve"
     if not config.input:
         for name, dtype, optional in INPUTS:
-            config.input.add(name=name, data_type=dtype, dims=[1], optional=optional)
+            config.input.add(name=name, data_type=CONFIG_DATATYPES[dtype], dims=[1], optional=optional)
     if not config.output:
         for name, dtype in OUTPUTS:
-            config.output.add(name=name, data_type=dtype, dims=[-1])
+            config.output.add(name=name, data_type=CONFIG_DATATYPES[dtype], dims=[-1])
     config.model_transaction_policy.decoupled = True
     kinds = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "cuda": mc.ModelInstanceGroup.KIND_GPU,
              "npu": mc.ModelInstanceGroup.KIND_NPU}

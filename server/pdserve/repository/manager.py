@@ -12,23 +12,32 @@ index entry carries the reason.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 from dataclasses import dataclass, field
 
-from pdserve.repository.config import ConfigError, ModelSpec, fingerprint, load_model_spec
+from pdserve.common.errors import Cause, ServeError
+from pdserve.repository.config import ConfigError, fingerprint, load_model_spec
 from pdserve.repository.supervisor import Deployment, EngineStartError, Supervisor
 
 log = logging.getLogger(__name__)
 
-READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 DRAIN_TIMEOUT_S = 120.0
+
+
+class ModelState(str, enum.Enum):
+    """Triton's model states, as RepositoryIndex reports them."""
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
 
 
 @dataclass
 class VersionStatus:
     version: str
-    state: str
+    state: ModelState
     reason: str = ""
 
 
@@ -39,7 +48,7 @@ class ModelEntry:
     serving: dict[int, Deployment] = field(default_factory=dict)
     loading: dict[int, Deployment] = field(default_factory=dict)
     unloading: dict[int, Deployment] = field(default_factory=dict)
-    spec: ModelSpec | None = None          # the config that serves (or the last one tried)
+    wanted: bool = False                   # loading it was asked for (start, poll, explicit load) and not undone
     fingerprint: str = ""                  # of the folder contents last acted on
     reason: str = ""                       # why the last load failed, if it did
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -47,15 +56,20 @@ class ModelEntry:
     def statuses(self) -> list[VersionStatus]:
         out: dict[int, VersionStatus] = {}
         for v in self.unloading:
-            out[v] = VersionStatus(str(v), UNLOADING)
+            out[v] = VersionStatus(str(v), ModelState.UNLOADING)
         for v in self.serving:
-            out[v] = VersionStatus(str(v), READY, self.reason)
+            out[v] = VersionStatus(str(v), ModelState.READY, self.reason)
         for v in self.loading:
             if v not in self.serving:
-                out[v] = VersionStatus(str(v), LOADING)
+                out[v] = VersionStatus(str(v), ModelState.LOADING)
         if not out:
-            return [VersionStatus("", UNAVAILABLE, self.reason or "unloaded")]
+            return [VersionStatus("", ModelState.UNAVAILABLE, self.reason or "unloaded")]
         return [out[v] for v in sorted(out)]
+
+    @property
+    def settled(self) -> bool:
+        """For server readiness: serving, or not asked to (unloaded, never loaded)."""
+        return bool(self.serving) if self.wanted else True
 
 
 class ModelRepositoryManager:
@@ -88,8 +102,43 @@ class ModelRepositoryManager:
             rows += [(name, status) for status in entry.statuses()]
         return rows
 
-    def entry(self, name: str) -> ModelEntry | None:
-        return self.models.get(name)
+    def get(self, name: str, version: str = "") -> Deployment:
+        """The deployment that serves name at version ("" for the newest ready one), as Triton's
+        GetModel: raises ServeError (unknown model, unknown version, not ready)."""
+        if not name:
+            raise ServeError(Cause.INVALID_ARGUMENT, "model_name is empty; name the model to call")
+        entry = self.models.get(name)
+        if entry is None and not self.knows(name):
+            raise ServeError(Cause.MODEL_UNKNOWN, f"Request for unknown model: '{name}' is not found")
+        serving = entry.serving if entry else {}
+        if version:
+            if not version.isdigit():
+                raise ServeError(Cause.INVALID_ARGUMENT,
+                                 f"model_version '{version}' is not a version number; send digits or leave it empty")
+            v = int(version)
+            if v in serving:
+                return serving[v]
+            if entry and (v in entry.loading or v in entry.unloading):
+                state = ModelState.LOADING if v in entry.loading else ModelState.UNLOADING
+                raise ServeError(Cause.MODEL_NOT_READY, f"Request for model '{name}' version {v}: the version is "
+                                                        f"not ready ({state.value}); retry shortly")
+            available = ", ".join(str(x) for x in sorted(serving)) or "none"
+            raise ServeError(Cause.MODEL_NOT_FOUND,
+                             f"Request for unknown model: '{name}' version {v} is not found; ready versions: {available}")
+        if not serving:
+            why = f": {entry.reason}" if entry and entry.reason else ""
+            state = " (loading)" if entry and entry.loading else ""
+            raise ServeError(Cause.MODEL_NOT_FOUND,
+                             f"Request for unknown model: '{name}' has no available versions{state}{why}")
+        return serving[max(serving)]
+
+    def ready_versions(self, name: str) -> list[int]:
+        entry = self.models.get(name)
+        return sorted(entry.serving) if entry else []
+
+    def all_ready(self) -> bool:
+        """Server readiness: every model asked for serves."""
+        return all(entry.settled for entry in self.models.values())
 
     def knows(self, name: str) -> bool:
         return name in self.models or name in self.folder_names()
@@ -177,6 +226,7 @@ class ModelRepositoryManager:
     async def load(self, name: str) -> None:
         """Loads or reloads a model; raises ConfigError or EngineStartError when it fails."""
         entry = self.models.setdefault(name, ModelEntry(name))
+        entry.wanted = True
         async with entry.lock:
             model_dir = os.path.join(self.repository, name)
             entry.fingerprint = fingerprint(model_dir) if os.path.isdir(model_dir) else ""
@@ -201,7 +251,7 @@ class ModelRepositoryManager:
                     raise
                 raise EngineStartError(str(exc)) from exc
             old = entry.serving
-            entry.serving, entry.loading, entry.spec, entry.reason = new, {}, spec, ""
+            entry.serving, entry.loading, entry.reason = new, {}, ""
             log.info("model %s versions %s READY", name, spec.versions)
         if old:
             await self._retire(entry, old)
@@ -228,6 +278,7 @@ class ModelRepositoryManager:
         entry = self.models.get(name)
         if entry is None:
             return
+        entry.wanted = False
         async with entry.lock:
             old = entry.serving
             entry.serving = {}

@@ -9,6 +9,7 @@ deployment serves is taken out of the registry at once and restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -150,6 +151,15 @@ class Deployment:
     @property
     def instance_ids(self) -> set[str]:
         return {e.instance_id for e in self.engines}
+
+    @contextlib.contextmanager
+    def serving_request(self):
+        """Counts a request routed here until it ends, so a drain waits for it."""
+        self.inflight += 1
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
 
     def live_engines(self) -> list[EngineProcess]:
         return [e for e in self.engines if e.client is not None and e.alive]

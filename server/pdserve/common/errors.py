@@ -1,0 +1,68 @@
+"""Why a request failed, and the one table from each cause to its gRPC status and metric label.
+
+Every layer raises ServeError(cause, message); the message says what to change. An engine
+sends the cause of a failed engine RPC in the trailing metadata key CAUSE_KEY (the enum
+member's name), so the front end never reads causes out of message text. As in Triton, the
+status a client sees is decided in this one place.
+"""
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+CAUSE_KEY = "pdserve-cause"
+
+
+class Cause(enum.Enum):
+    #                         gRPC status                       failure label        KV handoff label
+    INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
+    MODEL_UNKNOWN = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
+    MODEL_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "not_found", "")
+    MODEL_NOT_READY = (grpc.StatusCode.UNAVAILABLE, "unavailable", "")
+    MODEL_LOAD_FAILED = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
+    CONTROL_MODE = (grpc.StatusCode.UNAVAILABLE, "unavailable", "")
+    NO_ENGINE = (grpc.StatusCode.UNAVAILABLE, "no_engine", "")
+    ENGINE_FAILURE = (grpc.StatusCode.UNAVAILABLE, "engine_failure", "")
+    KV_HANDOFF_TIMEOUT = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "timeout")
+    KV_HANDOFF_PEER_LOST = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "prefill_engine_lost")
+    KV_TRANSFER_ERROR = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "transfer_error")
+    CANCELLED = (grpc.StatusCode.CANCELLED, "cancelled", "")
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return self.value[0]
+
+    @property
+    def failure_label(self) -> str:
+        """The `reason` label of nv_inference_request_failure."""
+        return self.value[1]
+
+    @property
+    def handoff_label(self) -> str:
+        """The `cause` label of pdserve_kv_handoff_failures ("" when not a handoff failure)."""
+        return self.value[2]
+
+
+FAILURE_LABELS = tuple(dict.fromkeys(c.failure_label for c in Cause))
+HANDOFF_LABELS = tuple(dict.fromkeys(c.handoff_label for c in Cause if c.handoff_label))
+
+
+class ServeError(Exception):
+    def __init__(self, cause: Cause, message: str):
+        super().__init__(message)
+        self.cause = cause
+        self.message = message
+
+
+def trailing_cause(cause: Cause) -> tuple[tuple[str, str], ...]:
+    return ((CAUSE_KEY, cause.name),)
+
+
+def cause_of(exc: grpc.aio.AioRpcError, default: Cause) -> Cause:
+    """The cause a pdserve engine attached to a failed RPC; default when there is none
+    (a transport failure, a peer that died, a deadline)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == CAUSE_KEY and value in Cause.__members__:
+            return Cause[value]
+    return default

@@ -1,0 +1,237 @@
+"""The PD KV handoff, one object per side, with every failure rule in one place.
+
+Modelled on vLLM v1's KVConnectorBase_V1 split: the engine thread asks these objects what to
+do, the worker's asyncio side only carries RPCs and transfers. Both classes are pure logic
+over request ids and clocks, so each rule is unit-tested without processes.
+
+DECODE side (DecodeKVConnector): a request whose prompt a prefill engine computes
+
+    QUEUED --blocks allocated--> RESERVED --take_dispatch--> DISPATCHED --answer ok--> DONE (the sequence decodes)
+        |                          |--answer error--> FAILED (error to the client, blocks freed)
+        |                          |--deadline+grace--> LATE (error to the client, blocks held)
+        |                          '--abort--> LATE (blocks held)
+        '--abort--> FAILED (blocks freed: nothing was sent, nobody writes); so does QUEUED
+    LATE --any answer, or deadline+2*grace--> FAILED (blocks freed)
+
+The rule behind LATE: a prefill engine may be writing into the reserved blocks until it
+answers, so they are never reused before that; its own deadline check (PrefillKVConnector)
+means it writes nothing after the deadline, so past deadline + 2*grace they are freed even if
+the answer never comes. A late answer never admits a request: its client has already heard
+an error, and no client ever gets tokens computed from another request's blocks.
+
+PREFILL side (PrefillKVConnector): validates where the KV goes, and after the prompt's step
+writes it there unless the deadline has passed.
+"""
+from __future__ import annotations
+
+import bisect
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pdserve.common.constants import KV_TRANSFER_BUCKETS
+from pdserve.common.errors import Cause, ServeError
+from pdserve.engine.kv_transport import KVDestination, KVTransport
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_GRACE_S = 10.0
+
+
+class HandoffState(enum.Enum):
+    QUEUED = "queued"            # waiting for blocks like any new request
+    RESERVED = "reserved"        # blocks allocated; the prefill engine has not been asked yet
+    DISPATCHED = "dispatched"    # the prefill engine computes and may write into the blocks
+    DONE = "done"                # the KV landed; the sequence decodes like any other
+    FAILED = "failed"            # ended; the blocks are free
+    LATE = "late"                # ended for the client, but the blocks wait for the prefill engine's answer
+
+
+class Action(enum.Enum):
+    """What the engine does with the sequence after an event."""
+    ADMIT = "admit"              # append the first token and decode
+    FAIL = "fail"                # end the request with the error and free its blocks
+    FAIL_HOLD = "fail_hold"      # end the request with the error, keep its blocks reserved
+    HOLD = "hold"                # end the request silently (aborted), keep its blocks reserved
+    FREE = "free"                # end the request silently (if not ended yet) and free its blocks
+    NONE = "none"                # nothing to do (unknown or already settled request)
+
+
+@dataclass
+class Handoff:
+    request_id: str
+    prefill_address: str
+    state: HandoffState = HandoffState.QUEUED
+    block_ids: list[int] = field(default_factory=list)
+    deadline: float = 0.0        # time.time() after which the prefill engine must not write
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    error: ServeError | None = None
+
+
+class DecodeKVConnector:
+    """The DECODE engine's side: which requests wait for remote KV and what each event means."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S, clock=time.time):
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.clock = clock
+        self.handoffs: dict[str, Handoff] = {}
+        self._to_dispatch: list[Handoff] = []
+
+    # ---- scheduler side ------------------------------------------------------------------
+    def expect(self, request_id: str, prefill_address: str) -> None:
+        """A new request whose prompt the engine at prefill_address computes."""
+        self.handoffs[request_id] = Handoff(request_id, prefill_address)
+
+    def awaits_remote_kv(self, request_id: str) -> bool:
+        """Whether admitting the request means reserving blocks instead of prefilling it here."""
+        handoff = self.handoffs.get(request_id)
+        return handoff is not None and handoff.state == HandoffState.QUEUED
+
+    def reserved(self, request_id: str, block_ids: list[int]) -> None:
+        """The scheduler allocated the prompt's blocks: the handoff can be dispatched."""
+        handoff = self.handoffs[request_id]
+        handoff.state = HandoffState.RESERVED
+        handoff.block_ids = list(block_ids)
+        self._to_dispatch.append(handoff)
+
+    def take_dispatch(self) -> list[Handoff]:
+        """Handoffs to send to their prefill engines now (RESERVED -> DISPATCHED)."""
+        out = [h for h in self._to_dispatch if h.state == HandoffState.RESERVED]
+        self._to_dispatch = []
+        now = self.clock()
+        for handoff in out:
+            handoff.state = HandoffState.DISPATCHED
+            handoff.deadline = now + self.timeout_s
+        return out
+
+    @property
+    def num_open(self) -> int:
+        """Handoffs that hold blocks without decoding (reserved, dispatched or late)."""
+        return sum(h.state in (HandoffState.RESERVED, HandoffState.DISPATCHED, HandoffState.LATE)
+                   for h in self.handoffs.values())
+
+    # ---- events ------------------------------------------------------------------------------
+    def on_answer(self, request_id: str, first_token: int | None, cause: Cause | None = None,
+                  message: str = "") -> Decision:
+        """The prefill engine answered: a first token (its KV is in place) or an error."""
+        handoff = self.handoffs.get(request_id)
+        if handoff is None:
+            return Decision(Action.NONE)
+        if handoff.state == HandoffState.DISPATCHED:
+            if first_token is not None:
+                handoff.state = HandoffState.DONE
+                del self.handoffs[request_id]
+                return Decision(Action.ADMIT)
+            self._close(handoff)
+            return Decision(Action.FAIL, ServeError(
+                cause or Cause.KV_HANDOFF_PEER_LOST,
+                f"KV handoff failed: prefill engine {handoff.prefill_address}: {message}; retry the request"))
+        if handoff.state == HandoffState.LATE:
+            self._close(handoff)
+            return Decision(Action.FREE)
+        return Decision(Action.NONE)
+
+    def on_abort(self, request_id: str) -> Decision:
+        """The client went away (cancel, deadline, disconnect)."""
+        handoff = self.handoffs.get(request_id)
+        if handoff is None:
+            return Decision(Action.NONE)
+        if handoff.state in (HandoffState.QUEUED, HandoffState.RESERVED):
+            self._close(handoff)     # never sent: nobody writes into its blocks
+            return Decision(Action.FREE)
+        if handoff.state == HandoffState.DISPATCHED:
+            handoff.state = HandoffState.LATE
+            return Decision(Action.HOLD)
+        return Decision(Action.NONE)
+
+    def expire(self) -> list[tuple[str, Decision]]:
+        """Deadlines: a dispatched handoff unanswered at deadline + grace fails its request
+        (blocks held); a late one unanswered at deadline + 2 * grace frees its blocks."""
+        now = self.clock()
+        out = []
+        for handoff in list(self.handoffs.values()):
+            if handoff.state == HandoffState.DISPATCHED and now > handoff.deadline + self.grace_s:
+                handoff.state = HandoffState.LATE
+                out.append((handoff.request_id, Decision(Action.FAIL_HOLD, ServeError(
+                    Cause.KV_HANDOFF_TIMEOUT,
+                    f"KV handoff failed: prefill engine {handoff.prefill_address} did not answer within "
+                    f"{self.timeout_s + self.grace_s:.0f} s; retry the request"))))
+            elif handoff.state == HandoffState.LATE and now > handoff.deadline + 2 * self.grace_s:
+                self._close(handoff)
+                out.append((handoff.request_id, Decision(Action.FREE)))
+        return out
+
+    def _close(self, handoff: Handoff) -> None:
+        handoff.state = HandoffState.FAILED
+        self.handoffs.pop(handoff.request_id, None)
+
+
+@dataclass
+class TransferStats:
+    count: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(KV_TRANSFER_BUCKETS))
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.bytes += nbytes
+        for i in range(bisect.bisect_left(KV_TRANSFER_BUCKETS, seconds), len(self.buckets)):
+            self.buckets[i] += 1
+
+
+@dataclass(frozen=True)
+class PendingSend:
+    destination: KVDestination
+    deadline: float
+
+
+class PrefillKVConnector:
+    """The PREFILL engine's side: where each prompt's KV goes, and the write after its step."""
+
+    def __init__(self, transport: KVTransport, block_size: int, clock=time.time):
+        self.transport = transport
+        self.block_size = block_size
+        self.clock = clock
+        self.pending: dict[str, PendingSend] = {}
+        self.stats = TransferStats()
+
+    def accept(self, request_id: str, num_prompt_tokens: int, destination: KVDestination, deadline: float) -> None:
+        """Checks a Prefill request's destination before any work is done for it."""
+        needed = -(-num_prompt_tokens // self.block_size)
+        if len(destination.block_ids) != needed:
+            raise ServeError(Cause.INVALID_ARGUMENT,
+                             f"the destination has {len(destination.block_ids)} blocks for {num_prompt_tokens} "
+                             "prompt tokens; both engines need the same kv_block_size")
+        self.pending[request_id] = PendingSend(destination, deadline)
+
+    def sends(self, request_id: str) -> bool:
+        return request_id in self.pending
+
+    def forget(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+    def send(self, request_id: str, block_table: list[int]) -> tuple[float, int]:
+        """Writes the prompt's KV (local blocks block_table) to its destination; returns
+        (seconds, bytes). Raises ServeError: the deadline passed (nothing written) or the
+        transfer failed."""
+        pending = self.pending.pop(request_id)
+        if self.clock() > pending.deadline:
+            self.stats.failures += 1
+            raise ServeError(Cause.KV_HANDOFF_TIMEOUT,
+                             "the handoff deadline passed before the KV was written; nothing was written")
+        start = time.perf_counter()
+        try:
+            nbytes = self.transport.write_blocks(pending.destination, block_table, list(pending.destination.block_ids))
+        except Exception as exc:
+            self.stats.failures += 1
+            raise ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        self.stats.observe(seconds, nbytes)
+        return seconds, nbytes

@@ -1,0 +1,161 @@
+"""The KV handoff's failure rules, each on its own, without processes (engine/kv_connector.py)."""
+import pytest
+
+from pdserve.common.errors import Cause, ServeError
+from pdserve.engine.kv_connector import Action, DecodeKVConnector, HandoffState, PrefillKVConnector
+from pdserve.engine.kv_transport import KVDestination, KVTransport
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dispatched(clock=None, timeout=60.0, grace=10.0) -> DecodeKVConnector:
+    """A connector with request 'r' dispatched to prefill engine p:1 at clock time 1000."""
+    c = DecodeKVConnector(timeout, grace, clock=clock or Clock())
+    c.expect("r", "p:1")
+    c.reserved("r", [3, 4])
+    [h] = c.take_dispatch()
+    assert (h.request_id, h.block_ids, h.state) == ("r", [3, 4], HandoffState.DISPATCHED)
+    return c
+
+
+def test_life_of_a_good_handoff():
+    c = DecodeKVConnector(clock=Clock())
+    c.expect("r", "p:1")
+    assert c.awaits_remote_kv("r") and c.handoffs["r"].state == HandoffState.QUEUED
+    c.reserved("r", [7])
+    assert not c.awaits_remote_kv("r") and c.handoffs["r"].state == HandoffState.RESERVED
+    assert c.num_open == 1
+    [h] = c.take_dispatch()
+    assert h.deadline == 1000.0 + c.timeout_s
+    assert c.take_dispatch() == []                      # dispatched once
+    assert c.on_answer("r", 42).action == Action.ADMIT
+    assert "r" not in c.handoffs and c.num_open == 0
+    assert not c.awaits_remote_kv("r")                  # a preempted sequence recomputes locally
+
+
+def test_prefill_error_fails_the_request_and_frees_blocks():
+    c = dispatched()
+    d = c.on_answer("r", None, Cause.KV_TRANSFER_ERROR, "TransferError: refused")
+    assert d.action == Action.FAIL and d.error.cause == Cause.KV_TRANSFER_ERROR
+    assert "KV handoff failed" in d.error.message and "p:1" in d.error.message
+    assert c.num_open == 0
+
+
+def test_prefill_engine_lost_is_the_default_cause():
+    d = dispatched().on_answer("r", None, None, "UNAVAILABLE: connection refused")
+    assert d.action == Action.FAIL and d.error.cause == Cause.KV_HANDOFF_PEER_LOST
+
+
+def test_deadline_fails_the_request_but_holds_blocks_until_the_answer():
+    clock = Clock()
+    c = dispatched(clock)
+    clock.now += 60 + 10 - 1
+    assert c.expire() == []                              # inside deadline + grace
+    clock.now += 2
+    [(rid, d)] = c.expire()
+    assert rid == "r" and d.action == Action.FAIL_HOLD and d.error.cause == Cause.KV_HANDOFF_TIMEOUT
+    assert c.handoffs["r"].state == HandoffState.LATE and c.num_open == 1
+    assert c.expire() == []                              # reported once
+    # A late first token never admits: the client already heard an error.
+    assert c.on_answer("r", 42).action == Action.FREE
+    assert c.num_open == 0 and c.on_answer("r", 42).action == Action.NONE
+
+
+def test_late_blocks_are_freed_when_the_answer_never_comes():
+    clock = Clock()
+    c = dispatched(clock)
+    clock.now += 60 + 10 + 1
+    assert c.expire()[0][1].action == Action.FAIL_HOLD
+    clock.now += 10 - 2
+    assert c.expire() == []                              # deadline + 2 * grace not reached
+    clock.now += 2
+    [(rid, d)] = c.expire()
+    assert d.action == Action.FREE and c.num_open == 0
+
+
+def test_abort_before_dispatch_frees_at_once():
+    c = DecodeKVConnector(clock=Clock())
+    c.expect("q", "p:1")
+    assert c.on_abort("q").action == Action.FREE       # still queued: no blocks, nobody writes
+    c.expect("r", "p:1")
+    c.reserved("r", [1])
+    assert c.on_abort("r").action == Action.FREE       # reserved, never sent
+    assert c.take_dispatch() == [] and c.num_open == 0
+
+
+def test_abort_during_transfer_holds_blocks_until_the_answer():
+    c = dispatched()
+    assert c.on_abort("r").action == Action.HOLD
+    assert c.handoffs["r"].state == HandoffState.LATE
+    assert c.on_abort("r").action == Action.NONE       # a second abort changes nothing
+    assert c.on_answer("r", 5).action == Action.FREE   # written or not, the blocks go back now
+    assert c.num_open == 0
+
+
+def test_answers_for_unknown_requests_are_ignored():
+    c = DecodeKVConnector(clock=Clock())
+    assert c.on_answer("nobody", 1).action == Action.NONE
+    assert c.on_abort("nobody").action == Action.NONE
+
+
+class RecordingTransport(KVTransport):
+    name = "recording"
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.writes = []
+
+    def register_pool(self, pool) -> None:
+        pass
+
+    def handshake(self) -> dict:
+        return {}
+
+    def write_blocks(self, peer, src_blocks, dst_blocks) -> int:
+        if self.fail:
+            raise RuntimeError("peer refused")
+        self.writes.append((peer.session, list(src_blocks), list(dst_blocks)))
+        return 100 * len(src_blocks)
+
+
+def destination(blocks) -> KVDestination:
+    return KVDestination("recording", "tcp", "d:1", 0, 100, tuple(blocks))
+
+
+def test_prefill_side_checks_the_destination_and_writes_once():
+    clock = Clock()
+    p = PrefillKVConnector(RecordingTransport(), block_size=4, clock=clock)
+    with pytest.raises(ServeError) as info:
+        p.accept("r", 9, destination([1, 2]), deadline=2000.0)   # 9 tokens need 3 blocks
+    assert info.value.cause == Cause.INVALID_ARGUMENT and "kv_block_size" in info.value.message
+    p.accept("r", 9, destination([5, 6, 7]), deadline=2000.0)
+    assert p.sends("r")
+    seconds, nbytes = p.send("r", [0, 1, 2])
+    assert nbytes == 300 and p.transport.writes == [("d:1", [0, 1, 2], [5, 6, 7])]
+    assert not p.sends("r") and p.stats.count == 1 and p.stats.bytes == 300
+
+
+def test_prefill_side_writes_nothing_after_the_deadline():
+    clock = Clock()
+    p = PrefillKVConnector(RecordingTransport(), block_size=4, clock=clock)
+    p.accept("r", 4, destination([5]), deadline=clock.now + 1)
+    clock.now += 2
+    with pytest.raises(ServeError) as info:
+        p.send("r", [0])
+    assert info.value.cause == Cause.KV_HANDOFF_TIMEOUT and p.transport.writes == []
+    assert p.stats.failures == 1
+
+
+def test_prefill_side_transfer_failure_has_its_cause():
+    p = PrefillKVConnector(RecordingTransport(fail=True), block_size=4, clock=Clock())
+    p.accept("r", 4, destination([5]), deadline=2000.0)
+    with pytest.raises(ServeError) as info:
+        p.send("r", [0])
+    assert info.value.cause == Cause.KV_TRANSFER_ERROR and "peer refused" in info.value.message
+    assert p.stats.failures == 1 and not p.sends("r")
