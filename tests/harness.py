@@ -93,7 +93,8 @@ def etcd_records(endpoint: str) -> list[tuple[str, dict, int]]:
 
 
 class PdServer:
-    def __init__(self, repo: str, mode: str = "poll", poll_secs: float = 1.0, load_models=(), extra_args=()):
+    def __init__(self, repo: str, mode: str = "poll", poll_secs: float = 1.0, load_models=(), extra_args=(),
+                 client_args: dict | None = None):
         self.repo = repo
         self.grpc_port = free_port()
         self.metrics_port = free_port()
@@ -105,12 +106,13 @@ class PdServer:
         for name in load_models:
             self.cmd += ["--load-model", name]
         self.proc: subprocess.Popen | None = None
+        self.client_args = client_args or {}   # e.g. ssl=True, root_certificates=... for a TLS server
         self.client: grpcclient.InferenceServerClient | None = None
 
     def start(self, timeout: float = 60) -> "PdServer":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.client = grpcclient.InferenceServerClient(self.url)
+        self.client = grpcclient.InferenceServerClient(self.url, **self.client_args)
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:

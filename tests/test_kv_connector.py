@@ -39,17 +39,21 @@ def test_life_of_a_good_handoff():
     assert not c.awaits_remote_kv("r")                  # a preempted sequence recomputes locally
 
 
-def test_prefill_error_fails_the_request_and_frees_blocks():
+@pytest.mark.parametrize("cause", [None, Cause.KV_HANDOFF_PEER_LOST, Cause.KV_TRANSFER_ERROR, Cause.ENGINE_FAILURE])
+def test_a_lost_or_failed_prefill_engine_means_prefilling_here(cause):
     c = dispatched()
-    d = c.on_answer("r", None, Cause.KV_TRANSFER_ERROR, "TransferError: refused")
-    assert d.action == Action.FAIL and d.error.cause == Cause.KV_TRANSFER_ERROR
+    d = c.on_answer("r", None, cause, "UNAVAILABLE: connection refused")
+    assert d.action == Action.PREFILL_HERE and d.error is None
+    assert c.num_open == 0 and not c.awaits_remote_kv("r")   # from now on an ordinary local request
+
+
+@pytest.mark.parametrize("cause", [Cause.KV_HANDOFF_TIMEOUT, Cause.INVALID_ARGUMENT])
+def test_other_prefill_errors_fail_the_request_and_free_blocks(cause):
+    c = dispatched()
+    d = c.on_answer("r", None, cause, "the handoff deadline passed")
+    assert d.action == Action.FAIL and d.error.cause == cause
     assert "KV handoff failed" in d.error.message and "p:1" in d.error.message
     assert c.num_open == 0
-
-
-def test_prefill_engine_lost_is_the_default_cause():
-    d = dispatched().on_answer("r", None, None, "UNAVAILABLE: connection refused")
-    assert d.action == Action.FAIL and d.error.cause == Cause.KV_HANDOFF_PEER_LOST
 
 
 def test_deadline_fails_the_request_but_holds_blocks_until_the_answer():

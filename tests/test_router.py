@@ -33,7 +33,7 @@ class Clients:
 
     def peek(self, address):
         stats = self.stats.get(address.split(":")[0])
-        return SimpleNamespace(last_stats=stats) if stats else None
+        return SimpleNamespace(last_stats=stats, suspect=address.startswith("sick")) if stats else None
 
 
 def stats(waiting=0, awaiting=0, free=100, prefill_tokens=0):
@@ -83,8 +83,8 @@ def test_no_engine_is_a_typed_error_at_once():
 def test_in_flight_counts_steer_and_are_forgotten_at_zero():
     view = View([record("a", "BOTH"), record("b", "BOTH")])
     router = Router(view, Clients({"a": stats(free=10), "b": stats(free=10)}))
-    with router.route("m", "1") as first:
-        with router.route("m", "1") as second:
+    with router.track(router.choose("m", "1")) as first:
+        with router.track(router.choose("m", "1")) as second:
             assert first.decode.instance_id != second.decode.instance_id   # the busy one is avoided
             assert sum(router.inflight.values()) == 2
     assert router.inflight == {}
@@ -93,7 +93,16 @@ def test_in_flight_counts_steer_and_are_forgotten_at_zero():
 def test_in_flight_counts_are_released_when_the_request_fails():
     router = Router(View([record("d", "DECODE"), record("p", "PREFILL")]), Clients({}))
     with pytest.raises(RuntimeError):
-        with router.route("m", "1"):
+        with router.track(router.choose("m", "1")):
             assert router.inflight == {"d": 1, "p": 1}
             raise RuntimeError("engine went away")
     assert router.inflight == {}
+
+
+def test_suspect_engines_are_routed_around_while_others_can_serve():
+    view = View([record("sick", "DECODE"), record("well", "DECODE"), record("p", "PREFILL")])
+    router = Router(view, Clients({"sick": stats(free=1000), "well": stats(free=1), "p": stats()}))
+    assert {router.choose("m", "1").decode.instance_id for _ in range(4)} == {"well"}
+    assert router.choose("m", "1", exclude=frozenset({"well"})).decode.instance_id == "sick"   # the last resort
+    with pytest.raises(ServeError):
+        router.choose("m", "1", exclude=frozenset({"well", "sick"}))

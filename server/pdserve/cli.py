@@ -12,9 +12,13 @@ import tempfile
 import grpc
 
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
+from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
+from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.etcd import EtcdClient, EtcdProcess
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
+from pdserve.frontend.security import (RestrictedProtocolInterceptor, SecurityConfigError, parse_restriction,
+                                       server_credentials)
 from pdserve.frontend.service import InferenceService
 from pdserve.frontend.metrics import Metrics
 from pdserve.repository.manager import ModelRepositoryManager
@@ -43,10 +47,60 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lease-ttl", type=int, default=10, help="seconds an engine's record outlives its last keepalive")
     ap.add_argument("--routing-policy", choices=sorted(POLICIES), default="least_load")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--cluster-token-file", default="", metavar="FILE",
+                    help="the cluster secret (at least 16 characters, the same file on every node): engine RPCs "
+                         "and etcd records without it are refused; default with the private etcd: a random one")
+    tls = ap.add_argument_group("gRPC security (Triton's flags)")
+    tls.add_argument("--grpc-use-ssl", type=flag, nargs="?", const=True, default=False,
+                     help="serve the gRPC port over TLS (needs --grpc-server-cert and --grpc-server-key)")
+    tls.add_argument("--grpc-use-ssl-mutual", type=flag, nargs="?", const=True, default=False,
+                     help="TLS that also requires client certificates signed by --grpc-root-cert")
+    tls.add_argument("--grpc-server-cert", default="", metavar="PEM", help="the server's certificate chain")
+    tls.add_argument("--grpc-server-key", default="", metavar="PEM", help="the server's private key")
+    tls.add_argument("--grpc-root-cert", default="", metavar="PEM", help="the CA of client certificates (mutual TLS)")
+    tls.add_argument("--grpc-restricted-protocol", action="append", default=[], type=restriction,
+                     metavar="<protocols>:<key>=<value>",
+                     help="calls of these protocols (health, metadata, inference, model-config, model-repository, "
+                          "statistics, shared-memory, trace, logging; comma-separated) need the header "
+                          "triton-grpc-protocol-<key>: <value> (repeatable)")
     return ap
 
 
+def restriction(text: str):
+    try:
+        return parse_restriction(text)
+    except (SecurityConfigError, ClusterAuthError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def flag(text: str) -> bool:
+    """Triton's boolean flag values: --grpc-use-ssl, --grpc-use-ssl=true, --grpc-use-ssl=0."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not a boolean (true or false)")
+
+
+def cluster_token_file(given: str, run_dir: str, private: bool) -> str:
+    """The cluster secret's file: the one given, or with the private etcd a fresh random one;
+    "" (no secret) only for a shared etcd without --cluster-token-file."""
+    if given:
+        read_token(given)   # fail now, with the reason, rather than in every engine
+        return given
+    if private:
+        path = os.path.join(run_dir, "cluster.token")
+        write_random_token(path)
+        return path
+    log.warning("no --cluster-token-file: engine RPCs and etcd records of this cluster are not authenticated; "
+                "anyone who reaches an engine port or etcd can use them (docs/security.md)")
+    return ""
+
+
 async def run(args) -> None:
+    credentials = server_credentials(args.grpc_use_ssl, args.grpc_use_ssl_mutual, args.grpc_server_cert,
+                                     args.grpc_server_key, args.grpc_root_cert)   # bad files fail before any work
     run_dir = tempfile.mkdtemp(prefix="pdserve-")
     embedded_etcd = None
     endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
@@ -55,19 +109,21 @@ async def run(args) -> None:
         embedded_etcd.start()
         endpoints = [embedded_etcd.endpoint]
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
+    token_file = cluster_token_file(args.cluster_token_file, run_dir, private=embedded_etcd is not None)
+    token = read_token(token_file) if token_file else ""
     etcd = EtcdClient(endpoints)
-    registry = RegistryView(etcd, args.cluster)
+    registry = RegistryView(etcd, args.cluster, token)
     registry.start()
-    clients = EngineClients()
+    clients = EngineClients(token)
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
-    supervisor = Supervisor(args.advertise_host, run_dir, ClusterSettings(endpoints, args.cluster, node, args.lease_ttl),
-                            clients, registry)
+    supervisor = Supervisor(args.advertise_host, run_dir,
+                            ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file), clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model)
     metrics = Metrics(manager, registry)
     service = InferenceService(manager, Router(registry, clients, args.routing_policy), metrics)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20),
-                                      ("grpc.max_send_message_length", 64 * 2**20)])
+    interceptors = [RestrictedProtocolInterceptor(args.grpc_restricted_protocol)] if args.grpc_restricted_protocol else []
+    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS, interceptors=interceptors)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     try:
         from grpc_reflection.v1alpha import reflection
@@ -76,7 +132,10 @@ async def run(args) -> None:
              reflection.SERVICE_NAME], server)
     except ImportError:
         pass
-    server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    if credentials is None:
+        server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    else:
+        server.add_secure_port(f"{args.host}:{args.grpc_port}", credentials)
     await server.start()
     if args.metrics_port:
         metrics.serve(args.host, args.metrics_port)
@@ -110,7 +169,10 @@ async def run(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s pdserve %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except (SecurityConfigError, ClusterAuthError) as exc:
+        raise SystemExit(f"pdserve: {exc}") from None
 
 
 if __name__ == "__main__":

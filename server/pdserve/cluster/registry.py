@@ -14,12 +14,12 @@ from pdserve.common.records import READY, EngineRecord, engines_prefix
 log = logging.getLogger(__name__)
 
 
-def _parse(key: str, value: bytes) -> EngineRecord | None:
-    """A record this node cannot read is skipped and logged, never fatal to the view."""
+def _parse(key: str, value: bytes, token: str) -> EngineRecord | None:
+    """A record this node cannot read or trust is skipped and logged, never fatal to the view."""
     try:
-        return EngineRecord.from_json(value)
+        return EngineRecord.from_json(value, token)
     except (ValueError, TypeError) as exc:
-        log.error("ignoring the unreadable engine record %s: %s", key, exc)
+        log.error("ignoring the engine record %s: %s", key, exc)
         return None
 
 
@@ -30,8 +30,9 @@ class RegistryView:
     when etcd returns, a fresh get replaces the view and the differences are logged.
     """
 
-    def __init__(self, client: EtcdClient, cluster: str):
+    def __init__(self, client: EtcdClient, cluster: str, token: str = ""):
         self.client = client
+        self.token = token        # records must be signed with it (when the cluster has one)
         self.prefix = engines_prefix(cluster)
         self.records: dict[str, EngineRecord] = {}
         self.connected = asyncio.Event()
@@ -45,13 +46,13 @@ class RegistryView:
         while True:
             try:
                 revision, kvs = await self.client.get_prefix(self.prefix)
-                fresh = {k: r for k, v, _ in kvs if (r := _parse(k, v)) is not None}
+                fresh = {k: r for k, v, _ in kvs if (r := _parse(k, v, self.token)) is not None}
                 self._log_diff(self.records, fresh)
                 self.records = fresh
                 self.connected.set()
                 async for event in self.client.watch_prefix(self.prefix, revision + 1):
                     if event.kind == "put":
-                        record = _parse(event.key, event.value)
+                        record = _parse(event.key, event.value, self.token)
                         if record is not None:
                             self.records[event.key] = record
                     else:

@@ -83,8 +83,15 @@ class Router:
         stats = self._stats(record)
         return (stats.waiting_prefill_tokens if stats else 0), self.inflight[record.instance_id]
 
-    def choose(self, model: str, version: str) -> Route:
-        decoders = self.registry.engines(model, version, roles=("BOTH", "DECODE"))
+    def _reachable(self, engines: list[EngineRecord], exclude: frozenset[str] = frozenset()) -> list[EngineRecord]:
+        """Engines not excluded and not suspect; the suspect ones only when nothing else is left."""
+        engines = [e for e in engines if e.instance_id not in exclude]
+        healthy = [e for e in engines if not ((c := self.clients.peek(e.address)) and c.suspect)]
+        return healthy or engines
+
+    def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset()) -> Route:
+        """exclude: instance ids that already failed this request."""
+        decoders = self._reachable(self.registry.engines(model, version, roles=("BOTH", "DECODE")), exclude)
         if not decoders:
             raise ServeError(Cause.NO_ENGINE,
                              f"model '{model}' version {version} has no live engine that can generate "
@@ -93,15 +100,14 @@ class Router:
         decode = self.decode_policy.choose(decoders, self.decode_load)
         if decode.role != "DECODE":
             return Route(decode)
-        prefills = self.registry.engines(model, version, roles=("PREFILL",))
+        prefills = self._reachable(self.registry.engines(model, version, roles=("PREFILL",)), exclude)
         if not prefills:
             return Route(decode)  # graceful fallback: the decode engine prefills locally
         return Route(decode, self.prefill_policy.choose(prefills, self.prefill_load))
 
     @contextlib.contextmanager
-    def route(self, model: str, version: str) -> Iterator[Route]:
-        """Chooses the engines and counts the request on them until it ends."""
-        chosen = self.choose(model, version)
+    def track(self, chosen: Route) -> Iterator[Route]:
+        """Counts a request on its engines until it ends."""
         for instance_id in chosen.instance_ids:
             self.inflight[instance_id] += 1
         try:

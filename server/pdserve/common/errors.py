@@ -17,6 +17,8 @@ CAUSE_KEY = "pdserve-cause"
 class Cause(enum.Enum):
     #                         gRPC status                       failure label        KV handoff label
     INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
+    INPUT_TOO_LARGE = (grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_argument", "")
+    OVERLOADED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", "")
     MODEL_UNKNOWN = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
     MODEL_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "not_found", "")
     MODEL_NOT_READY = (grpc.StatusCode.UNAVAILABLE, "unavailable", "")
@@ -28,6 +30,8 @@ class Cause(enum.Enum):
     KV_HANDOFF_PEER_LOST = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "prefill_engine_lost")
     KV_TRANSFER_ERROR = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "transfer_error")
     CANCELLED = (grpc.StatusCode.CANCELLED, "cancelled", "")
+    DEADLINE_EXCEEDED = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded", "")
+    INTERNAL = (grpc.StatusCode.INTERNAL, "internal", "")
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -59,7 +63,7 @@ def trailing_cause(cause: Cause) -> tuple[tuple[str, str], ...]:
     return ((CAUSE_KEY, cause.name),)
 
 
-def cause_of(exc: grpc.aio.AioRpcError, default: Cause) -> Cause:
+def cause_of(exc: grpc.aio.AioRpcError, default: Cause | None) -> Cause | None:
     """The cause a pdserve engine attached to a failed RPC; default when there is none
     (a transport failure, a peer that died, a deadline)."""
     for key, value in exc.trailing_metadata() or ():

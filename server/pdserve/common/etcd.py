@@ -6,8 +6,10 @@ revision. Every call takes a deadline; endpoints are tried in order.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -131,6 +133,15 @@ class EtcdClient:
         await self.channel.close()
 
 
+def die_with_parent() -> None:
+    """Linux: the calling process gets SIGTERM when its parent dies, even by kill -9, so no
+    child (an engine, the private etcd) outlives the front end that started it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +175,7 @@ class EtcdProcess:
              "--listen-client-urls", url, "--advertise-client-urls", url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"pdserve={peer}"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -15,6 +15,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from pdserve.common.cluster_auth import signature, verify
+
 STANDBY, READY, DRAINING = "standby", "ready", "draining"
 DEFAULT_TTL_S = 10
 
@@ -42,12 +44,25 @@ class EngineRecord:
     capacity: dict = field(default_factory=dict)       # num_blocks, block_size, max_model_len, max_num_seqs
     started: float = field(default_factory=time.time)
     pid: int = 0
+    signature: str = ""       # HMAC of the other fields under the cluster secret (common/cluster_auth.py)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 
+    def signed_json(self, token: str) -> bytes:
+        """The record as written to etcd: signed when the cluster has a secret."""
+        if token:
+            self.signature = signature(asdict(self), token)
+        return self.to_json()
+
     @classmethod
-    def from_json(cls, data: bytes) -> "EngineRecord":
-        """Fields a newer pdserve adds are ignored; a record missing required fields raises."""
+    def from_json(cls, data: bytes, token: str = "") -> "EngineRecord":
+        """Fields a newer pdserve adds are ignored (and covered by the signature); a record
+        missing required fields, or not signed with the cluster's secret, raises ValueError."""
+        fields = json.loads(data)
+        if not isinstance(fields, dict):
+            raise ValueError("an engine record must be a JSON object")
+        if token and not verify(fields, token):
+            raise ValueError("its signature does not verify with this cluster's secret")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(data).items() if k in known})
+        return cls(**{k: v for k, v in fields.items() if k in known})

@@ -29,6 +29,7 @@ class AddRequest:
     token_ids: tuple[int, ...]
     params: SamplingParams
     prefill_address: str = ""      # "": prefill here
+    resume_token_ids: tuple[int, ...] = ()   # migration: output a former engine already sent
 
 
 @dataclass(frozen=True)

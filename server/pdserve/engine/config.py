@@ -18,6 +18,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     seed: int = 0
+    max_queue_len: int = 1024         # waiting requests past which new ones get RESOURCE_EXHAUSTED
 
     def to_dict(self) -> dict:
         return asdict(self)

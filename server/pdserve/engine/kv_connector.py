@@ -13,6 +13,10 @@ DECODE side (DecodeKVConnector): a request whose prompt a prefill engine compute
         '--abort--> FAILED (blocks freed: nothing was sent, nobody writes); so does QUEUED
     LATE --any answer, or deadline+2*grace--> FAILED (blocks freed)
 
+A prefill engine that is unreachable, died, or could not move the KV (its call ended, so it
+writes nothing more) costs the request nothing: the decode engine frees the reserved blocks and
+prefills the prompt itself. Any other error fails the request.
+
 The rule behind LATE: a prefill engine may be writing into the reserved blocks until it
 answers, so they are never reused before that; its own deadline check (PrefillKVConnector)
 means it writes nothing after the deadline, so past deadline + 2*grace they are freed even if
@@ -37,6 +41,11 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_GRACE_S = 10.0
 
 
+# Handoff failures after which nothing more is written into the reserved blocks and the prompt
+# can simply be computed here: the peer is gone or unreachable, its step or its transfer failed.
+RECOVERABLE = (None, Cause.KV_HANDOFF_PEER_LOST, Cause.KV_TRANSFER_ERROR, Cause.ENGINE_FAILURE)
+
+
 class HandoffState(enum.Enum):
     QUEUED = "queued"            # waiting for blocks like any new request
     RESERVED = "reserved"        # blocks allocated; the prefill engine has not been asked yet
@@ -49,6 +58,7 @@ class HandoffState(enum.Enum):
 class Action(enum.Enum):
     """What the engine does with the sequence after an event."""
     ADMIT = "admit"              # append the first token and decode
+    PREFILL_HERE = "prefill_here"  # free the reserved blocks; the sequence is prefilled locally
     FAIL = "fail"                # end the request with the error and free its blocks
     FAIL_HOLD = "fail_hold"      # end the request with the error, keep its blocks reserved
     HOLD = "hold"                # end the request silently (aborted), keep its blocks reserved
@@ -127,6 +137,8 @@ class DecodeKVConnector:
                 del self.handoffs[request_id]
                 return Decision(Action.ADMIT)
             self._close(handoff)
+            if cause in RECOVERABLE:
+                return Decision(Action.PREFILL_HERE)
             return Decision(Action.FAIL, ServeError(
                 cause or Cause.KV_HANDOFF_PEER_LOST,
                 f"KV handoff failed: prefill engine {handoff.prefill_address}: {message}; retry the request"))

@@ -8,6 +8,7 @@ computes prompts whose KV it writes into those blocks (add_prefill_request).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pdserve.common.errors import Cause, ServeError
@@ -20,6 +21,8 @@ from pdserve.engine.kv_transport import KVDestination, KVTransport
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +85,13 @@ class LLMEngine:
             raise ServeError(Cause.INVALID_ARGUMENT,
                              f"the prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}; "
                              f"shorten the prompt to at most {self.max_model_len - 1} tokens")
+        if len(self.scheduler.waiting) >= self.cfg.max_queue_len:
+            raise ServeError(Cause.OVERLOADED, f"the engine's queue is full ({self.cfg.max_queue_len} waiting requests, "
+                                               "parameter max_queue_len); retry later or add instances")
+        outside = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
+        if outside:
+            raise ServeError(Cause.INVALID_ARGUMENT, f"stop_token_ids {outside[:5]} are outside the vocabulary "
+                                                     f"(ids 0 to {self.runner.vocab_size - 1})")
         seq = Sequence(request_id, list(token_ids), params)
         try:
             self.scheduler.add(seq)
@@ -91,16 +101,27 @@ class LLMEngine:
         return seq
 
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                    prefill_address: str = "") -> None:
+                    prefill_address: str = "", resume_token_ids: list[int] = ()) -> None:
         """Queues a request. With a prefill_address, a PREFILL engine computes the prompt: its
-        blocks are reserved at admission and the handoff is dispatched (take_dispatch)."""
+        blocks are reserved at admission and the handoff is dispatched (take_dispatch). With
+        resume_token_ids (migration), generation continues after those tokens, which another
+        engine already sent: their KV is recomputed here and only new text goes out."""
         if prefill_address and self.decode_kv is None:
             raise ServeError(Cause.ENGINE_FAILURE,
                              "this engine has no KV transport and cannot take KV from a prefill engine")
-        self._admit(request_id, token_ids, params)
-        if prefill_address:
+        if len(token_ids) + len(resume_token_ids) >= self.max_model_len:
+            raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt and the tokens to resume from ("
+                                                     f"{len(token_ids) + len(resume_token_ids)}) reach max_model_len")
+        seq = self._admit(request_id, token_ids, params)
+        detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if resume_token_ids:
+            seq.output_token_ids = list(resume_token_ids)
+            for token_id in resume_token_ids:     # the text of these was sent by the former engine
+                detok.add_token(token_id, check_stop=False)
+                self.runner.sampler.skip_draw(seq, self.runner.vocab_size)
+            detok.take_piece(final=False)
+        elif prefill_address:
             self.decode_kv.expect(request_id, prefill_address)
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
 
     def add_prefill_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
                             destination: KVDestination, deadline: float) -> None:
@@ -150,6 +171,10 @@ class LLMEngine:
         """Carries out the connector's decision on the request's sequence."""
         seq = self.scheduler.awaiting_kv.get(request_id)
         if seq is None or decision.action == Action.NONE:
+            return []
+        if decision.action == Action.PREFILL_HERE:
+            log.warning("request %s: the prefill engine failed before writing any KV; prefilling it here", request_id)
+            self.scheduler.prefill_here(seq)
             return []
         if decision.action == Action.ADMIT:
             self.scheduler.kv_arrived(seq)

@@ -93,6 +93,14 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def prefill_here(self, seq: Sequence) -> None:
+        """A handoff that failed without writing: the reserved blocks go back and the sequence
+        waits, at the head of the queue, to be prefilled by this engine."""
+        del self.awaiting_kv[seq.request_id]
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)

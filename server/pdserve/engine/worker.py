@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -28,8 +27,10 @@ import time
 import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
+from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
+from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, trailing_cause
-from pdserve.common.etcd import EtcdClient
+from pdserve.common.etcd import EtcdClient, die_with_parent
 from pdserve.common.records import DEFAULT_TTL_S, EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
 from pdserve.engine.config import EngineConfig
@@ -56,10 +57,12 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
         self.stats: EngineStats = engine.stats()   # replaced whole by the engine thread, never edited
+        self.heartbeat = time.monotonic()          # the engine thread's last finished loop
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.handlers = {
-            CommandType.ADD: lambda c: engine.add_request(c.request_id, list(c.token_ids), c.params, c.prefill_address),
+            CommandType.ADD: lambda c: engine.add_request(c.request_id, list(c.token_ids), c.params, c.prefill_address,
+                                                          list(c.resume_token_ids)),
             CommandType.ADD_PREFILL: lambda c: engine.add_prefill_request(
                 c.request_id, list(c.token_ids), c.params, c.destination, c.deadline),
             CommandType.ABORT: lambda c: engine.abort(c.request_id),
@@ -120,6 +123,7 @@ class EngineLoop:
                 except queue.Empty:
                     command = None
             outputs += self.engine.expire_handoffs()
+            self.stats = self.engine.stats()   # what the step is about to do shows while it runs
             stepped = False
             if not self.stopped and self.engine.has_work():
                 try:
@@ -136,6 +140,7 @@ class EngineLoop:
             if outputs:  # one wake-up of the asyncio loop per step, not one per request
                 self.loop.call_soon_threadsafe(self._deliver, outputs)
             self.stats = self.engine.stats()
+            self.heartbeat = time.monotonic()
             stalled = not stepped and not dispatch
 
     def stop(self) -> None:
@@ -158,8 +163,9 @@ class PrefillPeers:
     One channel per prefill engine; a channel whose peer proved unreachable is closed, so
     restarted engines (new addresses) never leave channels behind."""
 
-    def __init__(self, engine_loop: EngineLoop, grace_s: float = DEFAULT_GRACE_S):
+    def __init__(self, engine_loop: EngineLoop, token: str = "", grace_s: float = DEFAULT_GRACE_S):
         self.engine_loop = engine_loop
+        self.metadata = call_metadata(token)
         self.grace_s = grace_s
         self.channels: dict[str, grpc.aio.Channel] = {}
 
@@ -170,12 +176,13 @@ class PrefillPeers:
     async def _call(self, address: str, request: engine_pb2.PrefillRequest) -> None:
         channel = self.channels.get(address)
         if channel is None:
-            channel = self.channels[address] = grpc.aio.insecure_channel(address)
+            channel = self.channels[address] = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
         # The call's own deadline bounds the wait; until the answer, the prefill engine may be
         # writing into our blocks, and the connector keeps them reserved till then.
         timeout = max(request.deadline - time.time(), 0) + 2 * self.grace_s
         try:
-            response = await engine_pb2_grpc.EngineStub(channel).Prefill(request, timeout=timeout)
+            response = await engine_pb2_grpc.EngineStub(channel).Prefill(request, timeout=timeout,
+                                                                         metadata=self.metadata)
             answer = PrefillAnswer(request.request_id, response.first_token)
         except grpc.aio.AioRpcError as exc:
             cause = cause_of(exc, Cause.KV_HANDOFF_TIMEOUT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -208,7 +215,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def Generate(self, request, context):
         token_ids = await self._tokenize(request.prompt)
         stream = self.engine_loop.open(AddRequest(request.request_id, tuple(token_ids),
-                                                  SamplingParams.from_proto(request.sampling), request.prefill_address))
+                                                  SamplingParams.from_proto(request.sampling), request.prefill_address,
+                                                  tuple(request.resume_token_ids)))
         finished = False
         try:
             while True:
@@ -217,8 +225,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 if out.error is not None:
                     await abort_with(context, out.error)
                 yield engine_pb2.GenerateResponse(
-                    text=out.text, num_input_tokens=out.num_input_tokens, num_output_tokens=out.num_output_tokens,
-                    finish_reason=out.finish_reason or "")
+                    text=out.text, token_ids=out.token_ids, num_input_tokens=out.num_input_tokens,
+                    num_output_tokens=out.num_output_tokens, finish_reason=out.finish_reason or "")
                 if finished:
                     return
         finally:
@@ -255,7 +263,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             waiting_prefill_tokens=s.waiting_prefill_tokens, kv_transfers=s.kv_transfers,
             kv_transfer_failures=s.kv_transfer_failures, kv_transfer_seconds=s.kv_transfer_seconds,
             kv_transfer_bytes=s.kv_transfer_bytes, kv_transfer_bucket_counts=s.kv_transfer_bucket_counts,
-            lease_keepalive_failures=self.registration.keepalive_failures if self.registration else 0)
+            lease_keepalive_failures=self.registration.keepalive_failures if self.registration else 0,
+            seconds_since_progress=(time.monotonic() - self.engine_loop.heartbeat)
+            if s.num_running + s.num_waiting else 0.0)
 
 
 def write_ready_file(path: str, payload: dict) -> None:
@@ -265,24 +275,18 @@ def write_ready_file(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the front end that started us dies, even by kill -9."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 async def serve(spec: dict, ready_file: str) -> None:
     cfg = EngineConfig(**spec["engine"])
+    token = read_token(spec["cluster_token_file"]) if spec.get("cluster_token_file") else ""
     transport_kind = spec.get("kv_transport") or ("mooncake" if spec["role"] in ("PREFILL", "DECODE") else "none")
     transport = make_transport(transport_kind, spec["host"])
     engine = LLMEngine(cfg, transport, handoff_timeout_s=KV_HANDOFF_TIMEOUT_S)
     loop = asyncio.get_running_loop()
     engine_loop = EngineLoop(engine, loop, on_dispatch=lambda calls: peers.dispatch(calls))
-    peers = PrefillPeers(engine_loop)
+    peers = PrefillPeers(engine_loop, token)
     engine_loop.start()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS],
+                             interceptors=[TokenInterceptor(token)] if token else [])
     port = server.add_insecure_port(f"{spec['host']}:0")
     address = f"{spec['host']}:{port}"
     registration = None
@@ -294,7 +298,7 @@ async def serve(spec: dict, ready_file: str) -> None:
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
         registration = EngineRegistration(EtcdClient(spec["etcd_endpoints"]), spec.get("cluster", "default"), record,
-                                          ttl=int(spec.get("lease_ttl", DEFAULT_TTL_S)))
+                                          ttl=int(spec.get("lease_ttl", DEFAULT_TTL_S)), token=token)
     engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, registration), server)
     await server.start()
     if registration is not None:
@@ -307,8 +311,9 @@ async def serve(spec: dict, ready_file: str) -> None:
     await stop.wait()
     if registration is not None:
         await registration.stop()  # graceful: the record goes at once
-    await server.stop(grace=2)
+    await server.stop(grace=2)     # requests in flight get 2 s, then end with an error
     engine_loop.stop()
+    await asyncio.get_running_loop().run_in_executor(None, engine_loop.thread.join, 10)
     await peers.close()
 
 
@@ -326,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("engine failed")
         write_ready_file(args.ready_file, {"error": f"{type(exc).__name__}: {exc}"})
         return 3
-    return 0
+    log.info("engine %s stopped", spec["instance_id"])
+    logging.shutdown()
+    # Everything is stopped and flushed: skip interpreter teardown, where native libraries'
+    # static destructors (the transfer engine's threads) would abort the process.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ class Metrics:
         self.generation_tokens = Counter("pdserve_generation_tokens", "Generated tokens", labels, registry=self.registry)
         self.handoff_failures = Counter("pdserve_kv_handoff_failures", "Requests that failed in the KV handoff, by cause",
                                         ["model", "version", "cause"], registry=self.registry)
+        self.migrations = Counter("pdserve_request_migrations", "Requests moved to another engine mid-stream "
+                                  "(migration_limit)", labels, registry=self.registry)
         self.triton = TritonCounters()
         self.registry.register(self.triton)
         self.registry.register(EngineCollector(manager, registry))
@@ -155,6 +157,9 @@ class Metrics:
             for cause in HANDOFF_LABELS:
                 self.handoff_failures.labels(*key, cause)
         self.triton.pending[key] += 1
+
+    def migrated(self, key: tuple[str, str]) -> None:
+        self.migrations.labels(*key).inc()
 
     def request_finished(self, key, failure: Cause | None, start: float, first: float | None,
                          n_in: int, n_out: int) -> None:

@@ -26,6 +26,8 @@ from pdserve.repository.supervisor import Deployment, EngineStartError
 
 log = logging.getLogger(__name__)
 
+MAX_ENGINE_ATTEMPTS = 3   # engines tried for a request that no engine could be reached for
+
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters"]
 
 
@@ -42,6 +44,41 @@ class VersionStats:
 
 def _bool_param(value: bool) -> pb.InferParameter:
     return pb.InferParameter(bool_param=value)
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """How an engine call ended badly."""
+    code: grpc.StatusCode
+    details: str
+    cause: Cause | None       # what the engine said; None: it never answered (unreachable, died)
+
+    @property
+    def engine_lost(self) -> bool:
+        """Unreachable, died, or shutting down (an engine cancels its calls when it stops)."""
+        return self.cause is None and self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def engine_failure(exc: grpc.aio.AioRpcError) -> EngineFailure:
+    """Classifies a failed engine call; a passed deadline ends the request at once."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
+                                                  "its engine work was stopped") from exc
+    return EngineFailure(exc.code(), exc.details() or "", cause_of(exc, None))
+
+
+def request_deadline(request: pb.ModelInferRequest, rpc_remaining: float | None) -> float | None:
+    """time.monotonic() by which the request must end: the RPC's deadline, or Triton's `timeout`
+    request parameter (microseconds), whichever comes first; None: no deadline."""
+    limits = [rpc_remaining] if rpc_remaining is not None else []
+    if "timeout" in request.parameters:
+        param = request.parameters["timeout"]
+        micros = getattr(param, param.WhichOneof("parameter_choice") or "int64_param")
+        if isinstance(micros, bool) or not isinstance(micros, int) or micros <= 0:
+            raise ServeError(Cause.INVALID_ARGUMENT, f"parameter 'timeout' is {micros!r}; send the request's "
+                                                     "timeout in microseconds as a positive integer")
+        limits.append(micros / 1e6)
+    return time.monotonic() + min(limits) if limits else None
 
 
 async def _abort(context, error: ServeError) -> None:
@@ -155,35 +192,83 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # ---- inference ---------------------------------------------------------------------------------
-    async def _generate(self, gen: GenerationRequest, dep: Deployment, timing: dict):
-        """Routes to a decode engine (with a prefill engine in PD) and yields its GenerateResponses."""
-        with self.router.route(dep.name, str(dep.version)) as route, dep.serving_request():
-            call = self.clients.get(route.decode.address).generate(engine_pb2.GenerateRequest(
-                request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling.to_proto(),
-                prefill_address=route.prefill.address if route.prefill else ""))
-            finished = False
-            try:
-                async for response in call:
-                    if "first" not in timing:
-                        timing["first"] = time.monotonic()
-                    finished = bool(response.finish_reason)
-                    yield response
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.CANCELLED:
-                    raise
-                cause = cause_of(exc, Cause.ENGINE_FAILURE)
-                if cause == Cause.INVALID_ARGUMENT:
-                    raise ServeError(cause, exc.details()) from exc
-                raise ServeError(cause, f"engine {route.decode.instance_id} could not finish the request "
-                                        f"({exc.code().name}: {exc.details()}); retry the request") from exc
-            finally:
-                if not finished:
-                    call.cancel()
+    async def _generate(self, gen: GenerationRequest, dep: Deployment, timing: dict, deadline: float | None):
+        """Routes to a decode engine (with a prefill engine in PD) and yields its GenerateResponses.
 
-    async def _run_request(self, request: pb.ModelInferRequest, streaming_rpc: bool):
+        An engine that cannot be reached before it sent anything (a dead node whose record still
+        lives, a crash at admission) is marked suspect and the request goes to another one. An
+        engine that dies mid-stream is replaced up to the model's migration_limit times: the next
+        engine continues from the prompt plus the tokens already sent, so the client sees no error."""
+        failed: set[str] = set()
+        sent_tokens: list[int] = []
+        migrations = 0
+        migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
+        request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt=gen.prompt,
+                                             sampling=gen.sampling.to_proto())
+        while True:
+            try:
+                route = self.router.choose(dep.name, str(dep.version), frozenset(failed))
+            except ServeError:
+                if failed:   # every engine failed this request: say so, not "no engine"
+                    raise ServeError(Cause.ENGINE_FAILURE, f"engines {sorted(failed)} could not be reached; "
+                                                           "retry the request") from None
+                raise
+            with self.router.track(route), dep.serving_request():
+                # a migrated request recomputes its KV where it continues, not on a prefill engine
+                request.prefill_address = route.prefill.address if route.prefill and not sent_tokens else ""
+                client = self.clients.get(route.decode.address)
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                call = client.generate(request, timeout=timeout)
+                started = finished = False
+                try:
+                    async for response in call:
+                        started = True
+                        if "first" not in timing:
+                            timing["first"] = time.monotonic()
+                        finished = bool(response.finish_reason)
+                        sent_tokens += response.token_ids
+                        yield response
+                    return
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise       # the client went away
+                    # the call was cancelled under us: its engine died and its channel was closed
+                    failure = EngineFailure(grpc.StatusCode.UNAVAILABLE, "the engine went away", None)
+                except grpc.aio.AioRpcError as exc:
+                    failure = engine_failure(exc)
+                finally:
+                    if not finished:
+                        call.cancel()
+            if failure.engine_lost:
+                client.suspect = True
+                if not started and len(failed) < MAX_ENGINE_ATTEMPTS - 1:
+                    log.warning("engine %s unreachable (%s); retrying on another engine",
+                                route.decode.instance_id, failure.details)
+                    failed.add(route.decode.instance_id)
+                    request.request_id = uuid.uuid4().hex
+                    continue
+            cause = failure.cause or Cause.ENGINE_FAILURE
+            if started and cause == Cause.ENGINE_FAILURE and migrations < migration_limit:
+                migrations += 1
+                log.warning("engine %s failed mid-stream (%s); migrating the request with its %d tokens "
+                            "(migration %d of %d)", route.decode.instance_id, failure.details, len(sent_tokens),
+                            migrations, migration_limit)
+                if self.metrics:
+                    self.metrics.migrated((dep.name, str(dep.version)))
+                failed.add(route.decode.instance_id)
+                request.request_id = uuid.uuid4().hex
+                request.resume_token_ids[:] = sent_tokens
+                continue
+            if cause == Cause.INVALID_ARGUMENT:
+                raise ServeError(cause, failure.details)
+            raise ServeError(cause, f"engine {route.decode.instance_id} could not finish the request "
+                                    f"({failure.code.name}: {failure.details}); retry the request")
+
+    async def _run_request(self, request: pb.ModelInferRequest, streaming_rpc: bool, rpc_remaining: float | None):
         """Validates, routes and runs one request; yields (ModelInferResponse, is_last).
 
         Streaming yields one response per text piece; otherwise one response with the whole text.
+        The request ends by the earlier of the RPC's deadline and its `timeout` parameter.
         """
         dep = self.manager.get(request.model_name, request.model_version)  # unknown models count nowhere
         key = (dep.name, str(dep.version))
@@ -193,11 +278,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if self.metrics:
             self.metrics.request_started(key)
         try:
+            deadline = request_deadline(request, rpc_remaining)
             gen = parse_request(request)
             stream = streaming_rpc and gen.stream
             prefix = gen.prompt if (not stream and gen.exclude_input_in_output is not True) else ""
             pieces, reason = [prefix], ""
-            async for r in self._generate(gen, dep, timing):
+            async for r in self._generate(gen, dep, timing, deadline):
                 n_in, reason = r.num_input_tokens, r.finish_reason
                 delta = r.num_output_tokens - n_out
                 n_out = r.num_output_tokens
@@ -211,6 +297,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except ServeError as exc:
             outcome = exc.cause
             raise
+        except Exception as exc:  # a bug must still end the request with a status, never hang or vanish
+            log.exception("request to %s failed unexpectedly", key)
+            outcome = Cause.INTERNAL
+            raise ServeError(Cause.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             self._record(key, start, timing, n_in, n_out, outcome)
 
@@ -232,7 +322,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            responses = [r async for r, _ in self._run_request(request, streaming_rpc=False)]
+            responses = [r async for r, _ in self._run_request(request, False, context.time_remaining())]
             return responses[-1]
         except ServeError as exc:
             await _abort(context, exc)
@@ -248,7 +338,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
-                async for response, last in self._run_request(request, streaming_rpc=True):
+                async for response, last in self._run_request(request, True, context.time_remaining()):
                     response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final:
@@ -258,6 +348,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=final))
             except ServeError as exc:
                 await outbox.put(exc)
+            except Exception as exc:  # never leave a request of the stream without an answer
+                log.exception("stream request failed unexpectedly")
+                await outbox.put(ServeError(Cause.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
 
         async def read_requests():
             async for request in request_iterator:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pdserve.common.constants import MAX_PROMPT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.sampling import SamplingParams
 from pdserve.repository.config import INPUTS, OUTPUTS
@@ -27,6 +28,7 @@ class InvalidInput(ServeError):
         super().__init__(Cause.INVALID_ARGUMENT, message)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 BOOL_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BOOL")
 BYTES_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BYTES")
 OUTPUT_NAMES = tuple(name for name, _ in OUTPUTS)
@@ -112,8 +114,8 @@ def _number(params: dict, key: str, kind, low=None, high=None, low_open=False):
             number = int(number)
     except ValueError as exc:
         raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be a{'n integer' if kind is int else ' number'}") from exc
-    if isinstance(number, float) and not math.isfinite(number):
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be finite")
+    if isinstance(number, float) and not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):  # RPC: float32
+        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be finite (at most 3.4e38)")
     if low is not None and (number < low or (low_open and number == low)):
         raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be {'>' if low_open else '>='} {low}")
     if high is not None and number > high:
@@ -138,9 +140,9 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
     if text:
         try:
             params = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"sampling_parameters is not valid JSON ({exc}); send a JSON object such as "
-                               '{"max_tokens": 64, "temperature": 0}') from exc
+        except (ValueError, RecursionError) as exc:  # ValueError: also over-long integers
+            raise InvalidInput(f"sampling_parameters is not valid JSON ({type(exc).__name__}: {exc}); send a flat "
+                               'JSON object such as {"max_tokens": 64, "temperature": 0}') from exc
         if not isinstance(params, dict):
             raise InvalidInput("sampling_parameters must be a JSON object such as {\"max_tokens\": 64}")
     unknown = sorted(set(params) - set(SAMPLING_KEYS))
@@ -171,6 +173,10 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidInput("sampling_parameters 'stop' must be a non-empty string or a list of them")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise InvalidInput(f"sampling_parameters 'stop' has {len(stop)} strings of up to "
+                               f"{max(map(len, stop))} characters; the limits are {MAX_STOP_STRINGS} strings of "
+                               f"{MAX_STOP_STRING_CHARS} characters")
         sp["stop"] = tuple(stop)
     if "stop_token_ids" in params:
         ids = params["stop_token_ids"]
@@ -178,6 +184,8 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
                                                   for i in ids):
             raise InvalidInput("sampling_parameters 'stop_token_ids' must be a list of token ids (integers from 0 "
                                "to 2^31 - 1)")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidInput(f"sampling_parameters 'stop_token_ids' has {len(ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
         sp["stop_token_ids"] = tuple(ids)
     return SamplingParams(**sp)
 
@@ -203,6 +211,10 @@ def parse_request(request) -> GenerationRequest:
         if out.name not in OUTPUT_NAMES:
             raise InvalidInput(f"unexpected inference output '{out.name}' for model '{model}'; "
                                f"outputs: {', '.join(OUTPUT_NAMES)}")
+    if len(values["text_input"]) > MAX_PROMPT_BYTES:
+        raise ServeError(Cause.INPUT_TOO_LARGE,
+                         f"text_input is {len(values['text_input'])} bytes; the limit is {MAX_PROMPT_BYTES} bytes "
+                         f"({MAX_PROMPT_BYTES // 2**20} MiB): shorten the prompt")
     sampling_text = values.get("sampling_parameters")
     gen = GenerationRequest(
         prompt=_text(values["text_input"], "text_input"),

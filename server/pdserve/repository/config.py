@@ -33,7 +33,12 @@ KSERVE_DATATYPES = {v: k for k, v in CONFIG_DATATYPES.items()}
 
 # config.pbtxt `parameters` that set engine options, with their types.
 ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if f.name not in ("model_path", "device")}
-ENGINE_PARAMETERS["kv_transport"] = "str"
+# Parameters read outside the engine's EngineConfig: the transport, the front end's admission
+# limit per model version (requests in flight from one node), and how many times a request may
+# move to another engine when its engine dies mid-stream (0: never, as Dynamo's default).
+NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int"}
+ENGINE_PARAMETERS.update(NODE_PARAMETERS)
+DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
 
 
 class ConfigError(ValueError):
@@ -62,7 +67,7 @@ class ModelSpec:
     engine_parameters: dict = field(default_factory=dict)
 
     def engine_config(self, version: int, device: str) -> EngineConfig:
-        params = {k: v for k, v in self.engine_parameters.items() if k != "kv_transport"}
+        params = {k: v for k, v in self.engine_parameters.items() if k not in NODE_PARAMETERS}
         return EngineConfig(model_path=os.path.join(self.path, str(version)), device=device, **params)
 
 

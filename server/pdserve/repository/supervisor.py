@@ -22,12 +22,19 @@ from dataclasses import dataclass, field
 from pdserve.cluster.registry import RegistryView
 from pdserve.common.records import DRAINING, READY, engine_key
 from pdserve.cluster.engine_client import EngineClient, EngineClients
-from pdserve.repository.config import InstanceSpec, ModelSpec
+from pdserve.common.errors import Cause, ServeError
+from pdserve.common.etcd import EtcdUnavailable
+from pdserve.repository.config import DEFAULT_MAX_INFLIGHT_REQUESTS, InstanceSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT_S = float(os.environ.get("PDSERVE_ENGINE_START_TIMEOUT", "300"))
 RESTART_BACKOFF_S = 2.0
+RECORD_DELETE_ATTEMPTS = 40   # about 6 minutes of retries
+# An engine that answers no Stats, or makes no progress with requests queued, for this long is
+# taken for frozen (stuck step, SIGSTOP, deadlock): it is killed, which ends its streams with
+# UNAVAILABLE, and restarted.
+ENGINE_STALL_S = float(os.environ.get("PDSERVE_ENGINE_STALL_TIMEOUT", "20"))
 
 
 class EngineStartError(RuntimeError):
@@ -40,6 +47,7 @@ class ClusterSettings:
     cluster: str = "default"
     node: str = ""
     lease_ttl: int = 10
+    token_file: str = ""      # the cluster secret's file ("": no secret), handed to engines by path
 
 
 class EngineProcess:
@@ -54,7 +62,7 @@ class EngineProcess:
                      "role": instance.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
                      "kv_transport": spec.engine_parameters.get("kv_transport", ""),
                      "etcd_endpoints": cluster.etcd_endpoints, "cluster": cluster.cluster, "node": cluster.node,
-                     "lease_ttl": cluster.lease_ttl}
+                     "lease_ttl": cluster.lease_ttl, "cluster_token_file": cluster.token_file}
         self.cluster = cluster
         self.clients = clients
         self.ready_file = os.path.join(run_dir, f"{self.instance_id}.ready")
@@ -62,6 +70,7 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.client: EngineClient | None = None
+        self.ready_at = 0.0
         self.stopping = False
 
     @property
@@ -99,6 +108,7 @@ class EngineProcess:
                     raise EngineStartError(f"{where}: {info['error']}")
                 self.address = info["address"]
                 self.client = self.clients.get(self.address)
+                self.ready_at = time.monotonic()
                 return
             if self.proc.poll() is not None:
                 raise EngineStartError(f"{where} exited with code {self.proc.returncode}: {self._log_tail()}")
@@ -108,6 +118,18 @@ class EngineProcess:
 
     async def set_state(self, state: str) -> None:
         await self.client.set_state(state)
+
+    def stalled(self, limit_s: float) -> str:
+        """Why the engine looks frozen ("" when it does not)."""
+        client = self.client
+        if client is None:
+            return ""
+        silent = time.monotonic() - (client.last_stats_at or self.ready_at)
+        if silent > limit_s:
+            return f"no Stats answer for {silent:.0f} s"
+        if client.last_stats is not None and client.last_stats.seconds_since_progress > limit_s:
+            return f"no progress for {client.last_stats.seconds_since_progress:.0f} s with requests queued"
+        return ""
 
     async def idle(self) -> bool:
         """True when the engine holds no request (asks it; a dead engine is idle)."""
@@ -154,7 +176,13 @@ class Deployment:
 
     @contextlib.contextmanager
     def serving_request(self):
-        """Counts a request routed here until it ends, so a drain waits for it."""
+        """Counts a request routed here until it ends, so a drain waits for it; past the
+        version's max_inflight_requests, refuses it (RESOURCE_EXHAUSTED)."""
+        limit = self.spec.engine_parameters.get("max_inflight_requests", DEFAULT_MAX_INFLIGHT_REQUESTS)
+        if self.inflight >= limit:
+            raise ServeError(Cause.OVERLOADED, f"model '{self.name}' version {self.version} has {self.inflight} "
+                                               f"requests in flight on this node, its limit (max_inflight_requests "
+                                               f"{limit}); retry later")
         self.inflight += 1
         try:
             yield self
@@ -225,8 +253,16 @@ class Supervisor:
         while dep.active:
             await asyncio.sleep(0.25)
             for i, engine in enumerate(list(dep.engines)):
-                if engine.stopping or engine.alive or not dep.active:
+                if engine.stopping or not dep.active:
                     continue
+                if engine.alive:
+                    why = engine.stalled(ENGINE_STALL_S)
+                    if not why:
+                        continue
+                    log.error("engine %s (%s %s) looks frozen (%s): killing it", engine.instance_id, dep.name,
+                              engine.instance.role, why)
+                    engine.proc.kill()
+                    engine.proc.wait()
                 log.error("engine %s (%s %s) exited with code %s: restarting it", engine.instance_id, dep.name,
                           engine.instance.role, engine.proc.returncode if engine.proc else "?")
                 await self._forget(engine)
@@ -246,7 +282,18 @@ class Supervisor:
         self.registry.forget(engine.instance_id)
         if engine.address:
             await self.clients.drop(engine.address)
-        try:
-            await self.registry.client.delete(engine.registry_key)
-        except Exception as exc:
-            log.warning("could not delete %s from etcd (%s); its lease expires", engine.registry_key, exc)
+        asyncio.ensure_future(self._delete_record(engine.registry_key))
+
+    async def _delete_record(self, key: str) -> None:
+        """Deletes a dead engine's record, retrying while etcd is away: a restarted etcd renews
+        every lease, so a record left behind would be routed to for a whole TTL after it returns."""
+        delay = 0.5
+        for _ in range(RECORD_DELETE_ATTEMPTS):
+            try:
+                await self.registry.client.delete(key)
+                return
+            except EtcdUnavailable as exc:
+                log.warning("could not delete %s from etcd (%s); retrying in %.0f s", key, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        log.error("gave up deleting %s from etcd; its lease expires it", key)

@@ -1,0 +1,389 @@
+"""One bad request harms nobody else, nothing hangs without an error, the cluster view does not
+trust dead things. Real processes, real etcd, tritonclient."""
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from harness import PdServer, add_model, config_text, free_port, inputs
+
+from pdserve.common.cluster_auth import signature
+from pdserve.common.etcd import EtcdClient, EtcdProcess
+from pdserve_clients import LLMClient
+
+PD = (("PREFILL", "cpu"), ("DECODE", "cpu"))
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, small_model):
+    repo = str(tmp_path_factory.mktemp("rel-repo"))
+    add_model(repo, "agg", small_model, config_text(max_model_len=512))
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=512))
+    add_model(repo, "narrow", small_model, config_text(max_model_len=512, max_inflight_requests=2))
+    token_file = tmp_path_factory.mktemp("secret") / "cluster.token"
+    token_file.write_text(TOKEN)
+    server = PdServer(repo, extra_args=["--cluster-token-file", str(token_file)]).start()
+    for name in ("agg", "pd", "narrow"):
+        server.wait_ready(name)
+    yield server
+    server.stop()
+
+
+TOKEN = "0123456789abcdef-reliability-tests"
+
+
+def signed(record: dict) -> bytes:
+    """A record as the cluster's engines write it, signed with the node's secret."""
+    return json.dumps({**record, "signature": signature(record, TOKEN)}).encode()
+
+
+def text_of(server, model, prompt, params):
+    result = server.client.infer(model, inputs(prompt, False, params, exclude_input_in_output=True))
+    return result.as_numpy("text_output")[0].decode()
+
+
+def error_of(fn) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        fn()
+    return info.value
+
+
+def stream_outcome(url, model, tensors, timeout=60):
+    """('ok', text) or ('error', message) for one streamed request: never silence."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, tensors)
+        text = ""
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                return "error", str(error)
+            out = result.as_numpy("text_output")
+            text += out[0].decode() if out is not None else ""
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return "ok", text
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def put_record(endpoint: str, key: str, value: bytes, ttl: int = 60) -> None:
+    async def put():
+        client = EtcdClient([endpoint])
+        try:
+            await client.put(key, value, lease=await client.grant(ttl))
+        finally:
+            await client.close()
+    asyncio.run(put())
+
+
+def delete_key(endpoint: str, key: str) -> None:
+    async def delete():
+        client = EtcdClient([endpoint])
+        try:
+            await client.delete(key)
+        finally:
+            await client.close()
+    asyncio.run(delete())
+
+
+def test_a_poisoned_request_fails_alone(node):
+    params = {**GREEDY, "max_tokens": 24}
+    alone = text_of(node, "agg", "def main():", params)
+    outcomes, threads = [], []
+
+    def good():
+        outcomes.append(text_of(node, "agg", "def main():", params))
+
+    for _ in range(8):
+        threads.append(threading.Thread(target=good))
+        threads[-1].start()
+    poisoned = {**GREEDY, "max_tokens": 24, "stop_token_ids": [10**6], "min_tokens": 1}
+    err = error_of(lambda: node.client.infer("agg", inputs("def main():", False, poisoned)))
+    assert err.status() == "StatusCode.INVALID_ARGUMENT" and "outside the vocabulary" in err.message()
+    for t in threads:
+        t.join(timeout=60)
+    assert outcomes == [alone] * 8
+
+
+MALFORMED = {   # sampling_parameters as sent, each once broke a request's status or a stream
+    "big-stop-id": '{"stop_token_ids": [4294967296]}',
+    "5000-digits": '{"max_tokens": ' + "9" * 5000 + "}",
+    "temperature-inf-in-float32": '{"temperature": 1e39}',
+    "top-p-zero-in-float32": '{"top_p": 1e-50}',
+    "1000-stops": json.dumps({"stop": ["x"] * 1000}),
+    "deep-json": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_parameters_get_invalid_argument_and_a_stream_error(node, text):
+    tensors = inputs("hi", False) + [grpcclient.InferInput("sampling_parameters", [1], "BYTES")]
+    tensors[-1].set_data_from_numpy(np.array([text.encode()], dtype=object))
+    err = error_of(lambda: node.client.infer("agg", tensors))
+    assert err.status() == "StatusCode.INVALID_ARGUMENT", err
+    stream_tensors = inputs("hi", True) + [tensors[-1]]
+    kind, message = stream_outcome(node.url, "agg", stream_tensors)
+    assert kind == "error" and "sampling_parameters" in message
+
+
+def test_oversized_prompt_is_refused_at_the_front_end_naming_the_limit(node):
+    err = error_of(lambda: node.client.infer("agg", inputs("a" * 20_000_000, False, GREEDY)))
+    assert err.status() == "StatusCode.RESOURCE_EXHAUSTED" and "limit" in err.message()
+    kind, message = stream_outcome(node.url, "agg", inputs("a" * 20_000_000, True, GREEDY))
+    assert kind == "error" and "limit" in message
+
+
+def test_past_the_admission_limit_requests_get_resource_exhausted_and_nothing_else_degrades(node):
+    outcomes, threads = [], []
+
+    def one():
+        outcomes.append(stream_outcome(node.url, "narrow", inputs("def f(x):", True, {**GREEDY, "max_tokens": 200})))
+
+    for _ in range(6):
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+    for t in threads:
+        t.join(timeout=120)
+    refused = [m for kind, m in outcomes if kind == "error"]
+    assert 1 <= len(refused) <= 4 and all("max_inflight_requests" in m for m in refused), outcomes
+    assert len([1 for kind, _ in outcomes if kind == "ok"]) >= 2
+    assert node.metric_value("nv_inference_request_failure", model="narrow", reason="overloaded") == len(refused)
+    assert text_of(node, "narrow", "x", {**GREEDY, "max_tokens": 4})          # served again
+    assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})             # other models never noticed
+
+
+def test_a_request_timeout_ends_it_and_frees_its_blocks(node):
+    tensors = inputs("def f(x):", False, {**GREEDY, "max_tokens": 100_000})
+    start = time.monotonic()
+    err = error_of(lambda: node.client.infer("agg", tensors, timeout=500_000))   # Triton's request timeout, µs
+    assert err.status() == "StatusCode.DEADLINE_EXCEEDED" and time.monotonic() - start < 10
+    node.wait_for(lambda: node.metric_value("pdserve_kv_cache_usage_ratio", model="agg") == 0
+                  and node.metric_value("pdserve_requests_running", model="agg") == 0,
+                  "the timed-out request's blocks to be free", 15)
+
+
+def test_records_with_unknown_fields_are_read_and_bad_records_never_stop_the_view(node):
+    endpoint = node.etcd_endpoint
+    [real] = [r for r in node.engines("BOTH") if r["model"] == "agg"]
+    copy = {**real, "instance_id": real["instance_id"] + "-copy", "field_of_a_newer_pdserve": {"x": 1}}
+    key = f"/pdserve/default/engines/agg/{copy['instance_id']}"
+    count = lambda: node.metric_value("pdserve_cluster_instances", model="agg", role="BOTH", state="ready")  # noqa: E731
+    put_record(endpoint, key, signed(copy))
+    node.wait_for(lambda: count() == 2, "the record with an unknown field in the view", 10)
+    bad = {"/pdserve/default/engines/agg/garbage": b'{"instance_id": "only this"}',
+           "/pdserve/default/engines/agg/not-json": b"\x00\x01"}
+    try:
+        for bad_key, value in bad.items():
+            put_record(endpoint, bad_key, value)
+        delete_key(endpoint, key)
+        node.wait_for(lambda: count() == 1, "the view to go on after unreadable records", 10)
+        assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})
+    finally:
+        for bad_key in bad:
+            delete_key(endpoint, bad_key)
+
+
+def test_a_dead_nodes_lingering_decode_record_costs_no_request(node):
+    [real] = [r for r in node.engines("DECODE") if r["model"] == "pd"]
+    ghost = {**real, "instance_id": "ghost-decode", "node": "dead-node:8001", "address": f"127.0.0.1:{free_port()}",
+             "pid": 0}
+    key = "/pdserve/default/engines/pd/ghost-decode"
+    put_record(node.etcd_endpoint, key, signed(ghost))
+    try:
+        node.wait_for(lambda: node.metric_value("pdserve_cluster_instances", model="pd", role="DECODE") == 2,
+                      "the ghost record in the view", 10)
+        expected = text_of(node, "agg", "def g(y):", {**GREEDY, "max_tokens": 8})
+        for _ in range(20):
+            assert text_of(node, "pd", "def g(y):", {**GREEDY, "max_tokens": 8}) == expected
+    finally:
+        delete_key(node.etcd_endpoint, key)
+
+
+def test_a_frozen_decode_engine_ends_its_streams_with_unavailable_and_is_restarted(repo, small_model):
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=1024))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd")
+        outcomes, threads = [], []
+        for i in range(2):
+            threads.append(threading.Thread(target=lambda i=i: outcomes.append(
+                stream_outcome(server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 900}),
+                               timeout=60) + (time.monotonic(),))))
+            threads[-1].start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 2, "2 streams", 30)
+        [decode] = server.engines("DECODE")
+        frozen_at = time.monotonic()
+        os.kill(decode["pid"], signal.SIGSTOP)
+        for t in threads:
+            t.join(timeout=60)
+        assert [o[0] for o in outcomes] == ["error", "error"], (outcomes, server.log())
+        assert all("UNAVAILABLE" in o[1] or "could not finish" in o[1] for o in outcomes), outcomes
+        assert all(o[2] - frozen_at < 30 for o in outcomes), [o[2] - frozen_at for o in outcomes]
+        server.wait_for(lambda: any(r["role"] == "DECODE" and r["state"] == "ready" and r["pid"] != decode["pid"]
+                                    for r in server.engines()), "a restarted decode engine", 60)
+        assert stream_outcome(server.url, "pd", inputs("def g(y):", True, {**GREEDY, "max_tokens": 8}))[0] == "ok"
+    finally:
+        server.stop()
+
+
+def test_late_etcd_at_startup_still_reaches_ready(repo, small_model, tmp_path):
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd"))
+    add_model(repo, "pd", small_model, config_text(role_groups=PD))
+    server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint]).start()
+    try:
+        time.sleep(8)   # engines start and try to register while etcd is away
+        etcd.start()
+        server.wait_ready("pd", timeout=90)
+        server.wait_for(lambda: sorted(r["role"] for r in server.engines()) == ["DECODE", "PREFILL"],
+                        "both engines registered once etcd arrived", 60)
+        client = LLMClient(server.url, "pd")
+        try:
+            assert client.stream_all("def h(z):", timeout=60, **GREEDY, max_tokens=6).num_output_tokens == 6
+        finally:
+            client.close()
+    finally:
+        server.stop()
+        etcd.cleanup()
+
+
+def test_kill_9_of_the_front_end_leaves_no_orphan(repo, small_model):
+    add_model(repo, "agg", small_model, config_text())
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("agg")
+        port = server.etcd_endpoint.rsplit(":", 1)[1]
+        children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2   # the private etcd and the engine
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in children):
+            time.sleep(0.2)
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
+                 and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        assert alive == [], f"still running after the front end died: {alive} (etcd port {port})"
+    finally:
+        server.stop()
+
+
+def test_a_prefill_kill_loses_no_request_already_handed_off(repo, demo_model):
+    add_model(repo, "pd", demo_model, config_text(role_groups=PD, max_model_len=2048, kv_cache_blocks=1024))
+    add_model(repo, "agg", demo_model, config_text(max_model_len=2048, kv_cache_blocks=1024))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd")
+        server.wait_ready("agg")
+        prompts = [f"def handler_{i}(event, context):\n    " * 150 for i in range(4)]   # 1650 tokens each
+        params = {**GREEDY, "max_tokens": 8}
+        expected = [text_of(server, "agg", p, params) for p in prompts]
+        [prefill] = server.engines("PREFILL")
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, stream_outcome(server.url, "pd", inputs(prompts[i], True, params)))) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_waiting", role="PREFILL")
+                        + server.metric_value("pdserve_requests_running", role="PREFILL") > 0,
+                        "prefills in flight", 20)
+        os.kill(prefill["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [("ok", e) for e in expected]
+        server.wait_for(lambda: server.metric_value("pdserve_kv_cache_usage_ratio", model="pd", role="DECODE") == 0,
+                        "the decode pool all free", 15)
+    finally:
+        server.stop()
+
+
+def test_with_migration_limit_a_decode_kill_mid_stream_loses_no_stream(repo, demo_model):
+    groups = (("PREFILL", "cpu"), ("DECODE", "cpu"), ("DECODE", "cpu"))
+    add_model(repo, "pd", demo_model, config_text(role_groups=groups, max_model_len=1024, migration_limit=2))
+    add_model(repo, "agg", demo_model, config_text(max_model_len=1024))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd")
+        server.wait_ready("agg")
+        params = {**GREEDY, "max_tokens": 300}
+        prompts = [f"def handler_{i}(event):" for i in range(4)]
+        expected = [text_of(server, "agg", p, params) for p in prompts]
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, stream_outcome(server.url, "pd", inputs(prompts[i], True, params), timeout=120)))
+            for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", model="pd", role="DECODE") >= 3,
+                        "streams decoding on both decode engines", 60)
+        victim = server.engines("DECODE")[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=180)
+        assert results == [("ok", e) for e in expected]
+        assert server.metric_value("pdserve_request_migrations_total", model="pd") >= 1
+    finally:
+        server.stop()
+
+
+def test_sigterm_with_streams_in_flight_ends_them_and_exits_0(repo, small_model):
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=1024))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd")
+        outcomes = []
+        threads = [threading.Thread(target=lambda i=i: outcomes.append(stream_outcome(
+            server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 1000})))) for i in range(2)]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 2, "2 streams", 30)
+        [decode] = server.engines("DECODE")
+        os.kill(decode["pid"], signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert len(outcomes) == 2 and all(kind in ("ok", "error") for kind, _ in outcomes)
+        server.wait_for(lambda: f"{decode['instance_id']} (pd DECODE) exited with code" in server.log(),
+                        "the supervisor to see the engine exit", 30)
+        assert f"{decode['instance_id']} (pd DECODE) exited with code 0" in server.log()
+    finally:
+        server.stop()
+
+
+def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
+    import grpc
+    from pdserve._proto import engine_pb2, engine_pb2_grpc
+    [real] = [r for r in node.engines("BOTH") if r["model"] == "agg"]
+    with grpc.insecure_channel(real["address"]) as channel:
+        stub = engine_pb2_grpc.EngineStub(channel)
+        for call in (lambda md: stub.Stats(engine_pb2.StatsRequest(), metadata=md, timeout=10),
+                     lambda md: list(stub.Generate(engine_pb2.GenerateRequest(request_id="x", prompt="hi"),
+                                                   metadata=md, timeout=10)),
+                     lambda md: stub.SetState(engine_pb2.SetStateRequest(state="draining"), metadata=md, timeout=10)):
+            for metadata in (None, (("pdserve-cluster-token", "guess-guess-guess"),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Stats(engine_pb2.StatsRequest(), metadata=(("pdserve-cluster-token", TOKEN),), timeout=10)
+    # a record written by someone without the secret attracts nothing
+    fake = {**real, "instance_id": "intruder", "address": f"127.0.0.1:{free_port()}"}
+    key = "/pdserve/default/engines/agg/intruder"
+    count = lambda: node.metric_value("pdserve_cluster_instances", model="agg", role="BOTH")  # noqa: E731
+    for value in (json.dumps({**fake, "signature": ""}).encode(),
+                  json.dumps({**fake, "signature": signature(fake, "not-the-cluster-secret")}).encode()):
+        put_record(node.etcd_endpoint, key, value)
+        time.sleep(1.5)
+        assert count() == 1
+        assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})
+    delete_key(node.etcd_endpoint, key)
+    assert "signature does not verify" in node.log()
