@@ -387,3 +387,25 @@ def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
         assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})
     delete_key(node.etcd_endpoint, key)
     assert "signature does not verify" in node.log()
+
+
+def test_after_an_etcd_outage_with_a_prefill_restart_every_new_request_succeeds(repo, small_model, tmp_path):
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd")).start()
+    add_model(repo, "pd", small_model, config_text(role_groups=PD))
+    server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint]).start()
+    try:
+        server.wait_ready("pd")
+        [prefill] = server.engines("PREFILL")
+        etcd.stop()
+        os.kill(prefill["pid"], signal.SIGKILL)   # restarted while etcd is away: its old record stays in etcd
+        server.wait_for(lambda: f"{prefill['instance_id']} restarted as" in server.log(), "the prefill restart", 60)
+        etcd.start()
+        outcomes = [stream_outcome(server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 6}))
+                    for i in range(20)]
+        assert all(kind == "ok" for kind, _ in outcomes), outcomes
+        server.wait_for(lambda: [r["instance_id"] for r in server.engines("PREFILL")] != [prefill["instance_id"]]
+                        and prefill["instance_id"] not in [r["instance_id"] for r in server.engines()],
+                        "the dead prefill engine's record gone from etcd", 60)
+    finally:
+        server.stop()
+        etcd.cleanup()
