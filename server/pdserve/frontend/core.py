@@ -1,0 +1,180 @@
+"""The one request path every front door uses (KServe gRPC, KServe HTTP, OpenAI).
+
+A door turns its protocol into a GenerationRequest and reads text pieces back; everything in
+between lives here, once: the model lookup, the router's choice of engines (PD included), the
+engine call and its cancellation, the in-flight count that a drain waits for, Triton's
+statistics and the Prometheus metrics.
+
+    dep = core.lookup(name, version)                  # ServeError: unknown model, not ready
+    async with core.request(dep) as req:              # counted from here; outcome recorded at exit
+        gen = parse(...)                              # InvalidInput is recorded as a failure
+        async for piece in req.generate(gen):         # Piece per engine response
+            ...                                       # time spent here counts as compute_output
+
+Leaving the `async with` by an exception records a failure (its cause), by cancellation (a
+client that went away) a cancelled request; an engine call still running is cancelled, which
+frees the request's blocks in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from pdserve._proto import engine_pb2
+from pdserve.cluster.router import Router
+from pdserve.common.errors import Cause, ServeError, cause_of
+from pdserve.frontend.tensors import GenerationRequest
+from pdserve.repository.manager import ModelRepositoryManager
+from pdserve.repository.supervisor import Deployment
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += max(ns, 0)
+
+
+@dataclass
+class VersionStats:
+    """Triton's InferStatistics of one model version. Durations are disjoint parts of a
+    successful request: compute_input (arrival to the engine call: validation, lookup, routing),
+    queue (engine call to the first token: waiting in the engine and the prompt's prefill, which
+    the engine does not report apart), compute_infer (first to last token, less the front end's
+    own time) and compute_output (the front end turning pieces into responses and sending them)."""
+    success: Duration = None
+    fail: Duration = None
+    queue: Duration = None
+    compute_input: Duration = None
+    compute_infer: Duration = None
+    compute_output: Duration = None
+    last_inference_ms: int = 0
+
+    def __post_init__(self):
+        for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            if getattr(self, name) is None:
+                setattr(self, name, Duration())
+
+
+@dataclass
+class Piece:
+    """One engine response, protocol-neutral."""
+    text: str
+    finish_reason: str          # "" until the last piece
+    num_input_tokens: int
+    num_output_tokens: int      # so far
+    new_tokens: int             # tokens in this piece
+
+
+class Request:
+    """One request's accounting; made by InferenceCore.request()."""
+
+    def __init__(self, core: "InferenceCore", dep: Deployment):
+        self.core = core
+        self.dep = dep
+        self.key = (dep.name, str(dep.version))
+        self.start = time.monotonic()
+        self.engine_call = 0.0       # when the engine call went out
+        self.first = None            # when the first piece came
+        self.last = 0.0
+        self.output_s = 0.0          # time the door spent between pieces
+        self.n_in = self.n_out = 0
+
+    async def generate(self, gen: GenerationRequest) -> AsyncIterator[Piece]:
+        """Routes to a decode engine (with a prefill engine in PD) and yields its pieces."""
+        core, dep = self.core, self.dep
+        with core.router.route(dep.name, str(dep.version)) as route, dep.serving_request():
+            self.engine_call = time.monotonic()
+            call = core.router.clients.get(route.decode.address).generate(engine_pb2.GenerateRequest(
+                request_id=uuid.uuid4().hex, prompt=gen.prompt, sampling=gen.sampling.to_proto(),
+                prefill_address=route.prefill.address if route.prefill else ""))
+            finished = False
+            try:
+                async for response in call:
+                    now = time.monotonic()
+                    if self.first is None:
+                        self.first = now
+                    finished = bool(response.finish_reason)
+                    delta = response.num_output_tokens - self.n_out
+                    self.n_in, self.n_out = response.num_input_tokens, response.num_output_tokens
+                    yield Piece(response.text, response.finish_reason, self.n_in, self.n_out, delta)
+                    self.last = time.monotonic()
+                    self.output_s += self.last - now
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    raise
+                cause = cause_of(exc, Cause.ENGINE_FAILURE)
+                if cause == Cause.INVALID_ARGUMENT:
+                    raise ServeError(cause, exc.details()) from exc
+                raise ServeError(cause, f"engine {route.decode.instance_id} could not finish the request "
+                                        f"({exc.code().name}: {exc.details()}); retry the request") from exc
+            finally:
+                if not finished:
+                    call.cancel()
+
+    def _finish(self, failure: Cause | None) -> None:
+        now = time.monotonic()
+        s = self.core.stats[self.key]
+        elapsed_ns = int((now - self.start) * 1e9)
+        if failure is None:
+            s.success.add(elapsed_ns)
+            s.last_inference_ms = int(time.time() * 1000)
+            if self.first is not None:
+                s.compute_input.add(int((self.engine_call - self.start) * 1e9))
+                s.queue.add(int((self.first - self.engine_call) * 1e9))
+                s.compute_infer.add(int((max(self.last, self.first) - self.first - self.output_s) * 1e9))
+                s.compute_output.add(int((self.output_s + now - max(self.last, self.first)) * 1e9))
+        else:
+            s.fail.add(elapsed_ns)
+        if self.core.metrics:
+            self.core.metrics.request_finished(self.key, failure, self.start, self.first, self.n_in, self.n_out)
+
+
+class _RequestScope:
+    def __init__(self, request: Request):
+        self.request = request
+
+    async def __aenter__(self) -> Request:
+        if self.request.core.metrics:
+            self.request.core.metrics.request_started(self.request.key)
+        return self.request
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            failure = None
+        elif isinstance(exc, ServeError):
+            failure = exc.cause
+        else:  # the client went away (cancellation, a closed connection) or the engine call was cancelled
+            failure = Cause.CANCELLED
+        self.request._finish(failure)
+        return False
+
+
+class InferenceCore:
+    def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None):
+        self.manager = manager
+        self.router = router
+        self.metrics = metrics
+        self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
+
+    def lookup(self, name: str, version: str = "") -> Deployment:
+        """The deployment serving this model version; ServeError when unknown or not ready.
+        Unknown models count nowhere (no metric series for names clients make up)."""
+        return self.manager.get(name, version)
+
+    def request(self, dep: Deployment) -> _RequestScope:
+        return _RequestScope(Request(self, dep))
+
+    def model_path(self, dep: Deployment) -> str:
+        """The version folder (for the tokenizer's chat template)."""
+        return os.path.join(dep.spec.path, str(dep.version))
