@@ -11,14 +11,14 @@ from pdserve.common.errors import Cause
 
 log = logging.getLogger(__name__)
 
+# Cause members with equal values are one member in Python's Enum: MODEL_UNKNOWN and
+# MODEL_LOAD_FAILED are INVALID_ARGUMENT, CONTROL_MODE is MODEL_NOT_READY. The OpenAI door tells an
+# unknown model apart by where it failed (the lookup) and answers 404 (openai_server.ModelNotFound).
 #  cause                  KServe v2 HTTP (as Triton's HTTP server)   OpenAI status, error type, code
 HTTP_STATUS: dict[Cause, tuple[int, int, str, str | None]] = {
-    Cause.INVALID_ARGUMENT:     (400, 400, "invalid_request_error", None),
-    Cause.MODEL_UNKNOWN:        (400, 404, "invalid_request_error", "model_not_found"),
+    Cause.INVALID_ARGUMENT:     (400, 400, "invalid_request_error", None),   # unknown model: 400, as Triton
     Cause.MODEL_NOT_FOUND:      (404, 404, "invalid_request_error", "model_not_found"),
     Cause.MODEL_NOT_READY:      (503, 503, "service_unavailable", "model_not_ready"),
-    Cause.MODEL_LOAD_FAILED:    (400, 400, "invalid_request_error", None),
-    Cause.CONTROL_MODE:         (503, 503, "service_unavailable", None),
     Cause.NO_ENGINE:            (503, 503, "service_unavailable", "no_engine"),
     Cause.ENGINE_FAILURE:       (503, 503, "service_unavailable", "engine_failure"),
     Cause.KV_HANDOFF_TIMEOUT:   (503, 503, "service_unavailable", "kv_handoff"),

@@ -38,12 +38,26 @@ class BadRequest(ServeError):
         self.param = param
 
 
+class ModelNotFound(ServeError):
+    """An unknown model: 404, as OpenAI answers it (the KServe doors answer Triton's 400)."""
+
+    def __init__(self, name: str):
+        super().__init__(Cause.MODEL_UNKNOWN, f"The model '{name}' does not exist; GET /v1/models lists the models served")
+        self.param = "model"
+
+
 def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _openai_status(exc: ServeError) -> tuple[int, str, str | None]:
+    if isinstance(exc, ModelNotFound):
+        return 404, "invalid_request_error", "model_not_found"
+    return openai_status(exc.cause)
+
+
 def _error_response(exc: ServeError) -> web.Response:
-    status, kind, code = openai_status(exc.cause)
+    status, kind, code = _openai_status(exc)
     return web.json_response(error_body(exc.message, kind, getattr(exc, "param", None), code or status), status=status)
 
 
@@ -215,9 +229,8 @@ class OpenAIServer:
         try:
             return self.core.lookup(name)
         except ServeError as exc:
-            if exc.cause == Cause.MODEL_UNKNOWN:
-                raise ServeError(Cause.MODEL_UNKNOWN, f"The model '{name}' does not exist; GET /v1/models lists "
-                                                      "the models served") from exc
+            if exc.cause == Cause.MODEL_UNKNOWN:  # the lookup's INVALID_ARGUMENT: no such model
+                raise ModelNotFound(name) from exc
             raise
 
     async def completions(self, request):
@@ -302,7 +315,7 @@ class OpenAIServer:
                 await reply.write(sse({"id": request_id, "object": kind, "created": created, "model": model,
                                        "choices": [], "usage": _usage(req.n_in, req.n_out)}))
         except ServeError as exc:
-            status, kind_, code = openai_status(exc.cause)
+            status, kind_, code = _openai_status(exc)
             await reply.write(sse(error_body(exc.message, kind_, getattr(exc, "param", None), code or status)))
             await reply.write(sse("[DONE]"))
             await reply.write_eof()
