@@ -19,9 +19,10 @@ def server(tmp_path_factory, small_model):
     slower = make_model(str(tmp_path_factory.mktemp("slower-model") / "weights"), layers=4, hidden=256,
                         intermediate=704, max_positions=2048)
     add_model(str(repo), "tiny", slower, config_text(max_model_len=2048))
+    add_model(str(repo), "pd", small_model, config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu"))))
     server = PdServer(str(repo)).start()
-    server.wait_ready("small")
-    server.wait_ready("tiny")
+    for name in ("small", "tiny", "pd"):
+        server.wait_ready(name)
     yield server
     server.stop()
     shutil.rmtree(repo, ignore_errors=True)
@@ -40,7 +41,7 @@ def grpc_text(server, prompt=PROMPT):
 
 def test_models(client):
     ids = [m.id for m in client.models.list().data]
-    assert sorted(ids) == ["small", "tiny"]
+    assert sorted(ids) == ["pd", "small", "tiny"]
     assert client.models.retrieve("small").owned_by == "pdserve"
 
 
@@ -59,6 +60,16 @@ def test_completion_equals_grpc_and_streams_the_same(server, client):
     assert "".join(texts) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_pd_through_the_openai_door(server, client):
+    """The OpenAI door takes the same router: a PD model's prompt is prefilled by its PREFILL engine."""
+    transfers = server.metric_value("pdserve_kv_transfer_seconds_count", model="pd")
+    answer = client.completions.create(model="pd", prompt=PROMPT, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert answer.choices[0].text == grpc_text(server)
+    server.wait_for(lambda: server.metric_value("pdserve_kv_transfer_seconds_count", model="pd") == transfers + 1,
+                    "the KV handoff in the metrics", 5)
 
 
 def test_chat_with_usage_and_template(server, client):
