@@ -3,7 +3,8 @@
 # on the same model files, with the same prompts (same seed), so the two runs sit side by side.
 #
 #   bash bench/aiperf_openai.sh prepare                 # copy of the demo model + chat template
-#   bash bench/aiperf_openai.sh pdserve                 # start pdserve, profile it, stop it
+#   bash bench/aiperf_openai.sh pdserve                 # start pdserve (the demo config: PD, one core each), profile, stop
+#   bash bench/aiperf_openai.sh pdserve-both            # the same with one BOTH engine on every core (as vLLM runs)
 #   bash bench/aiperf_openai.sh vllm                    # start vllm serve (vLLM-CPU), profile it, stop it
 #
 # Environment: PYTHON (pdserve's venv python), AIPERF (aiperf executable, its own venv), VLLM_PYTHON
@@ -41,12 +42,17 @@ config["chat_template"] = CHAT_TEMPLATE
 json.dump(config, open(path, "w"), indent=2)
 EOF
   cp "$ROOT/model_repository/tiny-qwen2/config.pbtxt" "$WORK/repo/tiny-qwen2/config.pbtxt"
+  mkdir -p "$WORK/repo-both/tiny-qwen2"
+  ln -sfn "$MODEL_DIR" "$WORK/repo-both/tiny-qwen2/1"
+  sed -e 's/{ role: PREFILL devices: \[ "cpu:0" \] },/{ role: BOTH devices: [ "cpu" ] }/' -e '/role: DECODE/d' \
+    "$ROOT/model_repository/tiny-qwen2/config.pbtxt" > "$WORK/repo-both/tiny-qwen2/config.pbtxt"
   echo "model ready in $MODEL_DIR"
 }
 
-wait_http() {  # url, seconds
+wait_http() {  # url, seconds (gives up at once if the server exits)
   for _ in $(seq "$2"); do
     curl -sf "$1" >/dev/null 2>&1 && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "the server exited" >&2; return 1; }
     sleep 1
   done
   echo "no answer from $1" >&2
@@ -84,12 +90,13 @@ run_server() {  # name, command...
 
 case "${1:-}" in
   prepare) prepare ;;
-  pdserve)
-    run_server pdserve "$PYTHON" -m pdserve.cli --model-repository "$WORK/repo" --model-control-mode none \
+  pdserve|pdserve-both)
+    repo=$WORK/repo; [ "$1" = pdserve-both ] && repo=$WORK/repo-both
+    run_server "$1" "$PYTHON" -m pdserve.cli --model-repository "$repo" --model-control-mode none \
       --host 127.0.0.1 --grpc-port 18001 --http-port 0 --metrics-port 18002 --openai-port "$PORT" ;;
   vllm)
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
     run_server vllm "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --served-model-name tiny-qwen2 --host 127.0.0.1 --port "$PORT" \
       --dtype float32 --max-model-len 2048 ;;
-  *) echo "usage: $0 prepare|pdserve|vllm" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|pdserve|pdserve-both|vllm" >&2; exit 2 ;;
 esac

@@ -17,12 +17,11 @@ frees the request's blocks in the engine.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -52,18 +51,13 @@ class VersionStats:
     queue (engine call to the first token: waiting in the engine and the prompt's prefill, which
     the engine does not report apart), compute_infer (first to last token, less the front end's
     own time) and compute_output (the front end turning pieces into responses and sending them)."""
-    success: Duration = None
-    fail: Duration = None
-    queue: Duration = None
-    compute_input: Duration = None
-    compute_infer: Duration = None
-    compute_output: Duration = None
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     last_inference_ms: int = 0
-
-    def __post_init__(self):
-        for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-            if getattr(self, name) is None:
-                setattr(self, name, Duration())
 
 
 @dataclass
