@@ -65,9 +65,9 @@ class HttpDoor:
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=3)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, shutdown_timeout=3).start()
+        await web.TCPSite(self.runner, host, port).start()
         log.info("%s on %s:%d", self.name, host, port)
 
     async def stop(self) -> None:
