@@ -98,11 +98,16 @@ class PdServer:
         self.repo = repo
         self.grpc_port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()      # KServe v2 HTTP/REST
+        self.openai_port = free_port()    # OpenAI-compatible API
         self.url = f"127.0.0.1:{self.grpc_port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="pdserve-test-"), "server.log")
         self.cmd = [sys.executable, "-m", "pdserve.cli", "--model-repository", repo, "--model-control-mode", mode,
                     "--repository-poll-secs", str(poll_secs), "--grpc-port", str(self.grpc_port),
-                    "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", *extra_args]
+                    "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
+                    "--openai-port", str(self.openai_port), "--host", "127.0.0.1", *extra_args]
         for name in load_models:
             self.cmd += ["--load-model", name]
         self.proc: subprocess.Popen | None = None

@@ -13,6 +13,10 @@ import pathlib
 import sysconfig
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as Qwen2's tokenizers carry it: OpenAI chat requests are rendered with it.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
 
 
 def corpus(max_bytes: int):
@@ -61,6 +65,7 @@ def main() -> None:
     import transformers
 
     tokenizer = train_tokenizer(args.vocab, args.corpus_bytes)
+    tokenizer.chat_template = CHAT_TEMPLATE
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
                   "qwen3": transformers.Qwen3Config}[args.arch]

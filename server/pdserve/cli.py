@@ -10,6 +10,7 @@ import socket
 import tempfile
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
@@ -17,10 +18,15 @@ from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.etcd import EtcdClient, EtcdProcess
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
+from pdserve.frontend.core import InferenceCore
+from pdserve.frontend.health import Health
+from pdserve.frontend.http_server import KServeHttp
+from pdserve.frontend.openai_server import OpenAIServer
 from pdserve.frontend.security import (RestrictedProtocolInterceptor, SecurityConfigError, parse_restriction,
                                        server_credentials)
 from pdserve.frontend.service import InferenceService
 from pdserve.frontend.metrics import Metrics
+from pdserve.frontend.settings import Settings, grpc_handler as settings_grpc_handler
 from pdserve.repository.manager import ModelRepositoryManager
 from pdserve.cluster.router import POLICIES, Router
 from pdserve.repository.supervisor import ClusterSettings, Supervisor
@@ -29,16 +35,19 @@ log = logging.getLogger("pdserve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pdserve", description="Serve a model repository over the KServe v2 gRPC protocol.")
+    ap = argparse.ArgumentParser(prog="pdserve", description="Serve a model repository over KServe v2 (gRPC and "
+                                 "HTTP/REST) and an OpenAI-compatible API.")
     ap.add_argument("--model-repository", required=True, help="the folder of model folders")
     ap.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="poll")
     ap.add_argument("--repository-poll-secs", type=float, default=15.0,
                     help="poll mode: full rescan period in seconds (file events act sooner)")
     ap.add_argument("--load-model", action="append", default=[], metavar="NAME",
                     help="explicit mode: a model to load at start (repeatable)")
-    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (with grpc.health.v1)")
+    ap.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP/REST; 0 turns it off")
+    ap.add_argument("--openai-port", type=int, default=9000, help="OpenAI-compatible API (/v1/...); 0 turns it off")
     ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 turns it off")
-    ap.add_argument("--host", default="0.0.0.0", help="address the gRPC and metrics servers bind")
+    ap.add_argument("--host", default="0.0.0.0", help="address the gRPC, HTTP, OpenAI and metrics servers bind")
     ap.add_argument("--advertise-host", default="127.0.0.1", help="address engines bind and announce")
     ap.add_argument("--etcd-endpoints", default="",
                     help="host:port,... of the cluster's etcd; omitted: a private local etcd (single node)")
@@ -121,15 +130,20 @@ async def run(args) -> None:
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model)
     metrics = Metrics(manager, registry)
-    service = InferenceService(manager, Router(registry, clients, args.routing_policy), metrics)
+    core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics)  # one path for every door
+    service = InferenceService(manager, core.router, metrics, core)
+    settings = Settings(manager)
+    health = Health(service)
     interceptors = [RestrictedProtocolInterceptor(args.grpc_restricted_protocol)] if args.grpc_restricted_protocol else []
     server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS, interceptors=interceptors)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((settings_grpc_handler(settings),))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         from grpc_reflection.v1alpha import reflection
         reflection.enable_server_reflection(
             [grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-             reflection.SERVICE_NAME], server)
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     except ImportError:
         pass
     if credentials is None:
@@ -137,10 +151,18 @@ async def run(args) -> None:
     else:
         server.add_secure_port(f"{args.host}:{args.grpc_port}", credentials)
     await server.start()
+    doors = []
+    if args.http_port:
+        doors.append((KServeHttp(service, settings).door, args.http_port))
+    if args.openai_port:
+        doors.append((OpenAIServer(core, manager).door, args.openai_port))
+    for door, port in doors:
+        await door.start(args.host, port)
     if args.metrics_port:
         metrics.serve(args.host, args.metrics_port)
-    log.info("KServe v2 gRPC on %s:%d, metrics on :%d, repository %s (%s mode)", args.host, args.grpc_port,
-             args.metrics_port, args.model_repository, args.model_control_mode)
+    log.info("KServe v2 gRPC on %s:%d, HTTP on :%d, OpenAI on :%d, metrics on :%d, repository %s (%s mode)",
+             args.host, args.grpc_port, args.http_port, args.openai_port, args.metrics_port,
+             args.model_repository, args.model_control_mode)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -151,11 +173,15 @@ async def run(args) -> None:
     except asyncio.TimeoutError:
         log.error("etcd at %s is not reachable; engines will register when it is", ",".join(endpoints))
     metrics.start_polling(registry, clients)
+    health.start()
     await manager.start()
     service.started = True
     log.info("pdserve ready (node %s, cluster %s)", node, args.cluster)
     await stop.wait()
     log.info("shutting down")
+    await health.close()
+    for door, _ in doors:
+        await door.stop()
     await server.stop(grace=3)
     await metrics.close()
     await manager.close()

@@ -15,37 +15,32 @@ CAUSE_KEY = "pdserve-cause"
 
 
 class Cause(enum.Enum):
-    #                         gRPC status                       failure label        KV handoff label
-    INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
-    INPUT_TOO_LARGE = (grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_argument", "")
-    OVERLOADED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", "")
-    MODEL_UNKNOWN = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
-    MODEL_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "not_found", "")
-    MODEL_NOT_READY = (grpc.StatusCode.UNAVAILABLE, "unavailable", "")
-    MODEL_LOAD_FAILED = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", "")
-    CONTROL_MODE = (grpc.StatusCode.UNAVAILABLE, "unavailable", "")
-    NO_ENGINE = (grpc.StatusCode.UNAVAILABLE, "no_engine", "")
-    ENGINE_FAILURE = (grpc.StatusCode.UNAVAILABLE, "engine_failure", "")
+    #                         gRPC status                         failure label       KV handoff label
+    INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    INPUT_TOO_LARGE = (grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_argument")
+    OVERLOADED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+    MODEL_UNKNOWN = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    MODEL_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "not_found")
+    MODEL_NOT_READY = (grpc.StatusCode.UNAVAILABLE, "unavailable")
+    MODEL_LOAD_FAILED = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument")
+    CONTROL_MODE = (grpc.StatusCode.UNAVAILABLE, "unavailable")
+    NO_ENGINE = (grpc.StatusCode.UNAVAILABLE, "no_engine")
+    ENGINE_FAILURE = (grpc.StatusCode.UNAVAILABLE, "engine_failure")
     KV_HANDOFF_TIMEOUT = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "timeout")
     KV_HANDOFF_PEER_LOST = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "prefill_engine_lost")
     KV_TRANSFER_ERROR = (grpc.StatusCode.UNAVAILABLE, "kv_handoff", "transfer_error")
-    CANCELLED = (grpc.StatusCode.CANCELLED, "cancelled", "")
-    DEADLINE_EXCEEDED = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded", "")
-    INTERNAL = (grpc.StatusCode.INTERNAL, "internal", "")
+    CANCELLED = (grpc.StatusCode.CANCELLED, "cancelled")
+    DEADLINE_EXCEEDED = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded")
+    INTERNAL = (grpc.StatusCode.INTERNAL, "internal")
 
-    @property
-    def status(self) -> grpc.StatusCode:
-        return self.value[0]
-
-    @property
-    def failure_label(self) -> str:
-        """The `reason` label of nv_inference_request_failure."""
-        return self.value[1]
-
-    @property
-    def handoff_label(self) -> str:
-        """The `cause` label of pdserve_kv_handoff_failures ("" when not a handoff failure)."""
-        return self.value[2]
+    def __new__(cls, status: grpc.StatusCode, failure_label: str, handoff_label: str = ""):
+        # Every cause is its own member (no aliases), even where two share a status and labels.
+        member = object.__new__(cls)
+        member._value_ = len(cls.__members__)
+        member.status = status                  # what a gRPC client sees
+        member.failure_label = failure_label    # the `reason` label of nv_inference_request_failure
+        member.handoff_label = handoff_label    # the `cause` label of pdserve_kv_handoff_failures, or ""
+        return member
 
 
 FAILURE_LABELS = tuple(dict.fromkeys(c.failure_label for c in Cause))

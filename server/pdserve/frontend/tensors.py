@@ -18,6 +18,7 @@ import numpy as np
 from pdserve.common.constants import MAX_PROMPT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.sampling import SamplingParams
+from pdserve.frontend import trtllm
 from pdserve.repository.config import INPUTS, OUTPUTS
 
 
@@ -135,7 +136,8 @@ def _flag(params: dict, key: str) -> bool:
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def parse_sampling_parameters(text: str | None) -> SamplingParams:
+def parse_sampling_parameters(text: str | None, extra: dict | None = None) -> SamplingParams:
+    """The JSON sampling_parameters, with `extra` (settings sent as their own tensors) on top."""
     params = {}
     if text:
         try:
@@ -145,6 +147,7 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
                                'JSON object such as {"max_tokens": 64, "temperature": 0}') from exc
         if not isinstance(params, dict):
             raise InvalidInput("sampling_parameters must be a JSON object such as {\"max_tokens\": 64}")
+    params = {**params, **(extra or {})}
     unknown = sorted(set(params) - set(SAMPLING_KEYS))
     if unknown:
         raise InvalidInput(f"sampling_parameters has unknown key(s) {unknown}; supported: {', '.join(SAMPLING_KEYS)}")
@@ -197,13 +200,18 @@ def parse_request(request) -> GenerationRequest:
         raise InvalidInput(f"the request has {len(request.inputs)} inputs but {len(request.raw_input_contents)} "
                            "raw_input_contents; send one raw content per input, or none")
     values: dict[str, object] = {}
+    trtllm_values: dict[str, list] = {}  # TensorRT-LLM-style settings, one tensor each
     for i, tensor in enumerate(request.inputs):
-        if tensor.name not in BOOL_INPUTS + BYTES_INPUTS:
-            raise InvalidInput(f"unexpected inference input '{tensor.name}' for model '{model}'; "
-                               f"expected inputs: {', '.join(BYTES_INPUTS + BOOL_INPUTS)}")
-        if tensor.name in values:
+        if tensor.name in values or tensor.name in trtllm_values:
             raise InvalidInput(f"input '{tensor.name}' is given twice; send it once")
         raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        if tensor.name not in BOOL_INPUTS + BYTES_INPUTS:
+            if tensor.name in trtllm.NAMES:
+                trtllm_values[tensor.name] = trtllm.read_tensor(tensor, raw, _deserialize_bytes)
+                continue
+            raise InvalidInput(f"unexpected inference input '{tensor.name}' for model '{model}'; "
+                               f"expected inputs: {', '.join(BYTES_INPUTS + BOOL_INPUTS)} "
+                               f"(or TensorRT-LLM-style: {', '.join(trtllm.NAMES)})")
         values[tensor.name] = _elements(tensor, raw)[0]
     if "text_input" not in values:
         raise InvalidInput(f"expected 'text_input' for model '{model}'; send the prompt as a BYTES tensor of shape [1]")
@@ -218,7 +226,8 @@ def parse_request(request) -> GenerationRequest:
     sampling_text = values.get("sampling_parameters")
     gen = GenerationRequest(
         prompt=_text(values["text_input"], "text_input"),
-        sampling=parse_sampling_parameters(_text(sampling_text, "sampling_parameters") if sampling_text else None),
+        sampling=parse_sampling_parameters(_text(sampling_text, "sampling_parameters") if sampling_text else None,
+                                           trtllm.sampling_from_tensors(trtllm_values)),
         stream=bool(values.get("stream", False)),
         exclude_input_in_output=values.get("exclude_input_in_output"),
         return_finish_reason=bool(values.get("return_finish_reason", False)),
