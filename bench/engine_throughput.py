@@ -49,7 +49,8 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
     return prompts
 
 
-def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int) -> dict:
+def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
+                 sweep: bool = True, return_tokens: bool = False) -> dict:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sequence import SamplingParams
@@ -68,12 +69,15 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
         for i, text in enumerate(batch):
             engine.add_request(f"r{i}", text, params)
         decode_times, prefill_time = [], 0.0
+        tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(batch))}
         start = time.perf_counter()
         while engine.has_work():
             t = time.perf_counter()
             prefill = bool(engine.scheduler.waiting)
             outputs = engine.step()
             dt = time.perf_counter() - t
+            for out in outputs:
+                tokens[out.request_id] += out.token_ids
             if prefill:
                 prefill_time += dt
             elif len(outputs) == len(batch):
@@ -81,16 +85,52 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
         wall = time.perf_counter() - start
         return {"requests": len(batch), "seconds": wall, "output_tokens_per_s": len(batch) * output_len / wall,
                 "prefill_seconds": prefill_time,
-                "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None}
+                "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None,
+                "token_ids": [tokens[f"r{i}"] for i in range(len(batch))]}
 
     rounds = [run(texts) for _ in range(ROUNDS)]
+    token_ids = rounds[0]["token_ids"]
+    for r in rounds:
+        r.pop("token_ids")
     main = median_round(rounds)
-    sweep = []
-    for batch_size in (1, 8, 16, 32, 64):
+    sizes = []
+    for batch_size in ((1, 8, 16, 32, 64) if sweep else ()):
         batch = (texts * (batch_size // len(texts) + 1))[:batch_size]
-        sweep.append(run(batch))
-    return {"workload": {**main, "rounds": rounds}, "sweep": sweep,
-            "prompt_tokens_mean": statistics.mean(len(tok.encode(t)) for t in texts)}
+        sizes.append(run(batch))
+        sizes[-1].pop("token_ids")
+    report = {"workload": {**main, "rounds": rounds}, "sweep": sizes,
+              "prompt_tokens_mean": statistics.mean(len(tok.encode(t)) for t in texts)}
+    if return_tokens:
+        report["token_ids"] = token_ids
+    return report
+
+
+def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int = 32, steps: int = 16) -> float:
+    """The engine's decode step (median ms) for `batch` sequences holding `context` tokens each:
+    the prompts are prefilled, then `steps` decode steps of the whole batch are timed."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import SamplingParams
+
+    block = 16
+    blocks = batch * ((context + steps + 2 * block) // block + 1)
+    engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=blocks,
+                                    max_model_len=context + steps + 2 * block, max_num_seqs=batch,
+                                    max_num_batched_tokens=max(8192, context)))
+    tok = engine.tokenizer
+    prompts = make_prompts(tok, batch, context, seed=1)
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"c{i}", tok.decode(p), params)
+    times = []
+    while engine.has_work():
+        prefill = bool(engine.scheduler.waiting)
+        t = time.perf_counter()
+        outputs = engine.step()
+        dt = time.perf_counter() - t
+        if not prefill and len(outputs) == batch:
+            times.append(dt)
+    return 1000 * statistics.median(times[1:] if len(times) > 2 else times)
 
 
 def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], output_len: int) -> dict:
