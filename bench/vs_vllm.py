@@ -88,7 +88,7 @@ def vllm_child(args) -> None:
     requests = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     rounds, tokens = [], None
-    for _ in range(ROUNDS):
+    for _ in range(args.vllm_rounds):
         start = time.perf_counter()
         outs = llm.generate(requests, params, use_tqdm=False)
         wall = time.perf_counter() - start
@@ -102,7 +102,8 @@ def vllm_child(args) -> None:
         json.dump(result, f)
 
 
-def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool) -> dict:
+def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
+               rounds: int = ROUNDS) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
     env.pop("PYTHONPATH", None)
     if all_cores:
@@ -112,7 +113,7 @@ def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_le
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
-           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out]
+           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out, "--vllm-rounds", str(rounds)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -187,6 +188,10 @@ def main() -> None:
     ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV", "/work/vllm-venv"))
     ap.add_argument("--skip", action="append", default=[],
                     choices=["vllm", "vllm-default", "engine", "server", "long-context"])
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's figures to the existing --json report (the parts a run skips are "
+                         "kept from before: lets a slow machine run the parts in separate invocations)")
+    ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
@@ -222,15 +227,23 @@ def main() -> None:
               "torch": torch.__version__, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
               "workload": {"requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len},
               "prompt_ids_round_trip_stable": stable, "results": {}}
+    previous = {}
+    if args.merge and os.path.exists(args.json):
+        with open(args.json) as f:
+            previous = json.load(f)
+        report["results"] = previous.get("results", {})
+        report["runs"] = previous.get("runs", []) + previous.get("this_run", [])
+    report["this_run"] = [{"date": report["date"], "command": report["command"]}]
     python = None if "vllm" in args.skip else ensure_vllm(args.vllm_venv)
     for dtype in args.dtypes.split(","):
-        r: dict = {}
-        report["results"][dtype] = r
+        r: dict = report["results"].setdefault(dtype, {})
         if python:
             if "vllm-default" not in args.skip:
-                r["vllm_default"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, False)
+                r["vllm_default"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, False,
+                                               args.vllm_rounds)
                 print(dtype, "vLLM default:", f"{r['vllm_default']['output_tokens_per_s']:.0f} tok/s", flush=True)
-            r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True)
+            r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
+                                             args.vllm_rounds)
             print(dtype, "vLLM all cores:", f"{r['vllm_all_cores']['output_tokens_per_s']:.0f} tok/s", flush=True)
         if "engine" not in args.skip:
             eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
@@ -238,7 +251,7 @@ def main() -> None:
             r["engine"] = eng["workload"]
             print(dtype, "pdserve engine:", f"{r['engine']['output_tokens_per_s']:.0f} tok/s, decode step "
                   f"{r['engine']['decode_step_ms']:.1f} ms", flush=True)
-            if "vllm_all_cores" in r:
+            if r.get("vllm_all_cores", {}).get("token_ids"):
                 r["token_agreement"] = token_agreement(eng["token_ids"], r["vllm_all_cores"]["token_ids"])
         if "server" not in args.skip:
             texts = [tokenizer.decode(p) for p in prompts]
@@ -250,14 +263,11 @@ def main() -> None:
             print(dtype, "decode step at 32 x 256 / 32 x 1024 context:",
                   f"{r['long_context']['256']:.1f} / {r['long_context']['1024']:.1f} ms", flush=True)
     os.unlink(prompts_file)
-    for r in report["results"].values():
-        for key in ("vllm_default", "vllm_all_cores"):
-            if key in r:
-                r[key].pop("token_ids", None)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    text = f"`{report['command']}`, {report['date']}, torch {report['torch']}\n\n" + table(report)
+    runs = report.get("runs", []) + report["this_run"]
+    text = "".join(f"`{r['command']}`, {r['date']}\n" for r in runs) + f"torch {report['torch']}\n\n" + table(report)
     with open(args.table, "w") as f:
         f.write(text)
     plot(report, args.png)

@@ -206,9 +206,122 @@ static void decode_kernel(torch::Tensor& out, const torch::Tensor& q, const torc
   });
 }
 
+#ifdef PDSERVE_AVX2
+// The same attention in one pass over the context (online softmax, block by block): each block's
+// keys and values (adjacent in the pool) are read together, and the next block is prefetched.
+template <typename T, int D>
+static void decode_kernel_avx2(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
+                               const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t BS = kv.size(3), KVH = kv.size(4);
+  const int64_t G = H / KVH;
+  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
+  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t tab_stride = tables.stride(0);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
+  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
+  const int64_t per = KVH / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = per * G;
+    std::vector<float> qf(nh * D), acc(nh * D), sc(nh * BS), mx(nh), sum(nh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      for (int64_t h = 0; h < nh; ++h) {
+        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(qp[b * qs_b + (g0 * G + h) * qs_h + d]) * scale;
+        mx[h] = -INFINITY;
+        sum[h] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
+        const T* vb = kb + s_kv;
+        const int64_t m = std::min(BS, n - t0);
+        if (t0 + BS < n) {
+          const T* nb = base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head;
+          for (int64_t j = 0; j < BS; ++j) {
+            prefetch_row(nb + j * s_tok, per * s_head);
+            prefetch_row(nb + s_kv + j * s_tok, per * s_head);
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t g = 0; g < per; ++g) {
+            const T* kp = kb + j * s_tok + g * s_head;
+            __m256 k[D / 8];
+            for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = &qf[(g * G + i) * D];
+              __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
+              for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
+              sc[(g * G + i) * BS + j] = hsum8(a);
+            }
+          }
+        }
+        for (int64_t h = 0; h < nh; ++h) {
+          float* s = &sc[h * BS];
+          float bm = mx[h];
+          for (int64_t j = 0; j < m; ++j) bm = std::max(bm, s[j]);
+          if (bm > mx[h]) {
+            const float corr = std::exp(mx[h] - bm);   // 0 for the first block
+            sum[h] *= corr;
+            const __m256 vc = _mm256_set1_ps(corr);
+            float* ah = &acc[h * D];
+            for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(ah + 8 * c, _mm256_mul_ps(vc, _mm256_loadu_ps(ah + 8 * c)));
+            mx[h] = bm;
+          }
+          int64_t j = 0;
+          __m256 vs = _mm256_setzero_ps();
+          const __m256 vm = _mm256_set1_ps(bm);
+          for (; j + 8 <= m; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+            _mm256_storeu_ps(s + j, e);
+            vs = _mm256_add_ps(vs, e);
+          }
+          float total = hsum8(vs);
+          for (; j < m; ++j) { s[j] = std::exp(s[j] - bm); total += s[j]; }
+          sum[h] += total;
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t g = 0; g < per; ++g) {
+            const T* vp = vb + j * s_tok + g * s_head;
+            __m256 v[D / 8];
+            for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const __m256 p = _mm256_set1_ps(sc[(g * G + i) * BS + j]);
+              float* ah = &acc[(g * G + i) * D];
+              for (int c = 0; c < D / 8; ++c)
+                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        const float inv = 1.f / sum[h];
+        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, &op[(b * H + g0 * G + h) * D + d]);
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 static void dispatch_dim(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
                          const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
+#ifdef PDSERVE_AVX2
+  switch (q.size(2)) {
+    case 64: return decode_kernel_avx2<T, 64>(out, q, kv, layer, tables, lens, scale);
+    case 128: return decode_kernel_avx2<T, 128>(out, q, kv, layer, tables, lens, scale);
+    case 16: return decode_kernel_avx2<T, 16>(out, q, kv, layer, tables, lens, scale);
+    case 32: return decode_kernel_avx2<T, 32>(out, q, kv, layer, tables, lens, scale);
+    case 256: return decode_kernel_avx2<T, 256>(out, q, kv, layer, tables, lens, scale);
+    case 80: return decode_kernel_avx2<T, 80>(out, q, kv, layer, tables, lens, scale);
+    case 96: return decode_kernel_avx2<T, 96>(out, q, kv, layer, tables, lens, scale);
+    default: break;
+  }
+#endif
   switch (q.size(2)) {
     case 64: return decode_kernel<T, 64>(out, q, kv, layer, tables, lens, scale);
     case 128: return decode_kernel<T, 128>(out, q, kv, layer, tables, lens, scale);
