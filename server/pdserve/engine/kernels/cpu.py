@@ -39,6 +39,7 @@ _CPP = r"""
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <cstdlib>
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) {
@@ -240,14 +241,10 @@ static void decode_kernel_avx2(torch::Tensor& out, const torch::Tensor& q, const
         const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
         const T* vb = kb + s_kv;
         const int64_t m = std::min(BS, n - t0);
-        if (t0 + BS < n) {
-          const T* nb = base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head;
-          for (int64_t j = 0; j < BS; ++j) {
-            prefetch_row(nb + j * s_tok, per * s_head);
-            prefetch_row(nb + s_kv + j * s_tok, per * s_head);
-          }
-        }
+        // the next block's rows are fetched a row per token, spread over this block's work
+        const T* nb = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head : nullptr;
         for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + j * s_tok, per * s_head);
           for (int64_t g = 0; g < per; ++g) {
             const T* kp = kb + j * s_tok + g * s_head;
             __m256 k[D / 8];
@@ -285,6 +282,7 @@ static void decode_kernel_avx2(torch::Tensor& out, const torch::Tensor& q, const
           sum[h] += total;
         }
         for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + s_kv + j * s_tok, per * s_head);
           for (int64_t g = 0; g < per; ++g) {
             const T* vp = vb + j * s_tok + g * s_head;
             __m256 v[D / 8];
@@ -311,7 +309,8 @@ template <typename T>
 static void dispatch_dim(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
                          const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
 #ifdef PDSERVE_AVX2
-  switch (q.size(2)) {
+  static const bool two_pass = std::getenv("PDSERVE_CPU_DECODE_TWO_PASS") != nullptr;  // A/B measurements
+  if (!two_pass) switch (q.size(2)) {
     case 64: return decode_kernel_avx2<T, 64>(out, q, kv, layer, tables, lens, scale);
     case 128: return decode_kernel_avx2<T, 128>(out, q, kv, layer, tables, lens, scale);
     case 16: return decode_kernel_avx2<T, 16>(out, q, kv, layer, tables, lens, scale);
