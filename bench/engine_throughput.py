@@ -9,6 +9,9 @@ Measured in this one process, one after the other, on the same machine:
     at the same batch size (prefill, then one forward per decode step with its KV cache).
 
     python bench/engine_throughput.py [--dtype float32] [--device cpu] [--json bench/out/engine.json]
+
+bench/vs_vllm.py reuses bench_engine, bench_server and decode_step_ms (the decode step at a given
+context length, for the long-context target) from here.
 """
 from __future__ import annotations
 
