@@ -20,8 +20,9 @@ test: setup demo-model
 setup: system-deps venv proto
 
 # Debian packages: etcd (cluster membership), the libraries Mooncake's transfer engine
-# loads, and Prometheus (the dashboards test). apt runs only for what is missing.
-SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus
+# loads, Prometheus (the dashboards test), and g++ with ninja, which build the engine's CPU
+# attention kernel at first use. apt runs only for what is missing.
+SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus g++ ninja-build
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -1,4 +1,5 @@
-"""Engine throughput on DESIGN.md's workload, against transformers, in one run.
+"""Engine throughput on the reference workload (32 x 256 prompt x 128 greedy tokens), against
+transformers, in one run.
 
 Workload: 32 requests x 256 prompt tokens x 128 greedy output tokens (ignore_eos), offline.
 Measured in this one process, one after the other, on the same machine:
@@ -9,6 +10,9 @@ Measured in this one process, one after the other, on the same machine:
     at the same batch size (prefill, then one forward per decode step with its KV cache).
 
     python bench/engine_throughput.py [--dtype float32] [--device cpu] [--json bench/out/engine.json]
+
+bench/vs_vllm.py reuses bench_engine, bench_server and decode_step_ms (the decode step at a given
+context length, for the long-context target) from here.
 """
 from __future__ import annotations
 
@@ -49,31 +53,33 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
     return prompts
 
 
-def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int) -> dict:
+def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
+                 sweep: bool = True, return_tokens: bool = False) -> dict:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sequence import SamplingParams
 
     engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
                                     max_model_len=1024, max_num_seqs=256))
-    tok = engine.tokenizer
-    texts = [tok.decode(p) for p in prompts]
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     # warm-up
-    engine.add_request("warm", texts[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("warm", prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     while engine.has_work():
         engine.step()
 
-    def run(batch: list[str]) -> dict:
-        for i, text in enumerate(batch):
-            engine.add_request(f"r{i}", text, params)
+    def run(batch: list[list[int]]) -> dict:
+        for i, token_ids in enumerate(batch):   # the same token ids every system gets
+            engine.add_request(f"r{i}", token_ids, params)
         decode_times, prefill_time = [], 0.0
+        tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(batch))}
         start = time.perf_counter()
         while engine.has_work():
             t = time.perf_counter()
             prefill = bool(engine.scheduler.waiting)
             outputs = engine.step()
             dt = time.perf_counter() - t
+            for out in outputs:
+                tokens[out.request_id] += list(out.token_ids)
             if prefill:
                 prefill_time += dt
             elif len(outputs) == len(batch):
@@ -81,16 +87,52 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
         wall = time.perf_counter() - start
         return {"requests": len(batch), "seconds": wall, "output_tokens_per_s": len(batch) * output_len / wall,
                 "prefill_seconds": prefill_time,
-                "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None}
+                "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None,
+                "token_ids": [tokens[f"r{i}"] for i in range(len(batch))]}
 
-    rounds = [run(texts) for _ in range(ROUNDS)]
+    rounds = [run(prompts) for _ in range(ROUNDS)]
+    token_ids = rounds[0]["token_ids"]
+    for r in rounds:
+        r.pop("token_ids")
     main = median_round(rounds)
-    sweep = []
-    for batch_size in (1, 8, 16, 32, 64):
-        batch = (texts * (batch_size // len(texts) + 1))[:batch_size]
-        sweep.append(run(batch))
-    return {"workload": {**main, "rounds": rounds}, "sweep": sweep,
-            "prompt_tokens_mean": statistics.mean(len(tok.encode(t)) for t in texts)}
+    sizes = []
+    for batch_size in ((1, 8, 16, 32, 64) if sweep else ()):
+        batch = (prompts * (batch_size // len(prompts) + 1))[:batch_size]
+        sizes.append(run(batch))
+        sizes[-1].pop("token_ids")
+    report = {"workload": {**main, "rounds": rounds}, "sweep": sizes,
+              "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
+    if return_tokens:
+        report["token_ids"] = token_ids
+    return report
+
+
+def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int = 32, steps: int = 16) -> float:
+    """The engine's decode step (median ms) for `batch` sequences holding `context` tokens each:
+    the prompts are prefilled, then `steps` decode steps of the whole batch are timed."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import SamplingParams
+
+    block = 16
+    blocks = batch * ((context + steps + 2 * block) // block + 1)
+    engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=blocks,
+                                    max_model_len=context + steps + 2 * block, max_num_seqs=batch,
+                                    max_num_batched_tokens=max(8192, context)))
+    tok = engine.tokenizer
+    prompts = make_prompts(tok, batch, context, seed=1)
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"c{i}", p, params)
+    times = []
+    while engine.has_work():
+        prefill = bool(engine.scheduler.waiting)
+        t = time.perf_counter()
+        outputs = engine.step()
+        dt = time.perf_counter() - t
+        if not prefill and len(outputs) == batch:
+            times.append(dt)
+    return 1000 * statistics.median(times[1:] if len(times) > 2 else times)
 
 
 def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], output_len: int) -> dict:

@@ -8,6 +8,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import DEMO_MODEL, PdServer, add_model, make_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Builds (or finds cached) the engine's C++ CPU attention kernel once, before any engine
+    starts: a cold build takes about a minute on 2 cores, longer than a test waits for READY."""
+    from pdserve.engine.kernels.cpu import paged_decode_extension
+    paged_decode_extension()
+
+
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> str:
     """A 2-layer Qwen2 with a 1024-token tokenizer: engines start and generate fast."""

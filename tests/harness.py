@@ -46,7 +46,8 @@ def write_config(model_dir: str, text: str) -> None:
 def config_text(role_groups=(("BOTH", "cpu"),), **params) -> str:
     groups = ",\n".join(f'  {{ role: {role} devices: [ "{device}" ] }}' for role, device in role_groups)
     lines = [f"instance_group [\n{groups}\n]"]
-    defaults = {"max_model_len": 512, "kv_cache_blocks": 256, "max_num_seqs": 32}
+    # float32: the equality tests compare tokens exactly (dtype auto would pick bf16 on some CPUs)
+    defaults = {"dtype": "float32", "max_model_len": 512, "kv_cache_blocks": 256, "max_num_seqs": 32}
     for key, value in {**defaults, **params}.items():
         lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"

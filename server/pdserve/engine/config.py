@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+# auto: bfloat16 where the hardware computes it natively, float32 otherwise (model_runner.resolve_dtype)
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
 class EngineConfig:
     model_path: str
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_model_len: int = 0            # 0: the model's max_position_embeddings
     kv_block_size: int = 16
     kv_cache_blocks: int = 0          # 0: sized from kv_cache_memory_fraction

@@ -15,6 +15,7 @@ from pdserve.engine.block_manager import blocks_needed
 from pdserve.engine.config import EngineConfig
 from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
+from pdserve.engine.kernels import kernels_for
 from pdserve.engine.models.llama import build_model
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sequence import Sequence
@@ -47,11 +48,30 @@ def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
     return ids
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware computes it natively (GPUs, NPUs, CPUs with
+    avx512_bf16, AMX or avx_ne_convert), float32 otherwise. Any other name is taken as is."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        chosen, why = (torch.bfloat16, "GPU with bf16") if torch.cuda.is_bf16_supported() else (torch.float32, "GPU without bf16")
+    elif device.type == "npu":
+        chosen, why = torch.bfloat16, "NPU"
+    else:
+        from pdserve.engine.kernels.cpu import native_bf16
+        chosen, why = ((torch.bfloat16, "CPU with native bf16 (avx512_bf16 / AMX / avx_ne_convert)") if native_bf16()
+                       else (torch.float32, "CPU without native bf16 (no avx512_bf16, AMX or avx_ne_convert)"))
+    log.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
+    return chosen
+
+
 class ModelRunner:
+    PREFILL_GROUP_TOKENS = 512
+
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.device = open_device(parse_device(cfg.device))
-        self.dtype = getattr(torch, cfg.dtype)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         state = load_state_dict(cfg.model_path)
@@ -63,13 +83,33 @@ class ModelRunner:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq.data = self.model.inv_freq.data.float()
+        self.kernels = kernels_for(self.device, self.dtype)
+        self.model.prepare(self.kernels)
+        log.info("%s", self.kernels.describe())
         self.eos_ids = eos_token_ids(cfg.model_path, self.hf_config, self.tokenizer)
         self.max_model_len = cfg.max_model_len or self.hf_config.max_position_embeddings
         self.block_size = cfg.kv_block_size
         self.kv_cache = self._allocate_kv_cache()
         self.num_blocks = self.kv_cache.shape[0]
         self.sampler = Sampler(self.device, cfg.seed)
-        self.vocab_size = self.model.lm_head.out_features
+        self.vocab_size = self.model.vocab_size
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny prefill and decode at load (before READY), so the first request does not pay
+        for kernel builds, oneDNN primitive creation or first-call allocations. It writes two
+        slots of block 0, which the block manager has not handed out yet."""
+        blocks = self._tensor([0, 0])
+        offsets = self._tensor([0, 1])
+        with torch.inference_mode():
+            meta = AttentionMetadata(is_prefill=True, slot_blocks=blocks, slot_offsets=offsets,
+                                     last_token_indices=self._tensor([1]), prefill_bounds=[(0, 2)],
+                                     prefill_cached=[0], prefill_block_tables=[None])
+            self.model(self._tensor([0, 0]), self._tensor([0, 1]), self.kv_cache, meta)
+            meta = AttentionMetadata(is_prefill=False, slot_blocks=blocks[:1], slot_offsets=self._tensor([2]),
+                                     last_token_indices=self._tensor([0]), block_tables=self._tensor([[0]]),
+                                     context_lens=self._tensor([3]))
+            self.model(self._tensor([0]), self._tensor([2]), self.kv_cache, meta)
 
     # ---- the KV pool -------------------------------------------------------------------
     def _kv_block_shape(self) -> tuple[int, ...]:
@@ -107,8 +147,11 @@ class ModelRunner:
 
     def _prepare_prefill(self, seqs: list[Sequence]):
         input_ids, positions, slot_blocks, slot_offsets, bounds, last = [], [], [], [], [], []
+        cached, tables = [], []
         for seq in seqs:
             start, end = seq.num_cached_tokens, seq.num_tokens
+            cached.append(start)
+            tables.append(self._tensor(seq.block_table) if start else None)
             begin = len(input_ids)
             input_ids += seq.all_token_ids[start:end]
             positions += range(start, end)
@@ -119,7 +162,8 @@ class ModelRunner:
             last.append(len(input_ids) - 1)
         meta = AttentionMetadata(
             is_prefill=True, slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
-            last_token_indices=self._tensor(last), prefill_bounds=bounds)
+            last_token_indices=self._tensor(last), prefill_bounds=bounds, prefill_cached=cached,
+            prefill_block_tables=tables)
         return self._tensor(input_ids), self._tensor(positions), meta
 
     def _prepare_decode(self, seqs: list[Sequence]):
@@ -129,13 +173,10 @@ class ModelRunner:
         slot_offsets = [p % self.block_size for p in positions]
         max_blocks = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
-        context_lens = self._tensor([seq.num_tokens for seq in seqs])
-        span = torch.arange(max_blocks * self.block_size, device=self.device)
-        mask = (span[None, :] < context_lens[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             is_prefill=False, slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
             last_token_indices=torch.arange(len(seqs), device=self.device),
-            block_tables=self._tensor(tables), context_lens=context_lens, context_mask=mask)
+            block_tables=self._tensor(tables), context_lens=self._tensor([seq.num_tokens for seq in seqs]))
         return self._tensor(input_ids), self._tensor(positions), meta
 
     def _tensor(self, values) -> torch.Tensor:
@@ -144,6 +185,28 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """Computes one step for the batch and returns one sampled token per sequence."""
+        if is_prefill:
+            # A prefill of many prompts runs as forwards of about PREFILL_GROUP_TOKENS each (whole
+            # sequences): the activations then stay in cache (measured 10-20% faster on CPU for
+            # 32 x 256 tokens than one 8192-token forward). Results are the same either way.
+            tokens = []
+            for group in self._prefill_groups(seqs):
+                tokens += self._run(group, True)
+            return tokens
+        return self._run(seqs, False)
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        groups, current, size = [], [], 0
+        for seq in seqs:
+            n = seq.num_tokens - seq.num_cached_tokens
+            if current and size + n > self.PREFILL_GROUP_TOKENS:
+                groups.append(current)
+                current, size = [], 0
+            current.append(seq)
+            size += n
+        return groups + [current] if current else groups
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         input_ids, positions, meta = prepare(seqs)
         logits = self.model(input_ids, positions, self.kv_cache, meta)

@@ -1,13 +1,13 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3) in plain torch over a paged KV cache.
 
 Weights and hyper-parameters come from a transformers checkpoint (config.json and
-*.safetensors, transformers' parameter names). Attention runs through engine.attention,
-the one place a device kernel (torch_npu, flash attention) would plug in.
+*.safetensors, transformers' parameter names). Every operation of the layer body (linears,
+RMSNorm, residual add + RMSNorm, rotary embedding, SiLU-and-mul, paged attention) goes through
+the device's kernel set (engine/kernels/), so each device runs its fast path behind one interface.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.attention import AttentionMetadata, paged_attention
@@ -37,18 +37,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in float32 like transformers, so low-precision outputs match it.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx: int, qkv_bias: bool, qk_norm: bool):
@@ -64,17 +52,29 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
-    def forward(self, h, cos, sin, kv_cache, meta: AttentionMetadata):
-        tokens = h.shape[0]
-        q = self.q_proj(h).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
+    def fuse(self, kernels) -> None:
+        """One QKV linear instead of three (weights concatenated once, at load)."""
+        p = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
+        self.qkv = kernels.linear(torch.cat([m.weight for m in p]).detach(), None if bias is None else bias.detach())
+        self.out = kernels.linear(self.o_proj.weight.detach())
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+
+    def forward(self, kernels, x, cos, sin, kv_cache, meta: AttentionMetadata):
+        tokens = x.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = paged_attention(q, k, v, kv_cache, self.layer_idx, meta)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+            q = kernels.rms_norm(qkv[:, :h * d].view(tokens, h, d), self.q_norm.weight, self.q_norm.eps)
+            k = kernels.rms_norm(qkv[:, h * d:(h + kvh) * d].view(tokens, kvh, d), self.k_norm.weight, self.k_norm.eps)
+            q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+        else:
+            # q and k side by side in the QKV output: one rotary pass for both
+            qk = kernels.rope(qkv[:, :(h + kvh) * d].view(tokens, h + kvh, d), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kvh) * d:].view(tokens, kvh, d)
+        out = paged_attention(kernels, q, k, v, kv_cache, self.layer_idx, meta)
+        return self.out(out.reshape(tokens, h * d))
 
 
 class MLP(nn.Module):
@@ -84,8 +84,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self, kernels) -> None:
+        """One gate_up linear instead of two (weights concatenated once, at load)."""
+        self.gate_up = kernels.linear(torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach())
+        self.down = kernels.linear(self.down_proj.weight.detach())
+        del self.gate_proj, self.up_proj, self.down_proj
+
+    def forward(self, kernels, x):
+        return self.down(kernels.silu_and_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -96,9 +102,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, kernels, h, residual, cos, sin, kv_cache, meta):
+        """h: the previous layer's output, not yet added to the residual stream (None at layer 0,
+        where h is the embedding). Returns (this layer's MLP output, the residual stream)."""
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual, x = h, kernels.rms_norm(h, ln1.weight, ln1.eps)
+        else:
+            x, residual = kernels.add_rms_norm(h, residual, ln1.weight, ln1.eps)
+        h = self.self_attn(kernels, x, cos, sin, kv_cache, meta)
+        x, residual = kernels.add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        return self.mlp(kernels, x), residual
 
 
 class Backbone(nn.Module):
@@ -111,7 +125,8 @@ class Backbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameter names follow transformers so a checkpoint's state dict loads as is."""
+    """Parameter names follow transformers so a checkpoint's state dict loads as is; prepare()
+    then fuses the layer body's linears for the device's kernel set."""
 
     def __init__(self, config, qkv_bias: bool, qk_norm: bool):
         super().__init__()
@@ -120,6 +135,19 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, self.rope_scaling = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.kernels = None
+        self.vocab_size = config.vocab_size
+
+    @torch.no_grad()
+    def prepare(self, kernels) -> None:
+        """After the weights are on the device in their dtype: concatenated QKV and gate_up
+        linears, every linear's weight prepared (prepacked) by the kernel set."""
+        self.kernels = kernels
+        for layer in self.model.layers:
+            layer.self_attn.fuse(kernels)
+            layer.mlp.fuse(kernels)
+        self.head = kernels.linear(self.lm_head.weight.detach())
+        del self.lm_head
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -130,12 +158,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Returns the logits of the last token of every sequence, [num_seqs, vocab]."""
+        kernels = self.kernels
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, kv_cache, meta)
-        h = self.model.norm(h[meta.last_token_indices])
-        return self.lm_head(h)
+            h, residual = layer(kernels, h, residual, cos, sin, kv_cache, meta)
+        last = meta.last_token_indices
+        norm = self.model.norm
+        h, _ = kernels.add_rms_norm(h[last], residual[last], norm.weight, norm.eps)
+        return self.head(h)
 
 
 def build_model(config, state_dict_keys) -> LlamaForCausalLM:

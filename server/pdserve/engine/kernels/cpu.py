@@ -1,0 +1,515 @@
+"""CPU kernels: oneDNN linears with prepacked weights, decode attention straight from the paged
+pool (a small C++ kernel, no gather), 4-D SDPA for prefill.
+
+Why each piece (measured on 2-core AMD EPYC VMs, see docs/engine.md and bench/RESULTS.md):
+- Linears: MKL's sgemm repacks the weight on every call; at decode sizes (32 rows) that costs
+  about as much as the multiply. oneDNN with the weight reordered once at load
+  (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise) skips it. In bfloat16 oneDNN
+  needs native bf16 support (avx512_bf16, AMX or avx_ne_convert); without it torch's own bf16
+  GEMM is slow, so the weights are kept in float32 for the GEMM (see `_bf16_native`).
+- Decode attention: gathering each sequence's blocks into a padded tensor reads and writes the
+  whole context twice per layer and allocates it fresh every step; the kernel below walks the
+  block table and reads every key and value once, in place, with an online softmax per head
+  group (GQA heads share each key load). It is compiled at first use with the host's compiler
+  (torch.utils.cpp_extension, cached per CPU type); if that fails, a gather into reused buffers
+  followed by grouped matmuls runs instead.
+- Prefill: 4-D inputs to SDPA take torch's flash kernel for CPU (3-D inputs fall back to the
+  math kernel), from kernels/reference.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.kernels.reference import Linear, TorchKernels
+
+log = logging.getLogger(__name__)
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <cstdlib>
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(at::BFloat16 x) {
+  uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline void from_float(float x, float* p) { *p = x; }
+static inline void from_float(float x, at::BFloat16* p) { *p = at::BFloat16(x); }
+
+template <typename T>
+static inline void prefetch_row(const T* p, int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elems * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PDSERVE_AVX2 1
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::BFloat16* p) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+static inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+// exp for x <= 0 (scores minus their maximum): Cephes' expf polynomial, about 1 ulp.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// out[b, h, :] = softmax(q[b, h] . K[b]^T * scale) V[b], K and V read in place from the pool
+// [num_blocks, layers, 2, block_size, kv_heads, dim] through block_tables[b] for context_lens[b] tokens.
+// One task is one sequence and a range of its KV heads (all of them when there are enough
+// sequences to keep every thread busy): the keys of one token for those heads are one
+// contiguous row, read once; the query heads of a GQA group share each key and value load.
+template <typename T, int D>
+static void decode_kernel(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
+                          const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t BS = kv.size(3), KVH = kv.size(4);
+  const int64_t G = H / KVH;
+  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
+  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t tab_stride = tables.stride(0);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
+  int64_t max_len = 1;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, len[b]);
+  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;   // KV-head ranges per sequence
+  const int64_t per = KVH / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(per * G * max_len), qf(per * G * D), acc(per * G * D), row(D);
+    std::vector<float> inv(per * G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      const int64_t nh = per * G;   // query heads of this task: g0 * G .. (g0 + per) * G
+      for (int64_t h = 0; h < nh; ++h)
+        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(qp[b * qs_b + (g0 * G + h) * qs_h + d]) * scale;
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block;
+        const int64_t m = std::min(BS, n - t0);
+        // blocks are scattered: fetch the next one's rows while this one is computed
+        const T* kn = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block : nullptr;
+        for (int64_t j = 0; j < m; ++j) {
+          if (kn) prefetch_row(kn + j * s_tok + g0 * s_head, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* kp = kb + j * s_tok + (g0 + g) * s_head;
+#ifdef PDSERVE_AVX2
+            if constexpr (D % 8 == 0) {
+              __m256 k[D / 8];
+              for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
+              for (int64_t i = 0; i < G; ++i) {
+                const float* qh = &qf[(g * G + i) * D];
+                __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
+                for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
+                scores[(g * G + i) * max_len + t0 + j] = hsum8(a);
+              }
+              continue;
+            }
+#endif
+            for (int d = 0; d < D; ++d) row[d] = to_float(kp[d]);
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = &qf[(g * G + i) * D];
+              float a = 0.f;
+#pragma omp simd reduction(+:a)
+              for (int d = 0; d < D; ++d) a += qh[d] * row[d];
+              scores[(g * G + i) * max_len + t0 + j] = a;
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        float* s = &scores[h * max_len];
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+        float sum = 0.f;
+        int64_t t = 0;
+#ifdef PDSERVE_AVX2
+        __m256 vsum = _mm256_setzero_ps(), vmx = _mm256_set1_ps(mx);
+        for (; t + 8 <= n; t += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+          _mm256_storeu_ps(s + t, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum8(vsum);
+#endif
+        for (; t < n; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+        inv[h] = 1.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* vb = base + tab[b * tab_stride + t0 / BS] * s_block + s_kv;
+        const int64_t m = std::min(BS, n - t0);
+        const T* vn = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block + s_kv : nullptr;
+        for (int64_t j = 0; j < m; ++j) {
+          if (vn) prefetch_row(vn + j * s_tok + g0 * s_head, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* vp = vb + j * s_tok + (g0 + g) * s_head;
+#ifdef PDSERVE_AVX2
+            if constexpr (D % 8 == 0) {
+              __m256 v[D / 8];
+              for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
+              for (int64_t i = 0; i < G; ++i) {
+                const __m256 p = _mm256_set1_ps(scores[(g * G + i) * max_len + t0 + j]);
+                float* ah = &acc[(g * G + i) * D];
+                for (int c = 0; c < D / 8; ++c)
+                  _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
+              }
+              continue;
+            }
+#endif
+            for (int d = 0; d < D; ++d) row[d] = to_float(vp[d]);
+            for (int64_t i = 0; i < G; ++i) {
+              const float p = scores[(g * G + i) * max_len + t0 + j];
+              float* ah = &acc[(g * G + i) * D];
+#pragma omp simd
+              for (int d = 0; d < D; ++d) ah[d] += p * row[d];
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h)
+        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv[h], &op[(b * H + g0 * G + h) * D + d]);
+    }
+  });
+}
+
+#ifdef PDSERVE_AVX2
+// The same attention in one pass over the context (online softmax, block by block): each block's
+// keys and values (adjacent in the pool) are read together, and the next block is prefetched.
+template <typename T, int D>
+static void decode_kernel_avx2(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
+                               const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t BS = kv.size(3), KVH = kv.size(4);
+  const int64_t G = H / KVH;
+  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
+  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t tab_stride = tables.stride(0);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
+  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
+  const int64_t per = KVH / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = per * G;
+    std::vector<float> qf(nh * D), acc(nh * D), sc(nh * BS), mx(nh), sum(nh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      for (int64_t h = 0; h < nh; ++h) {
+        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(qp[b * qs_b + (g0 * G + h) * qs_h + d]) * scale;
+        mx[h] = -INFINITY;
+        sum[h] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
+        const T* vb = kb + s_kv;
+        const int64_t m = std::min(BS, n - t0);
+        // the next block's rows are fetched a row per token, spread over this block's work
+        const T* nb = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head : nullptr;
+        for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + j * s_tok, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* kp = kb + j * s_tok + g * s_head;
+            __m256 k[D / 8];
+            for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = &qf[(g * G + i) * D];
+              __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
+              for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
+              sc[(g * G + i) * BS + j] = hsum8(a);
+            }
+          }
+        }
+        for (int64_t h = 0; h < nh; ++h) {
+          float* s = &sc[h * BS];
+          float bm = mx[h];
+          for (int64_t j = 0; j < m; ++j) bm = std::max(bm, s[j]);
+          if (bm > mx[h]) {
+            const float corr = std::exp(mx[h] - bm);   // 0 for the first block
+            sum[h] *= corr;
+            const __m256 vc = _mm256_set1_ps(corr);
+            float* ah = &acc[h * D];
+            for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(ah + 8 * c, _mm256_mul_ps(vc, _mm256_loadu_ps(ah + 8 * c)));
+            mx[h] = bm;
+          }
+          int64_t j = 0;
+          __m256 vs = _mm256_setzero_ps();
+          const __m256 vm = _mm256_set1_ps(bm);
+          for (; j + 8 <= m; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+            _mm256_storeu_ps(s + j, e);
+            vs = _mm256_add_ps(vs, e);
+          }
+          float total = hsum8(vs);
+          for (; j < m; ++j) { s[j] = std::exp(s[j] - bm); total += s[j]; }
+          sum[h] += total;
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + s_kv + j * s_tok, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* vp = vb + j * s_tok + g * s_head;
+            __m256 v[D / 8];
+            for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const __m256 p = _mm256_set1_ps(sc[(g * G + i) * BS + j]);
+              float* ah = &acc[(g * G + i) * D];
+              for (int c = 0; c < D / 8; ++c)
+                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        const float inv = 1.f / sum[h];
+        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, &op[(b * H + g0 * G + h) * D + d]);
+      }
+    }
+  });
+}
+#endif
+
+template <typename T>
+static void dispatch_dim(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
+                         const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
+#ifdef PDSERVE_AVX2
+  static const bool two_pass = std::getenv("PDSERVE_CPU_DECODE_TWO_PASS") != nullptr;  // A/B measurements
+  if (!two_pass) switch (q.size(2)) {
+    case 64: return decode_kernel_avx2<T, 64>(out, q, kv, layer, tables, lens, scale);
+    case 128: return decode_kernel_avx2<T, 128>(out, q, kv, layer, tables, lens, scale);
+    case 16: return decode_kernel_avx2<T, 16>(out, q, kv, layer, tables, lens, scale);
+    case 32: return decode_kernel_avx2<T, 32>(out, q, kv, layer, tables, lens, scale);
+    case 256: return decode_kernel_avx2<T, 256>(out, q, kv, layer, tables, lens, scale);
+    case 80: return decode_kernel_avx2<T, 80>(out, q, kv, layer, tables, lens, scale);
+    case 96: return decode_kernel_avx2<T, 96>(out, q, kv, layer, tables, lens, scale);
+    default: break;
+  }
+#endif
+  switch (q.size(2)) {
+    case 64: return decode_kernel<T, 64>(out, q, kv, layer, tables, lens, scale);
+    case 128: return decode_kernel<T, 128>(out, q, kv, layer, tables, lens, scale);
+    case 16: return decode_kernel<T, 16>(out, q, kv, layer, tables, lens, scale);
+    case 32: return decode_kernel<T, 32>(out, q, kv, layer, tables, lens, scale);
+    case 256: return decode_kernel<T, 256>(out, q, kv, layer, tables, lens, scale);
+    case 80: return decode_kernel<T, 80>(out, q, kv, layer, tables, lens, scale);
+    case 96: return decode_kernel<T, 96>(out, q, kv, layer, tables, lens, scale);
+    default: TORCH_CHECK(false, "paged_decode: unsupported head size ", q.size(2));
+  }
+}
+
+void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor kv, int64_t layer,
+                  torch::Tensor tables, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 6 && q.stride(2) == 1 && kv.stride(5) == 1 && out.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type());
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && lens.is_contiguous());
+  TORCH_CHECK(q.size(1) % kv.size(4) == 0 && q.size(2) == kv.size(5));
+  if (kv.scalar_type() == torch::kFloat) dispatch_dim<float>(out, q, kv, layer, tables, lens, (float)scale);
+  else if (kv.scalar_type() == torch::kBFloat16) dispatch_dim<at::BFloat16>(out, q, kv, layer, tables, lens, (float)scale);
+  else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+}
+"""
+
+EXT_HEAD_SIZES = (16, 32, 64, 80, 96, 128, 256)
+_ext = None
+_ext_error: str | None = None
+_ext_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's bf16 GEMM runs fast)."""
+    flags = _cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+
+
+def paged_decode_extension():
+    """The compiled decode-attention kernel, or None (the reason is in _ext_error)."""
+    global _ext, _ext_error
+    if os.environ.get("PDSERVE_CPU_ATTENTION", "") == "torch":
+        _ext_error = "disabled by PDSERVE_CPU_ATTENTION=torch"
+        return None
+    with _ext_lock:
+        if _ext is not None or _ext_error is not None:
+            return _ext
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            # -march=native: the build is cached per source and CPU type, so a cache shared by
+            # different machines never hands one CPU's instructions to another.
+            key = hashlib.sha1((_CPP + platform.machine() + " ".join(sorted(_cpu_flags()))).encode()).hexdigest()[:12]
+            _ext = load_inline(
+                name=f"pdserve_paged_decode_{key}", cpp_sources=_CPP, functions=["paged_decode"],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # no compiler, no headers: the torch path runs instead
+            _ext_error = f"{type(exc).__name__}: {str(exc)[-300:]}"
+            log.warning("CPU paged decode kernel unavailable (%s); using gather + matmul attention", _ext_error)
+        return _ext
+
+
+class PackedLinear(Linear):
+    """oneDNN linear over a weight reordered once into its blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor):
+        super().__init__(weight, bias)
+        self.packed = packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
+                                                      "none", [], "").view(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class UpcastLinear(Linear):
+    """bfloat16 model on a CPU without native bf16: the GEMM runs in float32 on the bf16 weight's
+    exact float32 copy (same values), the result is rounded back to bfloat16."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inner: Linear):
+        super().__init__(weight, bias)
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+class CpuKernels(TorchKernels):
+    name = "cpu"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__(device, dtype)
+        self.onednn = torch.backends.mkldnn.is_available()
+        self.bf16_native = native_bf16()
+        self.ext = paged_decode_extension()
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        lin = "oneDNN prepacked" if self.onednn else "torch"
+        if self.dtype == torch.bfloat16 and not self.bf16_native:
+            lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
+        att = "C++ paged kernel" if self.ext is not None else f"gather into reused buffers + matmul ({_ext_error})"
+        return f"cpu kernels ({self.dtype}): linears {lin}; decode attention {att}; prefill 4-D SDPA"
+
+    # ---- linears ------------------------------------------------------------------------------
+    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        if not self.onednn:
+            return Linear(weight, bias)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+            linear = PackedLinear(weight, bias, packed)
+            x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+            if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2):
+                raise RuntimeError("oneDNN linear disagrees with F.linear")
+            return linear
+        except Exception as exc:  # e.g. bf16 on a CPU oneDNN cannot run it on
+            log.info("oneDNN prepacked linear unavailable for %s %s: %s", tuple(weight.shape), weight.dtype, exc)
+            return Linear(weight, bias)
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        if weight.dtype == torch.bfloat16 and not self.bf16_native:
+            inner = self._packed(weight.float(), None if bias is None else bias.float())
+            return UpcastLinear(weight, bias, inner)
+        return self._packed(weight, bias)
+
+    # ---- the layer body -----------------------------------------------------------------------
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """In place on x (a view into the QKV output): no concatenated copy of x."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[..., :half], sin[..., :half]
+        r1 = x1 * c - x2 * s
+        x2.mul_(c).addcmul_(x1, s)
+        x1.copy_(r1)
+        return x
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        half = gate_up.shape[-1] // 2
+        gate = gate_up[..., :half]
+        return F.silu(gate, inplace=True).mul_(gate_up[..., half:])
+
+    # ---- attention ----------------------------------------------------------------------------
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
+        scale = q.shape[-1] ** -0.5
+        if self.ext is not None and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in EXT_HEAD_SIZES:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            self.ext.paged_decode(out, q, kv_cache, layer, meta.block_tables, meta.context_lens, scale)
+            return out
+        return self._decode_gather_matmul(q, kv_cache, layer, meta, scale)
+
+    def _decode_gather_matmul(self, q, kv_cache, layer: int, meta, scale: float):
+        """No compiler: gather into buffers reused across steps, then grouped matmuls (GQA heads
+        of one KV head share its keys) with a masked softmax."""
+        seqs, max_blocks = meta.block_tables.shape
+        _, _, _, block_size, kv_heads, dim = kv_cache.shape
+        heads = q.shape[1]
+        group = heads // kv_heads
+        span = max_blocks * block_size
+        blocks = meta.block_tables.reshape(-1)
+        keys = self._buffer("k", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
+        values = self._buffer("v", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
+        torch.index_select(kv_cache[:, layer, 0], 0, blocks, out=keys)
+        torch.index_select(kv_cache[:, layer, 1], 0, blocks, out=values)
+        keys = keys.view(seqs, span, kv_heads, dim).permute(0, 2, 3, 1)       # [S, KVH, D, span]
+        values = values.view(seqs, span, kv_heads, dim).transpose(1, 2)       # [S, KVH, span, D]
+        qg = q.view(seqs, kv_heads, group, dim) * scale
+        scores = torch.matmul(qg, keys).float()                               # [S, KVH, G, span]
+        pad = torch.arange(span, device=q.device)[None, :] >= meta.context_lens[:, None]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        return torch.matmul(probs, values).view(seqs, heads, dim)

@@ -1,0 +1,120 @@
+"""The plain-torch kernels: run on every device, and are what the fast kernels are tested against.
+
+A kernel set is the handful of operations the model's layer body is made of. The model never
+calls torch for these directly, so each device (kernels/cpu.py, cuda.py, npu.py) can swap in its
+fast path behind the same methods, and tests compare every fast method against this class.
+
+Shapes: tokens T, query heads H, KV heads KVH, head size D. The KV pool is
+[num_blocks, num_layers, 2, block_size, KVH, D] (block-major: one block, all layers, K and V, is
+one contiguous region, which the KV transport relies on).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pdserve.engine.attention import AttentionMetadata
+
+
+class Linear:
+    """A linear layer's weights, prepared once at load for the kernel set that runs it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class TorchKernels:
+    name = "torch"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    # ---- linears and the layer body -------------------------------------------------------
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return Linear(weight, bias)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Computed in float32 like transformers, so low-precision outputs match it.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """Returns (rms_norm(x + residual), x + residual): the residual stream and its norm."""
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D]; cos, sin [T, 1, D]. Returns the rotated x (rotate-half convention)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        half = gate_up.shape[-1] // 2
+        return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+    # ---- the paged KV cache -----------------------------------------------------------------
+    def store_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 meta: "AttentionMetadata") -> None:
+        kv_cache[meta.slot_blocks, layer, 0, meta.slot_offsets] = k
+        kv_cache[meta.slot_blocks, layer, 1, meta.slot_offsets] = v
+
+    def gather_context(self, kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, length: int):
+        """One sequence's first `length` keys and values, [length, KVH, D] each (a copy)."""
+        block_size = kv_cache.shape[3]
+        n = (length + block_size - 1) // block_size
+        blocks = kv_cache[block_table[:n], layer]          # [n, 2, block_size, KVH, D]
+        keys = blocks[:, 0].reshape(n * block_size, *blocks.shape[-2:])[:length]
+        values = blocks[:, 1].reshape(n * block_size, *blocks.shape[-2:])[:length]
+        return keys, values
+
+    def prefill_attention(self, q, k, v, kv_cache: torch.Tensor, layer: int, meta: "AttentionMetadata"):
+        """q [T, H, D], k, v [T, KVH, D] (the new tokens, already stored). Causal attention of each
+        sequence's new tokens over its whole context: the new tokens and, where a prefix was
+        already cached (prefix cache, chunked prefill), the cached ones read from the pool."""
+        out = torch.empty_like(q)
+        for i, (start, end) in enumerate(meta.prefill_bounds):
+            cached = meta.prefill_cached[i] if meta.prefill_cached else 0
+            qs = q[start:end].transpose(0, 1).unsqueeze(0)            # [1, H, n, D]: 4-D, the fast SDPA path
+            if cached == 0:
+                ks = k[start:end].transpose(0, 1).unsqueeze(0)
+                vs = v[start:end].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                total = cached + (end - start)
+                keys, values = self.gather_context(kv_cache, layer, meta.prefill_block_tables[i], total)
+                ks = keys.transpose(0, 1).unsqueeze(0)
+                vs = values.transpose(0, 1).unsqueeze(0)
+                # query j (position cached + j) sees keys 0 .. cached + j
+                qpos = torch.arange(cached, total, device=q.device)[:, None]
+                mask = torch.arange(total, device=q.device)[None, :] <= qpos
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            out[start:end] = o.squeeze(0).transpose(0, 1)
+        return out
+
+    def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta: "AttentionMetadata"):
+        """q [seqs, H, D], one new token per sequence: attention over its whole context in the pool.
+        The reference gathers every sequence's blocks (padded to the longest) and masks the tail."""
+        seqs, max_blocks = meta.block_tables.shape
+        _, _, _, block_size, kv_heads, dim = kv_cache.shape
+        blocks = meta.block_tables.reshape(-1)
+        keys = kv_cache[:, layer, 0].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
+        values = kv_cache[:, layer, 1].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
+        span = torch.arange(max_blocks * block_size, device=q.device)
+        mask = (span[None, :] < meta.context_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True)
+        return out.squeeze(2)
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.name} kernels ({self.dtype})"

@@ -1,0 +1,160 @@
+"""The CPU fast kernels against the plain-torch reference; bfloat16 logits against float32."""
+import random
+
+import pytest
+import torch
+
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kernels import TorchKernels, kernels_for
+from pdserve.engine.kernels.cpu import CpuKernels, native_bf16, paged_decode_extension
+from pdserve.engine.model_runner import ModelRunner, resolve_dtype
+from pdserve.engine.sequence import SamplingParams, Sequence
+
+CPU = torch.device("cpu")
+# float32: the same math in another order; bfloat16: a few units of its last place (8 bits)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def pair(dtype):
+    return TorchKernels(CPU, dtype), CpuKernels(CPU, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_matches_reference(dtype):
+    ref, cpu = pair(dtype)
+    g = torch.Generator().manual_seed(0)
+    for rows, k, n, bias in ((1, 64, 96, False), (32, 512, 1024, True), (300, 128, 64, False)):
+        w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        torch.testing.assert_close(cpu.linear(w, b)(x), ref.linear(w, b)(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_body_ops_match_reference(dtype):
+    ref, cpu = pair(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 6, 32, generator=g).to(dtype)
+    pos = torch.arange(7).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, 32, 2) / 32))[None, :]
+    emb = torch.cat((pos, pos), -1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    torch.testing.assert_close(cpu.rope(x.clone(), cos, sin), ref.rope(x, cos, sin), **TOL[dtype])
+    gu = torch.randn(5, 64, generator=g).to(dtype)
+    torch.testing.assert_close(cpu.silu_and_mul(gu.clone()), ref.silu_and_mul(gu), **TOL[dtype])
+    h, res, w = (torch.randn(5, 48, generator=g).to(dtype) for _ in range(3))
+    for a, b in zip(cpu.add_rms_norm(h, res.clone(), w, 1e-6), ref.add_rms_norm(h, res, w, 1e-6)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def random_pool(dtype, blocks=40, layers=2, block_size=16, kv_heads=2, dim=64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(blocks, layers, 2, block_size, kv_heads, dim, generator=g).to(dtype)
+
+
+def decode_meta(context_lens, num_blocks, block_size=16, seed=3):
+    """Each sequence gets distinct random blocks, tables padded with 0 as the runner pads them."""
+    rng = random.Random(seed)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = []
+    for n in context_lens:
+        need = (n + block_size - 1) // block_size
+        tables.append([free.pop() for _ in range(need)])
+    width = max(map(len, tables))
+    tables = [t + [0] * (width - len(t)) for t in tables]
+    seqs = len(context_lens)
+    return AttentionMetadata(is_prefill=False, slot_blocks=torch.zeros(seqs, dtype=torch.long),
+                             slot_offsets=torch.zeros(seqs, dtype=torch.long),
+                             last_token_indices=torch.arange(seqs), block_tables=torch.tensor(tables),
+                             context_lens=torch.tensor(context_lens))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 16])
+def test_decode_attention_matches_reference(dtype, dim):
+    ref, cpu = pair(dtype)
+    pool = random_pool(dtype, dim=dim)
+    meta = decode_meta([1, 17, 100, 33, 16, 250], pool.shape[0])
+    q = torch.randn(6, 8, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for layer in (0, 1):
+        expected = ref.decode_attention(q, pool, layer, meta)
+        torch.testing.assert_close(cpu.decode_attention(q, pool, layer, meta), expected, **TOL[dtype])
+        torch.testing.assert_close(cpu._decode_gather_matmul(q, pool, layer, meta, dim ** -0.5), expected,
+                                   **TOL[dtype])
+
+
+def test_the_cpu_decode_kernel_builds_here():
+    """The compiled kernel is what the CPU fast path is; a host with a compiler must build it."""
+    assert paged_decode_extension() is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_over_a_cached_prefix_equals_the_whole_prompt(dtype):
+    """Prefill of the last tokens after a cached prefix (read from the pool) equals the same
+    tokens' rows of a prefill of the whole prompt."""
+    kernels = TorchKernels(CPU, dtype)
+    pool = torch.zeros(8, 1, 2, 4, 2, 32, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    n, cached = 13, 9
+    q = torch.randn(n, 4, 32, generator=g).to(dtype)
+    k, v = (torch.randn(n, 2, 32, generator=g).to(dtype) for _ in range(2))
+    table = torch.tensor([5, 2, 7, 0])
+    pos = torch.arange(n)
+    blocks, offsets = table[pos // 4], pos % 4
+    whole = AttentionMetadata(is_prefill=True, slot_blocks=blocks, slot_offsets=offsets,
+                              last_token_indices=torch.tensor([n - 1]), prefill_bounds=[(0, n)],
+                              prefill_cached=[0], prefill_block_tables=[None])
+    kernels.store_kv(pool, 0, k, v, whole)
+    expected = kernels.prefill_attention(q, k, v, pool, 0, whole)
+    tail = AttentionMetadata(is_prefill=True, slot_blocks=blocks[cached:], slot_offsets=offsets[cached:],
+                             last_token_indices=torch.tensor([n - cached - 1]), prefill_bounds=[(0, n - cached)],
+                             prefill_cached=[cached], prefill_block_tables=[table])
+    got = kernels.prefill_attention(q[cached:], k[cached:], v[cached:], pool, 0, tail)
+    torch.testing.assert_close(got, expected[cached:], **TOL[dtype])
+
+
+def test_dtype_auto_follows_the_cpu():
+    assert resolve_dtype("auto", CPU) == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert resolve_dtype("float32", CPU) == torch.float32
+    assert EngineConfig(model_path="x").dtype == "auto"
+    assert isinstance(kernels_for(CPU, torch.float32), CpuKernels)
+
+
+def prefill_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.Tensor:
+    seqs = []
+    for i, ids in enumerate(prompts):
+        seq = Sequence(f"l{i}", ids, SamplingParams())
+        start = 1 + sum(len(s.block_table) for s in seqs)   # block 0 took the warm-up
+        seq.block_table = list(range(start, start + (len(ids) + runner.block_size - 1) // runner.block_size))
+        seqs.append(seq)
+    input_ids, positions, meta = runner._prepare_prefill(seqs)
+    with torch.inference_mode():
+        return runner.model(input_ids, positions, runner.kv_cache, meta).float()
+
+
+def test_bfloat16_logits_match_float32(small_model):
+    """The demo models' logits are too flat for greedy tokens to agree between dtypes, so the
+    bf16 engine's logits are compared with the float32 engine's: within bf16 tolerance."""
+    cfg = dict(model_path=small_model, kv_cache_blocks=64, max_model_len=256)
+    f32 = ModelRunner(EngineConfig(dtype="float32", **cfg))
+    bf16 = ModelRunner(EngineConfig(dtype="bfloat16", **cfg))
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, f32.vocab_size) for _ in range(n)] for n in (5, 40, 97)]
+    ref, got = prefill_logits(f32, prompts), prefill_logits(bf16, prompts)
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 0.05 * scale, ((got - ref).abs().max(), scale)
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.min() > 0.999, cos
+
+
+def test_float32_fast_kernels_match_the_reference_model(small_model, monkeypatch):
+    """The whole model: CPU kernel set against the plain-torch one, float32, prefill logits."""
+    cfg = EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=64, max_model_len=256)
+    fast = ModelRunner(cfg)
+    monkeypatch.setenv("PDSERVE_KERNELS", "torch")
+    ref = ModelRunner(cfg)
+    assert type(ref.kernels) is TorchKernels and isinstance(fast.kernels, CpuKernels)
+    prompts = [[(7 * i + 3) % ref.vocab_size for i in range(n)] for n in (3, 50)]
+    torch.testing.assert_close(prefill_logits(fast, prompts), prefill_logits(ref, prompts), rtol=1e-4, atol=1e-4)
