@@ -76,11 +76,16 @@ def stream_http(url: str, model: str, prompt: str, sampling: dict, result: Gener
         result.num_input_tokens = int(event.get("num_input_tokens", result.num_input_tokens))
         result.finish_reason = event.get("finish_reason", result.finish_reason)
         if piece:
-            if not result.text:
-                result.ttft_s = time.monotonic() - start
-            result.text += piece
-            yield piece
+            yield _take(result, piece, start)
     result.latency_s = time.monotonic() - start
+
+
+def _take(result: GenerationResult, piece: str, start: float) -> str:
+    """Adds a streamed piece to the result (the first one sets the time to first token)."""
+    if not result.text:
+        result.ttft_s = time.monotonic() - start
+    result.text += piece
+    return piece
 
 
 def stream_openai(url: str, model: str, prompt: str, sampling: dict, result: GenerationResult) -> Iterator[str]:
@@ -95,10 +100,7 @@ def stream_openai(url: str, model: str, prompt: str, sampling: dict, result: Gen
             result.finish_reason = choice.get("finish_reason") or result.finish_reason
             piece = choice.get("text", "")
             if piece:
-                if not result.text:
-                    result.ttft_s = time.monotonic() - start
-                result.text += piece
-                yield piece
+                yield _take(result, piece, start)
     result.latency_s = time.monotonic() - start
 
 
