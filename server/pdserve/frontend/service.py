@@ -56,10 +56,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None, core: InferenceCore | None = None):
         self.manager = manager
-        self.router = router
-        self.clients = router.clients
-        self.metrics = metrics
-        self.core = core or InferenceCore(manager, router, metrics)
+        self.core = core or InferenceCore(manager, router, metrics)   # the router and metrics live there
         self.started = False
 
     @property
@@ -211,11 +208,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if not stream:
                 yield build_response(request, gen, "".join(pieces), reason, n_in, n_out), True
 
-    _run_request = run_request
-
     async def ModelInfer(self, request, context):
         try:
-            responses = [r async for r, _ in self._run_request(request, False, context.time_remaining())]
+            responses = [r async for r, _ in self.run_request(request, False, context.time_remaining())]
             return responses[-1]
         except ServeError as exc:
             await _abort(context, exc)
@@ -231,7 +226,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
-                async for response, last in self._run_request(request, True, context.time_remaining()):
+                async for response, last in self.run_request(request, True, context.time_remaining()):
                     response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final:

@@ -27,7 +27,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.kernels.reference import Linear, TorchKernels
+from pdserve.engine.kernels.reference import BlockGather, Linear, TorchKernels
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class CpuKernels(TorchKernels):
         self.onednn = torch.backends.mkldnn.is_available()
         self.bf16_native = native_bf16()
         self.ext = paged_decode_extension()
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.gather = BlockGather(device)
 
     def describe(self) -> str:
         lin = "oneDNN prepacked" if self.onednn else "torch"
@@ -474,16 +474,6 @@ class CpuKernels(TorchKernels):
         return F.silu(gate, inplace=True).mul_(gate_up[..., half:])
 
     # ---- attention ----------------------------------------------------------------------------
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = torch.empty(max(n, 1), dtype=dtype, device=self.device)
-            self._buffers[name] = buf
-        return buf[:n].view(shape)
-
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
         scale = q.shape[-1] ** -0.5
         if self.ext is not None and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in EXT_HEAD_SIZES:
@@ -495,18 +485,12 @@ class CpuKernels(TorchKernels):
     def _decode_gather_matmul(self, q, kv_cache, layer: int, meta, scale: float):
         """No compiler: gather into buffers reused across steps, then grouped matmuls (GQA heads
         of one KV head share its keys) with a masked softmax."""
-        seqs, max_blocks = meta.block_tables.shape
-        _, _, _, block_size, kv_heads, dim = kv_cache.shape
+        keys, values = self.gather(kv_cache, layer, meta.block_tables)     # [S, span, KVH, D]
+        seqs, span, kv_heads, dim = keys.shape
         heads = q.shape[1]
         group = heads // kv_heads
-        span = max_blocks * block_size
-        blocks = meta.block_tables.reshape(-1)
-        keys = self._buffer("k", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
-        values = self._buffer("v", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
-        torch.index_select(kv_cache[:, layer, 0], 0, blocks, out=keys)
-        torch.index_select(kv_cache[:, layer, 1], 0, blocks, out=values)
-        keys = keys.view(seqs, span, kv_heads, dim).permute(0, 2, 3, 1)       # [S, KVH, D, span]
-        values = values.view(seqs, span, kv_heads, dim).transpose(1, 2)       # [S, KVH, span, D]
+        keys = keys.permute(0, 2, 3, 1)                                       # [S, KVH, D, span]
+        values = values.transpose(1, 2)                                       # [S, KVH, span, D]
         qg = q.view(seqs, kv_heads, group, dim) * scale
         scores = torch.matmul(qg, keys).float()                               # [S, KVH, G, span]
         pad = torch.arange(span, device=q.device)[None, :] >= meta.context_lens[:, None]

@@ -30,6 +30,37 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class BlockGather:
+    """Gathers one layer's K and V blocks of a decode batch into buffers reused across steps
+    (a fresh multi-MB tensor per step costs more than the copy): keys and values come back as
+    [seqs, span, kv_heads, dim], span = the longest block table times the block size."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def __call__(self, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor):
+        seqs, max_blocks = block_tables.shape
+        _, _, _, block_size, kv_heads, dim = kv_cache.shape
+        blocks = block_tables.reshape(-1)
+        keys = self._buffer("k", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
+        values = self._buffer("v", (seqs * max_blocks, block_size, kv_heads, dim), kv_cache.dtype)
+        torch.index_select(kv_cache[:, layer, 0], 0, blocks, out=keys)
+        torch.index_select(kv_cache[:, layer, 1], 0, blocks, out=values)
+        span = max_blocks * block_size
+        return keys.view(seqs, span, kv_heads, dim), values.view(seqs, span, kv_heads, dim)
+
+
 class TorchKernels:
     name = "torch"
 
