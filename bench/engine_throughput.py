@@ -75,7 +75,7 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
         start = time.perf_counter()
         while engine.has_work():
             t = time.perf_counter()
-            prefill = bool(engine.scheduler.waiting)
+            prefill = engine.scheduler.waiting_prefill_tokens > 0
             outputs = engine.step()
             dt = time.perf_counter() - t
             for out in outputs:
@@ -126,7 +126,7 @@ def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int
         engine.add_request(f"c{i}", p, params)
     times = []
     while engine.has_work():
-        prefill = bool(engine.scheduler.waiting)
+        prefill = engine.scheduler.waiting_prefill_tokens > 0
         t = time.perf_counter()
         outputs = engine.step()
         dt = time.perf_counter() - t

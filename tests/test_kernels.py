@@ -65,7 +65,7 @@ def decode_meta(context_lens, num_blocks, block_size=16, seed=3):
     width = max(map(len, tables))
     tables = [t + [0] * (width - len(t)) for t in tables]
     seqs = len(context_lens)
-    return AttentionMetadata(is_prefill=False, slot_blocks=torch.zeros(seqs, dtype=torch.long),
+    return AttentionMetadata(slot_blocks=torch.zeros(seqs, dtype=torch.long),
                              slot_offsets=torch.zeros(seqs, dtype=torch.long),
                              last_token_indices=torch.arange(seqs), block_tables=torch.tensor(tables),
                              context_lens=torch.tensor(context_lens))
@@ -103,12 +103,12 @@ def test_prefill_over_a_cached_prefix_equals_the_whole_prompt(dtype):
     table = torch.tensor([5, 2, 7, 0])
     pos = torch.arange(n)
     blocks, offsets = table[pos // 4], pos % 4
-    whole = AttentionMetadata(is_prefill=True, slot_blocks=blocks, slot_offsets=offsets,
+    whole = AttentionMetadata(slot_blocks=blocks, slot_offsets=offsets,
                               last_token_indices=torch.tensor([n - 1]), prefill_bounds=[(0, n)],
                               prefill_cached=[0], prefill_block_tables=[None])
     kernels.store_kv(pool, 0, k, v, whole)
     expected = kernels.prefill_attention(q, k, v, pool, 0, whole)
-    tail = AttentionMetadata(is_prefill=True, slot_blocks=blocks[cached:], slot_offsets=offsets[cached:],
+    tail = AttentionMetadata(slot_blocks=blocks[cached:], slot_offsets=offsets[cached:],
                              last_token_indices=torch.tensor([n - cached - 1]), prefill_bounds=[(0, n - cached)],
                              prefill_cached=[cached], prefill_block_tables=[table])
     got = kernels.prefill_attention(q[cached:], k[cached:], v[cached:], pool, 0, tail)
@@ -129,7 +129,7 @@ def prefill_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.Tenso
         start = 1 + sum(len(s.block_table) for s in seqs)   # block 0 took the warm-up
         seq.block_table = list(range(start, start + (len(ids) + runner.block_size - 1) // runner.block_size))
         seqs.append(seq)
-    input_ids, positions, meta = runner._prepare_prefill(seqs)
+    input_ids, positions, meta, _ = runner._prepare([(s, s.num_tokens) for s in seqs], [])
     with torch.inference_mode():
         return runner.model(input_ids, positions, runner.kv_cache, meta).float()
 

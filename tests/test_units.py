@@ -83,16 +83,18 @@ def test_detokenizer_never_splits_a_character_and_holds_back_stops():
 def test_preemption_frees_and_requeues():
     bm = BlockManager(num_blocks=4, block_size=2)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
-    a, b = (Sequence(r, [1, 2, 3], SamplingParams()) for r in "ab")
+    a, b = Sequence("a", [1, 2, 3], SamplingParams()), Sequence("b", [7, 8, 9], SamplingParams())
     sched.add(a)
     sched.add(b)
-    batch, prefill = sched.schedule()
-    assert prefill and batch == [a, b] and bm.num_free_blocks == 0
-    for seq in batch:
-        seq.output_token_ids += [5, 6]
-        seq.num_cached_tokens = 4
-    batch, prefill = sched.schedule()  # both need a 3rd block for their 5th token: b is preempted
-    assert not prefill and batch == [a] and list(sched.waiting) == [b] and b.block_table == []
+    step = sched.schedule()
+    assert step.prefills == [(a, 3), (b, 3)] and not step.decodes and bm.num_free_blocks == 0
+    for token in (5, 6):
+        sched.computed(step)
+        for seq in (a, b):
+            seq.output_token_ids.append(token)
+        step = sched.schedule()
+    # after token 6 both need a 3rd block for their 5th token: b, admitted last, is preempted
+    assert step.decodes == [a] and not step.prefills and list(sched.waiting) == [b] and b.block_table == []
     sched.finish(a, "stop")
     assert bm.num_free_blocks == 4
     with pytest.raises(ValueError, match="kv_cache_blocks"):

@@ -14,23 +14,32 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    is_prefill: bool
+    """One step's batch: first the prompt pieces (prefill part), then one token per decoding
+    sequence (decode part). A step may hold either part or both (chunked prefill)."""
     slot_blocks: torch.Tensor          # [tokens] block of each new token's KV slot
     slot_offsets: torch.Tensor         # [tokens] offset inside that block
-    last_token_indices: torch.Tensor   # [seqs] index of each sequence's last new token
-    # prefill: the boundaries of each sequence's new tokens in the flat batch, how many of its
-    # tokens were already in the cache before them, and (where that is not 0) its block table
+    last_token_indices: torch.Tensor   # [sampled seqs] index of each sampled sequence's last new token
+    # prefill part: the boundaries of each piece in the flat batch, how many of its sequence's
+    # tokens were already in the cache before it, and (where that is not 0) its block table
     prefill_bounds: list[tuple[int, int]] | None = None
     prefill_cached: list[int] | None = None
     prefill_block_tables: list[torch.Tensor | None] | None = None
-    # decode: per-sequence block tables (padded) and context lengths
+    # decode part: per-sequence block tables (padded) and context lengths
     block_tables: torch.Tensor | None = None   # [seqs, max_blocks] int64
     context_lens: torch.Tensor | None = None   # [seqs] int64
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.prefill_bounds[-1][1] if self.prefill_bounds else 0
 
 
 def paged_attention(kernels, q, k, v, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata) -> torch.Tensor:
     """q [tokens, heads, dim]; k, v [tokens, kv_heads, dim]. Stores k, v in the cache, then attends."""
     kernels.store_kv(kv_cache, layer, k, v, meta)
-    if meta.is_prefill:
+    if meta.block_tables is None:
         return kernels.prefill_attention(q, k, v, kv_cache, layer, meta)
-    return kernels.decode_attention(q, kv_cache, layer, meta)
+    if not meta.prefill_bounds:
+        return kernels.decode_attention(q, kv_cache, layer, meta)
+    p = meta.num_prefill_tokens
+    return torch.cat((kernels.prefill_attention(q[:p], k[:p], v[:p], kv_cache, layer, meta),
+                      kernels.decode_attention(q[p:], kv_cache, layer, meta)))

@@ -1,8 +1,24 @@
-"""The paged KV pool's bookkeeping: which blocks are free, which belong to which sequence."""
+"""The paged KV pool's bookkeeping: which blocks are free, which belong to which sequences, and
+(prefix caching) which full blocks hold reusable KV.
+
+A full block whose KV has been computed is content-addressed by its hash (common/block_hash.py:
+its tokens and every token before them). When its last user ends, the block joins the free
+queue but keeps its content and its hash: a later prompt that starts with the same tokens takes
+it back instead of computing it again. Free blocks are reused least recently freed first, and a
+cached block loses its hash only when it is reused (LRU eviction). Reference counts keep a block
+shared by several sequences alive until the last one lets it go.
+
+Only blocks wholly inside a prompt's first num_tokens - 1 tokens are ever taken from the cache,
+so the block a sequence writes next is always its own: no step ever writes into a shared block.
+A block's hash is registered only after its KV is computed (or has arrived from a prefill
+engine), so a half-written block, or one written by a failed handoff, is never shared.
+"""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
+from pdserve.common.block_hash import next_block_hash
+from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.sequence import Sequence
 
 
@@ -11,24 +27,83 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 events: KVEventLog | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.events = events
+        self.ref_counts = [0] * num_blocks
+        # Blocks nobody uses, in the order they are reused (oldest first); cached ones keep their hash.
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}                       # block hash -> block id
+        self.block_hash: dict[int, int] = {}                   # block id -> its hash (cached blocks)
+        self.block_tokens: dict[int, tuple[int, ...]] = {}     # block id -> its tokens (checked on a hit)
+        # Prefix-cache figures: prompt tokens looked up, and those found in the cache.
+        self.query_tokens = 0
+        self.hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_queue)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return blocks_needed(seq.num_tokens, self.block_size) <= self.num_free_blocks
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
 
-    def allocate(self, seq: Sequence) -> None:
-        """Gives a waiting sequence the blocks for all its tokens (prompt and any recomputed output)."""
+    # ---- admission -------------------------------------------------------------------------------
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks of the longest cached prefix of the sequence's tokens (never its last token)."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens, bs = seq.all_token_ids, self.block_size
+        hits, parent = [], None
+        for i in range((len(tokens) - 1) // bs):
+            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
+            parent = next_block_hash(parent, block_tokens)
+            block = self.cached.get(parent)
+            if block is None or self.block_tokens[block] != block_tokens:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate(self, seq: Sequence) -> bool:
+        """Gives a waiting sequence the blocks for all its tokens (prompt and any output to
+        recompute), reusing its cached prefix; False (nothing taken) when the pool lacks room."""
         assert not seq.block_table, "sequence already holds blocks"
-        for _ in range(blocks_needed(seq.num_tokens, self.block_size)):
-            seq.block_table.append(self.free_blocks.popleft())
+        hits = self.cached_prefix(seq)
+        free_hits = sum(1 for b in hits if self.ref_counts[b] == 0)
+        fresh = blocks_needed(seq.num_tokens, self.block_size) - len(hits)
+        if fresh > self.num_free_blocks - free_hits:
+            return False
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free_queue[block]
+            self.ref_counts[block] += 1
+        seq.block_table = hits + [self._take_free_block() for _ in range(fresh)]
+        seq.block_hashes = [self.block_hash[b] for b in hits]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self.query_tokens += seq.num_tokens
+        self.hit_tokens += seq.num_cached_tokens
+        return True
 
+    def _take_free_block(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        self._evict(block)
+        self.ref_counts[block] = 1
+        return block
+
+    def _evict(self, block: int) -> None:
+        block_hash = self.block_hash.pop(block, None)
+        if block_hash is None:
+            return
+        del self.block_tokens[block]
+        if self.cached.get(block_hash) == block:
+            del self.cached[block_hash]
+            if self.events is not None:
+                self.events.removed(block_hash)
+
+    # ---- decoding ----------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
         """Whether the sequence's next token has a slot (a new block only at a block boundary)."""
         needs_block = seq.num_tokens > len(seq.block_table) * self.block_size
@@ -36,9 +111,41 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         if seq.num_tokens > len(seq.block_table) * self.block_size:
-            seq.block_table.append(self.free_blocks.popleft())
+            seq.block_table.append(self._take_free_block())
 
+    def commit(self, seq: Sequence) -> None:
+        """Registers the sequence's blocks that became full of computed KV, so others can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_cached_tokens // bs, len(seq.block_table))
+        if len(seq.block_hashes) >= full:
+            return
+        tokens = seq.all_token_ids
+        while len(seq.block_hashes) < full:
+            i = len(seq.block_hashes)
+            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
+            block_hash = next_block_hash(seq.block_hashes[-1] if seq.block_hashes else None, block_tokens)
+            seq.block_hashes.append(block_hash)
+            block = seq.block_table[i]
+            if block_hash in self.cached or block in self.block_hash:
+                continue   # the same content is cached in another block already: this one stays private
+            self.cached[block_hash] = block
+            self.block_hash[block] = block_hash
+            self.block_tokens[block] = block_tokens
+            if self.events is not None:
+                self.events.stored(block_hash)
+
+    # ---- release -----------------------------------------------------------------------------
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(reversed(seq.block_table))
+        """Lets the sequence's blocks go. A block nobody else uses joins the free queue: a cached
+        one at the back (reused last; the sequence's tail before its head), others at the front."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+                if block not in self.block_hash:
+                    self.free_queue.move_to_end(block, last=False)
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_cached_tokens = 0

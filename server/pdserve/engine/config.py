@@ -17,7 +17,13 @@ class EngineConfig:
     kv_cache_blocks: int = 0          # 0: sized from kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.0  # 0: 0.9 of free memory on cuda/npu, 0.1 on cpu
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    # The token budget of one step. With chunked prefill, a step mixes the running decodes with
+    # up to this many prompt tokens (longer prompts go in pieces); without it, only whole prompts.
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    # Full KV blocks stay cached by content after their request ends (LRU), and a new prompt
+    # reuses its longest cached block prefix.
+    enable_prefix_caching: bool = True
     seed: int = 0
     max_queue_len: int = 1024         # waiting requests past which new ones get RESOURCE_EXHAUSTED
 

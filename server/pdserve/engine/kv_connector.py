@@ -72,6 +72,7 @@ class Handoff:
     prefill_address: str
     state: HandoffState = HandoffState.QUEUED
     block_ids: list[int] = field(default_factory=list)
+    held_blocks: int = 0         # leading blocks this engine's prefix cache already filled
     deadline: float = 0.0        # time.time() after which the prefill engine must not write
 
 
@@ -101,11 +102,15 @@ class DecodeKVConnector:
         handoff = self.handoffs.get(request_id)
         return handoff is not None and handoff.state == HandoffState.QUEUED
 
-    def reserved(self, request_id: str, block_ids: list[int]) -> None:
-        """The scheduler allocated the prompt's blocks: the handoff can be dispatched."""
+    def reserved(self, request_id: str, block_ids: list[int], num_cached_tokens: int = 0,
+                 block_size: int = 1) -> None:
+        """The scheduler allocated the prompt's blocks, the first num_cached_tokens of which the
+        prefix cache already holds (whole blocks, never written by the prefill engine): the
+        handoff can be dispatched."""
         handoff = self.handoffs[request_id]
         handoff.state = HandoffState.RESERVED
         handoff.block_ids = list(block_ids)
+        handoff.held_blocks = num_cached_tokens // block_size
         self._to_dispatch.append(handoff)
 
     def take_dispatch(self) -> list[Handoff]:
@@ -221,6 +226,10 @@ class PrefillKVConnector:
             raise ServeError(Cause.INVALID_ARGUMENT,
                              f"the destination has {len(destination.block_ids)} blocks for {num_prompt_tokens} "
                              "prompt tokens; both engines need the same kv_block_size")
+        if destination.held_blocks * self.block_size >= num_prompt_tokens:
+            raise ServeError(Cause.INVALID_ARGUMENT,
+                             f"the destination holds {destination.held_blocks} blocks of a {num_prompt_tokens}-token "
+                             "prompt already; at least its last token's block must be written")
         self.pending[request_id] = PendingSend(destination, deadline)
 
     def sends(self, request_id: str) -> bool:
@@ -230,9 +239,9 @@ class PrefillKVConnector:
         self.pending.pop(request_id, None)
 
     def send(self, request_id: str, block_table: list[int]) -> tuple[float, int]:
-        """Writes the prompt's KV (local blocks block_table) to its destination; returns
-        (seconds, bytes). Raises ServeError: the deadline passed (nothing written) or the
-        transfer failed."""
+        """Writes the prompt's KV (local blocks block_table) to its destination, except the
+        blocks the destination already holds; returns (seconds, bytes). Raises ServeError: the
+        deadline passed (nothing written) or the transfer failed."""
         pending = self.pending.pop(request_id)
         if self.clock() > pending.deadline:
             self.stats.failures += 1
@@ -240,7 +249,9 @@ class PrefillKVConnector:
                              "the handoff deadline passed before the KV was written; nothing was written")
         start = time.perf_counter()
         try:
-            nbytes = self.transport.write_blocks(pending.destination, block_table, list(pending.destination.block_ids))
+            held = pending.destination.held_blocks
+            nbytes = self.transport.write_blocks(pending.destination, block_table[held:],
+                                                 list(pending.destination.block_ids[held:]))
         except Exception as exc:
             self.stats.failures += 1
             raise ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}") from exc

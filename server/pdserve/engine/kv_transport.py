@@ -30,6 +30,7 @@ class KVDestination:
     base_address: int
     block_bytes: int
     block_ids: tuple[int, ...]
+    held_blocks: int = 0     # leading block_ids that already hold the prompt's KV: not written
 
 
 class KVTransport(ABC):

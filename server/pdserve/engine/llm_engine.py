@@ -17,6 +17,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_connector import (Action, Decision, DecodeKVConnector, Handoff, PrefillKVConnector,
                                          DEFAULT_GRACE_S, DEFAULT_TIMEOUT_S)
+from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.kv_transport import KVDestination, KVTransport
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler
@@ -55,6 +56,9 @@ class EngineStats:
     kv_transfer_seconds: float = 0.0
     kv_transfer_bytes: int = 0
     kv_transfer_bucket_counts: tuple[int, ...] = ()
+    prefix_cache_queries: int = 0     # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0        # of those, found there
+    num_cached_blocks: int = 0
 
 
 class LLMEngine:
@@ -64,14 +68,19 @@ class LLMEngine:
         self.runner = ModelRunner(cfg)
         self.tokenizer = self.runner.tokenizer
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.kv_events = KVEventLog()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
+                                          cfg.enable_prefix_caching, self.kv_events)
         self.transport = transport
         self.decode_kv = DecodeKVConnector(handoff_timeout_s, handoff_grace_s) if transport else None
         self.prefill_kv = PrefillKVConnector(transport, self.runner.block_size) if transport else None
         if transport is not None:
             transport.register_pool(self.runner.kv_cache)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
-                                   max(cfg.max_num_batched_tokens, self.max_model_len), self.decode_kv)
+        # Without chunked prefill a whole prompt must fit one step's budget.
+        budget = cfg.max_num_batched_tokens if cfg.enable_chunked_prefill else max(cfg.max_num_batched_tokens,
+                                                                                   self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, budget, self.decode_kv,
+                                   cfg.enable_chunked_prefill)
         self.sequences: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
@@ -195,12 +204,13 @@ class LLMEngine:
         return self.decode_kv.num_open if self.decode_kv else 0
 
     def step(self) -> list[RequestOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
             return []
-        token_ids = self.runner.run(seqs, is_prefill)
+        sampled = self.runner.run(scheduled)
+        self.scheduler.computed(scheduled)
         outputs = []
-        for seq, token_id in zip(seqs, token_ids):
+        for seq, token_id in sampled:
             if self.prefill_kv is not None and self.prefill_kv.sends(seq.request_id):
                 outputs.append(self._hand_off(seq, token_id))
             else:
@@ -267,4 +277,6 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, waiting_prefill_tokens=s.waiting_prefill_tokens,
             kv_transfers=t.count if t else 0, kv_transfer_failures=t.failures if t else 0,
             kv_transfer_seconds=t.seconds if t else 0.0, kv_transfer_bytes=t.bytes if t else 0,
-            kv_transfer_bucket_counts=tuple(t.buckets) if t else ())
+            kv_transfer_bucket_counts=tuple(t.buckets) if t else (),
+            prefix_cache_queries=self.block_manager.query_tokens, prefix_cache_hits=self.block_manager.hit_tokens,
+            num_cached_blocks=self.block_manager.num_cached_blocks)

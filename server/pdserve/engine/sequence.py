@@ -26,8 +26,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    # How many tokens already have their KV in the cache.
+    # How many tokens already have their KV in the cache (computed, found in the prefix cache,
+    # or written by a prefill engine).
     num_cached_tokens: int = 0
+    # The hashes of the leading blocks of block_table that are full of computed KV (block_manager.py).
+    block_hashes: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -42,6 +45,16 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return self.all_token_ids[start:end]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_cached_tokens
 
     @property
     def last_token_id(self) -> int:

@@ -154,7 +154,8 @@ def prefill_call(handoff: Handoff, seq: Sequence, handshake: dict) -> tuple[str,
         request_id=handoff.request_id, token_ids=seq.prompt_token_ids, sampling=seq.params.to_proto(),
         deadline=handoff.deadline, destination=engine_pb2.KVDestination(
             transport=handshake["transport"], protocol=handshake["protocol"], session=handshake["session"],
-            base_address=handshake["base_address"], block_bytes=handshake["block_bytes"], block_ids=handoff.block_ids))
+            base_address=handshake["base_address"], block_bytes=handshake["block_bytes"], block_ids=handoff.block_ids,
+            held_blocks=handoff.held_blocks))
 
 
 class PrefillPeers:
@@ -237,7 +238,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         d = request.destination
         stream = self.engine_loop.open(AddPrefill(
             request.request_id, tuple(request.token_ids), SamplingParams.from_proto(request.sampling),
-            KVDestination(d.transport, d.protocol, d.session, d.base_address, d.block_bytes, tuple(d.block_ids)),
+            KVDestination(d.transport, d.protocol, d.session, d.base_address, d.block_bytes, tuple(d.block_ids),
+                          d.held_blocks),
             request.deadline))
         answered = False
         try:
@@ -257,6 +259,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     async def Stats(self, request, context):
         s = self.engine_loop.stats
+        events = self.engine_loop.engine.kv_events.since(request.kv_events_after)
         return engine_pb2.StatsResponse(
             num_running=s.num_running, num_waiting=s.num_waiting, num_awaiting_kv=s.num_awaiting_kv,
             num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks, num_preemptions=s.num_preemptions,
@@ -265,7 +268,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             kv_transfer_bytes=s.kv_transfer_bytes, kv_transfer_bucket_counts=s.kv_transfer_bucket_counts,
             lease_keepalive_failures=self.registration.keepalive_failures if self.registration else 0,
             seconds_since_progress=(time.monotonic() - self.engine_loop.heartbeat)
-            if s.num_running + s.num_waiting else 0.0)
+            if s.num_running + s.num_waiting else 0.0,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+            num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
+            stored_block_hashes=events.stored, removed_block_hashes=events.removed)
 
 
 def write_ready_file(path: str, payload: dict) -> None:

@@ -159,6 +159,14 @@ def _instances(path: str, config: mc.ModelConfig) -> list[InstanceSpec]:
     return instances
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
     params = {}
     for key, value in config.parameters.items():
@@ -167,15 +175,19 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
         kind = ENGINE_PARAMETERS[key]
         text = value.string_value.strip()
         try:
-            params[key] = {"int": int, "float": float, "str": str}[kind](text)
+            params[key] = {"int": int, "float": float, "str": str, "bool": _parse_bool}[kind](text)
         except ValueError as exc:
-            raise ConfigError(f"{path}: parameters '{key}' is '{text}'; it must be a{'n' if kind == 'int' else ''} {kind}") from exc
+            article = "an" if kind == "int" else "a"
+            raise ConfigError(f"{path}: parameters '{key}' is '{text}'; it must be {article} {kind}"
+                              + (" (true or false)" if kind == "bool" else "")) from exc
         if kind in ("int", "float") and params[key] < 0:
             raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative")
     if params.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{path}: parameters 'dtype' is '{params['dtype']}'; use one of {', '.join(DTYPES)}")
     if params.get("kv_block_size", 16) < 1:
         raise ConfigError(f"{path}: parameters 'kv_block_size' must be at least 1")
+    if params.get("max_num_batched_tokens", 1) < 1:
+        raise ConfigError(f"{path}: parameters 'max_num_batched_tokens' must be at least 1")
     if params.get("max_num_seqs", 1) < 1:
         raise ConfigError(f"{path}: parameters 'max_num_seqs' must be at least 1")
     fraction = params.get("kv_cache_memory_fraction", 0.0)

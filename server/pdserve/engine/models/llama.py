@@ -165,6 +165,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             h, residual = layer(kernels, h, residual, cos, sin, kv_cache, meta)
         last = meta.last_token_indices
+        if last.numel() == 0:          # a step of prompt pieces none of which ends its prompt
+            return h.new_empty((0, self.vocab_size))
         norm = self.model.norm
         h, _ = kernels.add_rms_norm(h[last], residual[last], norm.weight, norm.eps)
         return self.head(h)
