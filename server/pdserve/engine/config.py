@@ -19,7 +19,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     # The token budget of one step. With chunked prefill, a step mixes the running decodes with
     # up to this many prompt tokens (longer prompts go in pieces); without it, only whole prompts.
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 256
     enable_chunked_prefill: bool = True
     # Full KV blocks stay cached by content after their request ends (LRU), and a new prompt
     # reuses its longest cached block prefix.
