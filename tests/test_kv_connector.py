@@ -109,10 +109,11 @@ def test_answers_for_unknown_requests_are_ignored():
 
 
 class RecordingTransport(KVTransport):
+    """Records every layer batch; wait() fails when asked to."""
     name = "recording"
 
-    def __init__(self, fail: bool = False):
-        self.fail = fail
+    def __init__(self, fail_submit: bool = False, fail_wait: bool = False):
+        self.fail_submit, self.fail_wait = fail_submit, fail_wait
         self.writes = []
 
     def register_pool(self, pool) -> None:
@@ -121,45 +122,75 @@ class RecordingTransport(KVTransport):
     def handshake(self) -> dict:
         return {}
 
-    def write_blocks(self, peer, src_blocks, dst_blocks) -> int:
-        if self.fail:
+    def submit_layer(self, peer, layer, src_blocks, dst_blocks):
+        if self.fail_submit:
             raise RuntimeError("peer refused")
-        self.writes.append((peer.session, list(src_blocks), list(dst_blocks)))
-        return 100 * len(src_blocks)
+        self.writes.append((peer.session, layer, list(src_blocks), list(dst_blocks)))
+        return len(self.writes), 100 * len(src_blocks)
+
+    def wait(self, handles) -> None:
+        if self.fail_wait:
+            raise RuntimeError("link down")
 
 
-def destination(blocks) -> KVDestination:
-    return KVDestination("recording", "tcp", "d:1", 0, 100, tuple(blocks))
+def destination(blocks, held: int = 0) -> KVDestination:
+    return KVDestination("recording", "tcp", "d:1", 0, 100, tuple(blocks), held_blocks=held)
 
 
-def test_prefill_side_checks_the_destination_and_writes_once():
+def forward(p: PrefillKVConnector, pieces, layers: int = 2):
+    """What a forward does: after each layer, the push; then the step's end."""
+    push = p.layer_push(pieces)
+    for layer in range(layers if push else 0):
+        push(layer)
+    return p.end_step()
+
+
+def test_prefill_side_checks_the_destination_and_pushes_each_layer_as_it_is_computed():
     clock = Clock()
     p = PrefillKVConnector(RecordingTransport(), block_size=4, clock=clock)
     with pytest.raises(ServeError) as info:
         p.accept("r", 9, destination([1, 2]), deadline=2000.0)   # 9 tokens need 3 blocks
     assert info.value.cause == Cause.INVALID_ARGUMENT and "kv_block_size" in info.value.message
+    with pytest.raises(ServeError) as info:
+        p.accept("r", 8, destination([1, 2], held=2), deadline=2000.0)   # nothing left to write
+    assert info.value.cause == Cause.INVALID_ARGUMENT
     p.accept("r", 9, destination([5, 6, 7]), deadline=2000.0)
     assert p.sends("r")
-    seconds, nbytes = p.send("r", [0, 1, 2])
-    assert nbytes == 300 and p.transport.writes == [("d:1", [0, 1, 2], [5, 6, 7])]
-    assert not p.sends("r") and p.stats.count == 1 and p.stats.bytes == 300
+    # first piece: tokens 0-5 (blocks 0 and 1, the second partial), both layers
+    assert forward(p, [("r", [0, 1, 2], 6)]) == []
+    assert p.transport.writes == [("d:1", 0, [0, 1], [5, 6]), ("d:1", 1, [0, 1], [5, 6])]
+    p.transport.writes.clear()
+    # last piece: tokens 6-8: block 1 again (now full) and block 2
+    assert forward(p, [("r", [0, 1, 2], 9)]) == []
+    assert p.transport.writes == [("d:1", 0, [1, 2], [6, 7]), ("d:1", 1, [1, 2], [6, 7])]
+    seconds, nbytes = p.finish("r")
+    assert nbytes == 2 * 200 + 2 * 200 and not p.sends("r") and p.stats.count == 1
+
+
+def test_prefill_side_skips_the_blocks_the_decode_engine_holds():
+    p = PrefillKVConnector(RecordingTransport(), block_size=4, clock=Clock())
+    p.accept("r", 10, destination([5, 6, 7], held=2), deadline=2000.0)
+    forward(p, [("r", [0, 1, 2], 10)], layers=1)
+    assert p.transport.writes == [("d:1", 0, [2], [7])]
 
 
 def test_prefill_side_writes_nothing_after_the_deadline():
     clock = Clock()
     p = PrefillKVConnector(RecordingTransport(), block_size=4, clock=clock)
-    p.accept("r", 4, destination([5]), deadline=clock.now + 1)
+    p.accept("r", 8, destination([5, 6]), deadline=clock.now + 1)
+    assert forward(p, [("r", [0, 1], 4)]) == []
     clock.now += 2
-    with pytest.raises(ServeError) as info:
-        p.send("r", [0])
-    assert info.value.cause == Cause.KV_HANDOFF_TIMEOUT and p.transport.writes == []
-    assert p.stats.failures == 1
+    writes = len(p.transport.writes)
+    [(request_id, error)] = forward(p, [("r", [0, 1], 8)])
+    assert request_id == "r" and error.cause == Cause.KV_HANDOFF_TIMEOUT
+    assert len(p.transport.writes) == writes and p.stats.failures == 1 and not p.sends("r")
 
 
-def test_prefill_side_transfer_failure_has_its_cause():
-    p = PrefillKVConnector(RecordingTransport(fail=True), block_size=4, clock=Clock())
+@pytest.mark.parametrize("where", ["submit", "wait"])
+def test_prefill_side_transfer_failure_has_its_cause(where):
+    p = PrefillKVConnector(RecordingTransport(fail_submit=where == "submit", fail_wait=where == "wait"),
+                           block_size=4, clock=Clock())
     p.accept("r", 4, destination([5]), deadline=2000.0)
-    with pytest.raises(ServeError) as info:
-        p.send("r", [0])
-    assert info.value.cause == Cause.KV_TRANSFER_ERROR and "peer refused" in info.value.message
+    [(request_id, error)] = forward(p, [("r", [0], 4)])
+    assert error.cause == Cause.KV_TRANSFER_ERROR and ("peer refused" in error.message or "link down" in error.message)
     assert p.stats.failures == 1 and not p.sends("r")

@@ -1,13 +1,14 @@
 """Attention over the paged KV cache: the metadata a step carries, and the one entry point the
 model calls. The work itself is done by the device's kernel set (engine/kernels/).
 
-The KV pool is one tensor [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]:
-block-major, so one block of one sequence, all layers, K and V, is a single contiguous
-region that a KV transport can write in one transfer.
+The KV pool is one tensor seen as [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+and stored layer-major (model_runner.py): one layer of a run of consecutive blocks is a single
+contiguous region, which a KV transport writes in one transfer as soon as that layer is computed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,8 @@ class AttentionMetadata:
     # decode part: per-sequence block tables (padded) and context lengths
     block_tables: torch.Tensor | None = None   # [seqs, max_blocks] int64
     context_lens: torch.Tensor | None = None   # [seqs] int64
+    # called with each layer's index once its KV is in the pool (a PREFILL engine pushes it out)
+    after_layer: Callable[[int], None] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -23,8 +23,11 @@ means it writes nothing after the deadline, so past deadline + 2*grace they are 
 the answer never comes. A late answer never admits a request: its client has already heard
 an error, and no client ever gets tokens computed from another request's blocks.
 
-PREFILL side (PrefillKVConnector): validates where the KV goes, and after the prompt's step
-writes it there unless the deadline has passed.
+PREFILL side (PrefillKVConnector): validates where the KV goes, and pushes it there layer by
+layer while the prompt is computed: after each layer of a forward, that layer's KV of the
+blocks the forward filled (and, with the first piece, of the prompt's blocks this engine had
+cached) goes out as one asynchronous batch; the step ends by waiting for its batches. Blocks
+the decode engine already holds are never written. Past the deadline nothing more is written.
 """
 from __future__ import annotations
 
@@ -203,14 +206,40 @@ class TransferStats:
             self.buckets[i] += 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class PendingSend:
     destination: KVDestination
     deadline: float
+    next_block: int                  # the first block not yet pushed in full
+    handles: list = field(default_factory=list)   # this step's batches
+    bytes: int = 0
+    wait_seconds: float = 0.0        # time the steps waited for this request's writes
+    error: ServeError | None = None
+
+
+class LayerPush:
+    """The pushes of one forward, called by the model after each layer (AttentionMetadata.after_layer)."""
+
+    def __init__(self, connector: "PrefillKVConnector", pieces: list[tuple[PendingSend, list[int], list[int]]]):
+        self.connector = connector
+        self.pieces = pieces
+
+    def __call__(self, layer: int) -> None:
+        transport = self.connector.transport
+        for pending, src, dst in self.pieces:
+            if pending.error is not None:
+                continue
+            try:
+                handle, nbytes = transport.submit_layer(pending.destination, layer, src, dst)
+            except Exception as exc:
+                pending.error = ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}")
+                continue
+            pending.handles.append(handle)
+            pending.bytes += nbytes
 
 
 class PrefillKVConnector:
-    """The PREFILL engine's side: where each prompt's KV goes, and the write after its step."""
+    """The PREFILL engine's side: where each prompt's KV goes, and the layer-wise push."""
 
     def __init__(self, transport: KVTransport, block_size: int, clock=time.time):
         self.transport = transport
@@ -230,7 +259,7 @@ class PrefillKVConnector:
             raise ServeError(Cause.INVALID_ARGUMENT,
                              f"the destination holds {destination.held_blocks} blocks of a {num_prompt_tokens}-token "
                              "prompt already; at least its last token's block must be written")
-        self.pending[request_id] = PendingSend(destination, deadline)
+        self.pending[request_id] = PendingSend(destination, deadline, next_block=destination.held_blocks)
 
     def sends(self, request_id: str) -> bool:
         return request_id in self.pending
@@ -238,23 +267,48 @@ class PrefillKVConnector:
     def forget(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
 
-    def send(self, request_id: str, block_table: list[int]) -> tuple[float, int]:
-        """Writes the prompt's KV (local blocks block_table) to its destination, except the
-        blocks the destination already holds; returns (seconds, bytes). Raises ServeError: the
-        deadline passed (nothing written) or the transfer failed."""
+    def layer_push(self, pieces: list[tuple[str, list[int], int]]) -> LayerPush | None:
+        """For a forward computing prompt tokens up to `end` of these (request id, block table,
+        end): the blocks to push after each layer, or None if none of them is handed off."""
+        planned = []
+        now = self.clock()
+        for request_id, block_table, end in pieces:
+            pending = self.pending.get(request_id)
+            if pending is None or pending.error is not None:
+                continue
+            if now > pending.deadline:
+                pending.error = ServeError(Cause.KV_HANDOFF_TIMEOUT,
+                                           "the handoff deadline passed while the prompt was computed; "
+                                           "nothing more was written")
+                continue
+            first, last = pending.next_block, (end - 1) // self.block_size
+            pending.next_block = end // self.block_size    # a partial last block goes again with the next piece
+            if first <= last:
+                planned.append((pending, block_table[first:last + 1],
+                                list(pending.destination.block_ids[first:last + 1])))
+        return LayerPush(self, planned) if planned else None
+
+    def end_step(self) -> list[tuple[str, ServeError]]:
+        """Waits for the step's writes; returns the requests whose handoff failed (to end now)."""
+        failed = []
+        for request_id, pending in list(self.pending.items()):
+            if pending.handles:
+                start = time.perf_counter()
+                try:
+                    self.transport.wait(pending.handles)
+                except Exception as exc:
+                    pending.error = pending.error or ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}")
+                pending.handles = []
+                pending.wait_seconds += time.perf_counter() - start
+            if pending.error is not None:
+                self.stats.failures += 1
+                del self.pending[request_id]
+                failed.append((request_id, pending.error))
+        return failed
+
+    def finish(self, request_id: str) -> tuple[float, int]:
+        """The prompt's last piece has landed (end_step ran): the handoff is complete. Returns
+        (seconds the steps waited for its writes, bytes)."""
         pending = self.pending.pop(request_id)
-        if self.clock() > pending.deadline:
-            self.stats.failures += 1
-            raise ServeError(Cause.KV_HANDOFF_TIMEOUT,
-                             "the handoff deadline passed before the KV was written; nothing was written")
-        start = time.perf_counter()
-        try:
-            held = pending.destination.held_blocks
-            nbytes = self.transport.write_blocks(pending.destination, block_table[held:],
-                                                 list(pending.destination.block_ids[held:]))
-        except Exception as exc:
-            self.stats.failures += 1
-            raise ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}") from exc
-        seconds = time.perf_counter() - start
-        self.stats.observe(seconds, nbytes)
-        return seconds, nbytes
+        self.stats.observe(pending.wait_seconds, pending.bytes)
+        return pending.wait_seconds, pending.bytes

@@ -1,9 +1,12 @@
 """Moving KV blocks from a prefill engine's pool into a decode engine's pool.
 
 The decode side registers its pool and publishes a handshake (in its etcd record and in each
-prefill request); the prefill side writes whole blocks into it with one-sided writes. Blocks
-are contiguous in the pool (see attention.py), so a run of consecutive blocks on both sides is
-one transfer. Another transport (NIXL, HCCL) implements the same three methods.
+prefill request); the prefill side writes into it with one-sided writes, layer by layer: as
+soon as the model has computed a layer, that layer's KV of the step's blocks goes out
+(submit_layer, asynchronous), while the next layers compute; the step ends by waiting for
+what is still in flight (wait). The pool is stored layer-major (model_runner.py), so one layer
+of a run of consecutive blocks on both sides is one contiguous region: one transfer. Another
+transport (NIXL, HCCL) implements the same four methods.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ class KVDestination:
     protocol: str
     session: str
     base_address: int
-    block_bytes: int
+    block_bytes: int         # one layer of one block (K and V)
     block_ids: tuple[int, ...]
     held_blocks: int = 0     # leading block_ids that already hold the prompt's KV: not written
+    layer_stride: int = 0    # bytes from one layer's blocks to the next layer's
 
 
 class KVTransport(ABC):
@@ -42,11 +46,16 @@ class KVTransport(ABC):
 
     @abstractmethod
     def handshake(self) -> dict:
-        """What a peer needs to write into this pool."""
+        """What a peer needs to write into this pool (KVDestination's fields but block_ids)."""
 
     @abstractmethod
-    def write_blocks(self, peer: KVDestination, src_blocks: list[int], dst_blocks: list[int]) -> int:
-        """Writes local blocks into the peer's blocks; returns the bytes written or raises TransferError."""
+    def submit_layer(self, peer: KVDestination, layer: int, src_blocks: list[int], dst_blocks: list[int]):
+        """Starts writing one layer of local blocks into the peer's blocks, one batch; returns a
+        handle for wait() and the bytes it moves. Raises TransferError."""
+
+    @abstractmethod
+    def wait(self, handles: list) -> None:
+        """Returns when every handle's transfer has landed; raises TransferError if one failed."""
 
 
 def contiguous_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -88,27 +97,36 @@ class MooncakeTransport(KVTransport):
             raise TransferError(f"this Mooncake build moves host memory only; the KV pool is on {pool.device}")
         self.pool = pool
         self.base = pool.data_ptr()
-        self.block_bytes = pool[0].numel() * pool.element_size()
+        self.block_bytes = pool[0, 0].numel() * pool.element_size()
+        self.layer_stride = pool.stride(1) * pool.element_size()
+        if pool.stride(0) * pool.element_size() != self.block_bytes:
+            raise TransferError("the KV pool must be stored layer-major (blocks of one layer contiguous)")
         if self.engine.register_memory(self.base, pool.numel() * pool.element_size()) != 0:
             raise TransferError("Mooncake could not register the KV pool")
 
     def handshake(self) -> dict:
         return {"transport": self.name, "protocol": self.protocol, "session": self.session,
-                "base_address": self.base, "block_bytes": self.block_bytes}
+                "base_address": self.base, "block_bytes": self.block_bytes, "layer_stride": self.layer_stride}
 
-    def write_blocks(self, peer: KVDestination, src_blocks: list[int], dst_blocks: list[int]) -> int:
+    def submit_layer(self, peer: KVDestination, layer: int, src_blocks: list[int], dst_blocks: list[int]):
         if peer.block_bytes != self.block_bytes:
             raise TransferError(f"KV block size differs: here {self.block_bytes} bytes, peer {peer.block_bytes}; "
                                 "prefill and decode engines need the same model, dtype and kv_block_size")
         srcs, dsts, lengths = [], [], []
+        src_layer, dst_layer = self.base + layer * self.layer_stride, peer.base_address + layer * peer.layer_stride
         for s, d, n in contiguous_runs(src_blocks, dst_blocks):
-            srcs.append(self.base + s * self.block_bytes)
-            dsts.append(peer.base_address + d * self.block_bytes)
+            srcs.append(src_layer + s * self.block_bytes)
+            dsts.append(dst_layer + d * self.block_bytes)
             lengths.append(n * self.block_bytes)
-        status = self.engine.batch_transfer_sync_write(peer.session, srcs, dsts, lengths)
-        if status != 0:
-            raise TransferError(f"Mooncake write to {peer.session} failed with status {status}")
-        return sum(lengths)
+        batch = self.engine.batch_transfer_async_write(peer.session, srcs, dsts, lengths)
+        if batch <= 0:
+            raise TransferError(f"Mooncake could not start a write to {peer.session} (batch id {batch})")
+        return batch, sum(lengths)
+
+    def wait(self, handles: list) -> None:
+        # Mooncake polls until every batch has landed (the GIL released), then frees them.
+        if handles and self.engine.get_batch_transfer_status(list(handles)) != 0:
+            raise TransferError("a Mooncake write failed or timed out")
 
 
 def make_transport(kind: str, host: str) -> KVTransport | None:

@@ -76,6 +76,8 @@ class LLMEngine:
         self.prefill_kv = PrefillKVConnector(transport, self.runner.block_size) if transport else None
         if transport is not None:
             transport.register_pool(self.runner.kv_cache)
+        if self.prefill_kv is not None:
+            self.runner.layer_push = self.prefill_kv.layer_push
         # Without chunked prefill a whole prompt must fit one step's budget.
         budget = cfg.max_num_batched_tokens if cfg.enable_chunked_prefill else max(cfg.max_num_batched_tokens,
                                                                                    self.max_model_len)
@@ -210,7 +212,16 @@ class LLMEngine:
         sampled = self.runner.run(scheduled)
         self.scheduler.computed(scheduled)
         outputs = []
+        if self.prefill_kv is not None:
+            for request_id, error in self.prefill_kv.end_step():   # the step's KV writes have landed
+                seq = self.sequences.get(request_id)
+                if seq is not None:
+                    self.scheduler.finish(seq, "abort")
+                    self._forget(request_id)
+                    outputs.append(RequestOutput(request_id, error=error))
         for seq, token_id in sampled:
+            if seq.request_id not in self.sequences:
+                continue            # its handoff failed in this step
             if self.prefill_kv is not None and self.prefill_kv.sends(seq.request_id):
                 outputs.append(self._hand_off(seq, token_id))
             else:
@@ -226,16 +237,13 @@ class LLMEngine:
         return out
 
     def _hand_off(self, seq: Sequence, first_token: int) -> RequestOutput:
-        """PREFILL side: write the prompt's KV into the decode engine's blocks, then free ours."""
-        out = RequestOutput(seq.request_id, token_ids=(first_token,), num_input_tokens=seq.num_prompt_tokens,
-                            num_output_tokens=1, finish_reason="prefilled")
-        try:
-            self.prefill_kv.send(seq.request_id, seq.block_table)
-        except ServeError as exc:
-            out.finish_reason, out.error = None, exc
+        """PREFILL side: the prompt's KV is in the decode engine's blocks; ours are let go
+        (their full blocks stay in the prefix cache)."""
+        self.prefill_kv.finish(seq.request_id)
         self.scheduler.finish(seq, "prefilled")
         self._forget(seq.request_id)
-        return out
+        return RequestOutput(seq.request_id, token_ids=(first_token,), num_input_tokens=seq.num_prompt_tokens,
+                             num_output_tokens=1, finish_reason="prefilled")
 
     def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
         seq.output_token_ids.append(token_id)

@@ -93,6 +93,8 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache()
         self.num_blocks = self.kv_cache.shape[0]
         self.sampler = Sampler(self.device, cfg.seed)
+        # PREFILL engines: builds, per forward, what to push after each layer (kv_connector.py)
+        self.layer_push = None
         self.vocab_size = self.model.vocab_size
         self._warm_up()
 
@@ -121,6 +123,7 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
+        """One block's KV, all layers."""
         n = 1
         for d in self._kv_block_shape():
             n *= d
@@ -137,8 +140,13 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache; lower max_num_seqs or set kv_cache_blocks")
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                  num_blocks * self.block_bytes / 2**20)
+        # Stored layer-major, [layers, blocks, 2, block_size, kv_heads, dim], so one layer of a run
+        # of consecutive blocks is one contiguous region (a KV transport pushes it in one piece
+        # as soon as the layer is computed); seen block-major, [blocks, layers, ...] (attention.py).
         # torch.empty: on CPU, pages are committed only as blocks are first written.
-        return torch.empty((num_blocks, *self._kv_block_shape()), dtype=self.dtype, device=self.device)
+        layers, *rest = self._kv_block_shape()
+        storage = torch.empty((layers, num_blocks, *rest), dtype=self.dtype, device=self.device)
+        return storage.transpose(0, 1)
 
     # ---- one step --------------------------------------------------------------------------
     def _prepare(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]):
@@ -208,6 +216,9 @@ class ModelRunner:
 
     def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
         input_ids, positions, meta, sampled = self._prepare(prefills, decodes)
+        if self.layer_push is not None and prefills:
+            meta.after_layer = self.layer_push([(seq.request_id, seq.block_table, seq.num_cached_tokens + n)
+                                                for seq, n in prefills])
         logits = self.model(input_ids, positions, self.kv_cache, meta)
         if not sampled:
             return []

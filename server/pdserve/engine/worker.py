@@ -155,7 +155,7 @@ def prefill_call(handoff: Handoff, seq: Sequence, handshake: dict) -> tuple[str,
         deadline=handoff.deadline, destination=engine_pb2.KVDestination(
             transport=handshake["transport"], protocol=handshake["protocol"], session=handshake["session"],
             base_address=handshake["base_address"], block_bytes=handshake["block_bytes"], block_ids=handoff.block_ids,
-            held_blocks=handoff.held_blocks))
+            held_blocks=handoff.held_blocks, layer_stride=handshake["layer_stride"]))
 
 
 class PrefillPeers:
@@ -239,7 +239,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         stream = self.engine_loop.open(AddPrefill(
             request.request_id, tuple(request.token_ids), SamplingParams.from_proto(request.sampling),
             KVDestination(d.transport, d.protocol, d.session, d.base_address, d.block_bytes, tuple(d.block_ids),
-                          d.held_blocks),
+                          d.held_blocks, d.layer_stride),
             request.deadline))
         answered = False
         try:

@@ -4,9 +4,9 @@ A kernel set is the handful of operations the model's layer body is made of. The
 calls torch for these directly, so each device (kernels/cpu.py, cuda.py, npu.py) can swap in its
 fast path behind the same methods, and tests compare every fast method against this class.
 
-Shapes: tokens T, query heads H, KV heads KVH, head size D. The KV pool is
-[num_blocks, num_layers, 2, block_size, KVH, D] (block-major: one block, all layers, K and V, is
-one contiguous region, which the KV transport relies on).
+Shapes: tokens T, query heads H, KV heads KVH, head size D. The KV pool is seen as
+[num_blocks, num_layers, 2, block_size, KVH, D] and stored layer-major (model_runner.py):
+kernels index it through its strides, never assuming it is contiguous.
 """
 from __future__ import annotations
 

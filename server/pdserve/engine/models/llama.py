@@ -162,8 +162,10 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         residual = None
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             h, residual = layer(kernels, h, residual, cos, sin, kv_cache, meta)
+            if meta.after_layer is not None:
+                meta.after_layer(i)
         last = meta.last_token_indices
         if last.numel() == 0:          # a step of prompt pieces none of which ends its prompt
             return h.new_empty((0, self.vocab_size))
