@@ -142,7 +142,7 @@ def etcd_security(args, endpoints: list[str], tls: bool) -> EtcdSecurity:
 
 
 async def preflight_etcd(etcd: EtcdClient, prefix: str, attempts: int = 3) -> bool:
-    """Reads once from etcd before anything starts: True when it answered, False when it is not
+    """Reads from etcd before anything starts: True when it answered, False when it is not
     reachable (yet: engines register when it comes); raises EtcdRefused when etcd refuses this
     client again and again (TLS, user or permission), which no waiting mends."""
     for attempt in range(attempts):
@@ -152,8 +152,11 @@ async def preflight_etcd(etcd: EtcdClient, prefix: str, attempts: int = 3) -> bo
         except EtcdRefused:
             if attempt == attempts - 1:
                 raise
-        except EtcdUnavailable:
-            return False
+        except EtcdUnavailable as exc:
+            if not exc.suspect_tls:
+                return False
+            if attempt == attempts - 1:     # closed at once, every time: a TLS port
+                raise EtcdRefused(exc.hint) from exc
         await asyncio.sleep(0.5)
     return False
 

@@ -51,7 +51,10 @@ class WatchEvent:
 
 
 class EtcdUnavailable(ConnectionError):
-    pass
+    # etcd closed the connection at once: an outage, or (when it persists) a plaintext client at
+    # a TLS port; a front end's start-up check tells the two apart by retrying
+    suspect_tls = False
+    hint = ""            # the message with the flags to try, when suspect_tls
 
 
 class EtcdRefused(EtcdUnavailable):
@@ -136,8 +139,10 @@ def parse_endpoints(text: str) -> tuple[list[str], bool]:
 
 
 # What etcd or gRPC say when this client's TLS or credentials do not fit the server: retrying
-# cannot help, so a front end stops at start with the reason instead of waiting.
-_TLS_SIGNS = ("handshake", "ssl", "tsi_", "certificate", "socket closed")
+# cannot help, so a front end stops at start with the reason instead of waiting. A plaintext
+# client at a TLS port only sees "Socket closed", as during an outage: that one is a suspicion.
+_TLS_SIGNS = ("handshake", "ssl", "tsi_", "certificate")
+_CLOSED = "socket closed"
 _TOKEN_EXPIRED = ("invalid auth token", "auth token is expired")
 
 
@@ -162,7 +167,7 @@ def _refusal_hint(exc: grpc.aio.AioRpcError, security: EtcdSecurity) -> str:
                 else f"etcd refused user '{security.user}': check --etcd-user and --etcd-password-file")
     if not security.use_tls:
         return "etcd speaks TLS: pass --etcd-cacert (and --etcd-cert/--etcd-key if it requires client certificates)"
-    if "socket closed" in details or "data_corrupted" in details or "bad_certificate" in details:
+    if _CLOSED in details or "data_corrupted" in details or "bad_certificate" in details:
         return ("etcd closed the TLS connection: it probably requires a client certificate "
                 "(--etcd-cert/--etcd-key, signed by the CA etcd trusts), or does not speak TLS")
     return "the TLS handshake with etcd failed: check --etcd-cacert (and the server certificate's names)"
@@ -205,6 +210,11 @@ class EtcdClient:
         await self._rotate()
         if _is_refusal(exc):
             return EtcdRefused(f"{message} ({_refusal_hint(exc, self.security)})")
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and _CLOSED in (exc.details() or "").lower():
+            error = EtcdUnavailable(message)
+            error.suspect_tls = True
+            error.hint = f"{message} ({_refusal_hint(exc, self.security)})"
+            return error
         return EtcdUnavailable(message)
 
     async def _metadata(self) -> tuple[tuple[str, str], ...] | None:
