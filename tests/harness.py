@@ -77,14 +77,15 @@ def inputs(prompt: str, stream: bool = False, params: dict | None = None, **flag
     return tensors
 
 
-def etcd_records(endpoint: str) -> list[tuple[str, dict, int]]:
-    """Every engine record in etcd: (key, record, lease id), read with the project's etcd client."""
+def etcd_records(endpoint: str, security=None) -> list[tuple[str, dict, int]]:
+    """Every engine record in etcd: (key, record, lease id), read with the project's etcd client
+    (security: an EtcdSecurity for a protected etcd)."""
     import asyncio
 
     from pdserve.common.etcd import EtcdClient
 
     async def read():
-        client = EtcdClient([endpoint])
+        client = EtcdClient([endpoint], security)
         try:
             _, kvs = await client.get_prefix("/pdserve/")
             return [(k, json.loads(v), lease) for k, v, lease in kvs]

@@ -15,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
-from pdserve.common.etcd import EtcdClient, EtcdProcess
+from pdserve.common.records import engines_prefix
+from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
+                                 parse_endpoints)
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
 from pdserve.frontend.core import InferenceCore
@@ -23,7 +25,7 @@ from pdserve.frontend.health import Health
 from pdserve.frontend.http_server import KServeHttp
 from pdserve.frontend.openai_server import OpenAIServer
 from pdserve.frontend.security import (RestrictedProtocolInterceptor, SecurityConfigError, parse_restriction,
-                                       server_credentials)
+                                       server_credentials, server_ssl_context)
 from pdserve.frontend.service import InferenceService
 from pdserve.frontend.metrics import Metrics
 from pdserve.frontend.settings import Settings, grpc_handler as settings_grpc_handler
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="0.0.0.0", help="address the gRPC, HTTP, OpenAI and metrics servers bind")
     ap.add_argument("--advertise-host", default="127.0.0.1", help="address engines bind and announce")
     ap.add_argument("--etcd-endpoints", default="",
-                    help="host:port,... of the cluster's etcd; omitted: a private local etcd (single node)")
+                    help="host:port,... of the cluster's etcd (https://host:port: over TLS); omitted: a private "
+                         "local etcd (single node)")
     ap.add_argument("--cluster", default="default", help="the cluster's name: the etcd key prefix /pdserve/NAME/")
     ap.add_argument("--node-name", default="", help="this node in the registry (default: hostname:grpc-port)")
     ap.add_argument("--lease-ttl", type=int, default=10, help="seconds an engine's record outlives its last keepalive")
@@ -72,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calls of these protocols (health, metadata, inference, model-config, model-repository, "
                           "statistics, shared-memory, trace, logging; comma-separated) need the header "
                           "triton-grpc-protocol-<key>: <value> (repeatable)")
+    for door, what in (("http", "KServe v2 HTTP/REST"), ("openai", "OpenAI-compatible")):
+        group = ap.add_argument_group(f"{what} port security (the gRPC port's flags, named --{door}-...)")
+        group.add_argument(f"--{door}-use-ssl", type=flag, nargs="?", const=True, default=False,
+                           help=f"serve the {what} port over TLS (https; needs --{door}-server-cert and "
+                                f"--{door}-server-key)")
+        group.add_argument(f"--{door}-use-ssl-mutual", type=flag, nargs="?", const=True, default=False,
+                           help=f"TLS that also requires client certificates signed by --{door}-root-cert")
+        group.add_argument(f"--{door}-server-cert", default="", metavar="PEM", help="the server's certificate chain")
+        group.add_argument(f"--{door}-server-key", default="", metavar="PEM", help="the server's private key")
+        group.add_argument(f"--{door}-root-cert", default="", metavar="PEM",
+                           help="the CA of client certificates (mutual TLS)")
+    etcd = ap.add_argument_group("etcd security (a shared etcd with TLS and users; paths, never secrets)")
+    etcd.add_argument("--etcd-cacert", default="", metavar="PEM", help="speak TLS to etcd, trusting this CA")
+    etcd.add_argument("--etcd-cert", default="", metavar="PEM",
+                      help="client certificate, for an etcd with --client-cert-auth (implies TLS)")
+    etcd.add_argument("--etcd-key", default="", metavar="PEM", help="the client certificate's private key")
+    etcd.add_argument("--etcd-user", default="", metavar="NAME", help="etcd user (an etcd with auth enabled)")
+    etcd.add_argument("--etcd-password-file", default="", metavar="FILE", help="that user's password, in a file")
     return ap
 
 
@@ -107,12 +128,50 @@ def cluster_token_file(given: str, run_dir: str, private: bool) -> str:
     return ""
 
 
+def etcd_security(args, endpoints: list[str], tls: bool) -> EtcdSecurity:
+    """The etcd flags, checked (every file read once) and made absolute for the engines."""
+    def path(p: str) -> str:
+        return os.path.abspath(p) if p else ""
+    security = EtcdSecurity(cacert=path(args.etcd_cacert), cert=path(args.etcd_cert), key=path(args.etcd_key),
+                            user=args.etcd_user, password_file=path(args.etcd_password_file), tls=tls)
+    if not endpoints and security != EtcdSecurity():
+        raise EtcdConfigError("--etcd-cacert/--etcd-cert/--etcd-key/--etcd-user are for a shared etcd: "
+                              "pass --etcd-endpoints too (the private etcd listens on loopback only)")
+    security.check()
+    return security
+
+
+async def preflight_etcd(etcd: EtcdClient, prefix: str, attempts: int = 3) -> bool:
+    """Reads from etcd before anything starts: True when it answered, False when it is not
+    reachable (yet: engines register when it comes); raises EtcdRefused when etcd refuses this
+    client again and again (TLS, user or permission), which no waiting mends."""
+    for attempt in range(attempts):
+        try:
+            await etcd.check(prefix)
+            return True
+        except EtcdRefused:
+            if attempt == attempts - 1:
+                raise
+        except EtcdUnavailable as exc:
+            if not exc.suspect_tls:
+                return False
+            if attempt == attempts - 1:     # closed at once, every time: a TLS port
+                raise EtcdRefused(exc.hint) from exc
+        await asyncio.sleep(0.5)
+    return False
+
+
 async def run(args) -> None:
     credentials = server_credentials(args.grpc_use_ssl, args.grpc_use_ssl_mutual, args.grpc_server_cert,
                                      args.grpc_server_key, args.grpc_root_cert)   # bad files fail before any work
+    door_tls = {door: server_ssl_context(door, getattr(args, f"{door}_use_ssl"), getattr(args, f"{door}_use_ssl_mutual"),
+                                         getattr(args, f"{door}_server_cert"), getattr(args, f"{door}_server_key"),
+                                         getattr(args, f"{door}_root_cert"))
+                for door in ("http", "openai")}
+    endpoints, etcd_tls = parse_endpoints(args.etcd_endpoints)
+    security = etcd_security(args, endpoints, etcd_tls)
     run_dir = tempfile.mkdtemp(prefix="pdserve-")
     embedded_etcd = None
-    endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
     if not endpoints:
         embedded_etcd = EtcdProcess(data_dir=os.path.join(run_dir, "etcd"))
         embedded_etcd.start()
@@ -120,13 +179,17 @@ async def run(args) -> None:
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
     token_file = cluster_token_file(args.cluster_token_file, run_dir, private=embedded_etcd is not None)
     token = read_token(token_file) if token_file else ""
-    etcd = EtcdClient(endpoints)
+    etcd = EtcdClient(endpoints, security)
+    if not await preflight_etcd(etcd, engines_prefix(args.cluster)):
+        log.warning("etcd at %s does not answer yet; serving on and registering engines when it does",
+                    ",".join(endpoints))
     registry = RegistryView(etcd, args.cluster, token)
     registry.start()
     clients = EngineClients(token)
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
     supervisor = Supervisor(args.advertise_host, run_dir,
-                            ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file), clients, registry)
+                            ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file,
+                                            security.to_spec()), clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model)
     metrics = Metrics(manager, registry)
@@ -153,11 +216,11 @@ async def run(args) -> None:
     await server.start()
     doors = []
     if args.http_port:
-        doors.append((KServeHttp(service, settings).door, args.http_port))
+        doors.append((KServeHttp(service, settings).door, args.http_port, door_tls["http"]))
     if args.openai_port:
-        doors.append((OpenAIServer(core, manager).door, args.openai_port))
-    for door, port in doors:
-        await door.start(args.host, port)
+        doors.append((OpenAIServer(core, manager).door, args.openai_port, door_tls["openai"]))
+    for door, port, tls in doors:
+        await door.start(args.host, port, tls)
     if args.metrics_port:
         metrics.serve(args.host, args.metrics_port)
     log.info("KServe v2 gRPC on %s:%d, HTTP on :%d, OpenAI on :%d, metrics on :%d, repository %s (%s mode)",
@@ -180,7 +243,7 @@ async def run(args) -> None:
     await stop.wait()
     log.info("shutting down")
     await health.close()
-    for door, _ in doors:
+    for door, _, _ in doors:
         await door.stop()
     await server.stop(grace=3)
     await metrics.close()
@@ -197,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s pdserve %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run(args))
-    except (SecurityConfigError, ClusterAuthError) as exc:
+    except (SecurityConfigError, ClusterAuthError, EtcdConfigError, EtcdRefused) as exc:
         raise SystemExit(f"pdserve: {exc}") from None
 
 

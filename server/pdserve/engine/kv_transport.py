@@ -74,6 +74,11 @@ class MooncakeTransport(KVTransport):
 
     protocol "tcp" works on any host (mooncake-transfer-engine-non-cuda); "rdma" where HCAs
     exist; the Ascend build of Mooncake provides its own protocol for NPU memory.
+
+    host only names this engine to its peers: Mooncake binds its handshake port to 0.0.0.0 and
+    its TCP data port to [::] whatever host is, and has no setting for it (MC_TCP_BIND_ADDRESS
+    only renames the announced address, outside P2P handshake mode); docs/security.md has the
+    source references and the firewall rule.
     """
     name = "mooncake"
 

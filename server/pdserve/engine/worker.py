@@ -30,7 +30,7 @@ from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, trailing_cause
-from pdserve.common.etcd import EtcdClient, die_with_parent
+from pdserve.common.etcd import EtcdClient, EtcdSecurity, die_with_parent
 from pdserve.common.records import DEFAULT_TTL_S, EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
 from pdserve.engine.config import EngineConfig
@@ -303,7 +303,8 @@ async def serve(spec: dict, ready_file: str) -> None:
             kv_transport=transport.handshake() if transport else {},
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
-        registration = EngineRegistration(EtcdClient(spec["etcd_endpoints"]), spec.get("cluster", "default"), record,
+        etcd = EtcdClient(spec["etcd_endpoints"], EtcdSecurity.from_spec(spec.get("etcd_security")))
+        registration = EngineRegistration(etcd, spec.get("cluster", "default"), record,
                                           ttl=int(spec.get("lease_ttl", DEFAULT_TTL_S)), token=token)
     engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, registration), server)
     await server.start()

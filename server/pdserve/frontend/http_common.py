@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 
 from aiohttp import web
 
@@ -68,11 +69,12 @@ class HttpDoor:
         self.name = name
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serves on host:port, over TLS when given a context (frontend/security.py)."""
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=3)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
-        log.info("%s on %s:%d", self.name, host, port)
+        await web.TCPSite(self.runner, host, port, ssl_context=ssl_context).start()
+        log.info("%s on %s://%s:%d", self.name, "https" if ssl_context else "http", host, port)
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -48,6 +48,7 @@ class ClusterSettings:
     node: str = ""
     lease_ttl: int = 10
     token_file: str = ""      # the cluster secret's file ("": no secret), handed to engines by path
+    etcd_security: dict = field(default_factory=dict)   # EtcdSecurity.to_spec(): file paths, no secrets
 
 
 class EngineProcess:
@@ -62,7 +63,8 @@ class EngineProcess:
                      "role": instance.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
                      "kv_transport": spec.engine_parameters.get("kv_transport", ""),
                      "etcd_endpoints": cluster.etcd_endpoints, "cluster": cluster.cluster, "node": cluster.node,
-                     "lease_ttl": cluster.lease_ttl, "cluster_token_file": cluster.token_file}
+                     "lease_ttl": cluster.lease_ttl, "cluster_token_file": cluster.token_file,
+                     "etcd_security": cluster.etcd_security}
         self.cluster = cluster
         self.clients = clients
         self.ready_file = os.path.join(run_dir, f"{self.instance_id}.ready")
