@@ -337,3 +337,14 @@ def test_the_router_forgets_engines_that_left_the_registry():
     router.registry.generation += 1
     assert choose(router, tokens).decode.instance_id == "b"
     assert router.clients.kv_index.match(block_hashes(tokens, BLOCK)) == {}
+
+
+def test_kv_index_walks_a_common_prefix_without_following_its_holders():
+    index = KVIndex(common=2)
+    system = block_hashes(prompt(1, 64), BLOCK)                  # 4 blocks every engine holds
+    chain = block_hashes(prompt(1, 64) + prompt(2, 160), BLOCK)  # the same 4, then 10 of one conversation
+    for engine in ("e1", "e2", "e3"):
+        index.apply(engine, system)
+    index.apply("e2", chain[:9])
+    assert index.match(chain) == {"e2": 9}    # credited from block 0; the common part alone tells nothing
+    assert index.match(system) == {}

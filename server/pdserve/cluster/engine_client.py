@@ -46,6 +46,7 @@ class EngineClient:
         # Stats call whose answer is last_stats went out (that answer already counts the rest).
         self.sent_tokens = self.sent_requests = 0
         self._base_tokens = self._base_requests = 0
+        self._stats_load = 0.0      # the last answer's part of the load
         self.load = 0.0
         self._on_load = on_load
         # Cache-aware routing: the KV events applied so far, in the node's index.
@@ -96,14 +97,9 @@ class EngineClient:
         """load = queued prompt tokens + REQUEST_TOKENS x requests (running, queued, awaiting
         their KV), as of the last answer plus what was sent since, + the share of KV blocks in
         use (< 1 token: it only breaks ties)."""
-        tokens, requests, used = self.fresh_tokens, self.fresh_requests, 0.0
-        s = self.last_stats
-        if s is not None:
-            tokens += s.waiting_prefill_tokens
-            requests += s.num_running + s.num_waiting + s.num_awaiting_kv
-            if s.num_total_blocks:
-                used = 1.0 - s.num_free_blocks / s.num_total_blocks
-        self.load = tokens + REQUEST_TOKENS * requests + 0.5 * used + (SUSPECT_PENALTY if self._suspect else 0.0)
+        self.load = (self._stats_load + self.sent_tokens - self._base_tokens
+                     + REQUEST_TOKENS * (self.sent_requests - self._base_requests)
+                     + (SUSPECT_PENALTY if self._suspect else 0.0))
         if self._on_load is not None:
             self._on_load(self.address, self.load)
 
@@ -131,6 +127,9 @@ class EngineClient:
         `sent_before`, is counted in them; what was sent after stays fresh), and its KV events."""
         self.last_stats, self.last_stats_at, self._suspect = stats, time.monotonic(), False
         self._base_tokens, self._base_requests = sent_before or (self.sent_tokens, self.sent_requests)
+        used = 1.0 - stats.num_free_blocks / stats.num_total_blocks if stats.num_total_blocks else 0.0
+        self._stats_load = (stats.waiting_prefill_tokens + 0.5 * used
+                            + REQUEST_TOKENS * (stats.num_running + stats.num_waiting + stats.num_awaiting_kv))
         if apply_kv:
             self.kv_index.apply(self.address, stats.stored_block_hashes, stats.removed_block_hashes,
                                 stats.kv_events_reset)

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 
 
 class KVIndex:
-    def __init__(self):
+    def __init__(self, common: int = 32):
+        self.common = common   # match(): a block held by more engines than this is a common prefix
         self._holders: dict[int, set[str]] = {}   # block hash -> engines holding it
         self._held: dict[str, set[int]] = {}      # engine -> block hashes it holds
 
@@ -55,29 +56,44 @@ class KVIndex:
 
     def match(self, prompt_hashes: Sequence[int]) -> dict[str, int]:
         """Engine -> number of leading blocks of the prompt it holds (engines holding none are
-        absent). The work is proportional to the holders of the matched blocks: the engines still
-        matching shrink block by block, and the walk stops when none is left."""
-        holders = self._holders
-        matched: dict[str, int] = {}
-        active: set[str] | None = None
-        depth = 0
-        for depth, h in enumerate(prompt_hashes):
-            owners = holders.get(h)
-            if not owners:
+        absent), in time proportional to the matched blocks and their holders, not to the
+        engines.
+
+        The walk follows the chain from block 0 and stops when no holder is left. A prefix cache
+        evicts a block's descendants before the block, so along one chain an engine's blocks
+        are a prefix; hence (1) the holders are compared only when their number changes (as many
+        holders: the same ones), and (2) a common prefix, blocks held by more than `common`
+        engines (a system prompt everywhere), is walked without following its holders: the
+        holders of the first block past it are credited from block 0, and engines that hold
+        only the common part are not listed (it does not tell them apart). An engine whose cache
+        broke the prefix rule can be credited blocks it lacks: that costs a routing choice,
+        never wrong KV (the engine compares token ids)."""
+        get, n, depth = self._holders.get, len(prompt_hashes), 0
+        while True:   # past the common prefix
+            if depth == n:
+                return {}
+            owners = get(prompt_hashes[depth])
+            if owners is None:
+                return {}
+            depth += 1
+            if len(owners) <= self.common:
                 break
-            if active is None:
-                active = set(owners)
-                continue
-            if len(owners) < len(active) or not active <= owners:
+        active, count = set(owners), len(owners)
+        matched: dict[str, int] = {}
+        while depth < n:
+            owners = get(prompt_hashes[depth])
+            if owners is None:
+                break
+            if len(owners) != count:
                 still = active & owners
-                for engine in active - still:
-                    matched[engine] = depth
-                active = still
-                if not active:
-                    return matched
-        else:
-            depth = len(prompt_hashes)
-        for engine in active or ():
+                if len(still) != count:
+                    for engine in active - still:
+                        matched[engine] = depth
+                    active, count = still, len(still)
+                    if not count:
+                        return matched
+            depth += 1
+        for engine in active:
             matched[engine] = depth
         return matched
 

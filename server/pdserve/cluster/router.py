@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -86,21 +86,26 @@ class RoundRobinPolicy:
 
 
 class LeastLoadPolicy:
-    """The engine with the lowest load; ties are broken in turn."""
+    """The engine with the lowest load; ties are broken in turn (the first lowest after the
+    engine chosen last in this group)."""
 
     uses_prefix = False
 
     def __init__(self):
-        self._tie_break = itertools.count()
+        self._last: dict[tuple[str, str, str], int] = {}
 
     def choose(self, group: EngineGroup, load: np.ndarray, matched: dict[str, int] | None = None) -> int:
-        i = int(load.argmin())
-        best = load[i]
-        if best == INF:
+        start = self._last.get(group.key, -1) + 1
+        if start >= len(load):
+            start = 0
+        i = start + int(load[start:].argmin())
+        if start:
+            j = int(load[:start].argmin())
+            if load[j] < load[i]:
+                i = j
+        if load[i] == INF:
             return -1
-        if (load == best).sum() > 1:   # a tie: take the tied engines in turn
-            tied = np.flatnonzero(load == best)
-            i = int(tied[next(self._tie_break) % len(tied)])
+        self._last[group.key] = i
         return i
 
 
@@ -155,7 +160,7 @@ class Router:
         self.policy = policy
         self.decode_policy = POLICIES[policy]()
         self.prefill_policy = POLICIES[policy]()
-        self.inflight: Counter[str] = Counter()   # requests this front end has on each engine
+        self.inflight: dict[str, int] = {}   # requests this front end has on each engine
         self._generation: int | None = None       # of the registry the groups were listed from
         self._groups: dict[tuple[str, str, str], EngineGroup | None] = {}
         self._slots: dict[str, list[tuple[EngineGroup, int]]] = defaultdict(list)   # address -> its places
@@ -238,17 +243,22 @@ class Router:
     def track(self, chosen: Route) -> Iterator[Route]:
         """Counts a request on its engines until it ends, and as fresh load on them until
         their next Stats answer."""
+        get, inflight = self.clients.get, self.inflight
         if chosen.prefill is not None:
-            self.clients.get(chosen.prefill.address).sent(chosen.prefill_tokens)
-            self.clients.get(chosen.decode.address).sent(0)
+            get(chosen.prefill.address).sent(chosen.prefill_tokens)
+            get(chosen.decode.address).sent(0)
+            ids = (chosen.decode.instance_id, chosen.prefill.instance_id)
         else:
-            self.clients.get(chosen.decode.address).sent(chosen.prefill_tokens)
-        for instance_id in chosen.instance_ids:
-            self.inflight[instance_id] += 1
+            get(chosen.decode.address).sent(chosen.prefill_tokens)
+            ids = (chosen.decode.instance_id,)
+        for instance_id in ids:
+            inflight[instance_id] = inflight.get(instance_id, 0) + 1
         try:
             yield chosen
         finally:
-            for instance_id in chosen.instance_ids:
-                self.inflight[instance_id] -= 1
-                if not self.inflight[instance_id]:
-                    del self.inflight[instance_id]
+            for instance_id in ids:
+                n = inflight[instance_id] - 1
+                if n:
+                    inflight[instance_id] = n
+                else:
+                    del inflight[instance_id]
