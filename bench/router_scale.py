@@ -173,6 +173,18 @@ def main() -> None:
         block_hashes(ids, BLOCK)
     hash_us = (time.perf_counter_ns() - t) / 100 / 1000
     print(f"# CPU: {cpu_summary()}; Python {platform.python_version()}")
+    tokenizer_json = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1", "tokenizer.json")
+    if os.path.exists(tokenizer_json):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tokenizer_json)
+        text = tok.decode(random.Random(1).choices(range(300, 8000), k=PROMPT_TOKENS))
+        spent = []
+        for _ in range(50):
+            t = time.perf_counter_ns()
+            n_ids = len(tok.encode(text).ids)
+            spent.append(time.perf_counter_ns() - t)
+        print(f"# tokenizers encode of a {n_ids}-token prompt (demo model tiny-qwen2): {pct(spent, 0.5):.0f} us "
+              "(in the tokenizer thread pool, not in the decision)")
     print(f"# block_hashes of a {PROMPT_TOKENS}-token prompt ({PROMPT_TOKENS // BLOCK} blocks): {hash_us:.0f} us "
           "(in the tokenizer thread pool, not in the decision)")
     print("| layout | engines | router | policy | scenario | p50 us | p99 us | hashes per engine | holders per prompt |")

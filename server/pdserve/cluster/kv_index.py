@@ -13,8 +13,9 @@ from typing import Iterable, Sequence
 
 
 class KVIndex:
-    def __init__(self, common: int = 32):
+    def __init__(self, common: int = 32, bisect: int = 4):
         self.common = common   # match(): a block held by more engines than this is a common prefix
+        self.bisect = bisect   # match(): this many holders or fewer are bisected, not walked
         self._holders: dict[int, set[str]] = {}   # block hash -> engines holding it
         self._held: dict[str, set[int]] = {}      # engine -> block hashes it holds
 
@@ -80,6 +81,18 @@ class KVIndex:
                 break
         active, count = set(owners), len(owners)
         matched: dict[str, int] = {}
+        if count <= self.bisect:
+            held = self._held
+            for engine in active:
+                blocks, lo, hi = held[engine], depth, n   # it holds the blocks before lo
+                while lo < hi:
+                    mid = (lo + hi + 1) >> 1
+                    if prompt_hashes[mid - 1] in blocks:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                matched[engine] = lo
+            return matched
         while depth < n:
             owners = get(prompt_hashes[depth])
             if owners is None:
