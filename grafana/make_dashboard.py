@@ -43,6 +43,15 @@ ROWS = [
         ("Preemptions", "short", [
             ("{{instance}}", f"sum by (instance) (rate(pdserve_preemptions_total{QI}[1m]))")]),
     ]),
+    ("Prefix cache", [
+        ("Prefix-cache hit ratio per instance", "percentunit", [
+            ("{{role}} {{instance}}", f"pdserve_prefix_cache_hit_ratio{QI}")]),
+        ("Prompt tokens from the prefix cache per role", "short", [
+            ("hits {{role}}", f"sum by (role) (rate(pdserve_prefix_cache_hits_total{QI}[1m]))"),
+            ("looked up {{role}}", f"sum by (role) (rate(pdserve_prefix_cache_queries_total{QI}[1m]))")]),
+        ("Cached KV blocks per instance", "short", [
+            ("{{role}} {{instance}}", f"pdserve_kv_cache_cached_blocks{QI}")]),
+    ]),
     ("KV transfer (PD)", [
         ("KV transfer latency", "s", quantiles("pdserve_kv_transfer_seconds")),
         ("KV transfer bandwidth", "Bps", [
@@ -50,6 +59,13 @@ ROWS = [
         ("KV handoff failures", "short", [
             ("{{cause}}", f"sum by (cause) (increase(pdserve_kv_handoff_failures_total{Q}[5m]))"),
             ("transfer {{instance}}", f"sum by (instance) (increase(pdserve_kv_transfer_failures_total{QI}[5m]))")]),
+    ]),
+    ("Reliability", [
+        ("Failures by cause", "short", [
+            ("{{reason}}", "sum by (reason) (increase(nv_inference_request_failure{model=~\"$model\", "
+                           "reason=~\"overloaded|deadline_exceeded|internal|engine_failure|no_engine\"}[5m]))")]),
+        ("Requests migrated mid-stream", "short", [
+            ("{{model}} v{{version}}", f"sum by (model, version) (increase(pdserve_request_migrations_total{Q}[5m]))")]),
     ]),
     ("Cluster", [
         ("Instances per role (etcd view)", "short", [

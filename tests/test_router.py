@@ -1,108 +1,352 @@
-"""Routing policies and the router's choices, over records made in memory (no processes, no etcd)."""
+"""Routing policies and the router's choices, over records made in memory (no processes, no etcd):
+round_robin, least_load, kv_aware, fresh load, and the KV index the engines' events keep."""
+import asyncio
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
-from pdserve.cluster.router import LeastLoadPolicy, RoundRobinPolicy, Router
+from pdserve._proto import engine_pb2
+from pdserve.cluster.engine_client import REQUEST_TOKENS, EngineClients
+from pdserve.cluster.kv_index import KVIndex
+from pdserve.cluster.router import Router
+from pdserve.common.block_hash import block_hashes
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.records import READY, EngineRecord
+from pdserve.engine.kv_events import KVEventLog
+
+BLOCK = 16
 
 
 def record(instance_id: str, role: str, model: str = "m", state: str = READY) -> EngineRecord:
     return EngineRecord(instance_id=instance_id, model=model, version="1", role=role, device="cpu", node="n",
-                        address=f"{instance_id}:1", state=state)
+                        address=f"{instance_id}:1", state=state, capacity={"block_size": BLOCK})
 
 
 class View:
-    """What the router reads of a RegistryView: its records."""
+    """What the router reads of a RegistryView: its records and their generation."""
 
     def __init__(self, records):
         self.records = {r.instance_id: r for r in records}
+        self.generation = 0
 
-    def engines(self, model, version=None, roles=("BOTH", "DECODE", "PREFILL"), states=(READY,)):
-        return [r for r in self.records.values() if r.model == model and (version is None or r.version == version)
-                and r.role in roles and r.state in states]
-
-
-class Clients:
-    """What the router reads of EngineClients: each engine's last stats."""
-
-    def __init__(self, stats: dict):
-        self.stats = stats
-
-    def peek(self, address):
-        stats = self.stats.get(address.split(":")[0])
-        return SimpleNamespace(last_stats=stats, suspect=address.startswith("sick")) if stats else None
+    def add(self, r: EngineRecord) -> None:
+        self.records[r.instance_id] = r
+        self.generation += 1
 
 
-def stats(waiting=0, awaiting=0, free=100, prefill_tokens=0):
-    return SimpleNamespace(num_waiting=waiting, num_awaiting_kv=awaiting, num_free_blocks=free,
-                           waiting_prefill_tokens=prefill_tokens)
+def stats(waiting=0, awaiting=0, running=0, free=100, total=100, prefill_tokens=0, **kv):
+    return engine_pb2.StatsResponse(num_waiting=waiting, num_awaiting_kv=awaiting, num_running=running,
+                                    num_free_blocks=free, num_total_blocks=total,
+                                    waiting_prefill_tokens=prefill_tokens, **kv)
 
 
-def test_round_robin_takes_turns_per_model_and_role():
-    policy = RoundRobinPolicy()
-    engines = [record("b", "BOTH"), record("a", "BOTH"), record("c", "BOTH")]
-    picks = [policy.choose(engines, load=None).instance_id for _ in range(6)]
-    assert picks == ["a", "b", "c", "a", "b", "c"]
-    other = [record("x", "BOTH", model="other"), record("y", "BOTH", model="other")]
-    assert policy.choose(other, load=None).instance_id == "x"   # its own turn counter
+def make_router(records, figures=None, policy="kv_aware", suspect=()):
+    """A router over these records; figures: instance id -> its last Stats answer."""
+    clients = EngineClients()
+    for instance_id, answer in (figures or {}).items():
+        clients.get(f"{instance_id}:1").observe(answer)
+    for instance_id in suspect:
+        clients.get(f"{instance_id}:1").suspect = True
+    return Router(View(records), clients, policy)
 
 
-def test_least_load_picks_the_lowest_and_spreads_ties():
-    policy = LeastLoadPolicy()
-    engines = [record("a", "BOTH"), record("b", "BOTH"), record("c", "BOTH")]
-    load = {"a": (2,), "b": (1,), "c": (1,)}
-    picks = Counter(policy.choose(engines, lambda e: load[e.instance_id]).instance_id for _ in range(10))
+def hold(router: Router, instance_id: str, tokens: list[int]) -> None:
+    """The engine reports (a KV event) that it holds the full blocks of these tokens."""
+    router.clients.kv_index.apply(router.clients.get(f"{instance_id}:1").address, block_hashes(tokens, BLOCK))
+
+
+def prompt(seed: int, n: int = 1500) -> list[int]:
+    return [(seed * 7919 + i * 31) % 8192 for i in range(n)]
+
+
+def choose(router, tokens=None, **kw):
+    if tokens is None:
+        return router.choose("m", "1", **kw)
+    return router.choose("m", "1", prompt_tokens=len(tokens), prompt_hashes=block_hashes(tokens, BLOCK), **kw)
+
+
+# ---- the policies without a prompt (round_robin, least_load, and kv_aware's fallback) ----
+
+def test_round_robin_takes_turns_per_model_and_side():
+    router = make_router([record("b", "BOTH"), record("a", "BOTH"), record("c", "BOTH"),
+                          record("x", "BOTH", model="other"), record("y", "BOTH", model="other")], policy="round_robin")
+    assert [choose(router).decode.instance_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert router.choose("other", "1").decode.instance_id == "x"   # its own turn counter
+    assert choose(router, exclude=frozenset({"a"})).decode.instance_id == "b"   # a's turn, a excluded
+
+
+@pytest.mark.parametrize("policy", ["least_load", "kv_aware"])
+def test_least_load_picks_the_lowest_and_spreads_ties(policy):
+    router = make_router([record("a", "BOTH"), record("b", "BOTH"), record("c", "BOTH")],
+                         {"a": stats(running=2), "b": stats(running=1), "c": stats(running=1)}, policy)
+    picks = Counter()
+    for _ in range(10):
+        picks[choose(router).decode.instance_id] += 1   # not sent: no fresh load
     assert set(picks) == {"b", "c"} and picks["b"] == picks["c"] == 5
 
 
 def test_router_pairs_a_decode_engine_with_the_least_loaded_prefill_engine():
-    view = View([record("d", "DECODE"), record("p1", "PREFILL"), record("p2", "PREFILL")])
-    router = Router(view, Clients({"p1": stats(prefill_tokens=900), "p2": stats(prefill_tokens=100)}))
-    route = router.choose("m", "1")
+    router = make_router([record("d", "DECODE"), record("p1", "PREFILL"), record("p2", "PREFILL")],
+                         {"p1": stats(prefill_tokens=900), "p2": stats(prefill_tokens=100)})
+    route = choose(router)
     assert route.decode.instance_id == "d" and route.prefill.instance_id == "p2"
 
 
 def test_router_falls_back_to_local_prefill_and_never_pairs_both_engines():
-    router = Router(View([record("d", "DECODE")]), Clients({}))
-    assert router.choose("m", "1").prefill is None
-    router = Router(View([record("b", "BOTH"), record("p", "PREFILL")]), Clients({}))
-    route = router.choose("m", "1")
+    assert choose(make_router([record("d", "DECODE")])).prefill is None
+    route = choose(make_router([record("b", "BOTH"), record("p", "PREFILL")]))
     assert route.decode.instance_id == "b" and route.prefill is None
 
 
 def test_no_engine_is_a_typed_error_at_once():
-    router = Router(View([record("p", "PREFILL"), record("d", "DECODE", state="draining")]), Clients({}))
+    router = make_router([record("p", "PREFILL"), record("d", "DECODE", state="draining")])
     with pytest.raises(ServeError) as info:
-        router.choose("m", "1")
+        choose(router)
     assert info.value.cause == Cause.NO_ENGINE and "no live engine" in info.value.message
 
 
 def test_in_flight_counts_steer_and_are_forgotten_at_zero():
-    view = View([record("a", "BOTH"), record("b", "BOTH")])
-    router = Router(view, Clients({"a": stats(free=10), "b": stats(free=10)}))
-    with router.track(router.choose("m", "1")) as first:
-        with router.track(router.choose("m", "1")) as second:
+    router = make_router([record("a", "BOTH"), record("b", "BOTH")], {"a": stats(free=10), "b": stats(free=10)})
+    with router.track(choose(router)) as first:
+        with router.track(choose(router)) as second:
             assert first.decode.instance_id != second.decode.instance_id   # the busy one is avoided
             assert sum(router.inflight.values()) == 2
     assert router.inflight == {}
 
 
 def test_in_flight_counts_are_released_when_the_request_fails():
-    router = Router(View([record("d", "DECODE"), record("p", "PREFILL")]), Clients({}))
+    router = make_router([record("d", "DECODE"), record("p", "PREFILL")])
     with pytest.raises(RuntimeError):
-        with router.track(router.choose("m", "1")):
+        with router.track(choose(router)):
             assert router.inflight == {"d": 1, "p": 1}
             raise RuntimeError("engine went away")
     assert router.inflight == {}
 
 
-def test_suspect_engines_are_routed_around_while_others_can_serve():
-    view = View([record("sick", "DECODE"), record("well", "DECODE"), record("p", "PREFILL")])
-    router = Router(view, Clients({"sick": stats(free=1000), "well": stats(free=1), "p": stats()}))
-    assert {router.choose("m", "1").decode.instance_id for _ in range(4)} == {"well"}
-    assert router.choose("m", "1", exclude=frozenset({"well"})).decode.instance_id == "sick"   # the last resort
+@pytest.mark.parametrize("policy", ["least_load", "kv_aware", "round_robin"])
+def test_suspect_engines_are_routed_around_while_others_can_serve(policy):
+    router = make_router([record("sick", "DECODE"), record("well", "DECODE"), record("p", "PREFILL")],
+                         {"sick": stats(free=100), "well": stats(running=3, free=1), "p": stats()}, policy,
+                         suspect=["sick"])
+    assert {choose(router).decode.instance_id for _ in range(4)} == {"well"}
+    assert choose(router, exclude=frozenset({"well"})).decode.instance_id == "sick"   # the last resort
     with pytest.raises(ServeError):
-        router.choose("m", "1", exclude=frozenset({"well", "sick"}))
+        choose(router, exclude=frozenset({"well", "sick"}))
+    router.clients.get("sick:1").observe(stats())   # it answers again
+    assert {choose(router).decode.instance_id for _ in range(4)} == ({"sick", "well"} if policy == "round_robin"
+                                                                     else {"sick"})
+
+
+def test_engines_that_join_are_routed_to_and_their_figures_followed():
+    router = make_router([record("a", "BOTH")], {"a": stats(running=5)}, "least_load")
+    assert choose(router).decode.instance_id == "a"
+    router.registry.add(record("b", "BOTH"))
+    assert choose(router).decode.instance_id == "b"
+    router.clients.get("b:1").observe(stats(running=9))   # a newer answer replaces the fresh load
+    assert choose(router).decode.instance_id == "a"
+
+
+# ---- kv_aware ----
+
+def test_kv_aware_sends_a_shared_prefix_to_the_prefill_engine_that_holds_it():
+    router = make_router([record("d", "DECODE"), record("p1", "PREFILL"), record("p2", "PREFILL"),
+                          record("p3", "PREFILL")])
+    tokens = prompt(1)
+    hold(router, "p2", tokens[:800])              # 50 leading blocks
+    hold(router, "p3", tokens[:320] + [1] * 480)  # 20 leading blocks, then others
+    route = choose(router, tokens)
+    assert route.prefill.instance_id == "p2"
+    assert route.prefill_tokens == 1500 - 800     # what p2 will compute, counted as its fresh load
+    # a request of the same conversation, with more tokens, goes there too even with p2 a little busier
+    router.clients.get("p2:1").observe(stats(prefill_tokens=400))   # 400 - 800 < 0 - 320 (p3)
+    assert choose(router, tokens + prompt(2, 200)).prefill.instance_id == "p2"
+
+
+def test_kv_aware_leaves_the_holder_when_its_queue_outweighs_the_cached_tokens():
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(prefill_tokens=0), "p2": stats(prefill_tokens=5000)})
+    tokens = prompt(3)
+    hold(router, "p2", tokens)                    # all 93 blocks: 1488 tokens cached
+    assert choose(router, tokens).prefill.instance_id == "p1"   # 5000 queued > 1488 saved
+    router.clients.get("p2:1").observe(stats(prefill_tokens=1000))
+    assert choose(router, tokens).prefill.instance_id == "p2"   # 1000 queued - 1488 < 0
+
+
+def test_kv_aware_spreads_unrelated_load_like_least_load():
+    records = [record(f"p{i}", "PREFILL") for i in range(4)] + [record(f"d{i}", "DECODE") for i in range(2)]
+    routers = {policy: make_router(records, policy=policy) for policy in ("kv_aware", "least_load")}
+    for router in routers.values():
+        hold(router, "p0", prompt(99))            # p0 caches a prompt nobody sends
+    picks = {}
+    for policy, router in routers.items():
+        picks[policy] = []
+        for n in range(12):
+            route = choose(router, prompt(n, 100 + 50 * n))
+            router.track(route).__enter__()       # sent: fresh load until the next Stats answer
+            picks[policy].append((route.decode.instance_id, route.prefill.instance_id))
+    assert picks["kv_aware"] == picks["least_load"]
+    assert Counter(p for _, p in picks["kv_aware"]).keys() == {"p0", "p1", "p2", "p3"}
+    assert Counter(d for d, _ in picks["kv_aware"]) == {"d0": 6, "d1": 6}
+
+
+def test_kv_aware_ties():
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(prefill_tokens=0), "p2": stats(prefill_tokens=160)})
+    tokens = prompt(4)
+    hold(router, "p2", tokens[:160])              # saves exactly its extra queue: a tie goes to the holder
+    assert choose(router, tokens).prefill.instance_id == "p2"
+    # equal loads and nothing cached: in turn
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")])
+    assert [choose(router, prompt(n)).prefill.instance_id for n in range(4)] == ["p1", "p2", "p1", "p2"]
+
+
+def test_kv_aware_without_hashes_is_least_load():
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(prefill_tokens=10), "p2": stats(prefill_tokens=300)})
+    hold(router, "p2", prompt(5))
+    assert choose(router, prompt_tokens=1500).prefill.instance_id == "p1"   # no tokenizer here: no hashes
+    assert choose(router, prompt(5)).prefill.instance_id == "p2"
+
+
+def test_kv_aware_decode_choice_prefers_the_decode_engine_holding_the_prefix():
+    router = make_router([record("d1", "DECODE"), record("d2", "DECODE"), record("p", "PREFILL")],
+                         {"d1": stats(running=1), "d2": stats(running=2)})
+    tokens = prompt(6)
+    hold(router, "d2", tokens)   # 1488 tokens it need not receive, worth more than one request
+    route = choose(router, tokens)
+    assert route.decode.instance_id == "d2" and route.prefill.instance_id == "p"
+    router.clients.get("d2:1").observe(stats(running=9))
+    assert choose(router, tokens).decode.instance_id == "d1"   # 8 requests more outweigh it
+
+
+def test_kv_aware_skips_an_excluded_holder():
+    router = make_router([record("a", "BOTH"), record("b", "BOTH")])
+    tokens = prompt(7)
+    hold(router, "a", tokens)
+    assert choose(router, tokens).decode.instance_id == "a"
+    assert choose(router, tokens, exclude=frozenset({"a"})).decode.instance_id == "b"
+
+
+# ---- fresh load ----
+
+def test_a_long_prompt_does_not_make_short_ones_wait_behind_it():
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(), "p2": stats()}, "least_load")
+    long = choose(router, prompt_tokens=8000)
+    with router.track(long):
+        assert router.clients.get(long.prefill.address).fresh_tokens == 8000
+        shorts = [choose(router, prompt_tokens=100) for _ in range(5)]
+        for route in shorts:
+            router.track(route).__enter__()
+        assert {r.prefill.instance_id for r in shorts} == {"p2" if long.prefill.instance_id == "p1" else "p1"}
+    other = shorts[0].prefill.address
+    assert router.clients.get(other).fresh_tokens == 500 and router.clients.get(other).fresh_requests == 5
+    # a newer Stats answer counts what it saw; the fresh counts start again from it
+    router.clients.get(long.prefill.address).observe(stats(prefill_tokens=0))
+    assert router.clients.get(long.prefill.address).fresh_tokens == 0
+    assert choose(router, prompt_tokens=100).prefill.address == long.prefill.address
+
+
+def test_fresh_load_counts_decode_requests_and_what_a_stats_answer_has_not_seen():
+    clients = EngineClients()
+    client = clients.get("d:1")
+    client.observe(stats(running=2))
+    assert client.load == 2 * REQUEST_TOKENS
+    client.sent(0)
+    client.sent(0)
+    assert client.fresh_requests == 2 and client.load == 4 * REQUEST_TOKENS
+    sent_before = (client.sent_tokens, client.sent_requests)   # a Stats call goes out ...
+    client.sent(300)                                            # ... a request goes before it answers
+    client.observe(stats(running=4), sent_before)
+    assert (client.fresh_tokens, client.fresh_requests) == (300, 1)
+    assert client.load == 300 + 5 * REQUEST_TOKENS
+
+
+# ---- the KV index ----
+
+@pytest.mark.parametrize("bisect", [0, 4])
+def test_kv_index_apply_reset_drop_and_leading_matches(bisect):
+    index = KVIndex(bisect=bisect)   # 0: the chain is walked; 4: three holders are bisected
+    a = block_hashes(prompt(1), BLOCK)
+    index.apply("e1", a[:10])
+    index.apply("e2", a[:4] + a[5:9])          # a gap at block 4: only 4 leading blocks count ...
+    index.apply("e3", a[:2])
+    # ... exactly when the chain is walked; bisection trusts the prefix rule and may credit more
+    assert index.match(a) == {"e1": 10, "e2": 4 if not bisect else 9, "e3": 2}
+    assert index.match(a[:3]) == {"e1": 3, "e2": 3, "e3": 2}
+    assert index.match(block_hashes(prompt(2), BLOCK)) == {}
+    index.apply("e1", (), removed=a[3:10])
+    assert index.match(a)["e1"] == 3
+    index.apply("e2", a[:1], reset=True)        # the whole set: replaces what was known
+    assert index.match(a) == {"e1": 3, "e2": 1, "e3": 2} and index.blocks("e2") == 1
+    index.drop("e1")
+    index.drop("e3")
+    index.drop("e2")
+    assert index.match(a) == {} and len(index) == 0 and index.engines() == []
+
+
+def test_kv_events_from_the_engine_log_keep_the_index_equal_to_the_engine_cache():
+    log = KVEventLog(max_events=8)
+    clients = EngineClients()
+    client = clients.get("e:1")
+
+    def poll():
+        client.observe(stats(**_kv(log.since(client.kv_cursor))))
+
+    hashes = block_hashes(prompt(3), BLOCK)
+    for h in hashes[:5]:
+        log.stored(h)
+    poll()                                      # cursor 0: the whole set
+    assert clients.kv_index.match(hashes) == {"e:1": 5}
+    log.removed(hashes[4])
+    log.stored(hashes[5])
+    log.removed(hashes[5])
+    poll()                                      # the net change since the cursor
+    assert clients.kv_index.match(hashes) == {"e:1": 4} and clients.kv_index.blocks("e:1") == 4
+    for h in hashes[10:30]:                     # more events than the log keeps: a reset
+        log.stored(h)
+    log.removed(hashes[0])
+    poll()
+    assert clients.kv_index.match(hashes) == {} and clients.kv_index.blocks("e:1") == 23
+
+
+def _kv(batch) -> dict:
+    return dict(kv_event_id=batch.event_id, kv_events_reset=batch.reset,
+                stored_block_hashes=batch.stored, removed_block_hashes=batch.removed)
+
+
+def test_an_engine_that_leaves_or_is_replaced_is_forgotten():
+    clients = EngineClients()
+    hashes = block_hashes(prompt(8), BLOCK)
+    for address in ("a:1", "b:1"):
+        clients.get(address).observe(stats(kv_event_id=7, kv_events_reset=True, stored_block_hashes=hashes[:3]))
+    clients.sync({"a:1": "inc1", "b:1": "inc1"})   # the first look: their views are of these engines
+    clients.sync({"a:1": "inc1", "b:1": "inc1"})
+    assert clients.kv_index.match(hashes) == {"a:1": 3, "b:1": 3} and clients.get("a:1").kv_cursor == 7
+    clients.sync({"a:1": "inc2", "b:1": "inc1"})   # a new process at a's address
+    assert clients.kv_index.match(hashes) == {"b:1": 3} and clients.get("a:1").kv_cursor == 0
+    asyncio.run(clients.drop("b:1"))                # its client is dropped (the engine stopped)
+    assert clients.kv_index.match(hashes) == {}
+
+
+def test_the_router_forgets_engines_that_left_the_registry():
+    router = make_router([record("a", "BOTH"), record("b", "BOTH")])
+    tokens = prompt(9)
+    choose(router)                                   # the router has listed the registry
+    hold(router, "a", tokens)
+    assert choose(router, tokens).decode.instance_id == "a"
+    del router.registry.records["a"]
+    router.registry.generation += 1
+    assert choose(router, tokens).decode.instance_id == "b"
+    assert router.clients.kv_index.match(block_hashes(tokens, BLOCK)) == {}
+
+
+def test_kv_index_walks_a_common_prefix_without_following_its_holders():
+    index = KVIndex(common=2)
+    system = block_hashes(prompt(1, 64), BLOCK)                  # 4 blocks every engine holds
+    chain = block_hashes(prompt(1, 64) + prompt(2, 160), BLOCK)  # the same 4, then 10 of one conversation
+    for engine in ("e1", "e2", "e3"):
+        index.apply(engine, system)
+    index.apply("e2", chain[:9])
+    assert index.match(chain) == {"e2": 9}    # credited from block 0; the common part alone tells nothing
+    assert index.match(system) == {}

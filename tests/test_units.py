@@ -99,3 +99,30 @@ def test_preemption_frees_and_requeues():
     assert bm.num_free_blocks == 4
     with pytest.raises(ValueError, match="kv_cache_blocks"):
         sched.add(Sequence("c", list(range(20)), SamplingParams()))
+
+
+@pytest.mark.parametrize("model", ["demo_model", "small_model"])
+def test_the_front_end_tokenizer_gives_the_engine_s_token_ids(model, request, tmp_path):
+    """kv_aware hashes the prompt on the front end with `tokenizers`; the engine tokenizes with
+    transformers' AutoTokenizer.encode: the ids (hence the block hashes) must be the same."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from pdserve.common.block_hash import block_hashes
+    from pdserve.frontend.prompts import PromptTokenizers
+    folder = request.getfixturevalue(model)
+    engine_side = AutoTokenizer.from_pretrained(folder)
+    texts = ["Hello world", "  spaces\nnew line\t tab", "héllo wörld 你好 🙂", "The quick brown fox. " * 100,
+             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|> mid <|endoftext|>", ""]
+
+    async def main():
+        tokenizers = PromptTokenizers()
+        try:
+            for text in texts:
+                ids = engine_side.encode(text)
+                assert await tokenizers.hashes(folder, text, 4) == (len(ids), block_hashes(ids, 4)), text
+            assert await tokenizers.hashes(str(tmp_path), "no tokenizer here", 4) is None
+        finally:
+            tokenizers.close()
+    asyncio.run(main())

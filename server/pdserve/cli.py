@@ -30,7 +30,7 @@ from pdserve.frontend.service import InferenceService
 from pdserve.frontend.metrics import Metrics
 from pdserve.frontend.settings import Settings, grpc_handler as settings_grpc_handler
 from pdserve.repository.manager import ModelRepositoryManager
-from pdserve.cluster.router import POLICIES, Router
+from pdserve.cluster.router import DEFAULT_POLICY, POLICIES, Router
 from pdserve.repository.supervisor import ClusterSettings, Supervisor
 
 log = logging.getLogger("pdserve")
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster", default="default", help="the cluster's name: the etcd key prefix /pdserve/NAME/")
     ap.add_argument("--node-name", default="", help="this node in the registry (default: hostname:grpc-port)")
     ap.add_argument("--lease-ttl", type=int, default=10, help="seconds an engine's record outlives its last keepalive")
-    ap.add_argument("--routing-policy", choices=sorted(POLICIES), default="least_load")
+    ap.add_argument("--routing-policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
+                    help="kv_aware (default): the engine holding the longest cached prefix of the prompt, weighed "
+                         "against its load; least_load; round_robin")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--cluster-token-file", default="", metavar="FILE",
                     help="the cluster secret (at least 16 characters, the same file on every node): engine RPCs "

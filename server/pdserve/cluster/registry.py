@@ -34,7 +34,8 @@ class RegistryView:
         self.client = client
         self.token = token        # records must be signed with it (when the cluster has one)
         self.prefix = engines_prefix(cluster)
-        self.records: dict[str, EngineRecord] = {}
+        self.records: dict[str, EngineRecord] = {}   # change it only through the methods below
+        self.generation = 0       # bumped on every change of records (the router rebuilds its lists)
         self.connected = asyncio.Event()
         self.outages = 0
         self._task: asyncio.Task | None = None
@@ -49,15 +50,18 @@ class RegistryView:
                 fresh = {k: r for k, v, _ in kvs if (r := _parse(k, v, self.token)) is not None}
                 self._log_diff(self.records, fresh)
                 self.records = fresh
+                self.generation += 1
                 self.connected.set()
                 async for event in self.client.watch_prefix(self.prefix, revision + 1):
                     if event.kind == "put":
                         record = _parse(event.key, event.value, self.token)
                         if record is not None:
                             self.records[event.key] = record
+                            self.generation += 1
                     else:
                         gone = self.records.pop(event.key, None)
                         if gone:
+                            self.generation += 1
                             log.info("engine %s (%s %s) left the cluster", gone.instance_id, gone.model, gone.role)
             except EtcdUnavailable as exc:
                 if self.connected.is_set():
@@ -84,6 +88,7 @@ class RegistryView:
         """Drops an engine known to be dead before etcd says so (its lease may take TTL seconds)."""
         for key in [k for k, r in self.records.items() if r.instance_id == instance_id]:
             del self.records[key]
+            self.generation += 1
 
     async def close(self) -> None:
         if self._task:

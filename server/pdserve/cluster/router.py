@@ -1,59 +1,152 @@
 """Chooses the engines that serve a request, across every node of the cluster.
 
-Per request: a DECODE (or BOTH) engine by load, and, when the choice is a DECODE engine and
-a PREFILL engine is alive, a PREFILL engine by queued prefill work. No prefill engine: the
-decode engine prefills locally. No engine that can generate: UNAVAILABLE at once.
-Policies are pluggable (round_robin, least_load) and pure: they see records and a load
-function, so they are unit-tested without processes.
+Per request: a DECODE (or BOTH) engine, and, when the choice is a DECODE engine and a PREFILL
+engine is alive, a PREFILL engine. No prefill engine: the decode engine prefills locally. No
+engine that can generate: UNAVAILABLE at once.
+
+Each engine's load is one number in prompt tokens of work (EngineClient.load: queued prefill
+tokens plus REQUEST_TOKENS per running or queued request, from its last Stats answer plus what
+this front end sent it since). Policies (round_robin, least_load, kv_aware) choose in an
+EngineGroup: the READY engines of one model version on one side (decode: BOTH and DECODE;
+prefill: PREFILL), listed once when the registry changes, whose loads sit in an array that the
+engine clients keep current, so a choice costs no scan in Python over the engines.
+
+kv_aware (the default; the cost of Dynamo's KV router, in tokens): cost = load - the tokens of
+the prompt's leading blocks the engine holds (cluster/kv_index.py), the least cost wins. With no
+block held anywhere it is least_load. It serves the prefill choice (where the prompt is
+computed) and the decode choice (a decode engine that holds the prefix receives less KV).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator, Sequence
 
-from pdserve.cluster.engine_client import EngineClients
+import numpy as np
+
+from pdserve.cluster.engine_client import SUSPECT_PENALTY, EngineClients
 from pdserve.cluster.registry import RegistryView
 from pdserve.common.errors import Cause, ServeError
-from pdserve.common.records import EngineRecord
+from pdserve.common.records import READY, EngineRecord
 
-LoadFn = Callable[[EngineRecord], tuple]
+DECODE, PREFILL = "decode", "prefill"
+SIDE_ROLES = {DECODE: ("BOTH", "DECODE"), PREFILL: ("PREFILL",)}
+INF = float("inf")
+
+
+class EngineGroup:
+    """The READY engines of one model version on one side, in instance-id order, with their
+    loads in `load` (kept current by Router._load_changed) and their KV block size (None when
+    they disagree or do not say)."""
+
+    __slots__ = ("key", "records", "load", "by_id", "by_address", "block_size")
+
+    def __init__(self, key: tuple[str, str, str], records: list[EngineRecord], loads: list[float]):
+        self.key = key
+        self.records = tuple(records)
+        self.load = np.array(loads, dtype=np.float64)
+        self.by_id = {r.instance_id: i for i, r in enumerate(records)}
+        self.by_address = {r.address: i for i, r in enumerate(records)}
+        sizes = {r.capacity.get("block_size") for r in records}
+        size = sizes.pop() if len(sizes) == 1 else None
+        self.block_size = size if isinstance(size, int) and size > 0 else None
+
+    def loads(self, exclude: frozenset[str]) -> np.ndarray:
+        """The loads, with the excluded engines at infinity (a copy only when some are)."""
+        slots = [i for e in exclude if (i := self.by_id.get(e)) is not None] if exclude else ()
+        if not slots:
+            return self.load
+        load = self.load.copy()
+        load[slots] = INF
+        return load
 
 
 class RoundRobinPolicy:
-    """Takes the engines in turn, one turn counter per model and role (a bounded set)."""
+    """Takes the engines in turn, one turn counter per model version and side; excluded
+    engines are skipped, suspect ones taken only when nothing else is left."""
+
+    uses_prefix = False
 
     def __init__(self):
         self._turns: dict[tuple[str, str, str], itertools.count] = defaultdict(itertools.count)
 
-    def choose(self, engines: list[EngineRecord], load: LoadFn) -> EngineRecord:
-        first = engines[0]
-        ordered = sorted(engines, key=lambda e: e.instance_id)
-        return ordered[next(self._turns[(first.model, first.version, first.role)]) % len(ordered)]
+    def choose(self, group: EngineGroup, load: np.ndarray, matched: dict[str, int] | None = None) -> int:
+        n = len(group.records)
+        start = next(self._turns[group.key])
+        fallback = -1
+        for k in range(n):
+            i = (start + k) % n
+            if load[i] < SUSPECT_PENALTY:
+                return i
+            if fallback < 0 and load[i] < INF:
+                fallback = i
+        return fallback
 
 
 class LeastLoadPolicy:
-    """The engine with the lowest load; ties are broken in turn."""
+    """The engine with the lowest load; ties are broken in turn (the first lowest after the
+    engine chosen last in this group)."""
+
+    uses_prefix = False
 
     def __init__(self):
-        self._tie_break = itertools.count()
+        self._last: dict[tuple[str, str, str], int] = {}
 
-    def choose(self, engines: list[EngineRecord], load: LoadFn) -> EngineRecord:
-        scores = [load(e) for e in engines]
-        best = min(scores)
-        tied = [e for e, score in zip(engines, scores) if score == best]
-        return tied[next(self._tie_break) % len(tied)]
+    def choose(self, group: EngineGroup, load: np.ndarray, matched: dict[str, int] | None = None) -> int:
+        start = self._last.get(group.key, -1) + 1
+        if start >= len(load):
+            start = 0
+        i = start + int(load[start:].argmin())
+        if start:
+            j = int(load[:start].argmin())
+            if load[j] < load[i]:
+                i = j
+        if load[i] == INF:
+            return -1
+        self._last[group.key] = i
+        return i
 
 
-POLICIES = {"round_robin": RoundRobinPolicy, "least_load": LeastLoadPolicy}
+class KVAwarePolicy(LeastLoadPolicy):
+    """Least cost, cost = load - cached tokens of this prompt on the engine (overlap_weight
+    per token); a holder wins a tie against an engine holding less. No block held anywhere, or
+    no prompt hashes (no tokenizer on this node): least_load."""
+
+    uses_prefix = True
+
+    def __init__(self, overlap_weight: float = 1.0):
+        super().__init__()
+        self.overlap_weight = overlap_weight
+
+    def choose(self, group: EngineGroup, load: np.ndarray, matched: dict[str, int] | None = None) -> int:
+        i = super().choose(group, load)
+        if i < 0 or not matched or group.block_size is None:
+            return i
+        weight = self.overlap_weight * group.block_size
+        by_address = group.by_address
+        best_blocks = matched.get(group.records[i].address, 0)
+        best_cost = load[i] - weight * best_blocks
+        for address, blocks in matched.items():
+            j = by_address.get(address)
+            if j is None or blocks <= 0:
+                continue
+            cost = load[j] - weight * blocks
+            if cost < best_cost or (cost == best_cost and blocks > best_blocks):
+                i, best_cost, best_blocks = j, cost, blocks
+        return i
+
+
+POLICIES = {"kv_aware": KVAwarePolicy, "least_load": LeastLoadPolicy, "round_robin": RoundRobinPolicy}
+DEFAULT_POLICY = "kv_aware"
 
 
 @dataclass(frozen=True)
 class Route:
     decode: EngineRecord
     prefill: EngineRecord | None = None   # None: the decode engine prefills itself
+    prefill_tokens: int = 0   # tokens the prefilling engine is expected to compute (its cached prefix left out)
 
     @property
     def instance_ids(self) -> list[str]:
@@ -61,59 +154,111 @@ class Route:
 
 
 class Router:
-    def __init__(self, registry: RegistryView, clients: EngineClients, policy: str = "least_load"):
+    def __init__(self, registry: RegistryView, clients: EngineClients, policy: str = DEFAULT_POLICY):
         self.registry = registry
         self.clients = clients
+        self.policy = policy
         self.decode_policy = POLICIES[policy]()
         self.prefill_policy = POLICIES[policy]()
-        self.inflight: Counter[str] = Counter()   # requests this front end has on each engine
+        self.inflight: dict[str, int] = {}   # requests this front end has on each engine
+        self._generation: int | None = None       # of the registry the groups were listed from
+        self._groups: dict[tuple[str, str, str], EngineGroup | None] = {}
+        self._slots: dict[str, list[tuple[EngineGroup, int]]] = defaultdict(list)   # address -> its places
+        clients.listen(self._load_changed)
 
-    def _stats(self, record: EngineRecord):
-        client = self.clients.peek(record.address)
-        return client.last_stats if client else None
+    @property
+    def uses_prefix(self) -> bool:
+        """Whether choose() uses the prompt's block hashes (the caller tokenizes only then)."""
+        return self.decode_policy.uses_prefix
 
-    def decode_load(self, record: EngineRecord) -> tuple:
-        """Requests in flight from here plus the engine's queue, then free KV blocks."""
-        stats = self._stats(record)
-        waiting = (stats.num_waiting + stats.num_awaiting_kv) if stats else 0
-        return self.inflight[record.instance_id] + waiting, -(stats.num_free_blocks if stats else 0)
+    def _load_changed(self, address: str, load: float) -> None:
+        for group, i in self._slots.get(address, ()):
+            group.load[i] = load
 
-    def prefill_load(self, record: EngineRecord) -> tuple:
-        """Prompt tokens queued on the prefill engine, then requests in flight from here."""
-        stats = self._stats(record)
-        return (stats.waiting_prefill_tokens if stats else 0), self.inflight[record.instance_id]
+    def _group(self, model: str, version: str, side: str) -> EngineGroup | None:
+        generation = self.registry.generation
+        if generation != self._generation:   # engines came, went or changed state: list them again
+            self._generation = generation
+            self._groups.clear()
+            self._slots.clear()
+            newest: dict[str, EngineRecord] = {}
+            for r in self.registry.records.values():
+                if r.address not in newest or r.started > newest[r.address].started:
+                    newest[r.address] = r
+            self.clients.sync({a: r.incarnation for a, r in newest.items()})
+        key = (model, version, side)
+        try:
+            return self._groups[key]
+        except KeyError:
+            pass
+        roles = SIDE_ROLES[side]
+        records = sorted((r for r in self.registry.records.values()
+                          if r.model == model and r.version == version and r.role in roles and r.state == READY),
+                         key=lambda r: r.instance_id)
+        group = None
+        if records:
+            loads = [c.load if (c := self.clients.peek(r.address)) else 0.0 for r in records]
+            group = EngineGroup(key, records, loads)
+            for i, r in enumerate(records):
+                self._slots[r.address].append((group, i))
+        self._groups[key] = group
+        return group
 
-    def _reachable(self, engines: list[EngineRecord], exclude: frozenset[str] = frozenset()) -> list[EngineRecord]:
-        """Engines not excluded and not suspect; the suspect ones only when nothing else is left."""
-        engines = [e for e in engines if e.instance_id not in exclude]
-        healthy = [e for e in engines if not ((c := self.clients.peek(e.address)) and c.suspect)]
-        return healthy or engines
+    def block_size(self, model: str, version: str) -> int | None:
+        """The KV block size prompt hashes must be computed with (None: unknown, or the decode
+        and prefill engines disagree)."""
+        decode = self._group(model, version, DECODE)
+        prefill = self._group(model, version, PREFILL)
+        sizes = {g.block_size for g in (decode, prefill) if g is not None}
+        return sizes.pop() if len(sizes) == 1 else None
 
-    def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset()) -> Route:
-        """exclude: instance ids that already failed this request."""
-        decoders = self._reachable(self.registry.engines(model, version, roles=("BOTH", "DECODE")), exclude)
-        if not decoders:
+    def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset(),
+               prompt_tokens: int = 0, prompt_hashes: Sequence[int] = ()) -> Route:
+        """exclude: instance ids that already failed this request. prompt_tokens: the prompt's
+        length in tokens (an estimate will do: it counts as fresh load); prompt_hashes: its
+        block hashes at block_size(model, version) (common/block_hash.py), for kv_aware."""
+        matched = self.clients.kv_index.match(prompt_hashes) if prompt_hashes and self.uses_prefix else None
+        decoders = self._group(model, version, DECODE)
+        i = self.decode_policy.choose(decoders, decoders.loads(exclude), matched) if decoders else -1
+        if i < 0:
             raise ServeError(Cause.NO_ENGINE,
                              f"model '{model}' version {version} has no live engine that can generate "
                              "(no DECODE or BOTH instance is ready in the cluster); check the engine logs "
                              "and the instance_group devices")
-        decode = self.decode_policy.choose(decoders, self.decode_load)
-        if decode.role != "DECODE":
-            return Route(decode)
-        prefills = self._reachable(self.registry.engines(model, version, roles=("PREFILL",)), exclude)
-        if not prefills:
-            return Route(decode)  # graceful fallback: the decode engine prefills locally
-        return Route(decode, self.prefill_policy.choose(prefills, self.prefill_load))
+        decode = decoders.records[i]
+        prefills = self._group(model, version, PREFILL) if decode.role == "DECODE" else None
+        j = self.prefill_policy.choose(prefills, prefills.loads(exclude), matched) if prefills else -1
+        if j < 0:   # aggregated, or no prefill engine left: the decode engine prefills locally
+            return Route(decode, None, self._uncached(decode, decoders, prompt_tokens, matched))
+        prefill = prefills.records[j]
+        return Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched))
+
+    @staticmethod
+    def _uncached(record: EngineRecord, group: EngineGroup, prompt_tokens: int, matched: dict[str, int] | None) -> int:
+        if not matched or group.block_size is None:
+            return prompt_tokens
+        return max(prompt_tokens - matched.get(record.address, 0) * group.block_size, 0)
 
     @contextlib.contextmanager
     def track(self, chosen: Route) -> Iterator[Route]:
-        """Counts a request on its engines until it ends."""
-        for instance_id in chosen.instance_ids:
-            self.inflight[instance_id] += 1
+        """Counts a request on its engines until it ends, and as fresh load on them until
+        their next Stats answer."""
+        get, inflight = self.clients.get, self.inflight
+        if chosen.prefill is not None:
+            get(chosen.prefill.address).sent(chosen.prefill_tokens)
+            get(chosen.decode.address).sent(0)
+            ids = (chosen.decode.instance_id, chosen.prefill.instance_id)
+        else:
+            get(chosen.decode.address).sent(chosen.prefill_tokens)
+            ids = (chosen.decode.instance_id,)
+        for instance_id in ids:
+            inflight[instance_id] = inflight.get(instance_id, 0) + 1
         try:
             yield chosen
         finally:
-            for instance_id in chosen.instance_ids:
-                self.inflight[instance_id] -= 1
-                if not self.inflight[instance_id]:
-                    del self.inflight[instance_id]
+            for instance_id in ids:
+                n = inflight[instance_id] - 1
+                if n:
+                    inflight[instance_id] = n
+                else:
+                    del inflight[instance_id]

@@ -31,6 +31,7 @@ import grpc
 from pdserve._proto import engine_pb2
 from pdserve.cluster.router import Router
 from pdserve.common.errors import Cause, ServeError, cause_of
+from pdserve.frontend.prompts import PromptTokenizers, estimate_tokens
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.repository.manager import ModelRepositoryManager
 from pdserve.repository.supervisor import Deployment
@@ -126,9 +127,11 @@ class Request:
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
         request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt=gen.prompt,
                                              sampling=gen.sampling.to_proto())
+        prompt_tokens, prompt_hashes = await core.prompt_figures(dep, gen.prompt)
         while True:
             try:
-                route = core.router.choose(dep.name, str(dep.version), frozenset(failed))
+                route = core.router.choose(dep.name, str(dep.version), frozenset(failed),
+                                           prompt_tokens=prompt_tokens, prompt_hashes=prompt_hashes)
             except ServeError:
                 if failed:   # every engine failed this request: say so, not "no engine"
                     raise ServeError(Cause.ENGINE_FAILURE, f"engines {sorted(failed)} could not be reached; "
@@ -234,10 +237,12 @@ class _RequestScope:
 
 
 class InferenceCore:
-    def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None):
+    def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None,
+                 tokenizers: PromptTokenizers | None = None):
         self.manager = manager
         self.router = router
         self.metrics = metrics
+        self.tokenizers = tokenizers or PromptTokenizers()
         self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
 
     def lookup(self, name: str, version: str = "") -> Deployment:
@@ -247,6 +252,17 @@ class InferenceCore:
 
     def request(self, dep: Deployment) -> _RequestScope:
         return _RequestScope(Request(self, dep))
+
+    async def prompt_figures(self, dep: Deployment, prompt: str) -> tuple[int, list[int]]:
+        """What the router needs of a prompt: its length in tokens and, only for a policy that
+        uses them (kv_aware), its block hashes, tokenized off the event loop (frontend/prompts.py).
+        No tokenizer here or no known block size: an estimated length and no hashes."""
+        block_size = self.router.block_size(dep.name, str(dep.version)) if self.router.uses_prefix else None
+        if block_size is not None:
+            figures = await self.tokenizers.hashes(self.model_path(dep), prompt, block_size)
+            if figures is not None:
+                return figures
+        return estimate_tokens(prompt), []
 
     def model_path(self, dep: Deployment) -> str:
         """The version folder (for the tokenizer's chat template)."""

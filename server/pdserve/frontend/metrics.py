@@ -81,6 +81,13 @@ class EngineCollector:
         transfer_bytes = Metric("pdserve_kv_transfer_bytes", "KV bytes written to decode engines", "counter")
         transfer_failures = Metric("pdserve_kv_transfer_failures", "KV handoffs that failed", "counter")
         keepalive = Metric("pdserve_lease_keepalive_failures", "etcd lease keepalives that failed, per engine", "counter")
+        cache_queries = Metric("pdserve_prefix_cache_queries", "Prompt tokens looked up in the engine's prefix cache",
+                               "counter")
+        cache_hits = Metric("pdserve_prefix_cache_hits", "Prompt tokens served from the engine's prefix cache", "counter")
+        hit_ratio = GaugeMetricFamily("pdserve_prefix_cache_hit_ratio", "Prefix-cache hits / queries since the engine "
+                                      "started (0 before its first lookup)", labels=["model", "role", "instance"])
+        cached_blocks = GaugeMetricFamily("pdserve_kv_cache_cached_blocks", "KV blocks holding reusable prefix KV "
+                                          "(in use or free)", labels=["model", "role", "instance"])
         instances = GaugeMetricFamily("pdserve_instances", "Live engine instances on this node", labels=["model", "role"])
         cluster = GaugeMetricFamily("pdserve_cluster_instances", "Engine instances in the etcd view, by state",
                                     labels=["model", "role", "state"])
@@ -102,6 +109,11 @@ class EngineCollector:
                 named = dict(zip(["model", "role", "instance"], labels))
                 preempt.add_sample("pdserve_preemptions_total", named, stats.num_preemptions)
                 keepalive.add_sample("pdserve_lease_keepalive_failures_total", named, stats.lease_keepalive_failures)
+                cache_queries.add_sample("pdserve_prefix_cache_queries_total", named, stats.prefix_cache_queries)
+                cache_hits.add_sample("pdserve_prefix_cache_hits_total", named, stats.prefix_cache_hits)
+                queried = stats.prefix_cache_queries
+                hit_ratio.add_metric(labels, stats.prefix_cache_hits / queried if queried else 0.0)
+                cached_blocks.add_metric(labels, stats.num_cached_blocks)
                 if engine.instance.role == "PREFILL":
                     buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, stats.kv_transfer_bucket_counts)]
                     transfer.add_metric(labels, buckets + [("+Inf", stats.kv_transfers)], stats.kv_transfer_seconds)
@@ -119,7 +131,7 @@ class EngineCollector:
                 cluster.add_metric(list(labels), n)
             outages.add_sample("pdserve_etcd_outages_total", {}, self.registry.outages)
         yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, keepalive,
-                    instances, cluster, outages, states)
+                    cache_queries, cache_hits, hit_ratio, cached_blocks, instances, cluster, outages, states)
 
 
 class Metrics:
@@ -156,6 +168,7 @@ class Metrics:
                 self.triton.failure[(*key, reason)] += 0
             for cause in HANDOFF_LABELS:
                 self.handoff_failures.labels(*key, cause)
+            self.migrations.labels(*key)
         self.triton.pending[key] += 1
 
     def migrated(self, key: tuple[str, str]) -> None:

@@ -1,0 +1,75 @@
+"""A prompt's length and KV block hashes on the front end, for the router (kv_aware).
+
+Engines tokenize the prompts they serve; a cache-aware choice needs the same token ids before
+the request leaves, to compare the prompt's block hashes (common/block_hash.py) with what each
+engine caches. The model version's tokenizer.json is loaded with the `tokenizers` package (the
+Rust tokenizer that transformers' fast tokenizers wrap, without torch or transformers) once per
+version folder, and it encodes with special tokens added, as the engine's AutoTokenizer.encode
+does. Loading and encoding run in a small thread pool, never on the event loop. A version folder
+without tokenizer.json (or with one that does not load) gives no hashes: the router then scores
+by load alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+from pdserve.common.block_hash import block_hashes
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENIZERS = 64   # version folders whose tokenizer stays loaded (least recently used dropped)
+
+
+def estimate_tokens(text: str) -> int:
+    """A prompt's length in tokens when it is not tokenized here (about 4 characters a token):
+    enough to count an engine's fresh load."""
+    return (len(text) + 3) // 4
+
+
+def _load(folder: str):
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        log.info("no %s: requests to this model version are routed by load only", path)
+        return None
+    try:
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(path)
+    except Exception as exc:   # a tokenizer this package cannot read costs the cache awareness only
+        log.warning("cannot load %s (%s): requests to this model version are routed by load only", path, exc)
+        return None
+
+
+def _encode(tokenizer, text: str, block_size: int) -> tuple[int, list[int]]:
+    ids = tokenizer.encode(text, add_special_tokens=True).ids
+    return len(ids), block_hashes(ids, block_size)
+
+
+class PromptTokenizers:
+    def __init__(self, workers: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdserve-tokenize")
+        self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()   # version folder -> tokenizer or None
+
+    async def tokenizer(self, folder: str):
+        """The version folder's tokenizer (None: it has none), loaded once."""
+        future = self._tokenizers.get(folder)
+        if future is None:
+            future = self._tokenizers[folder] = asyncio.get_running_loop().run_in_executor(self._pool, _load, folder)
+            while len(self._tokenizers) > MAX_TOKENIZERS:
+                self._tokenizers.popitem(last=False)
+        else:
+            self._tokenizers.move_to_end(folder)
+        return await asyncio.shield(future)
+
+    async def hashes(self, folder: str, text: str, block_size: int) -> tuple[int, list[int]] | None:
+        """(token count, block hashes at block_size) of the prompt; None without a tokenizer."""
+        tokenizer = await self.tokenizer(folder)
+        if tokenizer is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _encode, tokenizer, text, block_size)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
