@@ -121,6 +121,11 @@ def test_kv_event_log_gives_net_changes_and_resets_stale_cursors():
     stale = log.since(batch.event_id)
     assert stale.reset and set(stale.stored) == {2, 3, *range(10, 16)}
     assert log.since(10 ** 9).reset            # a cursor from a former process of this address
+    fresh = KVEventLog()
+    empty = fresh.since(0)                     # a caller that asked before any event ...
+    fresh.stored(7)
+    later = fresh.since(empty.event_id)        # ... gets changes, not a reset that would wipe its view
+    assert empty.reset and not later.reset and later.stored == (7,)
 
 
 # ---- scheduler ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ figure is the median of a few requests with prompts of their own)."""
 import random
 import statistics
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from transformers import AutoTokenizer
@@ -98,6 +99,49 @@ def test_chunked_prefill_keeps_running_streams_flowing(repo, demo_model, tokeniz
         print(f"prefill alone {alone * 1000:.0f} ms; under load TTFT {ttft * 1000:.0f} ms ({ttft / alone:.2f}x); "
               f"the stream's worst gap {worst * 1000:.0f} ms ({worst / alone:.2f}x)")
         assert worst <= 0.4 * alone and ttft <= 2 * alone
+    finally:
+        client.close()
+        server.stop()
+
+
+def per_engine(server, name: str) -> dict[str, float]:
+    return {s.labels["instance"]: s.value for samples in server.metrics().values() for s in samples
+            if s.name == name and s.labels.get("model") == "tiny-qwen2"}
+
+
+def test_kv_aware_routing_sends_a_shared_prefix_to_its_holder_and_spreads_the_rest(repo, demo_model, tokenizer):
+    """Two BOTH engines, the default routing policy (kv_aware): the requests of each prompt family
+    go to the engine that holds the family's prefix (the hit counts show it), while unrelated
+    concurrent requests land on both engines."""
+    server = serve(repo, demo_model, (("BOTH", "cpu:0"), ("BOTH", "cpu:1")))
+    client = LLMClient(server.url)
+    try:
+        queries = lambda: per_engine(server, "pdserve_prefix_cache_queries_total")   # noqa: E731
+        hits = lambda: per_engine(server, "pdserve_prefix_cache_hits_total")         # noqa: E731
+        server.wait_for(lambda: len(queries()) == 2, "both engines in the metrics", 30)
+        families = {}
+        for family in (1, 2):
+            prefix = make_prompt(tokenizer, 1000, 40 + family)
+            for i in range(4):
+                before = queries()
+                client.stream_all(prefix + f" question {i}: " + make_prompt(tokenizer, 20, 50 + i), max_tokens=2, **GREEDY)
+                server.wait_for(lambda: sum(queries().values()) > sum(before.values()), "the request in the metrics", 10)
+                served = [k for k, v in queries().items() if v > before.get(k, 0)]
+                assert len(served) == 1
+                families.setdefault(family, []).append(served[0])
+        # every request of a family went to the engine that served its first one (and holds its prefix)
+        assert all(len(set(engines)) == 1 for engines in families.values()), (families, server.log()[-3000:])
+        held = hits()
+        for family, engines in families.items():
+            assert held[engines[0]] >= 3 * 960, (family, held)    # 3 repeats x ~1000 cached tokens
+        ratios = per_engine(server, "pdserve_prefix_cache_hit_ratio")
+        assert max(ratios.values()) > 0.5, ratios
+        # unrelated load still spreads: 8 concurrent distinct prompts reach both engines
+        before = queries()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda s: LLMClient(server.url).stream_all(make_prompt(tokenizer, 300, 100 + s),
+                                                                      max_tokens=8, **GREEDY), range(8)))
+        server.wait_for(lambda: all(queries()[k] > before[k] for k in before), "both engines served the burst", 10)
     finally:
         client.close()
         server.stop()

@@ -168,8 +168,22 @@ def test_kv_aware_leaves_the_holder_when_its_queue_outweighs_the_cached_tokens()
     tokens = prompt(3)
     hold(router, "p2", tokens)                    # all 93 blocks: 1488 tokens cached
     assert choose(router, tokens).prefill.instance_id == "p1"   # 5000 queued > 1488 saved
+    # p1 is now counted as holding the prompt too (it computes it); another prompt held by p2 only:
+    other = prompt(5)
+    hold(router, "p2", other)
     router.clients.get("p2:1").observe(stats(prefill_tokens=1000))
-    assert choose(router, tokens).prefill.instance_id == "p2"   # 1000 queued - 1488 < 0
+    assert choose(router, other).prefill.instance_id == "p2"    # 1000 queued - 1488 < 0
+
+
+def test_a_routed_prompt_counts_as_held_by_its_engines_before_their_next_stats():
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(prefill_tokens=0), "p2": stats(prefill_tokens=0)})
+    tokens = prompt(6)
+    first = choose(router, tokens)
+    with router.track(first):
+        pass                                      # done before any Stats answer: no fresh load left
+    again = choose(router, tokens)
+    assert again.prefill.instance_id == first.prefill.instance_id
 
 
 def test_kv_aware_spreads_unrelated_load_like_least_load():
@@ -179,10 +193,11 @@ def test_kv_aware_spreads_unrelated_load_like_least_load():
         hold(router, "p0", prompt(99))            # p0 caches a prompt nobody sends
     picks = {}
     for policy, router in routers.items():
-        picks[policy] = []
+        picks[policy], in_flight = [], []
         for n in range(12):
             route = choose(router, prompt(n, 100 + 50 * n))
-            router.track(route).__enter__()       # sent: fresh load until the next Stats answer
+            in_flight.append(router.track(route))
+            in_flight[-1].__enter__()             # sent: fresh load until the next Stats answer
             picks[policy].append((route.decode.instance_id, route.prefill.instance_id))
     assert picks["kv_aware"] == picks["least_load"]
     assert Counter(p for _, p in picks["kv_aware"]).keys() == {"p0", "p1", "p2", "p3"}
@@ -236,8 +251,9 @@ def test_a_long_prompt_does_not_make_short_ones_wait_behind_it():
     with router.track(long):
         assert router.clients.get(long.prefill.address).fresh_tokens == 8000
         shorts = [choose(router, prompt_tokens=100) for _ in range(5)]
-        for route in shorts:
-            router.track(route).__enter__()
+        in_flight = [router.track(route) for route in shorts]   # kept: they have not ended
+        for t in in_flight:
+            t.__enter__()
         assert {r.prefill.instance_id for r in shorts} == {"p2" if long.prefill.instance_id == "p1" else "p1"}
     other = shorts[0].prefill.address
     assert router.clients.get(other).fresh_tokens == 500 and router.clients.get(other).fresh_requests == 5
@@ -338,7 +354,7 @@ def test_the_router_forgets_engines_that_left_the_registry():
     del router.registry.records["a"]
     router.registry.generation += 1
     assert choose(router, tokens).decode.instance_id == "b"
-    assert router.clients.kv_index.match(block_hashes(tokens, BLOCK)) == {}
+    assert "a:1" not in router.clients.kv_index.match(block_hashes(tokens, BLOCK))
 
 
 def test_kv_index_walks_a_common_prefix_without_following_its_holders():

@@ -84,6 +84,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    # transformers loads a qwen2 folder with its Qwen2 tokenizer class, which brings its own
+    # pre-tokenizer and normalizer; write those into tokenizer.json so that every reader of the
+    # file (the front end's `tokenizers`, for cache-aware routing) splits text the same way.
+    transformers.AutoTokenizer.from_pretrained(args.out).backend_tokenizer.save(str(args.out / "tokenizer.json"))
     print(f"wrote {args.arch} model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {args.out}")
 
 

@@ -93,6 +93,14 @@ class EngineClient:
         self.sent_requests += requests
         self._update_load()
 
+    def finished(self, tokens: int, sent_at: float, requests: int = 1) -> None:
+        """A request sent at time.monotonic() sent_at ended. If no Stats answer came since, it
+        still counts as fresh load: it no longer does."""
+        if self.last_stats_at < sent_at:
+            self._base_tokens = min(self._base_tokens + tokens, self.sent_tokens)
+            self._base_requests = min(self._base_requests + requests, self.sent_requests)
+            self._update_load()
+
     def _update_load(self) -> None:
         """load = queued prompt tokens + REQUEST_TOKENS x requests (running, queued, awaiting
         their KV), as of the last answer plus what was sent since, + the share of KV blocks in

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -41,7 +42,7 @@ class EngineGroup:
     loads in `load` (kept current by Router._load_changed) and their KV block size (None when
     they disagree or do not say)."""
 
-    __slots__ = ("key", "records", "load", "by_id", "by_address", "block_size")
+    __slots__ = ("key", "records", "load", "by_id", "by_address", "block_size", "tokenizer_probe")
 
     def __init__(self, key: tuple[str, str, str], records: list[EngineRecord], loads: list[float]):
         self.key = key
@@ -52,6 +53,8 @@ class EngineGroup:
         sizes = {r.capacity.get("block_size") for r in records}
         size = sizes.pop() if len(sizes) == 1 else None
         self.block_size = size if isinstance(size, int) and size > 0 else None
+        probes = {r.capacity.get("tokenizer_probe") for r in records}
+        self.tokenizer_probe = probes.pop() if len(probes) == 1 else None
 
     def loads(self, exclude: frozenset[str]) -> np.ndarray:
         """The loads, with the excluded engines at infinity (a copy only when some are)."""
@@ -212,6 +215,12 @@ class Router:
         sizes = {g.block_size for g in (decode, prefill) if g is not None}
         return sizes.pop() if len(sizes) == 1 else None
 
+    def tokenizer_probe(self, model: str, version: str) -> int | None:
+        """The engines' tokenizer fingerprint (common/block_hash.py); None: unknown or they disagree."""
+        probes = {g.tokenizer_probe for g in (self._group(model, version, DECODE), self._group(model, version, PREFILL))
+                  if g is not None}
+        return probes.pop() if len(probes) == 1 else None
+
     def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset(),
                prompt_tokens: int = 0, prompt_hashes: Sequence[int] = ()) -> Route:
         """exclude: instance ids that already failed this request. prompt_tokens: the prompt's
@@ -229,9 +238,18 @@ class Router:
         prefills = self._group(model, version, PREFILL) if decode.role == "DECODE" else None
         j = self.prefill_policy.choose(prefills, prefills.loads(exclude), matched) if prefills else -1
         if j < 0:   # aggregated, or no prefill engine left: the decode engine prefills locally
-            return Route(decode, None, self._uncached(decode, decoders, prompt_tokens, matched))
-        prefill = prefills.records[j]
-        return Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched))
+            route = Route(decode, None, self._uncached(decode, decoders, prompt_tokens, matched))
+        else:
+            prefill = prefills.records[j]
+            route = Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched))
+        if prompt_hashes and self.uses_prefix:
+            # The chosen engines will hold this prompt's blocks: counted now (as SGLang's cache-aware
+            # router does), so the next request of a conversation finds them before the engines'
+            # next Stats answer reports them; their events then confirm or evict them.
+            for record in (route.decode, route.prefill):
+                if record is not None:
+                    self.clients.kv_index.apply(record.address, prompt_hashes, (), False)
+        return route
 
     @staticmethod
     def _uncached(record: EngineRecord, group: EngineGroup, prompt_tokens: int, matched: dict[str, int] | None) -> int:
@@ -253,9 +271,15 @@ class Router:
             ids = (chosen.decode.instance_id,)
         for instance_id in ids:
             inflight[instance_id] = inflight.get(instance_id, 0) + 1
+        sent_at = time.monotonic()
         try:
             yield chosen
         finally:
+            # its prompt is computed: no longer fresh load, even before the next Stats answer
+            get(chosen.prefill.address if chosen.prefill else chosen.decode.address).finished(
+                chosen.prefill_tokens, sent_at)
+            if chosen.prefill is not None:
+                get(chosen.decode.address).finished(0, sent_at)
             for instance_id in ids:
                 n = inflight[instance_id] - 1
                 if n:

@@ -26,3 +26,13 @@ def block_hashes(token_ids: list[int], block_size: int, limit: int | None = None
 def next_block_hash(parent: int | None, tokens: list[int]) -> int:
     """The hash of one block after a block whose hash is parent (None: the first block)."""
     return hash((ROOT_HASH if parent is None else parent, *tokens))
+
+
+# A front end computes prompt hashes with its own tokenizer; they are worth something only if it
+# splits text exactly as the engines do. Each engine publishes the fingerprint of its token ids
+# for this text (capacity "tokenizer_probe"); a front end whose tokenizer disagrees routes by load.
+TOKENIZER_PROBE = "pdserve probe: Hello, wörld! 0123456789 3.14159 <tag> naïve café  tabs\tand\nlines 日本語 🙂 x=1;"
+
+
+def tokenizer_fingerprint(token_ids: list[int]) -> int:
+    return hash(tuple(token_ids)) & (2**53 - 1)    # fits a JSON number exactly

@@ -25,7 +25,7 @@ class KVEventLog:
         self._lock = threading.Lock()
         self._log: deque[tuple[int, int]] = deque(maxlen=max_events)   # (event id, hash)
         self._held: set[int] = set()
-        self._last_id = 0
+        self._last_id = 1     # 0 is the cursor of a caller that never asked
 
     def stored(self, block_hash: int) -> None:
         with self._lock:
@@ -44,6 +44,8 @@ class KVEventLog:
     def since(self, after: int) -> KVEventBatch:
         with self._lock:
             last = self._last_id
+            if after == last:
+                return KVEventBatch(last, False, (), ())
             oldest = self._log[0][0] if self._log else last + 1
             # a cursor of 0, older than the log, or from a former process of this address
             if after == 0 or after + 1 < oldest or after > last:

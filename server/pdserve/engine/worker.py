@@ -28,6 +28,7 @@ import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
+from pdserve.common.block_hash import TOKENIZER_PROBE, tokenizer_fingerprint
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, trailing_cause
 from pdserve.common.etcd import EtcdClient, EtcdSecurity, die_with_parent
@@ -302,6 +303,7 @@ async def serve(spec: dict, ready_file: str) -> None:
             device=cfg.device, node=spec.get("node", ""), address=address, pid=os.getpid(),
             kv_transport=transport.handshake() if transport else {},
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
+                      "tokenizer_probe": tokenizer_fingerprint(engine.tokenizer.encode(TOKENIZER_PROBE)),
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
         etcd = EtcdClient(spec["etcd_endpoints"], EtcdSecurity.from_spec(spec.get("etcd_security")))
         registration = EngineRegistration(etcd, spec.get("cluster", "default"), record,

@@ -259,7 +259,8 @@ class InferenceCore:
         No tokenizer here or no known block size: an estimated length and no hashes."""
         block_size = self.router.block_size(dep.name, str(dep.version)) if self.router.uses_prefix else None
         if block_size is not None:
-            figures = await self.tokenizers.hashes(self.model_path(dep), prompt, block_size)
+            figures = await self.tokenizers.hashes(self.model_path(dep), prompt, block_size,
+                                                   self.router.tokenizer_probe(dep.name, str(dep.version)))
             if figures is not None:
                 return figures
         return estimate_tokens(prompt), []

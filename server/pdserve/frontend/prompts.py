@@ -17,7 +17,7 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from pdserve.common.block_hash import block_hashes
+from pdserve.common.block_hash import TOKENIZER_PROBE, block_hashes, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class PromptTokenizers:
     def __init__(self, workers: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdserve-tokenize")
         self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()   # version folder -> tokenizer or None
+        self._mismatch_logged: set[str] = set()
 
     async def tokenizer(self, folder: str):
         """The version folder's tokenizer (None: it has none), loaded once."""
@@ -64,10 +65,19 @@ class PromptTokenizers:
             self._tokenizers.move_to_end(folder)
         return await asyncio.shield(future)
 
-    async def hashes(self, folder: str, text: str, block_size: int) -> tuple[int, list[int]] | None:
-        """(token count, block hashes at block_size) of the prompt; None without a tokenizer."""
+    async def hashes(self, folder: str, text: str, block_size: int,
+                     engines_probe: int | None = None) -> tuple[int, list[int]] | None:
+        """(token count, block hashes at block_size) of the prompt; None without a tokenizer, or
+        when it does not split text as the engines do (their fingerprint, engines_probe)."""
         tokenizer = await self.tokenizer(folder)
         if tokenizer is None:
+            return None
+        mine = tokenizer_fingerprint(tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=True).ids)
+        if engines_probe is not None and mine != engines_probe:
+            if folder not in self._mismatch_logged:
+                self._mismatch_logged.add(folder)
+                log.warning("%s/tokenizer.json splits text unlike the engines' tokenizer (transformers may override "
+                            "its pre-tokenizer): requests to this model version are routed by load only", folder)
             return None
         return await asyncio.get_running_loop().run_in_executor(self._pool, _encode, tokenizer, text, block_size)
 
