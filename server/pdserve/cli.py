@@ -16,6 +16,7 @@ from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.etcd import EtcdClient, EtcdProcess
+from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
 from pdserve.frontend.core import InferenceCore
@@ -125,10 +126,12 @@ async def run(args) -> None:
     registry.start()
     clients = EngineClients(token)
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
+    publisher = ModelPublisher(etcd, args.cluster, node, args.lease_ttl, token)   # the configs this node serves
+    publisher.start()
     supervisor = Supervisor(args.advertise_host, run_dir,
                             ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file), clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
-                                     args.repository_poll_secs, args.load_model)
+                                     args.repository_poll_secs, args.load_model, publisher)
     metrics = Metrics(manager, registry)
     core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics)  # one path for every door
     service = InferenceService(manager, core.router, metrics, core)
@@ -184,6 +187,7 @@ async def run(args) -> None:
         await door.stop()
     await server.stop(grace=3)
     await metrics.close()
+    await publisher.close()
     await manager.close()
     await registry.close()
     await clients.close()
