@@ -34,6 +34,14 @@ def http_json(server: PdServer, path: str) -> dict:
         return json.loads(reply.read())
 
 
+def http_generate(server: PdServer, prompt: str) -> str:
+    body = json.dumps({"text_input": prompt, "exclude_input_in_output": True, "parameters": GREEDY}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/small/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())["text_output"]
+
+
 def stream_text(server: PdServer, prompt: str) -> str:
     client = LLMClient(server.url, "small")
     try:
@@ -84,6 +92,7 @@ def test_router_only_node_serves_the_models_other_nodes_publish(tmp_path, small_
         prompt = "def fib(n):"
         expected = stream_text(node_a, prompt)
         assert expected and stream_text(node_b, prompt) == expected
+        assert http_generate(node_b, prompt) == expected
         with pytest.raises(InferenceServerException) as info:
             node_b.client.infer("small", inputs("abc", False, GREEDY), model_version="7")
         assert info.value.status() == "StatusCode.NOT_FOUND" and "versions the cluster serves: 1" in str(info.value)
