@@ -77,9 +77,9 @@ def inputs(prompt: str, stream: bool = False, params: dict | None = None, **flag
     return tensors
 
 
-def etcd_records(endpoint: str, security=None) -> list[tuple[str, dict, int]]:
-    """Every engine record in etcd: (key, record, lease id), read with the project's etcd client
-    (security: an EtcdSecurity for a protected etcd)."""
+def etcd_records(endpoint: str, security=None, kind: str = "engines") -> list[tuple[str, dict, int]]:
+    """Every engine record (kind "models": model record) in etcd: (key, record, lease id), read
+    with the project's etcd client (security: an EtcdSecurity for a protected etcd)."""
     import asyncio
 
     from pdserve.common.etcd import EtcdClient
@@ -88,7 +88,7 @@ def etcd_records(endpoint: str, security=None) -> list[tuple[str, dict, int]]:
         client = EtcdClient([endpoint], security)
         try:
             _, kvs = await client.get_prefix("/pdserve/")
-            return [(k, json.loads(v), lease) for k, v, lease in kvs]
+            return [(k, json.loads(v), lease) for k, v, lease in kvs if k.split("/")[3] == kind]
         finally:
             await client.close()
     return asyncio.run(read())

@@ -10,7 +10,8 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence
 from pdserve.frontend.tensors import InvalidInput, parse_sampling_parameters
-from pdserve.repository.config import ConfigError, load_model_spec
+from pdserve.common.records import ModelRecord
+from pdserve.repository.config import ConfigError, config_to_json, load_model_spec, published_spec
 
 
 def model_folder(tmp_path, config: str, versions=(1,)):
@@ -45,6 +46,23 @@ def test_config_versions_and_instances(tmp_path):
     assert [(i.role, i.device) for i in spec.instances] == [("PREFILL", "cpu:0"), ("DECODE", "cpu:1")]
     assert spec.engine_config(7, "cpu:1").model_path.endswith("/m/7")
     assert spec.config.model_transaction_policy.decoupled
+
+
+def test_a_published_config_round_trips_signed_and_keeps_the_front_end_parameters(tmp_path):
+    config = config_text(migration_limit=2, max_inflight_requests=5, enable_prefix_caching="true")
+    spec = load_model_spec(model_folder(tmp_path, config))
+    record = ModelRecord("m", "1", "node-a", config_to_json(spec.config))
+    token = "a-secret-of-sixteen-or-more"
+    read = ModelRecord.from_json(record.signed_json(token), token)
+    remote = published_spec(read.model, int(read.version), read.config)
+    assert remote.config == spec.config and remote.versions == [1] and remote.instances == []
+    assert remote.engine_parameters == {"migration_limit": 2, "max_inflight_requests": 5}
+    with pytest.raises(ValueError, match="signature"):
+        ModelRecord.from_json(ModelRecord("m", "1", "node-a", read.config).to_json(), token)   # unsigned
+    forged = json.loads(record.signed_json(token))
+    forged["config"]["backend"] = "other"
+    with pytest.raises(ValueError, match="signature"):
+        ModelRecord.from_json(json.dumps(forged).encode(), token)
 
 
 def test_no_version_folder(tmp_path):

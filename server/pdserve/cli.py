@@ -18,6 +18,7 @@ from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.records import engines_prefix
 from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
                                  parse_endpoints)
+from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
 from pdserve.frontend.core import InferenceCore
@@ -189,11 +190,13 @@ async def run(args) -> None:
     registry.start()
     clients = EngineClients(token)
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
+    publisher = ModelPublisher(etcd, args.cluster, node, args.lease_ttl, token)   # the configs this node serves
+    publisher.start()
     supervisor = Supervisor(args.advertise_host, run_dir,
                             ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file,
                                             security.to_spec()), clients, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
-                                     args.repository_poll_secs, args.load_model)
+                                     args.repository_poll_secs, args.load_model, publisher)
     metrics = Metrics(manager, registry)
     core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics)  # one path for every door
     service = InferenceService(manager, core.router, metrics, core)
@@ -249,6 +252,7 @@ async def run(args) -> None:
         await door.stop()
     await server.stop(grace=3)
     await metrics.close()
+    await publisher.close()
     await manager.close()
     await registry.close()
     await clients.close()

@@ -125,7 +125,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def repository_load(self, name: str) -> None:
         self._check_repository_call(name, "load")
-        if not self.manager.knows(name):
+        if not self.manager.local(name):
             raise ServeError(Cause.MODEL_LOAD_FAILED,
                              f"failed to load '{name}': no such folder in the model repository {self.manager.repository}")
         try:

@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from pdserve._proto import model_config_pb2 as mc
 from pdserve.engine.config import DTYPES, EngineConfig
@@ -234,3 +234,23 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     params = _engine_parameters(path, config)
     complete_config(config)
     return ModelSpec(folder, model_dir, config, versions, instances, params)
+
+
+def config_to_json(config: mc.ModelConfig) -> dict:
+    """The config as a node publishes it in etcd (protobuf JSON, the proto's field names)."""
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def published_spec(name: str, version: int, published: dict) -> ModelSpec:
+    """A model version another node serves, from the config it published: what ModelConfig and
+    ModelMetadata answer, and the parameters the front end itself reads (admission, migration).
+    No folder and no instances: its engines are the other nodes'. Raises ConfigError."""
+    try:
+        config = json_format.ParseDict(published, mc.ModelConfig(), ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise ConfigError(f"the config of '{name}' published in etcd cannot be read: {exc}") from exc
+    mine = mc.ModelConfig()
+    for key in NODE_PARAMETERS.keys() & config.parameters.keys():
+        mine.parameters[key].CopyFrom(config.parameters[key])
+    params = _engine_parameters(f"the config of '{name}' published in etcd", mine)
+    return ModelSpec(name, "", config, [version], [], params)

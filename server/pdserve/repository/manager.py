@@ -8,6 +8,11 @@ changes; `poll` watches the folder (watchdog events, debounced, plus a rescan ev
 A reload starts the new engines beside the serving ones and switches only once they are
 all READY; if the new config or weights fail, the old version keeps serving and its
 index entry carries the reason.
+
+The versions that serve are published in etcd (cluster/publisher.py), and a model this node's
+repository does not hold is served from the configs other nodes publish (the registry view):
+a router-only node, started with an empty repository, serves every model of its cluster.
+A local model always wins over a published one of the same name.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from pdserve.cluster.publisher import ModelPublisher
 from pdserve.common.errors import Cause, ServeError
-from pdserve.repository.config import ConfigError, fingerprint, load_model_spec
+from pdserve.common.records import ModelRecord
+from pdserve.repository.config import ConfigError, config_to_json, fingerprint, load_model_spec, published_spec
 from pdserve.repository.supervisor import Deployment, EngineStartError, Supervisor
 
 log = logging.getLogger(__name__)
@@ -72,11 +79,22 @@ class ModelEntry:
         return bool(self.serving) if self.wanted else True
 
 
+def _version_number(version: str) -> int:
+    if not version.isdigit():
+        raise ServeError(Cause.INVALID_ARGUMENT,
+                         f"model_version '{version}' is not a version number; send digits or leave it empty")
+    return int(version)
+
+
 class ModelRepositoryManager:
     def __init__(self, repository: str, supervisor: Supervisor, mode: str = "poll", poll_secs: float = 15.0,
-                 startup_models: list[str] | None = None):
+                 startup_models: list[str] | None = None, publisher: ModelPublisher | None = None):
         self.repository = os.path.abspath(repository)
         self.supervisor = supervisor
+        self.publisher = publisher         # publishes what serves here; None: nothing is published
+        self.view = supervisor.registry    # what the other nodes publish
+        self.node = supervisor.cluster.node
+        self.remote: dict[tuple[str, int], tuple[ModelRecord, Deployment]] = {}   # served from other nodes
         self.mode = mode
         self.poll_secs = poll_secs
         self.startup_models = startup_models or []
@@ -95,11 +113,14 @@ class ModelRepositoryManager:
             return []
 
     def index(self) -> list[tuple[str, VersionStatus]]:
-        names = set(self.folder_names()) | set(self.models)
+        local = set(self.folder_names()) | set(self.models)
         rows = []
-        for name in sorted(names):
-            entry = self.models.get(name) or ModelEntry(name)
-            rows += [(name, status) for status in entry.statuses()]
+        for name in sorted(local | self.remote_names()):
+            if name in local:
+                entry = self.models.get(name) or ModelEntry(name)
+                rows += [(name, status) for status in entry.statuses()]
+            else:
+                rows += [(name, status) for status in self._remote_statuses(name)]
         return rows
 
     def get(self, name: str, version: str = "") -> Deployment:
@@ -108,14 +129,11 @@ class ModelRepositoryManager:
         if not name:
             raise ServeError(Cause.INVALID_ARGUMENT, "model_name is empty; name the model to call")
         entry = self.models.get(name)
-        if entry is None and not self.knows(name):
-            raise ServeError(Cause.MODEL_UNKNOWN, f"Request for unknown model: '{name}' is not found")
+        if entry is None and not self.local(name):
+            return self._get_remote(name, version)
         serving = entry.serving if entry else {}
         if version:
-            if not version.isdigit():
-                raise ServeError(Cause.INVALID_ARGUMENT,
-                                 f"model_version '{version}' is not a version number; send digits or leave it empty")
-            v = int(version)
+            v = _version_number(version)
             if v in serving:
                 return serving[v]
             if entry and (v in entry.loading or v in entry.unloading):
@@ -134,14 +152,91 @@ class ModelRepositoryManager:
 
     def ready_versions(self, name: str) -> list[int]:
         entry = self.models.get(name)
+        if entry is None and not self.local(name):
+            return [v for v in sorted(self._published(name)) if self.view.can_generate(name, str(v))]
         return sorted(entry.serving) if entry else []
 
     def all_ready(self) -> bool:
         """Server readiness: every model asked for serves."""
         return all(entry.settled for entry in self.models.values())
 
-    def knows(self, name: str) -> bool:
+    def local(self, name: str) -> bool:
+        """The model is this node's own (its repository's), served or not."""
         return name in self.models or name in self.folder_names()
+
+    def knows(self, name: str) -> bool:
+        return self.local(name) or name in self.remote_names()
+
+    # ---- models other nodes serve ------------------------------------------------------------
+    def remote_names(self) -> set[str]:
+        """Models other nodes publish now or did since this node started (those listed UNAVAILABLE)."""
+        return {name for name, nodes in self.view.model_nodes.items() if nodes - {self.node}}
+
+    def _published(self, name: str) -> dict[int, ModelRecord]:
+        """Per version of name that other nodes publish, the newest record."""
+        out: dict[int, ModelRecord] = {}
+        for record in self.view.published(name):
+            if record.node != self.node and record.version.isdigit():
+                v = int(record.version)
+                if v not in out or record.published > out[v].published:
+                    out[v] = record
+        return out
+
+    def _not_ready(self, records: list[ModelRecord]) -> str:
+        nodes = ", ".join(sorted({r.node for r in records}))
+        return (f"published by node {nodes}, but no engine of it that can generate (DECODE or BOTH) is ready "
+                "in the cluster")
+
+    def _remote_statuses(self, name: str) -> list[VersionStatus]:
+        published = self._published(name)
+        if not published:
+            nodes = ", ".join(sorted(self.view.model_nodes.get(name, set()) - {self.node}))
+            return [VersionStatus("", ModelState.UNAVAILABLE, f"no node of the cluster serves it now (last "
+                                                              f"published by node {nodes})")]
+        return [VersionStatus(str(v), ModelState.READY) if self.view.can_generate(name, str(v))
+                else VersionStatus(str(v), ModelState.UNAVAILABLE, self._not_ready([r]))
+                for v, r in sorted(published.items())]
+
+    def _get_remote(self, name: str, version: str) -> Deployment:
+        """get() for a model only other nodes hold: served from their published config and the
+        cluster's engines; ready while one of its engines can generate."""
+        published = self._published(name)
+        if not published:
+            if name not in self.remote_names():
+                raise ServeError(Cause.MODEL_UNKNOWN, f"Request for unknown model: '{name}' is not found")
+            raise ServeError(Cause.MODEL_NOT_READY, f"Request for model '{name}': {self._remote_statuses(name)[0].reason}"
+                                                    "; retry when a node serves it")
+        ready = [v for v in sorted(published) if self.view.can_generate(name, str(v))]
+        if version:
+            v = _version_number(version)
+            if v not in published:
+                raise ServeError(Cause.MODEL_NOT_FOUND, f"Request for unknown model: '{name}' version {v} is not "
+                                                        f"found; versions the cluster serves: "
+                                                        f"{', '.join(map(str, sorted(published)))}")
+            if v not in ready:
+                raise ServeError(Cause.MODEL_NOT_READY, f"Request for model '{name}' version {v}: the version is "
+                                                        f"{self._not_ready([published[v]])}; retry shortly")
+        elif ready:
+            v = ready[-1]
+        else:
+            raise ServeError(Cause.MODEL_NOT_READY, f"Request for model '{name}': the model is "
+                                                    f"{self._not_ready(list(published.values()))}; retry shortly")
+        return self._remote_deployment(published[v])
+
+    def _remote_deployment(self, record: ModelRecord) -> Deployment:
+        """One Deployment per published config (so its in-flight count lasts), with no engines of its own."""
+        key = (record.model, int(record.version))
+        known = self.remote.get(key)
+        if known is not None and known[0].config == record.config:
+            return known[1]
+        try:
+            spec = published_spec(record.model, int(record.version), record.config)
+        except ConfigError as exc:
+            raise ServeError(Cause.MODEL_NOT_READY, f"Request for model '{record.model}' version {record.version}: "
+                                                    f"{exc} (node {record.node})") from exc
+        dep = Deployment(spec, int(record.version), [], self.supervisor)
+        self.remote[key] = (record, dep)
+        return dep
 
     def all_deployments(self) -> list[Deployment]:
         out = []
@@ -252,9 +347,15 @@ class ModelRepositoryManager:
                 raise EngineStartError(str(exc)) from exc
             old = entry.serving
             entry.serving, entry.loading, entry.reason = new, {}, ""
+            self._publish(entry)
             log.info("model %s versions %s READY", name, spec.versions)
         if old:
             await self._retire(entry, old)
+
+    def _publish(self, entry: ModelEntry) -> None:
+        """Tells the cluster what serves here now (every change of entry.serving comes here)."""
+        if self.publisher is not None:
+            self.publisher.serve(entry.name, {v: config_to_json(d.spec.config) for v, d in entry.serving.items()})
 
     def _failed(self, entry: ModelEntry, reason: str) -> None:
         if entry.serving:
@@ -282,6 +383,7 @@ class ModelRepositoryManager:
         async with entry.lock:
             old = entry.serving
             entry.serving = {}
+            self._publish(entry)
             entry.reason = "unloaded"
             entry.fingerprint = ""
         await self._retire(entry, old)
