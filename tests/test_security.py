@@ -303,7 +303,7 @@ MOONCAKE_ON_LOOPBACK = """
 import sys, torch
 from pdserve.engine.kv_transport import MooncakeTransport
 transport = MooncakeTransport("127.0.0.1")
-transport.register_pool(torch.zeros(4, 256))
+transport.register_pool(torch.zeros(2, 4, 2, 16, 2, 8).transpose(0, 1))   # layer-major, as engines store it
 print(transport.session, flush=True)
 sys.stdin.readline()
 """
