@@ -35,8 +35,9 @@ class EngineClient:
         self.last_stats_at, self.suspect = time.monotonic(), False
         return self.last_stats
 
-    async def set_state(self, state: str, timeout: float = 5.0) -> None:
-        await self.stub.SetState(engine_pb2.SetStateRequest(state=state), timeout=timeout, metadata=self.metadata)
+    async def set_state(self, state: str, role: str = "", timeout: float = 5.0) -> None:
+        await self.stub.SetState(engine_pb2.SetStateRequest(state=state, role=role), timeout=timeout,
+                                 metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -17,7 +17,7 @@ from pdserve.engine.config import DTYPES, EngineConfig
 from pdserve.common.devices import DeviceError, parse_device
 
 CONFIG_FILE = "config.pbtxt"
-ROLES = ("BOTH", "PREFILL", "DECODE")
+ROLES = ("BOTH", "PREFILL", "DECODE", "AUTO")
 BACKENDS = ("", "pdserve", "vllm")
 
 # The tensor interface of Triton's vLLM backend, declared once: (name, KServe datatype, optional).
@@ -37,6 +37,12 @@ ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if
 # limit per model version (requests in flight from one node), and how many times a request may
 # move to another engine when its engine dies mid-stream (0: never, as Dynamo's default).
 NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int"}
+# The planner of AUTO instances (repository/planner.py, docs/cluster.md "Elastic roles").
+PLANNER_PARAMETERS = {"planner_interval_s": "float", "planner_prefill_queue_high": "int",
+                      "planner_prefill_queue_low": "int", "planner_decode_seqs_high": "int",
+                      "planner_tpot_high_s": "float", "planner_window_polls": "int", "planner_hold_polls": "int",
+                      "planner_cooldown_s": "float", "planner_drain_timeout_s": "float"}
+NODE_PARAMETERS.update(PLANNER_PARAMETERS)
 ENGINE_PARAMETERS.update(NODE_PARAMETERS)
 DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
 
