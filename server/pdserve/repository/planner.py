@@ -278,6 +278,9 @@ class Planner:
             try:
                 loads = await self.loads()
                 switch, self.history = decide(loads, self.settings, self.history, time.monotonic())
+                if log.isEnabledFor(logging.DEBUG) and loads:
+                    log.debug("planner of %s: %s (streaks: prefill %d, decode %d)", self.what,
+                              measure(loads).describe(), self.history.prefill_streak, self.history.decode_streak)
                 if switch is not None:
                     await self.switch(switch)
                     self.history = replace(self.history, last_switch=time.monotonic())
