@@ -173,6 +173,20 @@ def test_auto_in_config_pbtxt(tmp_path):
     assert "planner_interval_s" not in spec.engine_config(1, "cpu").to_dict()
 
 
+@pytest.mark.parametrize("params,words", [
+    ({"kv_transport": "none"}, ["AUTO needs a KV transport", "mooncake"]),
+    ({"planner_prefill_queue_low": 4000}, ["planner_prefill_queue_low", "below", "flap"]),
+])
+def test_auto_config_errors(tmp_path, params, words):
+    from pdserve.repository.config import ConfigError
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    write_config(str(folder), config_text(role_groups=(("AUTO", "cpu"), ("AUTO", "cpu")), **params))
+    with pytest.raises(ConfigError) as info:
+        load_model_spec(str(folder))
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
 def test_the_supervisor_gives_auto_instances_a_split_and_a_transport(tmp_path):
     from pdserve.repository.supervisor import ClusterSettings, Supervisor
     folder = tmp_path / "m"

@@ -202,6 +202,18 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
     return params
 
 
+def _check_auto(path: str, instances: list[InstanceSpec], params: dict) -> None:
+    """AUTO instances switch between PREFILL and DECODE, so they need a KV transport; the
+    planner's low prompt-queue mark must sit below its high one."""
+    if any(i.role == "AUTO" for i in instances) and params.get("kv_transport") == "none":
+        raise ConfigError(f"{path}: role AUTO needs a KV transport, but parameters 'kv_transport' is 'none'; "
+                          "drop it (AUTO engines default to mooncake) or set mooncake / mooncake:rdma")
+    if "planner_prefill_queue_low" in params and \
+            params["planner_prefill_queue_low"] >= params.get("planner_prefill_queue_high", 2048):
+        raise ConfigError(f"{path}: parameters 'planner_prefill_queue_low' ({params['planner_prefill_queue_low']}) "
+                          "must be below 'planner_prefill_queue_high' (default 2048), or the roles flap")
+
+
 def complete_config(config: mc.ModelConfig) -> None:
     """Fills in what Triton's vLLM backend would: the tensors and the decoupled policy."""
     if not config.backend:
@@ -238,5 +250,6 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     versions = _select_versions(path, config, version_folders(model_dir))
     instances = _instances(path, config)
     params = _engine_parameters(path, config)
+    _check_auto(path, instances, params)
     complete_config(config)
     return ModelSpec(folder, model_dir, config, versions, instances, params)

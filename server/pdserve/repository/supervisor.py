@@ -64,7 +64,7 @@ class EngineProcess:
         self.role = role or instance.role
         self.instance_id = f"{spec.name}-v{version}-{instance.name}-{uuid.uuid4().hex[:8]}"
         kv_transport = spec.engine_parameters.get("kv_transport", "")
-        if instance.role == AUTO and kv_transport in ("", "none"):
+        if instance.role == AUTO and not kv_transport:
             kv_transport = "mooncake"   # an AUTO engine may be switched to either side of PD
         self.spec = {"instance_id": self.instance_id, "model": spec.name, "version": str(version),
                      "role": self.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
