@@ -1,6 +1,6 @@
 """Writes grafana/dashboards/pdserve.json, the PD cluster dashboard: python grafana/make_dashboard.py
 
-Panels are listed once here, as (title, unit, [(legend, PromQL)]); the JSON is committed so a
+Panels are listed once here, as (title, unit, [(legend, PromQL)][, {type, mappings}]); the JSON is committed so a
 user needs nothing but Grafana. tests/test_observability.py runs every expression through a
 real Prometheus scraping a real node.
 """
@@ -16,6 +16,11 @@ def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
     return [(f"p{q}{' {{' + by + '}}' if by else ''}",
              f"histogram_quantile(0.{q}, sum by ({group}) (rate({metric}_bucket{Q}[1m])))") for q in (50, 90, 99)]
 
+
+# The role timeline shows each engine's role as a value mapped to its name (AUTO engines change it).
+ROLE_CODES = {"PREFILL": 1, "DECODE": 2, "BOTH": 3}
+STATE_TIMELINE = {"type": "state-timeline", "mappings": [
+    {"type": "value", "options": {str(code): {"text": role, "index": code - 1} for role, code in ROLE_CODES.items()}}]}
 
 ROWS = [
     ("Latency", [
@@ -67,6 +72,17 @@ ROWS = [
         ("Requests migrated mid-stream", "short", [
             ("{{model}} v{{version}}", f"sum by (model, version) (increase(pdserve_request_migrations_total{Q}[5m]))")]),
     ]),
+    ("Elastic roles (AUTO)", [
+        ("Role per instance over time", "short", [
+            ("{{instance}}", "max by (instance) (" + " or ".join(
+                f"pdserve_engine_role{{model=~\"$model\", instance=~\"$instance\", role=\"{role}\"}} * {code}"
+                for role, code in ROLE_CODES.items()) + ")")], STATE_TIMELINE),
+        ("Engines per role", "short", [
+            ("{{model}} {{role}}", f"sum by (model, role) (pdserve_engine_role{Q})")]),
+        ("Role switches (5m)", "short", [
+            ("{{instance}} {{from_role}} -> {{to_role}}",
+             f"sum by (instance, from_role, to_role) (increase(pdserve_role_switches_total{QI}[5m])) or on() vector(0)")]),
+    ]),
     ("Cluster", [
         ("Instances per role (etcd view)", "short", [
             ("{{role}} {{state}}", f"sum by (role, state) (pdserve_cluster_instances{Q})")]),
@@ -88,12 +104,14 @@ def build() -> dict:
                        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
         pid, y = pid + 1, y + 1
         width = 24 // len(row)
-        for i, (title, unit, targets) in enumerate(row):
+        for i, (title, unit, targets, *extra) in enumerate(row):
+            kind = extra[0] if extra else {}   # a panel other than a time series: its type and value mappings
             panels.append({
-                "type": "timeseries", "title": title, "id": pid,
+                "type": kind.get("type", "timeseries"), "title": title, "id": pid,
                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
                 "gridPos": {"h": 8, "w": width, "x": i * width, "y": y},
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "fieldConfig": {"defaults": {"unit": unit, **({"mappings": kind["mappings"]} if "mappings" in kind else {})},
+                                "overrides": []},
                 "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
                 "targets": [{"refId": chr(65 + j), "expr": expr, "legendFormat": legend,
                              "datasource": {"type": "prometheus", "uid": "${datasource}"}}

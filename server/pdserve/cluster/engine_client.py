@@ -151,8 +151,9 @@ class EngineClient:
         self.kv_cursor = 0
         self._kv_epoch += 1
 
-    async def set_state(self, state: str, timeout: float = 5.0) -> None:
-        await self.stub.SetState(engine_pb2.SetStateRequest(state=state), timeout=timeout, metadata=self.metadata)
+    async def set_state(self, state: str, role: str = "", timeout: float = 5.0) -> None:
+        await self.stub.SetState(engine_pb2.SetStateRequest(state=state, role=role), timeout=timeout,
+                                 metadata=self.metadata)
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -26,6 +26,7 @@ class EngineRegistration:
         self.lease = 0
         self.keepalive_failures = 0
         self._task: asyncio.Task | None = None
+        self._publish = asyncio.Lock()   # puts land in the order the calls came
 
     async def start(self) -> None:
         try:
@@ -40,14 +41,19 @@ class EngineRegistration:
         await self.client.put(self.key, self.record.signed_json(self.token), lease=lease)
         self.lease = lease
 
-    async def set_state(self, state: str) -> None:
-        self.record.state = state
-        if not self.lease:
-            return  # not registered yet: the registration carries the state when it lands
-        try:
-            await self.client.put(self.key, self.record.signed_json(self.token), lease=self.lease)
-        except EtcdUnavailable as exc:
-            log.warning("could not publish state %s (%s); the keepalive loop re-registers", state, exc)
+    async def set_state(self, state: str, role: str = "") -> None:
+        """Publishes the routing state and, when given, a new role (an AUTO instance's switch):
+        the same key, lease and incarnation."""
+        async with self._publish:
+            self.record.state = state
+            if role:
+                self.record.role = role
+            if not self.lease:
+                return  # not registered yet: the registration carries the state when it lands
+            try:
+                await self.client.put(self.key, self.record.signed_json(self.token), lease=self.lease)
+            except EtcdUnavailable as exc:
+                log.warning("could not publish state %s (%s); the keepalive loop re-registers", state, exc)
 
     async def _keep_alive(self) -> None:
         backoff = 0.5

@@ -59,6 +59,7 @@ class EngineLoop:
         self.streams: dict[str, asyncio.Queue] = {}
         self.stats: EngineStats = engine.stats()   # replaced whole by the engine thread, never edited
         self.heartbeat = time.monotonic()          # the engine thread's last finished loop
+        self.step_seconds = 0.0                    # EWMA of steps that decoded: the time per output token
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.handlers = {
@@ -128,7 +129,11 @@ class EngineLoop:
             stepped = False
             if not self.stopped and self.engine.has_work():
                 try:
+                    started = time.monotonic()
                     step_outputs = self.engine.step()
+                    if self.stats.num_running:
+                        took = time.monotonic() - started
+                        self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
                 except Exception as exc:  # a failed step must not leave streams hanging
                     log.exception("engine step failed")
                     step_outputs = self.engine.fail_all(ServeError(Cause.ENGINE_FAILURE, f"engine step failed: {exc}"))
@@ -254,8 +259,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return engine_pb2.PrefillResponse(first_token=out.token_ids[0])
 
     async def SetState(self, request, context):
+        if request.role:
+            log.info("role %s, state %s", request.role, request.state)
         if self.registration is not None:
-            await self.registration.set_state(request.state)
+            await self.registration.set_state(request.state, request.role)
         return engine_pb2.SetStateResponse()
 
     async def Stats(self, request, context):
@@ -272,7 +279,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             if s.num_running + s.num_waiting else 0.0,
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
             num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
-            stored_block_hashes=events.stored, removed_block_hashes=events.removed)
+            stored_block_hashes=events.stored, removed_block_hashes=events.removed,
+            num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds)
 
 
 def write_ready_file(path: str, payload: dict) -> None:

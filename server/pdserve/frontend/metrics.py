@@ -94,14 +94,20 @@ class EngineCollector:
         outages = Metric("pdserve_etcd_outages", "Times this front end lost its etcd watch", "counter")
         states = GaugeMetricFamily("pdserve_model_state", "1 for each model version's state",
                                    labels=["model", "version", "state"])
+        roles = GaugeMetricFamily("pdserve_engine_role", "1 for the role each engine of this node serves now "
+                                  "(AUTO instances change it)", labels=["model", "version", "instance", "role"])
+        switches = Metric("pdserve_role_switches", "AUTO engines switched from one role to another", "counter")
+        abandoned = Metric("pdserve_role_switches_abandoned", "AUTO role switches given up (the engine did not "
+                           "drain within planner_drain_timeout_s, or failed)", "counter")
         live = defaultdict(int)
         for dep in self.manager.all_deployments():
             for engine in dep.live_engines():
-                live[(dep.name, engine.instance.role)] += 1
+                live[(dep.name, engine.role)] += 1
+                roles.add_metric([dep.name, str(dep.version), engine.instance_id, engine.role], 1)
                 stats = engine.client.last_stats
                 if stats is None:
                     continue
-                labels = [dep.name, engine.instance.role, engine.instance_id]
+                labels = [dep.name, engine.role, engine.instance_id]
                 running.add_metric(labels, stats.num_running)
                 waiting.add_metric(labels, stats.num_waiting)
                 total = max(stats.num_total_blocks, 1)
@@ -114,7 +120,7 @@ class EngineCollector:
                 queried = stats.prefix_cache_queries
                 hit_ratio.add_metric(labels, stats.prefix_cache_hits / queried if queried else 0.0)
                 cached_blocks.add_metric(labels, stats.num_cached_blocks)
-                if engine.instance.role == "PREFILL":
+                if engine.role == "PREFILL" or stats.kv_transfers:
                     buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, stats.kv_transfer_bucket_counts)]
                     transfer.add_metric(labels, buckets + [("+Inf", stats.kv_transfers)], stats.kv_transfer_seconds)
                     transfer_bytes.add_sample("pdserve_kv_transfer_bytes_total", named, stats.kv_transfer_bytes)
@@ -123,6 +129,12 @@ class EngineCollector:
             instances.add_metric([model, role], n)
         for name, status in self.manager.index():
             states.add_metric([name, status.version, status.state], 1)
+        supervisor = getattr(self.manager, "supervisor", None)
+        for counts, metric, sample in ((getattr(supervisor, "role_switches", {}), switches, "pdserve_role_switches_total"),
+                                       (getattr(supervisor, "role_switches_abandoned", {}), abandoned,
+                                        "pdserve_role_switches_abandoned_total")):
+            for key, n in counts.items():
+                metric.add_sample(sample, dict(zip(("model", "version", "instance", "from_role", "to_role"), key)), n)
         if self.registry is not None:
             counts = defaultdict(int)
             for record in self.registry.records.values():
@@ -131,7 +143,8 @@ class EngineCollector:
                 cluster.add_metric(list(labels), n)
             outages.add_sample("pdserve_etcd_outages_total", {}, self.registry.outages)
         yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, keepalive,
-                    cache_queries, cache_hits, hit_ratio, cached_blocks, instances, cluster, outages, states)
+                    cache_queries, cache_hits, hit_ratio, cached_blocks, instances, cluster, outages, states,
+                    roles, switches, abandoned)
 
 
 class Metrics:

@@ -17,7 +17,7 @@ from pdserve.engine.config import DTYPES, EngineConfig
 from pdserve.common.devices import DeviceError, parse_device
 
 CONFIG_FILE = "config.pbtxt"
-ROLES = ("BOTH", "PREFILL", "DECODE")
+ROLES = ("BOTH", "PREFILL", "DECODE", "AUTO")
 BACKENDS = ("", "pdserve", "vllm")
 
 # The tensor interface of Triton's vLLM backend, declared once: (name, KServe datatype, optional).
@@ -37,6 +37,12 @@ ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if
 # limit per model version (requests in flight from one node), and how many times a request may
 # move to another engine when its engine dies mid-stream (0: never, as Dynamo's default).
 NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int"}
+# The planner of AUTO instances (repository/planner.py, docs/cluster.md "Elastic roles").
+PLANNER_PARAMETERS = {"planner_interval_s": "float", "planner_prefill_queue_high": "int",
+                      "planner_prefill_queue_low": "int", "planner_decode_seqs_high": "int",
+                      "planner_tpot_high_s": "float", "planner_window_polls": "int", "planner_hold_polls": "int",
+                      "planner_cooldown_s": "float", "planner_drain_timeout_s": "float"}
+NODE_PARAMETERS.update(PLANNER_PARAMETERS)
 ENGINE_PARAMETERS.update(NODE_PARAMETERS)
 DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
 
@@ -196,6 +202,18 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
     return params
 
 
+def _check_auto(path: str, instances: list[InstanceSpec], params: dict) -> None:
+    """AUTO instances switch between PREFILL and DECODE, so they need a KV transport; the
+    planner's low prompt-queue mark must sit below its high one."""
+    if any(i.role == "AUTO" for i in instances) and params.get("kv_transport") == "none":
+        raise ConfigError(f"{path}: role AUTO needs a KV transport, but parameters 'kv_transport' is 'none'; "
+                          "drop it (AUTO engines default to mooncake) or set mooncake / mooncake:rdma")
+    if "planner_prefill_queue_low" in params and \
+            params["planner_prefill_queue_low"] >= params.get("planner_prefill_queue_high", 2048):
+        raise ConfigError(f"{path}: parameters 'planner_prefill_queue_low' ({params['planner_prefill_queue_low']}) "
+                          "must be below 'planner_prefill_queue_high' (default 2048), or the roles flap")
+
+
 def complete_config(config: mc.ModelConfig) -> None:
     """Fills in what Triton's vLLM backend would: the tensors and the decoupled policy."""
     if not config.backend:
@@ -232,6 +250,7 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     versions = _select_versions(path, config, version_folders(model_dir))
     instances = _instances(path, config)
     params = _engine_parameters(path, config)
+    _check_auto(path, instances, params)
     complete_config(config)
     return ModelSpec(folder, model_dir, config, versions, instances, params)
 

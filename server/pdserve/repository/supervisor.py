@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pdserve.cluster.registry import RegistryView
@@ -25,6 +26,7 @@ from pdserve.cluster.engine_client import EngineClient, EngineClients
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.etcd import EtcdUnavailable
 from pdserve.repository.config import DEFAULT_MAX_INFLIGHT_REQUESTS, InstanceSpec, ModelSpec
+from pdserve.repository.planner import AUTO, Planner, PlannerSettings, initial_roles
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,20 @@ class ClusterSettings:
 
 class EngineProcess:
     def __init__(self, spec: ModelSpec, version: int, instance: InstanceSpec, host: str, run_dir: str,
-                 cluster: ClusterSettings, clients: EngineClients):
+                 cluster: ClusterSettings, clients: EngineClients, role: str = ""):
         self._args = (spec, version, instance, host, run_dir, cluster, clients)
         self.model = spec.name
         self.version = version
         self.instance = instance
+        # The role it serves now: the group's, or for an AUTO instance the one the planner gave it.
+        self.role = role or instance.role
         self.instance_id = f"{spec.name}-v{version}-{instance.name}-{uuid.uuid4().hex[:8]}"
+        kv_transport = spec.engine_parameters.get("kv_transport", "")
+        if instance.role == AUTO and not kv_transport:
+            kv_transport = "mooncake"   # an AUTO engine may be switched to either side of PD
         self.spec = {"instance_id": self.instance_id, "model": spec.name, "version": str(version),
-                     "role": instance.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
-                     "kv_transport": spec.engine_parameters.get("kv_transport", ""),
+                     "role": self.role, "host": host, "engine": spec.engine_config(version, instance.device).to_dict(),
+                     "kv_transport": kv_transport,
                      "etcd_endpoints": cluster.etcd_endpoints, "cluster": cluster.cluster, "node": cluster.node,
                      "lease_ttl": cluster.lease_ttl, "cluster_token_file": cluster.token_file,
                      "etcd_security": cluster.etcd_security}
@@ -84,8 +91,8 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def replacement(self) -> "EngineProcess":
-        """The same instance, to start anew (a new instance id and incarnation)."""
-        return EngineProcess(*self._args)
+        """The same instance in its current role, to start anew (a new instance id and incarnation)."""
+        return EngineProcess(*self._args, role=self.role)
 
     def _log_tail(self, lines: int = 5) -> str:
         try:
@@ -118,8 +125,11 @@ class EngineProcess:
         await self.stop()
         raise EngineStartError(f"{where} was not ready within {ENGINE_START_TIMEOUT_S:.0f} s (PDSERVE_ENGINE_START_TIMEOUT)")
 
-    async def set_state(self, state: str) -> None:
-        await self.client.set_state(state)
+    async def set_state(self, state: str, role: str = "") -> None:
+        """The routing state in the engine's record, and a new role with it (AUTO instances)."""
+        await self.client.set_state(state, role)
+        if role:
+            self.role = role
 
     def stalled(self, limit_s: float) -> str:
         """Why the engine looks frozen ("" when it does not)."""
@@ -167,6 +177,7 @@ class Deployment:
     inflight: int = 0
     active: bool = False
     _monitor: asyncio.Task | None = field(default=None, repr=False)
+    planner: Planner | None = field(default=None, repr=False)   # AUTO instances' roles (two or more)
 
     @property
     def name(self) -> str:
@@ -207,10 +218,18 @@ class Deployment:
         await self.supervisor.wait_in_view(self.instance_ids, READY)
         self.active = True
         self._monitor = asyncio.ensure_future(self.supervisor.monitor(self))
+        if sum(e.instance.role == AUTO for e in self.engines) >= 2:
+            self.planner = Planner(self, PlannerSettings.from_parameters(self.spec.engine_parameters))
+            self.planner.start()
+
+    async def _stop_planner(self) -> None:
+        if self.planner is not None:
+            await self.planner.stop()
 
     async def drain(self, timeout: float) -> None:
         """Stops new routing here, then waits for the requests already routed to finish."""
         self.active = False
+        await self._stop_planner()
         await asyncio.gather(*(e.set_state(DRAINING) for e in self.engines if e.alive), return_exceptions=True)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -222,6 +241,7 @@ class Deployment:
         self.active = False
         if self._monitor is not None:
             self._monitor.cancel()
+        await self._stop_planner()
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
 
 
@@ -233,10 +253,15 @@ class Supervisor:
         self.cluster = cluster
         self.clients = clients
         self.registry = registry
+        # AUTO role switches of this node's planners, by (model, version, instance, from_role, to_role).
+        self.role_switches: Counter[tuple[str, str, str, str, str]] = Counter()
+        self.role_switches_abandoned: Counter[tuple[str, str, str, str, str]] = Counter()
         os.makedirs(run_dir, exist_ok=True)
 
     def deployment(self, spec: ModelSpec, version: int) -> Deployment:
-        engines = [EngineProcess(spec, version, inst, self.host, self.run_dir, self.cluster, self.clients)
+        auto_roles = iter(initial_roles(sum(inst.role == AUTO for inst in spec.instances)))
+        engines = [EngineProcess(spec, version, inst, self.host, self.run_dir, self.cluster, self.clients,
+                                 role=next(auto_roles) if inst.role == AUTO else "")
                    for inst in spec.instances]
         return Deployment(spec, version, engines, self)
 
@@ -262,11 +287,11 @@ class Supervisor:
                     if not why:
                         continue
                     log.error("engine %s (%s %s) looks frozen (%s): killing it", engine.instance_id, dep.name,
-                              engine.instance.role, why)
+                              engine.role, why)
                     engine.proc.kill()
                     engine.proc.wait()
                 log.error("engine %s (%s %s) exited with code %s: restarting it", engine.instance_id, dep.name,
-                          engine.instance.role, engine.proc.returncode if engine.proc else "?")
+                          engine.role, engine.proc.returncode if engine.proc else "?")
                 await self._forget(engine)
                 replacement = engine.replacement()
                 dep.engines[i] = replacement

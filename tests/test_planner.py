@@ -1,0 +1,248 @@
+"""Elastic roles (AUTO): the planner's decision as a pure function, its switch with fake engines,
+and the config and supervisor pieces around it. No processes."""
+import asyncio
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from harness import config_text, write_config
+
+from pdserve.repository.config import load_model_spec
+from pdserve.repository.planner import (BOTH, DECODE, PREFILL, EngineLoad, History, Planner, PlannerSettings, Switch,
+                                        decide, initial_roles)
+
+S = PlannerSettings(prefill_queue_high=1000, prefill_queue_low=250, decode_seqs_high=8, window_polls=3,
+                    hold_polls=3, cooldown_s=10.0)
+
+
+def load(name, role, queue=0, running=0, **kw):
+    return EngineLoad(name, role, queued_prompt_tokens=queue, running=running, switchable=kw.pop("switchable", True),
+                      **kw)
+
+
+def run(polls, settings=S, history=None, start=100.0, step=1.0):
+    """Feeds the polls (each a list of EngineLoad) to decide, one second apart; returns
+    [(poll index, Switch)] and the last history."""
+    history = history or History()
+    switches = []
+    for i, loads in enumerate(polls):
+        switch, history = decide(loads, settings, history, start + i * step)
+        if switch is not None:
+            switches.append((i, switch))
+    return switches, history
+
+
+def prefill_heavy():
+    return [load("p0", PREFILL, queue=3000), load("d0", DECODE, running=1), load("d1", DECODE, running=0)]
+
+
+def decode_heavy():
+    return [load("p0", PREFILL), load("p1", PREFILL, queue=10), load("d0", DECODE, running=20)]
+
+
+def test_initial_split():
+    assert initial_roles(0) == []
+    assert initial_roles(1) == [BOTH]
+    assert initial_roles(2) == [PREFILL, DECODE]
+    assert initial_roles(3) == [PREFILL, DECODE, DECODE]
+    assert initial_roles(4) == [PREFILL, PREFILL, DECODE, DECODE]
+    for n in range(2, 9):
+        roles = initial_roles(n)
+        assert roles.count(PREFILL) >= 1 and roles.count(DECODE) >= 1 and len(roles) == n
+
+
+def test_prefill_pressure_turns_the_idlest_decode_engine_into_prefill():
+    switches, _ = run([prefill_heavy()] * 5)
+    assert [(i, s.instance_id, s.from_role, s.to_role) for i, s in switches] == [(4, "d1", DECODE, PREFILL)]
+    reason = switches[0][1].reason
+    assert "prefill pressure" in reason and "3000 queued prompt tokens" in reason, reason
+
+
+def test_decode_pressure_turns_a_prefill_engine_into_decode():
+    switches, _ = run([decode_heavy()] * 5)
+    assert [(i, s.instance_id, s.from_role, s.to_role) for i, s in switches] == [(4, "p0", PREFILL, DECODE)]
+    assert "decode pressure" in switches[0][1].reason and "20.0 running sequences" in switches[0][1].reason
+
+
+def test_slow_decode_steps_are_decode_pressure_when_a_tpot_limit_is_set():
+    slow = [load("p0", PREFILL), load("p1", PREFILL), load("d0", DECODE, running=3, step_seconds=0.2)]
+    assert run([slow] * 5)[0] == []
+    switches, _ = run([slow] * 5, settings=PlannerSettings(**{**S.__dict__, "tpot_high_s": 0.1}))
+    assert [s.to_role for _, s in switches] == [DECODE] and "decode steps of 200.0 ms" in switches[0][1].reason
+    # slow decoding also vetoes prefill pressure: taking a decoder would make it slower
+    busy = [load("p0", PREFILL, queue=5000), load("d0", DECODE, running=1, step_seconds=0.2),
+            load("d1", DECODE, running=1, step_seconds=0.2)]
+    assert run([busy] * 6, settings=PlannerSettings(**{**S.__dict__, "tpot_high_s": 0.1}))[0] == []
+
+
+def test_the_last_decoder_is_never_taken():
+    lonely = [load("p0", PREFILL, queue=50_000), load("d0", DECODE)]
+    assert run([lonely] * 30)[0] == []
+    # a fixed BOTH engine (not switchable) generates too: the AUTO decoder may then go
+    with_both = lonely + [load("b0", BOTH, switchable=False)]
+    switches, _ = run([with_both] * 5)
+    assert [(s.instance_id, s.to_role) for _, s in switches] == [("d0", PREFILL)]
+
+
+def test_without_prefill_engines_the_decoders_queue_counts():
+    # after every PREFILL engine became DECODE, prompts queue on the decoders themselves
+    loads = [load("d0", DECODE, queue=2500), load("d1", DECODE, queue=2500), load("d2", DECODE)]
+    switches, _ = run([loads] * 5)
+    assert [s.to_role for _, s in switches] == [PREFILL]
+
+
+def test_only_switchable_engines_are_chosen_and_nothing_happens_while_one_drains():
+    fixed = [load("p0", PREFILL, queue=3000), load("d0", DECODE, switchable=False),
+             load("d1", DECODE, switchable=False)]
+    assert run([fixed] * 10)[0] == []
+    draining = prefill_heavy() + [load("x", DECODE, draining=True, switchable=False)]
+    assert run([draining] * 10)[0] == []
+
+
+def test_a_spike_does_not_switch_and_pressure_must_last():
+    quiet = [load("p0", PREFILL, queue=100), load("d0", DECODE, running=1), load("d1", DECODE)]
+    spike = [load("p0", PREFILL, queue=20_000), load("d0", DECODE, running=1), load("d1", DECODE)]
+    assert run([quiet, spike, quiet, quiet, quiet, spike, quiet, quiet, quiet] * 3)[0] == []
+    # the streak restarts when the condition breaks: a median over 3 polls needs 2 of them high
+    assert run([prefill_heavy(), prefill_heavy(), quiet, quiet, quiet, prefill_heavy(), prefill_heavy()])[0] == []
+    assert [i for i, _ in run([quiet, quiet] + [prefill_heavy()] * 5)[0]] == [5]
+
+
+def test_no_flapping_on_a_signal_that_swings_between_both_pressures():
+    # the same engines, the load swinging every poll between prefill-heavy and decode-heavy
+    both = [[load("p0", PREFILL, queue=4000), load("d0", DECODE), load("d1", DECODE)],
+            [load("p0", PREFILL), load("d0", DECODE, running=20), load("d1", DECODE, running=20)]]
+    assert run([both[i % 2] for i in range(60)])[0] == []
+    # and with a seeded random signal around the thresholds, applying each switch to the roles:
+    # switches are a cooldown apart and a switch is never undone within the cooldown after it
+    rng = random.Random(11)
+    roles = {"e0": PREFILL, "e1": DECODE, "e2": DECODE}
+    history, done = History(), []
+    for i in range(600):
+        loads = [load(name, role, queue=rng.randint(0, 2400) if role == PREFILL else rng.randint(0, 50),
+                      running=rng.randint(0, 18) if role == DECODE else 0) for name, role in roles.items()]
+        switch, history = decide(loads, S, history, float(i))
+        if switch:
+            roles[switch.instance_id] = switch.to_role
+            done.append((i, switch))
+            assert sum(r == DECODE for r in roles.values()) >= 1
+    times = [i for i, _ in done]
+    assert all(b - a >= S.cooldown_s for a, b in zip(times, times[1:])), times
+    assert len(done) <= 600 / S.cooldown_s
+    for (i, a), (j, b) in zip(done, done[1:]):
+        if b.instance_id == a.instance_id:
+            assert j - i >= S.cooldown_s
+
+
+def test_cooldown_spaces_switches_and_the_window_restarts():
+    prefill_engines = ["p0"]
+    history, switches = History(), []
+    decoders = ["d0", "d1", "d2", "d3"]
+    for t in range(40):
+        loads = ([load(p, PREFILL, queue=5000) for p in prefill_engines] + [load(d, DECODE) for d in decoders])
+        switch, history = decide(loads, S, history, 100.0 + t)
+        if switch:
+            switches.append(t)
+            decoders.remove(switch.instance_id)
+            prefill_engines.append(switch.instance_id)
+    # the first once the window is full and the pressure held hold_polls; then one per cooldown (the
+    # window restarts after each); one decoder stays
+    assert switches == [4, 14, 24] and decoders == ["d3"], (switches, decoders)
+
+
+def test_settings_from_config_parameters():
+    s = PlannerSettings.from_parameters({"max_num_seqs": 16, "planner_prefill_queue_high": 800,
+                                         "planner_cooldown_s": 2.5, "planner_hold_polls": 0})
+    assert (s.prefill_queue_high, s.prefill_queue_low, s.decode_seqs_high, s.cooldown_s, s.hold_polls) == \
+        (800, 200, 8, 2.5, 1)
+    d = PlannerSettings.from_parameters({})
+    assert (d.prefill_queue_high, d.prefill_queue_low, d.decode_seqs_high, d.interval_s) == (2048, 512, 32, 1.0)
+
+
+def test_auto_in_config_pbtxt(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    write_config(str(folder), config_text(role_groups=(("AUTO", "cpu"), ("AUTO", "cpu"), ("AUTO", "cpu")),
+                                          kv_transport="mooncake", planner_interval_s=0.5,
+                                          planner_decode_seqs_high=4))
+    spec = load_model_spec(str(folder))
+    assert [i.role for i in spec.instances] == ["AUTO"] * 3
+    assert spec.engine_parameters["planner_interval_s"] == 0.5
+    assert "planner_interval_s" not in spec.engine_config(1, "cpu").to_dict()
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"kv_transport": "none"}, ["AUTO needs a KV transport", "mooncake"]),
+    ({"planner_prefill_queue_low": 4000}, ["planner_prefill_queue_low", "below", "flap"]),
+])
+def test_auto_config_errors(tmp_path, params, words):
+    from pdserve.repository.config import ConfigError
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    write_config(str(folder), config_text(role_groups=(("AUTO", "cpu"), ("AUTO", "cpu")), **params))
+    with pytest.raises(ConfigError) as info:
+        load_model_spec(str(folder))
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_the_supervisor_gives_auto_instances_a_split_and_a_transport(tmp_path):
+    from pdserve.repository.supervisor import ClusterSettings, Supervisor
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    write_config(str(folder), config_text(role_groups=(("AUTO", "cpu"), ("DECODE", "cpu"), ("AUTO", "cpu"),
+                                                       ("AUTO", "cpu"))))
+    spec = load_model_spec(str(folder))
+    sup = Supervisor("127.0.0.1", str(tmp_path / "run"), ClusterSettings([]), clients=None, registry=None)
+    engines = sup.deployment(spec, 1).engines
+    assert [(e.instance.role, e.role) for e in engines] == [("AUTO", PREFILL), ("DECODE", DECODE),
+                                                           ("AUTO", DECODE), ("AUTO", DECODE)]
+    assert [e.spec["kv_transport"] for e in engines] == ["mooncake", "", "mooncake", "mooncake"]
+    assert engines[0].replacement().role == PREFILL
+    engines[0].role = DECODE   # a switched engine restarts in its current role
+    assert engines[0].replacement().spec["role"] == DECODE
+
+
+# ---- the switch, with fake engines ----------------------------------------------------------
+class FakeEngine:
+    def __init__(self, instance_id, role, busy_polls):
+        self.instance_id, self.role, self.busy_polls = instance_id, role, busy_polls
+        self.instance = SimpleNamespace(role="AUTO")
+        self.alive, self.stopping = True, False
+        self.states: list[tuple[str, str]] = []
+        self.client = SimpleNamespace(stats=self._stats)
+
+    async def set_state(self, state, role=""):
+        self.states.append((state, role))
+        if role:
+            self.role = role
+
+    async def _stats(self):
+        self.busy_polls -= 1
+        return SimpleNamespace(num_running=int(self.busy_polls > 0), num_waiting=0, num_awaiting_kv=0,
+                               num_open_requests=0)
+
+
+def fake_planner(engine, drain_timeout_s):
+    async def wait_in_view(ids, state, timeout=5.0):
+        return None
+    supervisor = SimpleNamespace(wait_in_view=wait_in_view, role_switches=Counter(), role_switches_abandoned=Counter())
+    dep = SimpleNamespace(name="m", version=1, supervisor=supervisor, live_engines=lambda: [engine])
+    return Planner(dep, PlannerSettings(drain_timeout_s=drain_timeout_s)), supervisor
+
+
+def test_a_switch_drains_waits_for_idle_then_publishes_the_new_role():
+    engine = FakeEngine("d0", DECODE, busy_polls=3)
+    planner, sup = fake_planner(engine, drain_timeout_s=5)
+    assert asyncio.run(planner.switch(Switch("d0", DECODE, PREFILL, "test")))
+    assert engine.states == [("draining", ""), ("ready", PREFILL)] and engine.role == PREFILL
+    assert sup.role_switches == {("m", "1", "d0", DECODE, PREFILL): 1} and not sup.role_switches_abandoned
+
+
+def test_a_switch_that_does_not_drain_in_time_is_abandoned_in_the_old_role():
+    engine = FakeEngine("p0", PREFILL, busy_polls=10**6)
+    planner, sup = fake_planner(engine, drain_timeout_s=0.3)
+    assert not asyncio.run(planner.switch(Switch("p0", PREFILL, DECODE, "test")))
+    assert engine.states == [("draining", ""), ("ready", PREFILL)] and engine.role == PREFILL
+    assert not sup.role_switches and sup.role_switches_abandoned == {("m", "1", "p0", PREFILL, DECODE): 1}
