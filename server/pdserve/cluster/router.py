@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -143,6 +143,8 @@ class KVAwarePolicy(LeastLoadPolicy):
 
 POLICIES = {"kv_aware": KVAwarePolicy, "least_load": LeastLoadPolicy, "round_robin": RoundRobinPolicy}
 DEFAULT_POLICY = "kv_aware"
+RECENT_ROUTES = 4096         # prompts whose route kv_aware remembers ...
+RECENT_ROUTE_TTL_S = 30.0    # ... until the engines' own KV events have long reported them
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,34 @@ class Router:
         self._groups: dict[tuple[str, str, str], EngineGroup | None] = {}
         self._slots: dict[str, list[tuple[EngineGroup, int]]] = defaultdict(list)   # address -> its places
         clients.listen(self._load_changed)
+        # The last block hash of each prompt routed lately -> (its engines, when): the next request
+        # of a conversation extends the prompt, and finds it here before the engines' next Stats
+        # answer reports the blocks (SGLang's router learns from its own choices the same way).
+        self._recent: OrderedDict[int, tuple[tuple[str, ...], float]] = OrderedDict()
+
+    def _matched(self, prompt_hashes: Sequence[int]) -> dict[str, int]:
+        """Engine address -> leading blocks of the prompt it holds: what the engines reported
+        (KVIndex), raised by what this router sent them lately."""
+        matched = self.clients.kv_index.match(prompt_hashes)
+        recent = self._recent
+        if recent:
+            now = time.monotonic()
+            for i in range(len(prompt_hashes) - 1, -1, -1):
+                hit = recent.get(prompt_hashes[i])
+                if hit is not None:
+                    if now - hit[1] < RECENT_ROUTE_TTL_S:
+                        for address in hit[0]:
+                            matched[address] = max(matched.get(address, 0), i + 1)
+                    break
+        return matched
+
+    def _remember(self, last_hash: int, route: "Route") -> None:
+        recent = self._recent
+        recent[last_hash] = ((route.decode.address,) + ((route.prefill.address,) if route.prefill else ()),
+                             time.monotonic())
+        recent.move_to_end(last_hash)
+        if len(recent) > RECENT_ROUTES:
+            recent.popitem(last=False)
 
     @property
     def uses_prefix(self) -> bool:
@@ -226,7 +256,7 @@ class Router:
         """exclude: instance ids that already failed this request. prompt_tokens: the prompt's
         length in tokens (an estimate will do: it counts as fresh load); prompt_hashes: its
         block hashes at block_size(model, version) (common/block_hash.py), for kv_aware."""
-        matched = self.clients.kv_index.match(prompt_hashes) if prompt_hashes and self.uses_prefix else None
+        matched = self._matched(prompt_hashes) if prompt_hashes and self.uses_prefix else None
         decoders = self._group(model, version, DECODE)
         i = self.decode_policy.choose(decoders, decoders.loads(exclude), matched) if decoders else -1
         if i < 0:
@@ -243,12 +273,7 @@ class Router:
             prefill = prefills.records[j]
             route = Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched))
         if prompt_hashes and self.uses_prefix:
-            # The chosen engines will hold this prompt's blocks: counted now (as SGLang's cache-aware
-            # router does), so the next request of a conversation finds them before the engines'
-            # next Stats answer reports them; their events then confirm or evict them.
-            for record in (route.decode, route.prefill):
-                if record is not None:
-                    self.clients.kv_index.apply(record.address, prompt_hashes, (), False)
+            self._remember(prompt_hashes[-1], route)
         return route
 
     @staticmethod
