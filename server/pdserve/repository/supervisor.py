@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 ENGINE_START_TIMEOUT_S = float(os.environ.get("PDSERVE_ENGINE_START_TIMEOUT", "300"))
 RESTART_BACKOFF_S = 2.0
 RECORD_DELETE_ATTEMPTS = 40   # about 6 minutes of retries
+
+
+def engine_environment() -> dict[str, str]:
+    """An engine's environment: this process's, with OpenMP's idle threads sleeping instead of
+    spinning (OMP_WAIT_POLICY=PASSIVE) unless the operator chose a policy. On a host where the
+    front end, the worker's streaming thread and the clients share the engine's cores, spinning
+    threads took the cores they need: through the server the engine ran at 0.61-0.68 of its
+    in-process speed with spinning threads and 0.75-0.95 with PASSIVE (bench/RESULTS.md)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 # An engine that answers no Stats, or makes no progress with requests queued, for this long is
 # taken for frozen (stuck step, SIGSTOP, deadlock): it is killed, which ends its streams with
 # UNAVAILABLE, and restarted.
@@ -106,7 +119,8 @@ class EngineProcess:
         with open(self.log_file, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
-                 "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                 "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=engine_environment())
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if os.path.exists(self.ready_file):
