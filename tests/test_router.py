@@ -1,6 +1,7 @@
 """Routing policies and the router's choices, over records made in memory (no processes, no etcd):
 round_robin, least_load, kv_aware, fresh load, and the KV index the engines' events keep."""
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -366,3 +367,14 @@ def test_kv_index_walks_a_common_prefix_without_following_its_holders():
     index.apply("e2", chain[:9])
     assert index.match(chain) == {"e2": 9}    # credited from block 0; the common part alone tells nothing
     assert index.match(system) == {}
+
+
+def test_an_ended_request_leaves_the_load_that_the_last_stats_answer_counted():
+    clients = EngineClients()
+    client = clients.get("p:1")
+    client.sent(1000)
+    sent_at = time.monotonic()
+    client.observe(stats(prefill_tokens=900, running=1))   # asked after the send: it counts the request
+    assert client.load == 900 + REQUEST_TOKENS
+    client.finished(1000, sent_at)                         # done before the next answer
+    assert client.load < 1

@@ -47,6 +47,8 @@ class EngineClient:
         self.sent_tokens = self.sent_requests = 0
         self._base_tokens = self._base_requests = 0
         self._stats_load = 0.0      # the last answer's part of the load
+        self._stats_waiting = 0     # its queued prompt tokens, less those of requests ended since
+        self._answer_asked_at = 0.0   # when the Stats call of the last answer went out
         self.load = 0.0
         self._on_load = on_load
         # Cache-aware routing: the KV events applied so far, in the node's index.
@@ -94,12 +96,17 @@ class EngineClient:
         self._update_load()
 
     def finished(self, tokens: int, sent_at: float, requests: int = 1) -> None:
-        """A request sent at time.monotonic() sent_at ended. If no Stats answer came since, it
-        still counts as fresh load: it no longer does."""
-        if self.last_stats_at < sent_at:
+        """A request sent at time.monotonic() sent_at ended (its prompt is computed). It leaves
+        the load at once instead of at the next Stats answer: from the fresh load if no answer
+        has counted it, else from the last answer's figures (which counted it queued or running)."""
+        if self._answer_asked_at < sent_at:
             self._base_tokens = min(self._base_tokens + tokens, self.sent_tokens)
             self._base_requests = min(self._base_requests + requests, self.sent_requests)
-            self._update_load()
+        else:
+            counted = min(tokens, self._stats_waiting)
+            self._stats_waiting -= counted
+            self._stats_load = max(self._stats_load - counted - REQUEST_TOKENS * requests, 0.0)
+        self._update_load()
 
     def _update_load(self) -> None:
         """load = queued prompt tokens + REQUEST_TOKENS x requests (running, queued, awaiting
@@ -118,6 +125,7 @@ class EngineClient:
     async def stats(self, timeout: float = 2.0) -> engine_pb2.StatsResponse:
         self._calls += 1
         call, epoch, sent = self._calls, self._kv_epoch, (self.sent_tokens, self.sent_requests)
+        asked_at = time.monotonic()
         try:
             response = await self.stub.Stats(engine_pb2.StatsRequest(kv_events_after=self.kv_cursor),
                                              timeout=timeout, metadata=self.metadata)
@@ -126,14 +134,16 @@ class EngineClient:
             raise
         if call > self._answered:   # a call that answers after a newer one changes nothing
             self._answered = call
-            self.observe(response, sent, apply_kv=epoch == self._kv_epoch)
+            self.observe(response, sent, apply_kv=epoch == self._kv_epoch, asked_at=asked_at)
         return response
 
     def observe(self, stats: engine_pb2.StatsResponse, sent_before: tuple[int, int] | None = None,
-                apply_kv: bool = True) -> None:
+                apply_kv: bool = True, asked_at: float | None = None) -> None:
         """Takes one Stats answer: its load figures (what was sent before the call went out,
         `sent_before`, is counted in them; what was sent after stays fresh), and its KV events."""
         self.last_stats, self.last_stats_at, self._suspect = stats, time.monotonic(), False
+        self._answer_asked_at = self.last_stats_at if asked_at is None else asked_at
+        self._stats_waiting = stats.waiting_prefill_tokens
         self._base_tokens, self._base_requests = sent_before or (self.sent_tokens, self.sent_requests)
         used = 1.0 - stats.num_free_blocks / stats.num_total_blocks if stats.num_total_blocks else 0.0
         self._stats_load = (stats.waiting_prefill_tokens + 0.5 * used
