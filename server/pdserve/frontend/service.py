@@ -226,9 +226,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
+                final = None
                 async for response, last in self.run_request(request, True, context.time_remaining()):
                     response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
+                    if last:
+                        # sent once the request has ended here (its success counted): a client that
+                        # closes the stream on its final response then cancels nothing
+                        final = pb.ModelStreamInferResponse(infer_response=response)
+                        continue
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=response))
+                if final is not None:
+                    await outbox.put(final)
                 if empty_final:
                     final = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                   id=request.id)
