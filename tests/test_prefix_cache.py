@@ -282,11 +282,10 @@ def workload(tokenizer, seed: int):
     return out
 
 
-def drive(engines, requests, prefill_engine=None):
+def drive(decode, requests, prefill_engine=None):
     """Feeds requests at their arrival steps, aborts some after a few steps; with a prefill
-    engine, the first engine is a DECODE engine whose handoffs are carried out here.
+    engine, `decode` is a DECODE engine whose handoffs are carried out here.
     Returns {request_id: tokens} of the requests that were not aborted."""
-    decode = engines
     got = {rid: [] for rid, *_ in requests}
     aborted = set()
     step = 0
@@ -335,14 +334,24 @@ def test_features_on_equal_features_off_with_shared_prefixes_preemption_and_abor
     assert_pool_clean(plain)
 
 
-def test_pd_sends_only_blocks_the_decode_engine_lacks_and_equals_aggregated(f64_model):
+def pd_run(f64_model, seed: int, sessions: tuple[str, str], failing_pushes: int = 0):
+    """A workload (no aborts) through aggregated engines with both features off, then through
+    a PREFILL and a DECODE engine with both on. Returns (requests, expected, got, prefill,
+    decode, the prefill side's transport)."""
     plain = engine(f64_model, features=False)
     requests = [(rid, tokens, params, arrival, None)
-                for rid, tokens, params, arrival, _ in workload(plain.tokenizer, 3)]
+                for rid, tokens, params, arrival, _ in workload(plain.tokenizer, seed)]
     expected = drive(plain, requests)
-    p_transport, d_transport = LocalTransport("P"), LocalTransport("D")
+    p_transport, d_transport = LocalTransport(sessions[0]), LocalTransport(sessions[1])
+    p_transport.fail_next = failing_pushes
     prefill, decode = engine(f64_model, True, p_transport), engine(f64_model, True, d_transport)
-    assert drive(decode, requests, prefill_engine=prefill) == expected
+    got = drive(decode, requests, prefill_engine=prefill)
+    return requests, expected, got, prefill, decode, p_transport
+
+
+def test_pd_sends_only_blocks_the_decode_engine_lacks_and_equals_aggregated(f64_model):
+    requests, expected, got, prefill, decode, p_transport = pd_run(f64_model, 3, ("P", "D"))
+    assert got == expected
     total = sum(-(-len(tokens) // 4) for _, tokens, *_ in requests)
     assert p_transport.written < total / 2, (p_transport.written, total)   # shared prefixes are not sent again
     assert prefill.block_manager.hit_tokens > 0 and decode.block_manager.hit_tokens > 0
@@ -351,14 +360,9 @@ def test_pd_sends_only_blocks_the_decode_engine_lacks_and_equals_aggregated(f64_
 
 
 def test_a_failed_handoff_is_prefilled_locally_and_never_caches_half_written_blocks(f64_model):
-    plain = engine(f64_model, features=False)
-    requests = [(rid, tokens, params, arrival, None)
-                for rid, tokens, params, arrival, _ in workload(plain.tokenizer, 4)]
-    expected = drive(plain, requests)
-    p_transport, d_transport = LocalTransport("P2"), LocalTransport("D2")
-    prefill, decode = engine(f64_model, True, p_transport), engine(f64_model, True, d_transport)
-    p_transport.fail_next = 5                  # the first five layer pushes fail: prefilled on the decode side
-    assert drive(decode, requests, prefill_engine=prefill) == expected
+    # the first five layer pushes fail: those prompts are prefilled on the decode side
+    _, expected, got, prefill, decode, p_transport = pd_run(f64_model, 4, ("P2", "D2"), failing_pushes=5)
+    assert got == expected
     assert p_transport.fail_next == 0
     assert_pool_clean(prefill)
     assert_pool_clean(decode)

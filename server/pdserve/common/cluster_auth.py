@@ -19,6 +19,8 @@ import secrets
 
 import grpc
 
+from pdserve.common.files import read_flag_file
+
 TOKEN_KEY = "pdserve-cluster-token"
 
 
@@ -27,11 +29,7 @@ class ClusterAuthError(ValueError):
 
 
 def read_token(path: str) -> str:
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise ClusterAuthError(f"cannot read the cluster token file {path}: {exc}") from exc
+    token = read_flag_file(path, "cluster token file", ClusterAuthError).decode().strip()
     if len(token) < 16:
         raise ClusterAuthError(f"the cluster token in {path} has {len(token)} characters; use at least 16 "
                                "(e.g. `openssl rand -hex 32 > FILE`)")

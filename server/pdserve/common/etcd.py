@@ -27,6 +27,8 @@ from typing import AsyncIterator
 import grpc
 from pyetcd import etcdrpc
 
+from pdserve.common.files import read_flag_file
+
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 3.0
@@ -67,11 +69,7 @@ class EtcdConfigError(ValueError):
 
 
 def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise EtcdConfigError(f"cannot read the {what} {path}: {exc}") from exc
+    return read_flag_file(path, what, EtcdConfigError)
 
 
 @dataclass(frozen=True)

@@ -220,12 +220,12 @@ class PendingSend:
 class LayerPush:
     """The pushes of one forward, called by the model after each layer (AttentionMetadata.after_layer)."""
 
-    def __init__(self, connector: "PrefillKVConnector", pieces: list[tuple[PendingSend, list[int], list[int]]]):
-        self.connector = connector
+    def __init__(self, transport: KVTransport, pieces: list[tuple[PendingSend, list[int], list[int]]]):
+        self.transport = transport
         self.pieces = pieces
 
     def __call__(self, layer: int) -> None:
-        transport = self.connector.transport
+        transport = self.transport
         for pending, src, dst in self.pieces:
             if pending.error is not None:
                 continue
@@ -286,7 +286,7 @@ class PrefillKVConnector:
             if first <= last:
                 planned.append((pending, block_table[first:last + 1],
                                 list(pending.destination.block_ids[first:last + 1])))
-        return LayerPush(self, planned) if planned else None
+        return LayerPush(self.transport, planned) if planned else None
 
     def end_step(self) -> list[tuple[str, ServeError]]:
         """Waits for the step's writes; returns the requests whose handoff failed (to end now)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.common.files import read_flag_file
+
 HEADER_PREFIX = "triton-grpc-protocol-"
 
 # Triton's protocol groups and the GRPCInferenceService methods in each.
@@ -98,11 +100,7 @@ class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _read(path: str, flag: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise SecurityConfigError(f"cannot read the {flag} {path}: {exc}") from exc
+    return read_flag_file(path, flag, SecurityConfigError)
 
 
 def _check_tls_flags(door: str, use_ssl: bool, mutual: bool, cert: str, key: str, root: str) -> bool:
