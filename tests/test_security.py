@@ -299,30 +299,24 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
     return found
 
 
-MOONCAKE_ON_LOOPBACK = """
-import sys, torch
-from pdserve.engine.kv_transport import MooncakeTransport
-transport = MooncakeTransport("127.0.0.1")
-transport.register_pool(torch.zeros(2, 4, 2, 16, 2, 8).transpose(0, 1))   # layer-major, as engines store it
-print(transport.session, flush=True)
-sys.stdin.readline()
-"""
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="mooncake-transfer-engine 0.3.13 (and Mooncake's main branch) binds its handshake and "
-                          "TCP data listeners to every interface; no setting changes it (docs/security.md)")
-def test_mooncake_listens_only_on_the_advertise_host():
-    proc = subprocess.Popen([sys.executable, "-c", MOONCAKE_ON_LOOPBACK], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def test_engines_listen_only_on_the_advertise_host(repo, small_model):
+    """Mooncake binds its handshake and data listeners to the wildcard address; engines start with
+    engine/bind_host.c preloaded, so every listener of a PD engine is on the advertise host."""
+    add_model(repo, "pd", small_model, config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu"))))
+    server = PdServer(repo).start()   # --advertise-host defaults to 127.0.0.1
     try:
-        session = proc.stdout.readline().strip()
-        if not session:
-            raise RuntimeError("the Mooncake transport did not start")
-        listeners = listening_sockets(proc.pid)
-        if int(session.rsplit(":", 1)[1]) not in [port for _, port in listeners] or len(listeners) < 2:
-            raise RuntimeError(f"expected the handshake port of {session} and a data port among {listeners}")
-        assert all(address in ("127.0.0.1", "::ffff:127.0.0.1") for address, _ in listeners), listeners
+        server.wait_ready("pd")
+        text = server.client.infer("pd", inputs("def f", False, GREEDY)).as_numpy("text_output")[0].decode()
+        assert text.startswith("def f") and len(text) > len("def f")   # a KV handoff over those ports
+        records = [record for _, record, _ in etcd_records(server.etcd_endpoint)]
+        assert sorted(r["role"] for r in records) == ["DECODE", "PREFILL"]
+        for record in records:
+            listeners = listening_sockets(record["pid"])
+            ports = [port for _, port in listeners]
+            # the engine RPC, Mooncake's handshake port and at least its data port
+            assert int(record["address"].rsplit(":", 1)[1]) in ports, listeners
+            assert int(record["kv_transport"]["session"].rsplit(":", 1)[1]) in ports, listeners
+            assert len(listeners) >= 3, listeners
+            assert all(address in ("127.0.0.1", "::ffff:127.0.0.1") for address, _ in listeners), listeners
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()

@@ -144,3 +144,15 @@ def test_the_front_end_tokenizer_gives_the_engine_s_token_ids(model, request, tm
         finally:
             tokenizers.close()
     asyncio.run(main())
+
+
+def test_bind_host_confines_named_hosts_and_keeps_the_operator_s_preloads():
+    from pdserve.engine import bind_host
+    assert bind_host.host_address("127.0.0.1") == "127.0.0.1"
+    assert bind_host.host_address("[::1]") == "::1"
+    assert bind_host.host_address("localhost") in ("127.0.0.1", "::1")   # names are resolved
+    assert bind_host.host_address("0.0.0.0") is None and bind_host.host_address("::") is None
+    env = bind_host.environment("127.0.0.1", {"LD_PRELOAD": "/opt/libmine.so"})
+    assert env["PDSERVE_BIND_HOST"] == "127.0.0.1"
+    assert env["LD_PRELOAD"].endswith(" /opt/libmine.so") and env["LD_PRELOAD"].split()[0].endswith(".so")
+    assert bind_host.environment("0.0.0.0", {}) == {}

@@ -77,8 +77,8 @@ class MooncakeTransport(KVTransport):
 
     host only names this engine to its peers: Mooncake binds its handshake port to 0.0.0.0 and
     its TCP data port to [::] whatever host is, and has no setting for it (MC_TCP_BIND_ADDRESS
-    only renames the announced address, outside P2P handshake mode); docs/security.md has the
-    source references and the firewall rule.
+    only renames the announced address, outside P2P handshake mode). Engines started by pdserve
+    preload engine/bind_host.c, which moves those binds onto host (docs/security.md).
     """
     name = "mooncake"
 

@@ -25,6 +25,7 @@ from pdserve.common.records import DRAINING, READY, engine_key
 from pdserve.cluster.engine_client import EngineClient, EngineClients
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.etcd import EtcdUnavailable
+from pdserve.engine import bind_host
 from pdserve.repository.config import DEFAULT_MAX_INFLIGHT_REQUESTS, InstanceSpec, ModelSpec
 from pdserve.repository.planner import AUTO, Planner, PlannerSettings, initial_roles
 
@@ -35,14 +36,18 @@ RESTART_BACKOFF_S = 2.0
 RECORD_DELETE_ATTEMPTS = 40   # about 6 minutes of retries
 
 
-def engine_environment() -> dict[str, str]:
+def engine_environment(host: str) -> dict[str, str]:
     """An engine's environment: this process's, with OpenMP's idle threads sleeping instead of
-    spinning (OMP_WAIT_POLICY=PASSIVE) unless the operator chose a policy. On a host where the
-    front end, the worker's streaming thread and the clients share the engine's cores, spinning
-    threads took the cores they need: through the server the engine ran at 0.61-0.68 of its
-    in-process speed with spinning threads and 0.75-0.95 with PASSIVE (bench/RESULTS.md)."""
+    spinning (OMP_WAIT_POLICY=PASSIVE) unless the operator chose a policy, and with wildcard
+    binds confined to the advertise host (engine/bind_host.py: Mooncake's listeners).
+
+    On a host where the front end, the worker's streaming thread and the clients share the
+    engine's cores, spinning threads took the cores they need: through the server the engine ran
+    at 0.61-0.68 of its in-process speed with spinning threads and 0.75-0.95 with PASSIVE
+    (bench/RESULTS.md)."""
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(bind_host.environment(host, env))
     return env
 
 
@@ -120,7 +125,7 @@ class EngineProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
                  "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=engine_environment())
+                env=engine_environment(self.spec["host"]))
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if os.path.exists(self.ready_file):
