@@ -11,7 +11,7 @@ Measured in this one process, one after the other, on the same machine:
 
     python bench/engine_throughput.py [--dtype float32] [--device cpu] [--json bench/out/engine.json]
 
-bench/vs_vllm.py reuses bench_engine, bench_server and decode_step_ms (the decode step at a given
+bench/vs_vllm.py reuses bench_engine, bench_engine_and_server and decode_step_ms (the decode step at a given
 context length, for the long-context target) from here.
 """
 from __future__ import annotations
@@ -53,23 +53,27 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
     return prompts
 
 
-def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
-                 sweep: bool = True, return_tokens: bool = False) -> dict:
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.engine.sequence import SamplingParams
+class EngineRounds:
+    """pdserve's engine in this process (LLMEngine), warmed up; round() runs a batch to the end."""
 
-    engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
-                                    max_model_len=1024, max_num_seqs=256))
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    # warm-up
-    engine.add_request("warm", prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    while engine.has_work():
-        engine.step()
+    def __init__(self, model: str, dtype: str, device: str, output_len: int):
+        from pdserve.engine.config import EngineConfig
+        from pdserve.engine.llm_engine import LLMEngine
+        from pdserve.engine.sequence import SamplingParams
 
-    def run(batch: list[list[int]]) -> dict:
+        self.output_len = output_len
+        self.engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
+                                             max_model_len=1024, max_num_seqs=256))
+        self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        self.engine.add_request("warm", [11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0,
+                                                                         ignore_eos=True))
+        while self.engine.has_work():
+            self.engine.step()
+
+    def round(self, batch: list[list[int]]) -> dict:
+        engine = self.engine
         for i, token_ids in enumerate(batch):   # the same token ids every system gets
-            engine.add_request(f"r{i}", token_ids, params)
+            engine.add_request(f"r{i}", token_ids, self.params)
         decode_times, prefill_time = [], 0.0
         tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(batch))}
         start = time.perf_counter()
@@ -85,12 +89,16 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
             elif len(outputs) == len(batch):
                 decode_times.append(dt)
         wall = time.perf_counter() - start
-        return {"requests": len(batch), "seconds": wall, "output_tokens_per_s": len(batch) * output_len / wall,
+        return {"requests": len(batch), "seconds": wall, "output_tokens_per_s": len(batch) * self.output_len / wall,
                 "prefill_seconds": prefill_time,
                 "decode_step_ms": 1000 * statistics.mean(decode_times) if decode_times else None,
                 "token_ids": [tokens[f"r{i}"] for i in range(len(batch))]}
 
-    rounds = [run(prompts) for _ in range(ROUNDS)]
+
+def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
+                 sweep: bool = True, return_tokens: bool = False) -> dict:
+    bench = EngineRounds(model, dtype, device, output_len)
+    rounds = [bench.round(prompts) for _ in range(ROUNDS)]
     token_ids = rounds[0]["token_ids"]
     for r in rounds:
         r.pop("token_ids")
@@ -98,13 +106,108 @@ def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], 
     sizes = []
     for batch_size in ((1, 8, 16, 32, 64) if sweep else ()):
         batch = (prompts * (batch_size // len(prompts) + 1))[:batch_size]
-        sizes.append(run(batch))
+        sizes.append(bench.round(batch))
         sizes[-1].pop("token_ids")
     report = {"workload": {**main, "rounds": rounds}, "sweep": sizes,
               "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
     if return_tokens:
         report["token_ids"] = token_ids
     return report
+
+
+class ServerRounds:
+    """A pdserve server (one BOTH engine) and a tritonclient streaming client; round() sends every
+    prompt at once over one ModelStreamInfer stream and waits for every final response."""
+
+    def __init__(self, model: str, dtype: str, device: str, output_len: int, extra_args=()):
+        import tritonclient.grpc as grpcclient
+        from harness import PdServer, config_text
+
+        self.repo = tempfile.mkdtemp(prefix="pdserve-bench-")
+        os.makedirs(os.path.join(self.repo, "bench"))
+        os.symlink(os.path.abspath(model), os.path.join(self.repo, "bench", "1"))
+        with open(os.path.join(self.repo, "bench", "config.pbtxt"), "w") as f:
+            f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
+                                max_model_len=1024, max_num_seqs=256))
+        self.server = PdServer(self.repo, mode="none", extra_args=list(extra_args)).start()
+        self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
+        try:
+            self.server.wait_ready("bench", timeout=300)
+            self.client = grpcclient.InferenceServerClient(self.server.url)
+        except BaseException:
+            self.close()
+            raise
+
+    def round(self, texts: list[str]) -> dict:
+        from harness import inputs
+
+        client = self.client
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+        start = time.perf_counter()
+        for i, text in enumerate(texts):
+            client.async_stream_infer("bench", inputs(text, True, self.params, return_num_output_tokens=True),
+                                      request_id=str(i))
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        done = 0
+        while done < len(texts):
+            result, error, now = results.get(timeout=600)
+            if error is not None:
+                raise error
+            rid = result.get_response().id
+            first.setdefault(rid, now)
+            last[rid] = now
+            tokens[rid] = tokens.get(rid, 0) + int(result.as_numpy("num_output_tokens")[0])
+            done += result.get_response().parameters["triton_final_response"].bool_param
+        wall = time.perf_counter() - start
+        client.stop_stream()
+        tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
+        return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
+                "ttft_s_median": statistics.median(first[r] - start for r in first),
+                "tpot_ms_median": 1000 * statistics.median(tpots)}
+
+    def close(self) -> None:
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+        self.server.stop()
+        shutil.rmtree(self.repo, ignore_errors=True)
+
+
+def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], output_len: int) -> dict:
+    bench = ServerRounds(model, dtype, device, output_len)
+    try:
+        bench.round(prompts_text[:2])  # warm-up
+        rounds = [bench.round(prompts_text) for _ in range(ROUNDS)]
+        return {**median_round(rounds), "rounds": rounds}
+    finally:
+        bench.close()
+
+
+def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[list[int]], texts: list[str],
+                            output_len: int, rounds: int = 5, server_args=()) -> dict:
+    """The engine in-process and the server, round for round in turn (engine, server, engine,
+    ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
+    server / engine ratio is taken pair by pair (the median of the pairs' ratios)."""
+    engine = EngineRounds(model, dtype, device, output_len)
+    server = ServerRounds(model, dtype, device, output_len, server_args)
+    try:
+        server.round(texts[:2])  # warm-up
+        engine_rounds, server_rounds = [], []
+        for _ in range(rounds):
+            engine_rounds.append(engine.round(prompts))
+            server_rounds.append(server.round(texts))
+    finally:
+        server.close()
+    token_ids = engine_rounds[0]["token_ids"]
+    for r in engine_rounds:
+        r.pop("token_ids")
+    ratios = [s["output_tokens_per_s"] / e["output_tokens_per_s"] for e, s in zip(engine_rounds, server_rounds)]
+    return {"engine": {**median_round(engine_rounds), "rounds": engine_rounds},
+            "server": {**median_round(server_rounds), "rounds": server_rounds},
+            "server_over_engine": {"median": statistics.median(ratios), "pairs": [round(r, 3) for r in ratios]},
+            "token_ids": token_ids}
 
 
 def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int = 32, steps: int = 16) -> float:
@@ -133,58 +236,6 @@ def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int
         if not prefill and len(outputs) == batch:
             times.append(dt)
     return 1000 * statistics.median(times[1:] if len(times) > 2 else times)
-
-
-def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], output_len: int) -> dict:
-    import tritonclient.grpc as grpcclient
-    from harness import PdServer, config_text, inputs
-
-    repo = tempfile.mkdtemp(prefix="pdserve-bench-")
-    os.makedirs(os.path.join(repo, "bench"))
-    os.symlink(os.path.abspath(model), os.path.join(repo, "bench", "1"))
-    with open(os.path.join(repo, "bench", "config.pbtxt"), "w") as f:
-        f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
-                            max_model_len=1024, max_num_seqs=256))
-    server = PdServer(repo, mode="none").start()
-    try:
-        server.wait_ready("bench", timeout=300)
-        client = grpcclient.InferenceServerClient(server.url)
-        params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
-
-        def one_round(texts: list[str]) -> dict:
-            results: queue.Queue = queue.Queue()
-            client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
-            start = time.perf_counter()
-            for i, text in enumerate(texts):
-                client.async_stream_infer("bench", inputs(text, True, params, return_num_output_tokens=True),
-                                          request_id=str(i))
-            first: dict[str, float] = {}
-            last: dict[str, float] = {}
-            tokens: dict[str, int] = {}
-            done = 0
-            while done < len(texts):
-                result, error, now = results.get(timeout=600)
-                if error is not None:
-                    raise error
-                rid = result.get_response().id
-                first.setdefault(rid, now)
-                last[rid] = now
-                tokens[rid] = tokens.get(rid, 0) + int(result.as_numpy("num_output_tokens")[0])
-                done += result.get_response().parameters["triton_final_response"].bool_param
-            wall = time.perf_counter() - start
-            client.stop_stream()
-            tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
-            return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
-                    "ttft_s_median": statistics.median(first[r] - start for r in first),
-                    "tpot_ms_median": 1000 * statistics.median(tpots)}
-
-        one_round(prompts_text[:2])  # warm-up
-        rounds = [one_round(prompts_text) for _ in range(ROUNDS)]
-        client.close()
-        return {**median_round(rounds), "rounds": rounds}
-    finally:
-        server.stop()
-        shutil.rmtree(repo, ignore_errors=True)
 
 
 def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict:

@@ -1,35 +1,46 @@
-"""Server against engine in one run: the engine in-process, then the server with its engines at
-pdserve's default (OMP_WAIT_POLICY=PASSIVE, repository/supervisor.py) and with OpenMP's spinning
-policy (OMP_WAIT_POLICY=ACTIVE) for comparison (float32, the reference workload).
+"""Server against engine, round for round: pdserve's engine in this process and a pdserve server
+(one BOTH engine, tritonclient streaming) take turns on the reference workload (32 x 256 prompt
+tokens x 128 greedy tokens, float32), so the shared VM's drift hits both alike; the ratio is the
+median of the pairs' ratios (bench/engine_throughput.py: bench_engine_and_server).
 
-    python bench/server_vs_engine.py
+The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines
+(repository/supervisor.py: engine_environment), unless the environment sets a policy.
+
+    python bench/server_vs_engine.py [--rounds 5] [--frontend-nice 10]
 """
+import argparse
 import json
 import os
 import sys
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read once, when torch loads OpenMP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "bench"), os.path.join(ROOT, "tests")]
 
-from engine_throughput import bench_engine, bench_server, make_prompts  # noqa: E402
+from engine_throughput import bench_engine_and_server, make_prompts  # noqa: E402
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--frontend-nice", type=int, default=None, help="passed to the server (its default: 10)")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
     from transformers import AutoTokenizer
     model = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = make_prompts(tokenizer, 32, 256)
+    prompts = [tokenizer.encode(tokenizer.decode(p)) for p in make_prompts(tokenizer, 32, 256)]
     texts = [tokenizer.decode(p) for p in prompts]
-    engine = bench_engine(model, "float32", "cpu", prompts, 128, sweep=False)["workload"]
-    print("engine", json.dumps({k: engine[k] for k in ("output_tokens_per_s", "decode_step_ms")}), flush=True)
-    for policy in ("", "ACTIVE"):
-        if policy:
-            os.environ["OMP_WAIT_POLICY"] = policy   # inherited by the server and its engines
-        server = bench_server(model, "float32", "cpu", texts, 128)
-        ratio = server["output_tokens_per_s"] / engine["output_tokens_per_s"]
-        print(f"server (OMP_WAIT_POLICY={policy or 'pdserve default: PASSIVE'})",
-              json.dumps({k: server[k] for k in ("output_tokens_per_s", "tpot_ms_median")}),
-              f"server/engine {ratio:.2f}", flush=True)
+    server_args = [] if args.frontend_nice is None else ["--frontend-nice", str(args.frontend_nice)]
+    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, server_args)
+    summary = {"dtype": args.dtype, "server_args": server_args, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "engine_tok_s": [round(x["output_tokens_per_s"]) for x in r["engine"]["rounds"]],
+               "server_tok_s": [round(x["output_tokens_per_s"]) for x in r["server"]["rounds"]],
+               "server_tpot_ms": [round(x["tpot_ms_median"], 1) for x in r["server"]["rounds"]],
+               "engine_decode_step_ms": [round(x["decode_step_ms"], 1) for x in r["engine"]["rounds"]],
+               "server_over_engine_pairs": r["server_over_engine"]["pairs"],
+               "server_over_engine_median": round(r["server_over_engine"]["median"], 3)}
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

