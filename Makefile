@@ -20,8 +20,9 @@ test: setup demo-model
 setup: system-deps venv proto
 
 # Debian packages: etcd (cluster membership), the libraries Mooncake's transfer engine
-# loads, Prometheus (the dashboards test), and g++ with ninja, which build the engine's CPU
-# attention kernel at first use. apt runs only for what is missing.
+# loads, Prometheus (the dashboards test), and g++ (with gcc) and ninja, which build the
+# engine's CPU attention kernel and its bind shim (engine/bind_host.c) at first use. apt runs
+# only for what is missing.
 SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus g++ ninja-build
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -194,3 +194,69 @@ def test_prefill_side_transfer_failure_has_its_cause(where):
     [(request_id, error)] = forward(p, [("r", [0], 4)])
     assert error.cause == Cause.KV_TRANSFER_ERROR and ("peer refused" in error.message or "link down" in error.message)
     assert p.stats.failures == 1 and not p.sends("r")
+
+
+PREFILL_PEER = """
+import asyncio, grpc
+from pdserve._proto import engine_pb2_grpc
+
+class Peer(engine_pb2_grpc.EngineServicer):
+    async def Prefill(self, request, context):
+        if request.request_id == "unreachable":   # as a call that finds the engine gone sees it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        await asyncio.sleep(600)
+
+async def main():
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServicer_to_server(Peer(), server)
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def test_every_handoff_in_flight_gets_an_answer_when_its_channel_is_closed():
+    """Prefill calls to one engine share a channel; the first that finds the engine unreachable
+    closes it, which cancels the calls still in flight on it. Each of those must still tell the
+    engine (which then prefills locally) instead of vanishing and leaving its request waiting
+    for the handoff deadline (a PREFILL kill under load lost 3 of 4 streams this way)."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from pdserve._proto import engine_pb2
+    from pdserve.engine.worker import PrefillPeers
+
+    class Inbox:   # the engine loop's side of PrefillPeers: what it is told
+        def __init__(self):
+            self.answers = []
+
+        def send(self, command):
+            self.answers.append(command)
+
+    peer = subprocess.Popen([sys.executable, "-c", PREFILL_PEER], stdout=subprocess.PIPE, text=True)
+
+    async def run() -> list:
+        inbox = Inbox()
+        peers = PrefillPeers(inbox)
+        address = f"127.0.0.1:{peer.stdout.readline().strip()}"
+        deadline = time.time() + 60
+        peers.dispatch([(address, engine_pb2.PrefillRequest(request_id=f"r{i}", deadline=deadline)) for i in range(3)])
+        await asyncio.sleep(1.0)            # three calls in flight on the one channel
+        peers.dispatch([(address, engine_pb2.PrefillRequest(request_id="unreachable", deadline=deadline))])
+        end = time.monotonic() + 10
+        while len(inbox.answers) < 4 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        await peers.close()
+        return inbox.answers
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        peer.kill()
+        peer.wait()
+    assert sorted(a.request_id for a in answers) == ["r0", "r1", "r2", "unreachable"]
+    assert all(a.first_token is None and a.cause == Cause.KV_HANDOFF_PEER_LOST for a in answers), answers

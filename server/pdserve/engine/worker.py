@@ -198,6 +198,13 @@ class PrefillPeers:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and self.channels.get(address) is channel:
                 del self.channels[address]
                 await channel.close()
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise   # this engine is stopping
+            # another call found the engine unreachable and closed the channel under this one:
+            # the answer still goes to the engine, or the request waits for the handoff deadline
+            answer = PrefillAnswer(request.request_id, None, Cause.KV_HANDOFF_PEER_LOST,
+                                   "UNAVAILABLE: the prefill engine went away")
         self.engine_loop.send(answer)
 
     async def close(self) -> None:
