@@ -168,6 +168,10 @@ class EngineProcess:
             s = await self.client.stats()
         except Exception:
             return True
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            return True     # its channel was closed under the call: the engine is gone
         return s.num_running + s.num_waiting + s.num_awaiting_kv == 0
 
     async def stop(self, timeout: float = 10.0) -> None:
