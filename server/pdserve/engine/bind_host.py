@@ -43,10 +43,11 @@ def library() -> str | None:
     if compiler is None:
         log.warning("no C compiler: Mooncake's KV transfer ports will listen on every interface")
         return None
-    os.makedirs(cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".so")
-    os.close(fd)
+    tmp = ""
     try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".so")
+        os.close(fd)
         subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, SOURCE, "-ldl"],
                        check=True, capture_output=True, timeout=120)
         os.replace(tmp, path)  # atomic: engines started at once never load half a file
@@ -57,7 +58,7 @@ def library() -> str | None:
                     SOURCE, exc, detail.decode(errors="replace")[-300:])
         return None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -68,7 +69,11 @@ def host_address(host: str) -> str | None:
     try:
         address = str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        try:
+            address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        except OSError as exc:   # the engine's own bind will fail and say so; nothing to confine here
+            log.warning("advertise host %s does not resolve (%s)", host, exc)
+            return None
     return None if address in WILDCARDS else address
 
 
