@@ -53,6 +53,12 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
     return prompts
 
 
+# Every round repeats the same prompts; with prefix caching on, rounds after the first would
+# skip their prefills. The throughput workload includes them (vLLM runs it with
+# enable_prefix_caching=False, bench/vs_vllm.py), so the engine and the server run without it.
+PREFIX_CACHING = False
+
+
 class EngineRounds:
     """pdserve's engine in this process (LLMEngine), warmed up; round() runs a batch to the end."""
 
@@ -63,7 +69,8 @@ class EngineRounds:
 
         self.output_len = output_len
         self.engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
-                                             max_model_len=1024, max_num_seqs=256))
+                                             max_model_len=1024, max_num_seqs=256,
+                                             enable_prefix_caching=PREFIX_CACHING))
         self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         self.engine.add_request("warm", [11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0,
                                                                          ignore_eos=True))
@@ -128,7 +135,8 @@ class ServerRounds:
         os.symlink(os.path.abspath(model), os.path.join(self.repo, "bench", "1"))
         with open(os.path.join(self.repo, "bench", "config.pbtxt"), "w") as f:
             f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
-                                max_model_len=1024, max_num_seqs=256))
+                                max_model_len=1024, max_num_seqs=256,
+                                enable_prefix_caching=str(PREFIX_CACHING).lower()))
         self.server = PdServer(self.repo, mode="none", extra_args=list(extra_args)).start()
         self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
         try:
