@@ -4,7 +4,8 @@ tokens x 128 greedy tokens, float32), so the shared VM's drift hits both alike; 
 median of the pairs' ratios (bench/engine_throughput.py: bench_engine_and_server).
 
 The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines
-(repository/supervisor.py: engine_environment), unless the environment sets a policy.
+(repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
+with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
     python bench/server_vs_engine.py [--rounds 5] [--frontend-nice 10]
 """
