@@ -7,6 +7,7 @@ status a client sees is decided in this one place.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 
 import grpc
@@ -65,3 +66,10 @@ def cause_of(exc: grpc.aio.AioRpcError, default: Cause | None) -> Cause | None:
         if key == CAUSE_KEY and value in Cause.__members__:
             return Cause[value]
     return default
+
+
+def channel_closed_under_call() -> bool:
+    """Inside `except asyncio.CancelledError` around an RPC: True when the call was cancelled
+    because its channel was closed under it (another call found the peer gone and closed it),
+    False when this task itself is being cancelled, which must go on up."""
+    return not asyncio.current_task().cancelling()

@@ -30,7 +30,7 @@ from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
 from pdserve.common.block_hash import TOKENIZER_PROBE, tokenizer_fingerprint
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
-from pdserve.common.errors import Cause, ServeError, cause_of, trailing_cause
+from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call, trailing_cause
 from pdserve.common.etcd import EtcdClient, EtcdSecurity, die_with_parent
 from pdserve.common.records import DEFAULT_TTL_S, EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
@@ -199,9 +199,8 @@ class PrefillPeers:
                 del self.channels[address]
                 await channel.close()
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
+            if not channel_closed_under_call():
                 raise   # this engine is stopping
-            # another call found the engine unreachable and closed the channel under this one:
             # the answer still goes to the engine, or the request waits for the handoff deadline
             answer = PrefillAnswer(request.request_id, None, Cause.KV_HANDOFF_PEER_LOST,
                                    "UNAVAILABLE: the prefill engine went away")

@@ -30,7 +30,7 @@ import grpc
 
 from pdserve._proto import engine_pb2
 from pdserve.cluster.router import Router
-from pdserve.common.errors import Cause, ServeError, cause_of
+from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call
 from pdserve.frontend.prompts import PromptTokenizers, estimate_tokens
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.repository.manager import ModelRepositoryManager
@@ -160,9 +160,9 @@ class Request:
                         self.output_s += self.last - now
                     return
                 except asyncio.CancelledError:
-                    if asyncio.current_task().cancelling():
+                    if not channel_closed_under_call():
                         raise       # the client went away
-                    # the call was cancelled under us: its engine died and its channel was closed
+                    # the engine died and its channel was closed
                     failure = EngineFailure(grpc.StatusCode.UNAVAILABLE, "the engine went away", None)
                 except grpc.aio.AioRpcError as exc:
                     failure = engine_failure(exc)

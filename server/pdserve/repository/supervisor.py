@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pdserve.cluster.registry import RegistryView
 from pdserve.common.records import DRAINING, READY, engine_key
 from pdserve.cluster.engine_client import EngineClient, EngineClients
-from pdserve.common.errors import Cause, ServeError
+from pdserve.common.errors import Cause, ServeError, channel_closed_under_call
 from pdserve.common.etcd import EtcdUnavailable
 from pdserve.engine import bind_host
 from pdserve.repository.config import DEFAULT_MAX_INFLIGHT_REQUESTS, InstanceSpec, ModelSpec
@@ -169,9 +169,9 @@ class EngineProcess:
         except Exception:
             return True
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
+            if not channel_closed_under_call():
                 raise
-            return True     # its channel was closed under the call: the engine is gone
+            return True     # the engine is gone
         return s.num_running + s.num_waiting + s.num_awaiting_kv == 0
 
     async def stop(self, timeout: float = 10.0) -> None:
