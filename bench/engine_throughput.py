@@ -102,13 +102,16 @@ class EngineRounds:
                 "token_ids": [tokens[f"r{i}"] for i in range(len(batch))]}
 
 
+def split_token_ids(rounds: list[dict]) -> list[list[int]]:
+    """Takes the generated ids out of the engine rounds' figures; returns the first round's."""
+    return [r.pop("token_ids") for r in rounds][0]
+
+
 def bench_engine(model: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
                  sweep: bool = True, return_tokens: bool = False) -> dict:
     bench = EngineRounds(model, dtype, device, output_len)
     rounds = [bench.round(prompts) for _ in range(ROUNDS)]
-    token_ids = rounds[0]["token_ids"]
-    for r in rounds:
-        r.pop("token_ids")
+    token_ids = split_token_ids(rounds)
     main = median_round(rounds)
     sizes = []
     for batch_size in ((1, 8, 16, 32, 64) if sweep else ()):
@@ -126,7 +129,7 @@ class ServerRounds:
     """A pdserve server (one BOTH engine) and a tritonclient streaming client; round() sends every
     prompt at once over one ModelStreamInfer stream and waits for every final response."""
 
-    def __init__(self, model: str, dtype: str, device: str, output_len: int, extra_args=()):
+    def __init__(self, model: str, dtype: str, device: str, output_len: int):
         import tritonclient.grpc as grpcclient
         from harness import PdServer, config_text
 
@@ -137,7 +140,7 @@ class ServerRounds:
             f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
                                 max_model_len=1024, max_num_seqs=256,
                                 enable_prefix_caching=str(PREFIX_CACHING).lower()))
-        self.server = PdServer(self.repo, mode="none", extra_args=list(extra_args)).start()
+        self.server = PdServer(self.repo, mode="none").start()
         self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
         try:
             self.server.wait_ready("bench", timeout=300)
@@ -194,12 +197,12 @@ def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], o
 
 
 def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[list[int]], texts: list[str],
-                            output_len: int, rounds: int = 5, server_args=()) -> dict:
+                            output_len: int, rounds: int = 5) -> dict:
     """The engine in-process and the server, round for round in turn (engine, server, engine,
     ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
     server / engine ratio is taken pair by pair (the median of the pairs' ratios)."""
     engine = EngineRounds(model, dtype, device, output_len)
-    server = ServerRounds(model, dtype, device, output_len, server_args)
+    server = ServerRounds(model, dtype, device, output_len)
     try:
         server.round(texts[:2])  # warm-up
         engine_rounds, server_rounds = [], []
@@ -208,9 +211,7 @@ def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[l
             server_rounds.append(server.round(texts))
     finally:
         server.close()
-    token_ids = engine_rounds[0]["token_ids"]
-    for r in engine_rounds:
-        r.pop("token_ids")
+    token_ids = split_token_ids(engine_rounds)
     ratios = [s["output_tokens_per_s"] / e["output_tokens_per_s"] for e, s in zip(engine_rounds, server_rounds)]
     return {"engine": {**median_round(engine_rounds), "rounds": engine_rounds},
             "server": {**median_round(server_rounds), "rounds": server_rounds},

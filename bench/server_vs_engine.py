@@ -7,7 +7,7 @@ The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its e
 (repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
 with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
-    python bench/server_vs_engine.py [--rounds 5] [--frontend-nice 10]
+    python bench/server_vs_engine.py [--rounds 5] [--dtype float32]
 """
 import argparse
 import json
@@ -24,7 +24,6 @@ from engine_throughput import bench_engine_and_server, make_prompts  # noqa: E40
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--frontend-nice", type=int, default=None, help="passed to the server (its default: 10)")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -32,9 +31,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer.encode(tokenizer.decode(p)) for p in make_prompts(tokenizer, 32, 256)]
     texts = [tokenizer.decode(p) for p in prompts]
-    server_args = [] if args.frontend_nice is None else ["--frontend-nice", str(args.frontend_nice)]
-    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, server_args)
-    summary = {"dtype": args.dtype, "server_args": server_args, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds)
+    summary = {"dtype": args.dtype, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "engine_tok_s": [round(x["output_tokens_per_s"]) for x in r["engine"]["rounds"]],
                "server_tok_s": [round(x["output_tokens_per_s"]) for x in r["server"]["rounds"]],
                "server_tpot_ms": [round(x["tpot_ms_median"], 1) for x in r["server"]["rounds"]],
