@@ -25,9 +25,8 @@ __attribute__((constructor)) static void read_host(void) {
 
 int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     if (!real_bind) read_host();
-    if (host_family && addr && addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)
-        && ((const struct sockaddr_in *)addr)->sin_addr.s_addr == htonl(INADDR_ANY)
-        && host_family == AF_INET) {
+    if (host_family == AF_INET && addr && addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)
+        && ((const struct sockaddr_in *)addr)->sin_addr.s_addr == htonl(INADDR_ANY)) {
         struct sockaddr_in a = *(const struct sockaddr_in *)addr;
         a.sin_addr = host_v4;
         return real_bind(fd, (const struct sockaddr *)&a, sizeof a);

@@ -19,11 +19,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 
 log = logging.getLogger("pdserve.engine")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bind_host.c")
 WILDCARDS = ("", "0.0.0.0", "::")
+_build_lock = threading.Lock()   # engines start from executor threads: one build, not one each
 
 
 def cache_dir() -> str:
@@ -31,9 +33,14 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdserve")
 
 
-@functools.cache
 def library() -> str | None:
     """The compiled library's path, or None when it cannot be built here (the reason is logged)."""
+    with _build_lock:
+        return _build()
+
+
+@functools.cache
+def _build() -> str | None:
     with open(SOURCE, "rb") as f:
         key = hashlib.sha1(f.read() + platform.machine().encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"bind_host-{key}.so")

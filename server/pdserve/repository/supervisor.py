@@ -121,11 +121,13 @@ class EngineProcess:
 
     async def start(self) -> None:
         where = f"instance {self.instance.name} on {self.instance.device}"
+        # off the event loop: the first start compiles the bind shim, and a host name is resolved
+        env = await asyncio.get_running_loop().run_in_executor(None, engine_environment, self.spec["host"])
         with open(self.log_file, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
                  "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=engine_environment(self.spec["host"]))
+                env=env)
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if os.path.exists(self.ready_file):
