@@ -238,10 +238,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if final is not None:
                     await outbox.put(final)
                 if empty_final:
-                    final = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                    empty = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                   id=request.id)
-                    final.parameters["triton_final_response"].CopyFrom(_bool_param(True))
-                    await outbox.put(pb.ModelStreamInferResponse(infer_response=final))
+                    empty.parameters["triton_final_response"].CopyFrom(_bool_param(True))
+                    await outbox.put(pb.ModelStreamInferResponse(infer_response=empty))
             except ServeError as exc:
                 await outbox.put(exc)
             except Exception as exc:  # never leave a request of the stream without an answer
