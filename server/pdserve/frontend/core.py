@@ -226,6 +226,8 @@ class _RequestScope:
             failure = None
         elif isinstance(exc, ServeError):
             failure = exc.cause
+        elif isinstance(exc, ConnectionResetError):   # a stream's write to a client that went away
+            failure = Cause.CANCELLED
         elif isinstance(exc, Exception):   # a bug must still end the request with a status, never hang
             log.error("request to %s failed unexpectedly", self.request.key, exc_info=exc)
             self.request._finish(Cause.INTERNAL)

@@ -59,12 +59,25 @@ async def read_json(request: web.Request, error) -> dict:
     return body
 
 
+@web.middleware
+async def _client_gone(request, handler):
+    """A stream's write to a connection the client already closed raises ConnectionResetError
+    (aiohttp's ClientConnectionResetError): the request scope has counted it as cancelled; here
+    it ends quietly instead of being logged as a server error with a 500 nobody can read."""
+    try:
+        return await handler(request)
+    except ConnectionResetError:
+        log.debug("client went away during %s %s", request.method, request.path)
+        return web.Response(status=499)
+
+
 class HttpDoor:
     """Serves an aiohttp application on the running event loop (the one the gRPC server and the
     engines' clients use). A client that disconnects cancels its handler, which cancels the
     engine call and frees the request's blocks."""
 
     def __init__(self, app: web.Application, name: str):
+        app.middlewares.insert(0, _client_gone)
         self.app = app
         self.name = name
         self.runner: web.AppRunner | None = None
