@@ -247,10 +247,10 @@ def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int
     return 1000 * statistics.median(times[1:] if len(times) > 2 else times)
 
 
-def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict:
+def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int, device: str = "cpu") -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     out: dict = {}
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     hf.generate_batch(inputs=[prompts[0][:16]], generation_config=GenerationConfig(
@@ -263,7 +263,7 @@ def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int) 
 
     # Raw forward loop: all prompts padded to the same length (they are ~equal), KV cache, greedy.
     width = min(len(p) for p in prompts)
-    ids = torch.tensor([p[:width] for p in prompts])
+    ids = torch.tensor([p[:width] for p in prompts], device=device)
     with torch.inference_mode():
         start = time.perf_counter()
         cache = DynamicCache()
@@ -331,7 +331,7 @@ def main() -> None:
     report: dict = {"torch_threads": torch.get_num_threads(), "dtype": args.dtype, "device": args.device,
                     "cpu": os.uname().machine, "cores": os.cpu_count(), "args": vars(args)}
     if "hf" not in args.skip:
-        report["transformers"] = bench_hf(args.model, args.dtype, prompts, args.output_len)
+        report["transformers"] = bench_hf(args.model, args.dtype, prompts, args.output_len, args.device)
         print(json.dumps(report["transformers"], indent=1), flush=True)
     if "engine" not in args.skip:
         report["engine"] = bench_engine(args.model, args.dtype, args.device, prompts, args.output_len)

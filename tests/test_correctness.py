@@ -21,7 +21,7 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Parser(objec
 
 
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
