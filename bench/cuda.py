@@ -44,7 +44,7 @@ def larger_batches(model: str, dtype: str, device: str, tokenizer, output_len: i
     out = []
     for n in sizes:
         prompts = make_prompts(tokenizer, n, 256, seed=2)
-        rounds = [engine.round(prompts) for _ in range(2)]
+        rounds = [engine.round(prompts) for _ in range(3)]
         for r in rounds:
             r.pop("token_ids")
         out.append({"requests": n, **median_round(rounds)})

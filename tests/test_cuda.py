@@ -73,7 +73,9 @@ def test_cuda_greedy_equals_generate_in_any_arrival_order(demo_model):
     # a small pool and a small token budget: preemption and chunked prefill both happen
     engine = LLMEngine(EngineConfig(model_path=demo_model, device="cuda:0", dtype="float32", kv_cache_blocks=24,
                                     max_model_len=512, max_num_batched_tokens=32))
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # min_tokens, as generate's min_new_tokens: EOS cannot be chosen (ignore_eos would let it be
+    # chosen and go on, which generate never does: on the GPU's demo model one prompt's argmax is EOS)
+    params = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
     rng = random.Random(7)
     for trial in range(3):
         order = list(range(len(PROMPTS)))
@@ -94,7 +96,7 @@ def test_a_cuda_instance_serves_generate_text(demo_model, repo):
         for prompt in PROMPTS[:4]:
             expected = tokenizer.decode(hf_greedy(hf, tokenizer, prompt, 32), skip_special_tokens=True)
             result = server.client.infer("tiny-qwen2", inputs(
-                prompt, False, {"max_tokens": 32, "temperature": 0, "ignore_eos": True}, exclude_input_in_output=True))
+                prompt, False, {"max_tokens": 32, "min_tokens": 32, "temperature": 0}, exclude_input_in_output=True))
             assert result.as_numpy("text_output")[0].decode() == expected, prompt
     finally:
         server.stop()

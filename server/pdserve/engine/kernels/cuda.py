@@ -1,6 +1,7 @@
 """CUDA kernels: cuBLAS linears (F.linear), SDPA for prefill (4-D: flash / memory-efficient
-kernels), and decode attention over the block tables through SDPA on blocks gathered into
-buffers reused across steps (no fresh allocation per step and layer).
+kernels; not cuDNN's, which builds a plan per shape), and decode attention over the block
+tables through SDPA on blocks gathered into buffers reused across steps (no fresh allocation
+per step and layer).
 
 torch has no paged-attention kernel of its own; the gather is a device-memory copy at HBM
 bandwidth, small next to the linears at the batch sizes pdserve runs. A flash-attn or
@@ -20,6 +21,11 @@ class CudaKernels(TorchKernels):
     def __init__(self, device: torch.device, dtype: torch.dtype):
         super().__init__(device, dtype)
         self.gather = BlockGather(device)
+        # SDPA's cuDNN backend (picked for half precision on Hopper) builds an execution plan
+        # for every new shape, and prompt pieces come in many shapes: measured on an H200, the
+        # first 128-request bf16 round spent 12 s in prefill against 2 s warm. Flash and the
+        # memory-efficient kernel need no per-shape build. The engine is its own process.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     def describe(self) -> str:
         return f"cuda kernels ({self.dtype}): cuBLAS linears, SDPA prefill, SDPA decode over reused gather buffers"
