@@ -367,8 +367,8 @@ def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
     with grpc.insecure_channel(real["address"]) as channel:
         stub = engine_pb2_grpc.EngineStub(channel)
         for call in (lambda md: stub.Stats(engine_pb2.StatsRequest(), metadata=md, timeout=10),
-                     lambda md: list(stub.Generate(engine_pb2.GenerateRequest(request_id="x", prompt="hi"),
-                                                   metadata=md, timeout=10)),
+                     lambda md: list(stub.GenerateStream(iter([engine_pb2.StreamCommand(
+                         generate=engine_pb2.GenerateRequest(request_id="x", prompt="hi"))]), metadata=md, timeout=10)),
                      lambda md: stub.SetState(engine_pb2.SetStateRequest(state="draining"), metadata=md, timeout=10)):
             for metadata in (None, (("pdserve-cluster-token", "guess-guess-guess"),)):
                 with pytest.raises(grpc.RpcError) as info:

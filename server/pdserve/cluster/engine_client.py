@@ -8,6 +8,7 @@ node's KVIndex (cluster/kv_index.py) for cache-aware routing.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
@@ -17,6 +18,7 @@ from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.cluster.kv_index import KVIndex
 from pdserve.common.cluster_auth import call_metadata
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
+from pdserve.common.errors import Cause, cause_of
 
 # An engine's load is counted in prompt tokens of work: its queued prefill tokens, plus this
 # many tokens for each request it runs or queues (a request in a decode batch slows every step;
@@ -30,6 +32,108 @@ LoadListener = Callable[[str, float], None]   # (address, load)
 UNSYNCED = object()   # a client's incarnation before the router's first look at the registry
 
 
+class EngineCallError(Exception):
+    """One request's engine call ended badly: a gRPC status code, its details, and the cause
+    the engine gave (None: it never answered: unreachable, died, its stream broke)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, cause: Cause | None = None):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details, self.cause = code, details, cause
+
+
+class GenerateCall:
+    """One request on an engine's shared stream: iterate it for GenerateResponses (the last one
+    has a finish_reason); EngineCallError ends it badly; cancel() aborts it in the engine."""
+
+    def __init__(self, stream: "_Stream", request_id: str, deadline: float | None):
+        self._stream = stream
+        self.request_id = request_id
+        self._deadline = deadline          # time.monotonic(); None: unbounded
+        self._items: asyncio.Queue = asyncio.Queue()   # StreamOutputs' outputs, or an EngineCallError
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> engine_pb2.GenerateResponse:
+        if self.done:
+            raise StopAsyncIteration
+        if self._deadline is None:
+            item = await self._items.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._items.get(), max(self._deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                self.cancel()
+                raise EngineCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed") from None
+        if isinstance(item, EngineCallError):
+            self.done = True
+            raise item
+        if item.cause:
+            self._end()
+            cause = Cause[item.cause] if item.cause in Cause.__members__ else Cause.INTERNAL
+            raise EngineCallError(cause.status, item.message, cause)
+        if item.response.finish_reason:
+            self._end()
+        return item.response
+
+    def _end(self) -> None:
+        self.done = True
+        self._stream.calls.pop(self.request_id, None)
+
+    def cancel(self) -> None:
+        """The caller went away or gave up: the engine aborts the request and frees its blocks."""
+        if not self.done:
+            self._end()
+            self._stream.send(engine_pb2.StreamCommand(abort=self.request_id))
+
+
+class _Stream:
+    """One GenerateStream call to an engine and the requests on it."""
+
+    def __init__(self, stub: engine_pb2_grpc.EngineStub, metadata):
+        self.calls: dict[str, GenerateCall] = {}
+        self._commands: asyncio.Queue = asyncio.Queue()
+        self.failed = False
+        self._call = stub.GenerateStream(self._command_iterator(), metadata=metadata)
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _command_iterator(self):
+        while True:
+            yield await self._commands.get()
+
+    def send(self, command: engine_pb2.StreamCommand) -> None:
+        if not self.failed:
+            self._commands.put_nowait(command)
+
+    def start(self, request: engine_pb2.GenerateRequest, deadline: float | None) -> GenerateCall:
+        call = self.calls[request.request_id] = GenerateCall(self, request.request_id, deadline)
+        self.send(engine_pb2.StreamCommand(generate=request))
+        return call
+
+    async def _read(self) -> None:
+        failure = EngineCallError(grpc.StatusCode.UNAVAILABLE, "the engine ended its stream")
+        try:
+            async for message in self._call:
+                for out in message.outputs:
+                    call = self.calls.get(out.request_id)
+                    if call is not None:
+                        call._items.put_nowait(out)
+        except grpc.aio.AioRpcError as exc:
+            failure = EngineCallError(exc.code(), exc.details() or "", cause_of(exc, None))
+        except asyncio.CancelledError:   # the channel was closed (the engine left), or close()
+            failure = EngineCallError(grpc.StatusCode.UNAVAILABLE, "the engine went away")
+        finally:
+            self.failed = True   # the next request opens a new stream
+            for call in self.calls.values():
+                call._items.put_nowait(failure)
+            self.calls.clear()
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+
+
 class EngineClient:
     def __init__(self, address: str, token: str = "", kv_index: KVIndex | None = None,
                  on_load: LoadListener | None = None):
@@ -37,6 +141,7 @@ class EngineClient:
         self.metadata = call_metadata(token)   # the cluster secret, on every call
         self._channel: grpc.aio.Channel | None = None   # opened on the first call
         self._stub: engine_pb2_grpc.EngineStub | None = None
+        self._stream: _Stream | None = None    # every request of this front end to the engine
         self.last_stats: engine_pb2.StatsResponse | None = None
         self.last_stats_at = 0.0   # time.monotonic() of the last answered Stats; 0: never
         # Unreachable lately (a call failed to connect, or Stats failed): routed around until
@@ -118,9 +223,12 @@ class EngineClient:
         if self._on_load is not None:
             self._on_load(self.address, self.load)
 
-    def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None = None):
-        """A streaming call; iterate it for GenerateResponses, cancel() it to abort the request."""
-        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+    def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None = None) -> GenerateCall:
+        """Starts a request on the engine's shared stream (opened on first use, and again after
+        it failed); iterate the call for GenerateResponses, cancel() it to abort the request."""
+        if self._stream is None or self._stream.failed:
+            self._stream = _Stream(self.stub, self.metadata)
+        return self._stream.start(request, None if timeout is None else time.monotonic() + timeout)
 
     async def stats(self, timeout: float = 2.0) -> engine_pb2.StatsResponse:
         self._calls += 1
@@ -166,6 +274,8 @@ class EngineClient:
                                  metadata=self.metadata)
 
     async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         if self._channel is not None:
             await self._channel.close()
 

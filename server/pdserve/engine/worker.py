@@ -76,9 +76,10 @@ class EngineLoop:
         self.thread.start()
 
     # ---- asyncio side --------------------------------------------------------------------
-    def open(self, command: AddRequest | AddPrefill) -> asyncio.Queue:
-        """Queues a request; its outputs (RequestOutput, the last one final) arrive on the queue."""
-        stream: asyncio.Queue = asyncio.Queue()
+    def open(self, command: AddRequest | AddPrefill, sink: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Queues a request; its outputs (RequestOutput, the last one final) arrive on the
+        queue: `sink`, which several requests may share, or a new one."""
+        stream: asyncio.Queue = asyncio.Queue() if sink is None else sink
         self.streams[command.request_id] = stream
         self.inbox.put(command)
         return stream
@@ -212,6 +213,15 @@ class PrefillPeers:
         self.channels.clear()
 
 
+def stream_output(out: RequestOutput) -> engine_pb2.StreamOutput:
+    if out.error is not None:
+        return engine_pb2.StreamOutput(request_id=out.request_id, cause=out.error.cause.name,
+                                       message=out.error.message)
+    return engine_pb2.StreamOutput(request_id=out.request_id, response=engine_pb2.GenerateResponse(
+        text=out.text, token_ids=out.token_ids, num_input_tokens=out.num_input_tokens,
+        num_output_tokens=out.num_output_tokens, finish_reason=out.finish_reason or ""))
+
+
 async def abort_with(context, error: ServeError) -> None:
     await context.abort(error.cause.status, error.message, trailing_metadata=trailing_cause(error.cause))
 
@@ -225,26 +235,61 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def _tokenize(self, text: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text)
 
-    async def Generate(self, request, context):
-        token_ids = await self._tokenize(request.prompt)
-        stream = self.engine_loop.open(AddRequest(request.request_id, tuple(token_ids),
-                                                  SamplingParams.from_proto(request.sampling), request.prefill_address,
-                                                  tuple(request.resume_token_ids)))
-        finished = False
+    async def GenerateStream(self, commands, context):
+        """A front end's requests to this engine, multiplexed (protos/engine.proto): one message
+        per engine step carries every output of the step for this stream's requests."""
+        outputs: asyncio.Queue = asyncio.Queue()   # RequestOutputs of this stream's requests
+        open_ids: set[str] = set()                 # started here, not final yet
+        reader = asyncio.ensure_future(self._read_commands(commands, outputs, open_ids))
         try:
             while True:
-                out: RequestOutput = await stream.get()
-                finished = out.final
-                if out.error is not None:
-                    await abort_with(context, out.error)
-                yield engine_pb2.GenerateResponse(
-                    text=out.text, token_ids=out.token_ids, num_input_tokens=out.num_input_tokens,
-                    num_output_tokens=out.num_output_tokens, finish_reason=out.finish_reason or "")
-                if finished:
+                batch = [await outputs.get()]
+                while not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                if batch[-1] is None:   # the front end closed its side: its open requests end
                     return
+                message = engine_pb2.StreamOutputs()
+                for out in batch:
+                    if out is None:
+                        return
+                    if out.request_id not in open_ids:   # aborted meanwhile
+                        continue
+                    if out.final:
+                        open_ids.discard(out.request_id)
+                    message.outputs.append(stream_output(out))
+                if message.outputs:
+                    yield message
         finally:
-            if not finished:  # the caller went away (cancel, deadline): free the request's blocks
-                self.engine_loop.send(Abort(request.request_id))
+            reader.cancel()
+            for request_id in open_ids:   # the caller went away: free the requests' blocks
+                self.engine_loop.send(Abort(request_id))
+            open_ids.clear()   # a request still being tokenized is not started
+
+    async def _read_commands(self, commands, outputs: asyncio.Queue, open_ids: set[str]) -> None:
+        try:
+            async for command in commands:
+                if command.HasField("generate"):
+                    open_ids.add(command.generate.request_id)
+                    asyncio.ensure_future(self._start(command.generate, outputs, open_ids))
+                else:
+                    open_ids.discard(command.abort)
+                    self.engine_loop.send(Abort(command.abort))
+        finally:
+            outputs.put_nowait(None)
+
+    async def _start(self, request: engine_pb2.GenerateRequest, outputs: asyncio.Queue, open_ids: set[str]) -> None:
+        """Tokenizes off the engine thread, then queues the request unless it was aborted meanwhile."""
+        try:
+            token_ids = await self._tokenize(request.prompt)
+        except Exception as exc:   # a tokenizer failure ends this request, not the stream
+            log.exception("tokenizing request %s failed", request.request_id)
+            outputs.put_nowait(RequestOutput(request.request_id, error=ServeError(
+                Cause.INTERNAL, f"the engine could not tokenize the prompt: {type(exc).__name__}: {exc}")))
+            return
+        if request.request_id in open_ids:
+            self.engine_loop.open(AddRequest(request.request_id, tuple(token_ids),
+                                             SamplingParams.from_proto(request.sampling), request.prefill_address,
+                                             tuple(request.resume_token_ids)), sink=outputs)
 
     async def Prefill(self, request, context):
         d = request.destination

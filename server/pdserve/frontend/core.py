@@ -17,7 +17,6 @@ frees the request's blocks in the engine.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -29,8 +28,9 @@ from typing import AsyncIterator
 import grpc
 
 from pdserve._proto import engine_pb2
+from pdserve.cluster.engine_client import EngineCallError
 from pdserve.cluster.router import Router
-from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call
+from pdserve.common.errors import Cause, ServeError
 from pdserve.frontend.prompts import PromptTokenizers, estimate_tokens
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.repository.manager import ModelRepositoryManager
@@ -80,12 +80,12 @@ class EngineFailure:
         return self.cause is None and self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-def engine_failure(exc: grpc.aio.AioRpcError) -> EngineFailure:
+def engine_failure(exc: EngineCallError) -> EngineFailure:
     """Classifies a failed engine call; a passed deadline ends the request at once."""
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
                                                   "its engine work was stopped") from exc
-    return EngineFailure(exc.code(), exc.details() or "", cause_of(exc, None))
+    return EngineFailure(exc.code, exc.details, exc.cause)
 
 
 @dataclass
@@ -159,12 +159,7 @@ class Request:
                         self.last = time.monotonic()
                         self.output_s += self.last - now
                     return
-                except asyncio.CancelledError:
-                    if not channel_closed_under_call():
-                        raise       # the client went away
-                    # the engine died and its channel was closed
-                    failure = EngineFailure(grpc.StatusCode.UNAVAILABLE, "the engine went away", None)
-                except grpc.aio.AioRpcError as exc:
+                except EngineCallError as exc:
                     failure = engine_failure(exc)
                 finally:
                     if not finished:
