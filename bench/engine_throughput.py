@@ -57,6 +57,11 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
 # skip their prefills. The throughput workload includes them (vLLM runs it with
 # enable_prefix_caching=False, bench/vs_vllm.py), so the engine and the server run without it.
 PREFIX_CACHING = False
+# The step's token budget (max_num_batched_tokens) on every side of a throughput comparison:
+# vLLM-CPU's own default for offline use (its LLM class: 4096 tokens, 256 sequences), which
+# bench/vs_vllm.py also passes to vLLM explicitly. pdserve's served default (256) favours
+# latency: running streams wait at most one 256-token piece of a prompt per step.
+STEP_TOKENS = 4096
 
 
 class EngineRounds:
@@ -69,7 +74,7 @@ class EngineRounds:
 
         self.output_len = output_len
         self.engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=4096,
-                                             max_model_len=1024, max_num_seqs=256,
+                                             max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=STEP_TOKENS,
                                              enable_prefix_caching=PREFIX_CACHING))
         self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         self.engine.add_request("warm", [11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0,
@@ -138,7 +143,7 @@ class ServerRounds:
         os.symlink(os.path.abspath(model), os.path.join(self.repo, "bench", "1"))
         with open(os.path.join(self.repo, "bench", "config.pbtxt"), "w") as f:
             f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
-                                max_model_len=1024, max_num_seqs=256,
+                                max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=STEP_TOKENS,
                                 enable_prefix_caching=str(PREFIX_CACHING).lower()))
         self.server = PdServer(self.repo, mode="none").start()
         self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}

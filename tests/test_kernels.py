@@ -43,9 +43,22 @@ def test_layer_body_ops_match_reference(dtype):
     torch.testing.assert_close(cpu.rope(x.clone(), cos, sin), ref.rope(x, cos, sin), **TOL[dtype])
     gu = torch.randn(5, 64, generator=g).to(dtype)
     torch.testing.assert_close(cpu.silu_and_mul(gu.clone()), ref.silu_and_mul(gu), **TOL[dtype])
-    h, res, w = (torch.randn(5, 48, generator=g).to(dtype) for _ in range(3))
+    h, res = (torch.randn(5, 48, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(48, generator=g).to(dtype)
     for a, b in zip(cpu.add_rms_norm(h, res.clone(), w, 1e-6), ref.add_rms_norm(h, res, w, 1e-6)):
         torch.testing.assert_close(a, b, **TOL[dtype])
+    torch.testing.assert_close(cpu.rms_norm(h, w, 1e-6), ref.rms_norm(h, w, 1e-6), **TOL[dtype])
+    gu = torch.randn(300, 2 * 40, generator=g).to(dtype) * 4   # rows past one task's grain, large |x|
+    torch.testing.assert_close(cpu.silu_and_mul(gu.clone()), ref.silu_and_mul(gu), **TOL[dtype])
+    pool = random_pool(dtype, blocks=8, layers=2)
+    qkv = torch.randn(6, 5 * 2 * 64, generator=g).to(dtype)   # k and v: strided views into one output
+    k, v = qkv[:, :128].view(6, 2, 64), qkv[:, 128:256].view(6, 2, 64)
+    meta = AttentionMetadata(slot_blocks=torch.tensor([3, 3, 5, 0, 7, 7]), slot_offsets=torch.tensor([0, 15, 2, 9, 1, 4]),
+                             last_token_indices=torch.arange(6))
+    expected = pool.clone()
+    ref.store_kv(expected, 1, k, v, meta)
+    cpu.store_kv(pool, 1, k, v, meta)
+    assert torch.equal(pool, expected)
 
 
 def random_pool(dtype, blocks=40, layers=2, block_size=16, kv_heads=2, dim=64, seed=2):

@@ -40,6 +40,7 @@ _CPP = r"""
 #include <vector>
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) {
@@ -333,6 +334,121 @@ static void dispatch_dim(torch::Tensor& out, const torch::Tensor& q, const torch
   }
 }
 
+// ---- the layer body's small ops: one pass each, in place where the model allows it --------------
+// Rows per task: enough elements that a thread's share outweighs waking it.
+static inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// out = rms_norm(x) * w per row; with `res`, first res = x + res (the residual stream, rounded
+// to T like torch's add) and the norm is of that. Float32 math, rounded as kernels/reference.py.
+template <typename T>
+static void rms_norm_rows(T* out, const T* x, int64_t xs, T* res, int64_t rs, const T* w, int64_t rows, int64_t n,
+                          float eps) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * xs;
+      float ss = 0.f;
+      if (res) {
+        T* rr = res + r * rs;
+        for (int64_t i = 0; i < n; ++i) {
+          from_float(to_float(xr[i]) + to_float(rr[i]), &rr[i]);
+          buf[i] = to_float(rr[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = to_float(xr[i]);
+      }
+#pragma omp simd reduction(+:ss)
+      for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
+      const float inv = 1.f / std::sqrt(ss / (float)n + eps);
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        T normed;
+        from_float(buf[i] * inv, &normed);
+        from_float(to_float(w[i]) * to_float(normed), &o[i]);
+      }
+    }
+  });
+}
+
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && w.is_contiguous() && w.numel() == n);
+  const bool add = residual.numel() > 0;
+  TORCH_CHECK(!add || (residual.dim() == 2 && residual.stride(1) == 1 && residual.size(0) == rows));
+  if (x.scalar_type() == torch::kFloat)
+    rms_norm_rows<float>(out.data_ptr<float>(), x.data_ptr<float>(), x.stride(0),
+                         add ? residual.data_ptr<float>() : nullptr, add ? residual.stride(0) : 0,
+                         w.data_ptr<float>(), rows, n, (float)eps);
+  else if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_rows<at::BFloat16>(out.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), x.stride(0),
+                                add ? residual.data_ptr<at::BFloat16>() : nullptr, add ? residual.stride(0) : 0,
+                                w.data_ptr<at::BFloat16>(), rows, n, (float)eps);
+  else TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+}
+
+// out[t] = silu(gate[t]) * up[t], gate_up[t] = [gate | up]; silu rounded to T first, as torch does
+template <typename T>
+static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gu + r * gs;
+      const T* u = g + n;
+      T* o = out + r * n;
+      int64_t i = 0;
+#ifdef PDSERVE_AVX2
+      if constexpr (std::is_same<T, float>::value) {
+        const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
+        for (; i + 8 <= n; i += 8) {
+          const __m256 x = _mm256_loadu_ps(g + i);
+          const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), hi));
+          const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+      }
+#endif
+      for (; i < n; ++i) {
+        const float x = to_float(g[i]);
+        T silu;
+        from_float(x / (1.f + std::exp(-x)), &silu);
+        from_float(to_float(silu) * to_float(u[i]), &o[i]);
+      }
+    }
+  });
+}
+
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && out.is_contiguous());
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  if (gate_up.scalar_type() == torch::kFloat)
+    silu_mul_rows<float>(out.data_ptr<float>(), gate_up.data_ptr<float>(), gate_up.stride(0), rows, n);
+  else if (gate_up.scalar_type() == torch::kBFloat16)
+    silu_mul_rows<at::BFloat16>(out.data_ptr<at::BFloat16>(), gate_up.data_ptr<at::BFloat16>(),
+                                gate_up.stride(0), rows, n);
+  else TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16 only");
+}
+
+// Writes each token's K and V rows [KVH * D] into its slot of the pool (one copy per row).
+void store_kv(torch::Tensor kv, int64_t layer, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+              torch::Tensor offsets) {
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2) &&
+              v.stride(2) == 1 && v.stride(1) == v.size(2) && kv.stride(5) == 1 && kv.stride(4) == kv.size(5));
+  TORCH_CHECK(k.scalar_type() == kv.scalar_type() && v.scalar_type() == kv.scalar_type());
+  TORCH_CHECK(blocks.scalar_type() == torch::kLong && offsets.scalar_type() == torch::kLong &&
+              blocks.is_contiguous() && offsets.is_contiguous() && blocks.numel() == T && offsets.numel() == T);
+  const int64_t es = kv.element_size();
+  char* base = static_cast<char*>(kv.data_ptr()) + layer * kv.stride(1) * es;
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t* bl = blocks.data_ptr<int64_t>();
+  const int64_t* of = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    char* slot = base + (bl[t] * kv.stride(0) + of[t] * kv.stride(3)) * es;
+    std::memcpy(slot, kp + t * k.stride(0) * es, row * es);
+    std::memcpy(slot + kv.stride(2) * es, vp + t * v.stride(0) * es, row * es);
+  }
+}
+
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor kv, int64_t layer,
                   torch::Tensor tables, torch::Tensor lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 6 && q.stride(2) == 1 && kv.stride(5) == 1 && out.is_contiguous());
@@ -346,6 +462,7 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor kv, int64_t 
 """
 
 EXT_HEAD_SIZES = (16, 32, 64, 80, 96, 128, 256)
+_NONE = torch.empty(0)   # rms_norm without a residual
 _ext = None
 _ext_error: str | None = None
 _ext_lock = threading.Lock()
@@ -384,7 +501,7 @@ def paged_decode_extension():
             # different machines never hands one CPU's instructions to another.
             key = hashlib.sha1((_CPP + platform.machine() + " ".join(sorted(_cpu_flags()))).encode()).hexdigest()[:12]
             _ext = load_inline(
-                name=f"pdserve_paged_decode_{key}", cpp_sources=_CPP, functions=["paged_decode"],
+                name=f"pdserve_paged_decode_{key}", cpp_sources=_CPP, functions=["paged_decode", "rms_norm", "silu_and_mul", "store_kv"],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no headers: the torch path runs instead
@@ -468,10 +585,42 @@ class CpuKernels(TorchKernels):
         x1.copy_(r1)
         return x
 
+    def _fused(self, *tensors: torch.Tensor) -> bool:
+        """Whether the compiled kernels take these: float32 or bfloat16 rows, unit last stride."""
+        return self.ext is not None and all(
+            t.dtype in (torch.float32, torch.bfloat16) and t.dim() == 2 and t.stride(-1) == 1 for t in tensors)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not self._fused(x) or weight.shape != x.shape[-1:]:
+            return super().rms_norm(x, weight, eps)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.ext.rms_norm(out, x, _NONE, weight, eps)
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """One pass: residual += x (in place: the model drops the old residual), then its norm."""
+        if not self._fused(x, residual) or residual.dtype != x.dtype or weight.shape != x.shape[-1:]:
+            return super().add_rms_norm(x, residual, weight, eps)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.ext.rms_norm(out, x, residual, weight, eps)
+        return out, residual
+
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         half = gate_up.shape[-1] // 2
+        if self._fused(gate_up):
+            out = torch.empty((gate_up.shape[0], half), dtype=gate_up.dtype)
+            self.ext.silu_and_mul(out, gate_up)
+            return out
         gate = gate_up[..., :half]
         return F.silu(gate, inplace=True).mul_(gate_up[..., half:])
+
+    def store_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta) -> None:
+        if (self.ext is not None and k.dtype == kv_cache.dtype and k.dtype in (torch.float32, torch.bfloat16)
+                and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] and v.stride(-1) == 1
+                and v.stride(-2) == v.shape[-1]):
+            self.ext.store_kv(kv_cache, layer, k, v, meta.slot_blocks, meta.slot_offsets)
+            return
+        super().store_kv(kv_cache, layer, k, v, meta)
 
     # ---- attention ----------------------------------------------------------------------------
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
