@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine_throughput import (ROOT, EngineRounds, bench_engine_and_server, bench_hf,  # noqa: E402
-                               decode_step_ms, make_prompts, median_round)
+                               long_context_ratio, make_prompts, median_round)
 
 # Qwen2-0.5B's shape (vocabulary aside): a model whose linears are big enough for a GPU to show
 QWEN2_05B = ["--hidden", "896", "--intermediate", "4864", "--layers", "24", "--heads", "14", "--kv-heads", "2"]
@@ -90,10 +90,9 @@ def main() -> None:
             hf = bench_hf(path, dtype, prompts, args.output_len, args.device)
             run["transformers_generate_batch_tok_s"] = hf["generate_batch"]["output_tokens_per_s"]
             run["engine_over_generate_batch"] = run["engine_tok_s"] / run["transformers_generate_batch_tok_s"]
-            step_256 = decode_step_ms(path, dtype, args.device, 256)
-            step_1024 = decode_step_ms(path, dtype, args.device, 1024)
-            run["decode_step_ms_32x256"], run["decode_step_ms_32x1024"] = step_256, step_1024
-            run["long_context_ratio"] = step_1024 / step_256
+            long = long_context_ratio(path, dtype, args.device)
+            run["decode_step_ms_32x256"], run["decode_step_ms_32x1024"] = long["256"], long["1024"]
+            run["long_context_ratio"] = long["ratio"]
             sizes = [int(n) for n in args.larger_batches.split(",") if n]
             run["larger_batches"] = larger_batches(path, dtype, args.device, tokenizer, args.output_len, sizes)
             torch.cuda.empty_cache()

@@ -224,32 +224,55 @@ def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[l
             "token_ids": token_ids}
 
 
-def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int = 32, steps: int = 16) -> float:
-    """The engine's decode step (median ms) for `batch` sequences holding `context` tokens each:
-    the prompts are prefilled, then `steps` decode steps of the whole batch are timed."""
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.engine.sequence import SamplingParams
+class DecodeSteps:
+    """An engine holding `batch` sequences of `context` prompt tokens, prefilled; measure(n)
+    times its next n decode steps of the whole batch (median ms)."""
 
-    block = 16
-    blocks = batch * ((context + steps + 2 * block) // block + 1)
-    engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device, kv_cache_blocks=blocks,
-                                    max_model_len=context + steps + 2 * block, max_num_seqs=batch,
-                                    max_num_batched_tokens=max(8192, context)))
-    tok = engine.tokenizer
-    prompts = make_prompts(tok, batch, context, seed=1)
-    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"c{i}", p, params)
-    times = []
-    while engine.has_work():
-        prefill = engine.scheduler.waiting_prefill_tokens > 0
-        t = time.perf_counter()
-        outputs = engine.step()
-        dt = time.perf_counter() - t
-        if not prefill and len(outputs) == batch:
-            times.append(dt)
-    return 1000 * statistics.median(times[1:] if len(times) > 2 else times)
+    def __init__(self, model: str, dtype: str, device: str, context: int, batch: int = 32, max_steps: int = 128):
+        from pdserve.engine.config import EngineConfig
+        from pdserve.engine.llm_engine import LLMEngine
+        from pdserve.engine.sequence import SamplingParams
+
+        block = 16
+        length = context + max_steps + 2 * block
+        self.batch = batch
+        self.engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device,
+                                             kv_cache_blocks=batch * (length // block + 1), max_model_len=length,
+                                             max_num_seqs=batch, max_num_batched_tokens=max(8192, context)))
+        params = SamplingParams(max_tokens=max_steps + 2, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(make_prompts(self.engine.tokenizer, batch, context, seed=1)):
+            self.engine.add_request(f"c{i}", p, params)
+        while self.engine.scheduler.waiting_prefill_tokens > 0:
+            self.engine.step()
+        self.engine.step()   # the first decode step of the batch (it may still hold a prefill's tail)
+
+    def measure(self, steps: int) -> float:
+        times = []
+        while len(times) < steps and self.engine.has_work():
+            t = time.perf_counter()
+            outputs = self.engine.step()
+            if len(outputs) == self.batch:
+                times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+
+def decode_step_ms(model: str, dtype: str, device: str, context: int, batch: int = 32, steps: int = 16) -> float:
+    """The engine's decode step (median ms) for `batch` sequences holding `context` tokens each."""
+    return DecodeSteps(model, dtype, device, context, batch, steps).measure(steps)
+
+
+def long_context_ratio(model: str, dtype: str, device: str, contexts: tuple[int, int] = (256, 1024),
+                       batch: int = 32, steps: int = 8, rounds: int = 5) -> dict:
+    """The decode step at the long context against the short one, measured in turn (short, long,
+    short, ...) with both engines kept warm, as bench_engine_and_server does: this VM's speed
+    drifts within seconds, and two steps measured minutes apart made the ratio swing by 30%.
+    Returns each context's median step and the median of the rounds' ratios."""
+    short, long = (DecodeSteps(model, dtype, device, c, batch, steps * rounds) for c in contexts)
+    pairs = [(short.measure(steps), long.measure(steps)) for _ in range(rounds)]
+    return {str(contexts[0]): statistics.median(a for a, _ in pairs),
+            str(contexts[1]): statistics.median(b for _, b in pairs),
+            "ratio": statistics.median(b / a for a, b in pairs),
+            "pairs": [[round(a, 1), round(b, 1)] for a, b in pairs]}
 
 
 def bench_hf(model: str, dtype: str, prompts: list[list[int]], output_len: int, device: str = "cpu") -> dict:

