@@ -246,11 +246,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 batch = [await outputs.get()]
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
-                if batch[-1] is None:   # the front end closed its side: its open requests end
-                    return
                 message = engine_pb2.StreamOutputs()
                 for out in batch:
-                    if out is None:
+                    if out is None:   # the front end closed its side: its open requests end
                         return
                     if out.request_id not in open_ids:   # aborted meanwhile
                         continue
@@ -266,11 +264,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             open_ids.clear()   # a request still being tokenized is not started
 
     async def _read_commands(self, commands, outputs: asyncio.Queue, open_ids: set[str]) -> None:
+        starting: set[asyncio.Task] = set()   # held until done (the loop keeps only weak references)
         try:
             async for command in commands:
                 if command.HasField("generate"):
                     open_ids.add(command.generate.request_id)
-                    asyncio.ensure_future(self._start(command.generate, outputs, open_ids))
+                    task = asyncio.ensure_future(self._start(command.generate, outputs, open_ids))
+                    starting.add(task)
+                    task.add_done_callback(starting.discard)
                 else:
                     open_ids.discard(command.abort)
                     self.engine_loop.send(Abort(command.abort))
