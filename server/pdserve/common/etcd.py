@@ -319,6 +319,17 @@ def die_with_parent() -> None:
         pass
 
 
+def parent_death_command(command: list[str]) -> tuple[list[str], object]:
+    """The command and preexec_fn that start a child with die_with_parent in effect. util-linux's
+    `setpriv --pdeathsig` sets it in the child without any Python between fork and exec: a
+    preexec_fn forces a plain fork and runs Python in the child of a process whose other threads
+    (gRPC's) may hold locks, which aborted a test process once. Without setpriv, the preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *command], None
+    return command, die_with_parent
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -356,12 +367,13 @@ class EtcdProcess:
         if self.client_ca_file:
             tls += ["--trusted-ca-file", self.client_ca_file, "--client-cert-auth"]
         self.log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
-        self.proc = subprocess.Popen(
+        command, preexec = parent_death_command(
             [self.binary, "--name", "pdserve", "--data-dir", os.path.join(self.data_dir, "data"),
              "--listen-client-urls", url, "--advertise-client-urls", url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"pdserve={peer}", *tls, *self.extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+             "--initial-cluster", f"pdserve={peer}", *tls, *self.extra_args])
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=preexec)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
