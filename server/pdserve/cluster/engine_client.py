@@ -40,6 +40,11 @@ class EngineCallError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code, self.details, self.cause = code, details, cause
 
+    @property
+    def engine_lost(self) -> bool:
+        """Unreachable, died, or shutting down (an engine cancels its calls when it stops)."""
+        return self.cause is None and self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
 
 class GenerateCall:
     """One request on an engine's shared stream: iterate it for GenerateResponses (the last one

@@ -67,25 +67,12 @@ class VersionStats:
     last_inference_ms: int = 0
 
 
-@dataclass(frozen=True)
-class EngineFailure:
-    """How an engine call ended badly."""
-    code: grpc.StatusCode
-    details: str
-    cause: Cause | None       # what the engine said; None: it never answered (unreachable, died)
-
-    @property
-    def engine_lost(self) -> bool:
-        """Unreachable, died, or shutting down (an engine cancels its calls when it stops)."""
-        return self.cause is None and self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-def engine_failure(exc: EngineCallError) -> EngineFailure:
+def engine_failure(exc: EngineCallError) -> EngineCallError:
     """Classifies a failed engine call; a passed deadline ends the request at once."""
     if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
                                                   "its engine work was stopped") from exc
-    return EngineFailure(exc.code, exc.details, exc.cause)
+    return exc
 
 
 @dataclass
