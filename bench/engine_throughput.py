@@ -134,7 +134,7 @@ class ServerRounds:
     """A pdserve server (one BOTH engine) and a tritonclient streaming client; round() sends every
     prompt at once over one ModelStreamInfer stream and waits for every final response."""
 
-    def __init__(self, model: str, dtype: str, device: str, output_len: int):
+    def __init__(self, model: str, dtype: str, device: str, output_len: int, stream_interval: int = 1):
         import tritonclient.grpc as grpcclient
         from harness import PdServer, config_text
 
@@ -144,7 +144,7 @@ class ServerRounds:
         with open(os.path.join(self.repo, "bench", "config.pbtxt"), "w") as f:
             f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
                                 max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=STEP_TOKENS,
-                                enable_prefix_caching=str(PREFIX_CACHING).lower()))
+                                enable_prefix_caching=str(PREFIX_CACHING).lower(), stream_interval=stream_interval))
         self.server = PdServer(self.repo, mode="none").start()
         self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
         try:
@@ -167,9 +167,10 @@ class ServerRounds:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         tokens: dict[str, int] = {}
-        done = 0
+        done = responses = 0
         while done < len(texts):
             result, error, now = results.get(timeout=600)
+            responses += 1
             if error is not None:
                 raise error
             rid = result.get_response().id
@@ -181,6 +182,7 @@ class ServerRounds:
         client.stop_stream()
         tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
         return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
+                "tokens_per_response": sum(tokens.values()) / responses,
                 "ttft_s_median": statistics.median(first[r] - start for r in first),
                 "tpot_ms_median": 1000 * statistics.median(tpots)}
 
@@ -202,12 +204,12 @@ def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], o
 
 
 def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[list[int]], texts: list[str],
-                            output_len: int, rounds: int = 5) -> dict:
+                            output_len: int, rounds: int = 5, stream_interval: int = 1) -> dict:
     """The engine in-process and the server, round for round in turn (engine, server, engine,
     ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
     server / engine ratio is taken pair by pair (the median of the pairs' ratios)."""
     engine = EngineRounds(model, dtype, device, output_len)
-    server = ServerRounds(model, dtype, device, output_len)
+    server = ServerRounds(model, dtype, device, output_len, stream_interval)
     try:
         server.round(texts[:2])  # warm-up
         engine_rounds, server_rounds = [], []

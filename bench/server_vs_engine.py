@@ -25,16 +25,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--stream-interval", type=int, default=1, help="the model's stream_interval (1: a response per token)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     model = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer.encode(tokenizer.decode(p)) for p in make_prompts(tokenizer, 32, 256)]
     texts = [tokenizer.decode(p) for p in prompts]
-    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds)
-    summary = {"dtype": args.dtype, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, args.stream_interval)
+    summary = {"dtype": args.dtype, "stream_interval": args.stream_interval, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "engine_tok_s": [round(x["output_tokens_per_s"]) for x in r["engine"]["rounds"]],
                "server_tok_s": [round(x["output_tokens_per_s"]) for x in r["server"]["rounds"]],
+               "server_tokens_per_response": [round(x["tokens_per_response"], 2) for x in r["server"]["rounds"]],
                "server_tpot_ms": [round(x["tpot_ms_median"], 1) for x in r["server"]["rounds"]],
                "engine_decode_step_ms": [round(x["decode_step_ms"], 1) for x in r["engine"]["rounds"]],
                "server_over_engine_pairs": r["server_over_engine"]["pairs"],

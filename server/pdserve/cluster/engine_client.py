@@ -9,6 +9,7 @@ node's KVIndex (cluster/kv_index.py) for cache-aware routing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Callable
 
@@ -32,6 +33,15 @@ LoadListener = Callable[[str, float], None]   # (address, load)
 UNSYNCED = object()   # a client's incarnation before the router's first look at the registry
 
 
+def merge_response(into: engine_pb2.GenerateResponse, later: engine_pb2.GenerateResponse) -> None:
+    """Appends a later response of the same request to one not yet sent on."""
+    into.text += later.text
+    into.token_ids.extend(later.token_ids)
+    into.num_input_tokens = later.num_input_tokens
+    into.num_output_tokens = later.num_output_tokens
+    into.finish_reason = later.finish_reason
+
+
 class EngineCallError(Exception):
     """One request's engine call ended badly: a gRPC status code, its details, and the cause
     the engine gave (None: it never answered: unreachable, died, its stream broke)."""
@@ -48,14 +58,41 @@ class EngineCallError(Exception):
 
 class GenerateCall:
     """One request on an engine's shared stream: iterate it for GenerateResponses (the last one
-    has a finish_reason); EngineCallError ends it badly; cancel() aborts it in the engine."""
+    has a finish_reason); EngineCallError ends it badly; cancel() aborts it in the engine.
 
-    def __init__(self, stream: "_Stream", request_id: str, deadline: float | None):
+    Responses the caller has not taken yet are merged into one (text and token ids appended,
+    counts and finish reason the newest), as vLLM v1's output collector does: a front end that
+    falls behind its engine, or a door waiting on a slow client, then sends fewer and larger
+    responses instead of building a backlog.
+
+    `stream_interval` (vLLM's option of that name): after the first response, the caller is
+    woken only when the merged response holds that many tokens, or ends the request. Each
+    response costs the front end and the client about as much as a token costs the engine on a
+    small CPU host, so an interval above 1 trades smoothness for throughput there."""
+
+    def __init__(self, stream: "_Stream", request_id: str, deadline: float | None, stream_interval: int = 1):
         self._stream = stream
         self.request_id = request_id
         self._deadline = deadline          # time.monotonic(); None: unbounded
-        self._items: asyncio.Queue = asyncio.Queue()   # StreamOutputs' outputs, or an EngineCallError
+        self._interval = max(stream_interval, 1)
+        self._items: collections.deque = collections.deque()   # StreamOutputs, then maybe an EngineCallError
+        self._ready = asyncio.Event()
+        self._woken = False                # the first response went out at once (time to first token)
         self.done = False
+
+    def deliver(self, item: engine_pb2.StreamOutput | EngineCallError) -> None:
+        """The stream's reader hands over an output of this request, or the stream's failure."""
+        last = self._items[-1] if self._items else None
+        if (isinstance(item, engine_pb2.StreamOutput) and not item.cause
+                and isinstance(last, engine_pb2.StreamOutput) and not last.cause):
+            merge_response(last.response, item.response)
+            item = last
+        else:
+            self._items.append(item)
+        if (not self._woken or not isinstance(item, engine_pb2.StreamOutput) or item.cause
+                or item.response.finish_reason or len(item.response.token_ids) >= self._interval):
+            self._woken = True
+            self._ready.set()
 
     def __aiter__(self):
         return self
@@ -63,14 +100,18 @@ class GenerateCall:
     async def __anext__(self) -> engine_pb2.GenerateResponse:
         if self.done:
             raise StopAsyncIteration
-        if self._deadline is None:
-            item = await self._items.get()
-        else:
+        while not self._ready.is_set():
+            if self._deadline is None:
+                await self._ready.wait()
+                continue
             try:
-                item = await asyncio.wait_for(self._items.get(), max(self._deadline - time.monotonic(), 0.0))
+                await asyncio.wait_for(self._ready.wait(), max(self._deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
                 self.cancel()
                 raise EngineCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed") from None
+        item = self._items.popleft()
+        if not self._items:
+            self._ready.clear()
         if isinstance(item, EngineCallError):
             self.done = True
             raise item
@@ -111,8 +152,8 @@ class _Stream:
         if not self.failed:
             self._commands.put_nowait(command)
 
-    def start(self, request: engine_pb2.GenerateRequest, deadline: float | None) -> GenerateCall:
-        call = self.calls[request.request_id] = GenerateCall(self, request.request_id, deadline)
+    def start(self, request: engine_pb2.GenerateRequest, deadline: float | None, stream_interval: int) -> GenerateCall:
+        call = self.calls[request.request_id] = GenerateCall(self, request.request_id, deadline, stream_interval)
         self.send(engine_pb2.StreamCommand(generate=request))
         return call
 
@@ -123,7 +164,7 @@ class _Stream:
                 for out in message.outputs:
                     call = self.calls.get(out.request_id)
                     if call is not None:
-                        call._items.put_nowait(out)
+                        call.deliver(out)
         except grpc.aio.AioRpcError as exc:
             failure = EngineCallError(exc.code(), exc.details() or "", cause_of(exc, None))
         except asyncio.CancelledError:   # the channel was closed (the engine left), or close()
@@ -131,7 +172,7 @@ class _Stream:
         finally:
             self.failed = True   # the next request opens a new stream
             for call in self.calls.values():
-                call._items.put_nowait(failure)
+                call.deliver(failure)
             self.calls.clear()
 
     def close(self) -> None:
@@ -228,12 +269,13 @@ class EngineClient:
         if self._on_load is not None:
             self._on_load(self.address, self.load)
 
-    def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None = None) -> GenerateCall:
+    def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None = None,
+                 stream_interval: int = 1) -> GenerateCall:
         """Starts a request on the engine's shared stream (opened on first use, and again after
         it failed); iterate the call for GenerateResponses, cancel() it to abort the request."""
         if self._stream is None or self._stream.failed:
             self._stream = _Stream(self.stub, self.metadata)
-        return self._stream.start(request, None if timeout is None else time.monotonic() + timeout)
+        return self._stream.start(request, None if timeout is None else time.monotonic() + timeout, stream_interval)
 
     async def stats(self, timeout: float = 2.0) -> engine_pb2.StatsResponse:
         self._calls += 1

@@ -18,6 +18,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Streaming only, read by the front end (not sent to the engine): tokens per response after
+    # the first; raises the model's `stream_interval`, as vLLM's per-request setting does.
+    stream_interval: int = 1
 
     @property
     def greedy(self) -> bool:

@@ -112,6 +112,7 @@ class Request:
         sent_tokens: list[int] = []
         migrations = 0
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
+        stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
         request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt=gen.prompt,
                                              sampling=gen.sampling.to_proto())
         prompt_tokens, prompt_hashes = await core.prompt_figures(dep, gen.prompt)
@@ -130,7 +131,7 @@ class Request:
                 client = core.router.clients.get(route.decode.address)
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 self.engine_call = self.engine_call or time.monotonic()
-                call = client.generate(request, timeout=timeout)
+                call = client.generate(request, timeout=timeout, stream_interval=stream_interval)
                 started = finished = False
                 try:
                     async for response in call:

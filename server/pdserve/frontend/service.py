@@ -216,37 +216,51 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Decoupled streaming: requests run concurrently; each ends with triton_final_response."""
+        """Decoupled streaming: requests run concurrently; each ends with triton_final_response.
+
+        A request has at most one response waiting to be written: while it waits, the request's
+        next pieces wait in its engine call, merged into one (cluster/engine_client.py), so a
+        slow client or a busy front end gets fewer, larger responses, never a backlog."""
         close_on_error = any(k == "triton_grpc_error" and v.lower() == "true"
                              for k, v in context.invocation_metadata() or ())
-        outbox: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()   # (response or ServeError, future set once written), or None
         tasks: set[asyncio.Task] = set()
+
+        async def send(response: pb.ModelInferResponse, previous: asyncio.Future | None) -> asyncio.Future:
+            """Queues a response once the request's previous one is written; returns the future
+            that is set when this one is."""
+            if previous is not None:
+                await previous
+            written = loop.create_future()
+            outbox.put_nowait((pb.ModelStreamInferResponse(infer_response=response), written))
+            return written
 
         async def serve_one(request: pb.ModelInferRequest):
             empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
-                final = None
+                final = written = None
                 async for response, last in self.run_request(request, True, context.time_remaining()):
                     response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
                     if last:
                         # sent once the request has ended here (its success counted): a client that
                         # closes the stream on its final response then cancels nothing
-                        final = pb.ModelStreamInferResponse(infer_response=response)
+                        final = response
                         continue
-                    await outbox.put(pb.ModelStreamInferResponse(infer_response=response))
+                    written = await send(response, written)
                 if final is not None:
-                    await outbox.put(final)
+                    written = await send(final, written)
                 if empty_final:
                     empty = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                   id=request.id)
                     empty.parameters["triton_final_response"].CopyFrom(_bool_param(True))
-                    await outbox.put(pb.ModelStreamInferResponse(infer_response=empty))
+                    await send(empty, written)
             except ServeError as exc:
-                await outbox.put(exc)
+                outbox.put_nowait((exc, None))
             except Exception as exc:  # never leave a request of the stream without an answer
                 log.exception("stream request failed unexpectedly")
-                await outbox.put(ServeError(Cause.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+                outbox.put_nowait((ServeError(Cause.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"), None))
 
         async def read_requests():
             async for request in request_iterator:
@@ -263,12 +277,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if reader.done() and not tasks:
                         break
                     continue
-                if isinstance(item, ServeError):
+                message, written = item
+                if isinstance(message, ServeError):
                     if close_on_error:
-                        await _abort(context, item)
-                    yield pb.ModelStreamInferResponse(error_message=item.message)
+                        await _abort(context, message)
+                    yield pb.ModelStreamInferResponse(error_message=message.message)
                     continue
-                yield item
+                yield message
+                if written is not None and not written.done():
+                    written.set_result(None)
         finally:
             reader.cancel()
             for task in list(tasks):

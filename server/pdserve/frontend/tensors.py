@@ -171,6 +171,8 @@ def parse_sampling_parameters(text: str | None, extra: dict | None = None) -> Sa
                                    high=sp.get("max_tokens", SamplingParams.max_tokens))
     if "ignore_eos" in params:
         sp["ignore_eos"] = _flag(params, "ignore_eos")
+    if "stream_interval" in params:
+        sp["stream_interval"] = _number(params, "stream_interval", int, low=1, high=2**31 - 1)
     if "stop" in params:
         stop = params["stop"]
         stop = [stop] if isinstance(stop, str) else stop

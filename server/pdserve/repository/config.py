@@ -35,8 +35,10 @@ KSERVE_DATATYPES = {v: k for k, v in CONFIG_DATATYPES.items()}
 ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if f.name not in ("model_path", "device")}
 # Parameters read outside the engine's EngineConfig: the transport, the front end's admission
 # limit per model version (requests in flight from one node), and how many times a request may
-# move to another engine when its engine dies mid-stream (0: never, as Dynamo's default).
-NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int"}
+# move to another engine when its engine dies mid-stream (0: never, as Dynamo's default), and
+# the tokens per streamed response after the first (vLLM's --stream-interval; 1: every token).
+NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int",
+                   "stream_interval": "int"}
 # The planner of AUTO instances (repository/planner.py, docs/cluster.md "Elastic roles").
 PLANNER_PARAMETERS = {"planner_interval_s": "float", "planner_prefill_queue_high": "int",
                       "planner_prefill_queue_low": "int", "planner_decode_seqs_high": "int",
@@ -194,6 +196,8 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
         raise ConfigError(f"{path}: parameters 'kv_block_size' must be at least 1")
     if params.get("max_num_batched_tokens", 1) < 1:
         raise ConfigError(f"{path}: parameters 'max_num_batched_tokens' must be at least 1")
+    if params.get("stream_interval", 1) < 1:
+        raise ConfigError(f"{path}: parameters 'stream_interval' must be at least 1 (1: a response per token)")
     if params.get("max_num_seqs", 1) < 1:
         raise ConfigError(f"{path}: parameters 'max_num_seqs' must be at least 1")
     fraction = params.get("kv_cache_memory_fraction", 0.0)
