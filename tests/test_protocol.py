@@ -87,6 +87,16 @@ def test_streaming_pieces_add_up_to_the_unary_text(served):
     assert flags == [False] * (len(results) - 1) + [True]
 
 
+def test_stream_interval_sends_the_first_token_at_once_then_groups_of_tokens(served):
+    whole = infer_text(served, "import os", exclude_input_in_output=True).as_numpy("text_output")[0].decode()
+    results = stream_request(served.client, "small", inputs("import os", True, {**GREEDY, "stream_interval": 4},
+                                                              return_num_output_tokens=True))
+    counts = [int(r.as_numpy("num_output_tokens")[0]) for r in results]
+    assert counts[0] == 1, "the first token is not held back"
+    assert sum(counts) == 12 and all(c >= 4 for c in counts[1:-1]) and len(results) <= 4, counts
+    assert "".join(r.as_numpy("text_output")[0].decode() for r in results) == whole
+
+
 def test_empty_final_response_when_asked(served):
     results = stream_request(served.client, "small", inputs("class A:", True, GREEDY), empty_final=True)
     final = results[-1]

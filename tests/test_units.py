@@ -1,10 +1,15 @@
 """Pure logic: config validation messages, tensor parsing, detokenizer, block accounting."""
+import asyncio
 import json
+import types
 
+import grpc
 import pytest
 
 from harness import config_text, write_config
 
+from pdserve._proto import engine_pb2
+from pdserve.cluster.engine_client import EngineCallError, GenerateCall
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.scheduler import Scheduler
@@ -28,6 +33,7 @@ def model_folder(tmp_path, config: str, versions=(1,)):
     ('parameters: { key: "colour" value: { string_value: "red" } }', ["colour", "known keys"]),
     ('name: "other"', ["folder", "'m'"]),
     ("max_batch_size: [", ["config.pbtxt", "text format"]),
+    ('parameters: { key: "stream_interval" value: { string_value: "0" } }', ["stream_interval", "at least 1"]),
     ("version_policy: { specific: { versions: [ 4 ] } }", ["[4]", "available"]),
 ])
 def test_config_errors_name_the_file_field_and_fix(tmp_path, config, words):
@@ -156,3 +162,55 @@ def test_bind_host_confines_named_hosts_and_keeps_the_operator_s_preloads():
     assert env["PDSERVE_BIND_HOST"] == "127.0.0.1"
     assert env["LD_PRELOAD"].endswith(" /opt/libmine.so") and env["LD_PRELOAD"].split()[0].endswith(".so")
     assert bind_host.environment("0.0.0.0", {}) == {}
+
+
+def _output(text: str, n: int, reason: str = "") -> engine_pb2.StreamOutput:
+    return engine_pb2.StreamOutput(request_id="r", response=engine_pb2.GenerateResponse(
+        text=text, token_ids=[n], num_input_tokens=5, num_output_tokens=n, finish_reason=reason))
+
+
+def test_an_engine_call_merges_what_its_caller_has_not_taken_and_holds_to_the_stream_interval():
+    async def main():
+        stream = types.SimpleNamespace(calls={}, send=lambda command: None)
+        call = GenerateCall(stream, "r", None, stream_interval=3)
+        call.deliver(_output("a", 1))
+        first = await asyncio.wait_for(call.__anext__(), 1)
+        assert (first.text, list(first.token_ids)) == ("a", [1]), "the first token goes at once"
+        call.deliver(_output("b", 2))
+        call.deliver(_output("c", 3))
+        waiting = asyncio.ensure_future(call.__anext__())
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "two tokens wait for the third"
+        call.deliver(_output("d", 4))
+        merged = await asyncio.wait_for(waiting, 1)
+        assert (merged.text, list(merged.token_ids), merged.num_output_tokens) == ("bcd", [2, 3, 4], 4)
+        call.deliver(_output("e", 5, "length"))
+        last = await asyncio.wait_for(call.__anext__(), 1)
+        assert (last.text, last.finish_reason) == ("e", "length"), "the end goes at once"
+        with pytest.raises(StopAsyncIteration):
+            await call.__anext__()
+
+        # every token: a caller that falls behind gets one merged response, not a backlog
+        behind = GenerateCall(stream, "s", None)
+        for n, text in enumerate("xyz", start=1):
+            behind.deliver(_output(text, n))
+        taken = await asyncio.wait_for(behind.__anext__(), 1)
+        assert (taken.text, taken.num_output_tokens) == ("xyz", 3)
+
+        # the stream breaks with tokens held: the tokens come out first, then the error
+        broken = GenerateCall(stream, "t", None, stream_interval=8)
+        broken.deliver(_output("p", 1))
+        await broken.__anext__()
+        broken.deliver(_output("q", 2))
+        broken.deliver(EngineCallError(grpc.StatusCode.UNAVAILABLE, "the engine went away"))
+        assert (await asyncio.wait_for(broken.__anext__(), 1)).text == "q"
+        with pytest.raises(EngineCallError):
+            await broken.__anext__()
+
+    asyncio.run(main())
+
+
+def test_stream_interval_is_a_sampling_parameter_of_at_least_one():
+    assert parse_sampling_parameters('{"stream_interval": "4"}').stream_interval == 4
+    with pytest.raises(InvalidInput, match="stream_interval"):
+        parse_sampling_parameters('{"stream_interval": 0}')

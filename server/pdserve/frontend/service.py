@@ -241,14 +241,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
                 final = written = None
-                async for response, last in self.run_request(request, True, context.time_remaining()):
-                    response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
-                    if last:
-                        # sent once the request has ended here (its success counted): a client that
-                        # closes the stream on its final response then cancels nothing
-                        final = response
-                        continue
-                    written = await send(response, written)
+                # closed here, not by the garbage collector, when this task is cancelled while it
+                # waits for its previous response to be written: the engine call ends at once
+                async with contextlib.aclosing(self.run_request(request, True, context.time_remaining())) as responses:
+                    async for response, last in responses:
+                        response.parameters["triton_final_response"].CopyFrom(_bool_param(last and not empty_final))
+                        if last:
+                            # sent once the request has ended here (its success counted): a client that
+                            # closes the stream on its final response then cancels nothing
+                            final = response
+                            continue
+                        written = await send(response, written)
                 if final is not None:
                     written = await send(final, written)
                 if empty_final:
