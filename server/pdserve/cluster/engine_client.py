@@ -19,7 +19,7 @@ from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.cluster.kv_index import KVIndex
 from pdserve.common.cluster_auth import call_metadata
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
-from pdserve.common.errors import Cause, cause_of
+from pdserve.common.errors import Cause, cause_named, cause_of
 
 # An engine's load is counted in prompt tokens of work: its queued prefill tokens, plus this
 # many tokens for each request it runs or queues (a request in a decode batch slows every step;
@@ -40,6 +40,11 @@ def merge_response(into: engine_pb2.GenerateResponse, later: engine_pb2.Generate
     into.num_input_tokens = later.num_input_tokens
     into.num_output_tokens = later.num_output_tokens
     into.finish_reason = later.finish_reason
+
+
+def _response_of(item) -> engine_pb2.GenerateResponse | None:
+    """A GenerateCall item's response; None for a failure (the engine's cause, or the stream's)."""
+    return item.response if isinstance(item, engine_pb2.StreamOutput) and not item.cause else None
 
 
 class EngineCallError(Exception):
@@ -82,15 +87,15 @@ class GenerateCall:
 
     def deliver(self, item: engine_pb2.StreamOutput | EngineCallError) -> None:
         """The stream's reader hands over an output of this request, or the stream's failure."""
-        last = self._items[-1] if self._items else None
-        if (isinstance(item, engine_pb2.StreamOutput) and not item.cause
-                and isinstance(last, engine_pb2.StreamOutput) and not last.cause):
-            merge_response(last.response, item.response)
-            item = last
+        response = _response_of(item)
+        held = _response_of(self._items[-1]) if self._items else None
+        if response is not None and held is not None:
+            merge_response(held, response)
+            response = held
         else:
             self._items.append(item)
-        if (not self._woken or not isinstance(item, engine_pb2.StreamOutput) or item.cause
-                or item.response.finish_reason or len(item.response.token_ids) >= self._interval):
+        if (not self._woken or response is None or response.finish_reason
+                or len(response.token_ids) >= self._interval):
             self._woken = True
             self._ready.set()
 
@@ -117,7 +122,7 @@ class GenerateCall:
             raise item
         if item.cause:
             self._end()
-            cause = Cause[item.cause] if item.cause in Cause.__members__ else Cause.INTERNAL
+            cause = cause_named(item.cause, Cause.INTERNAL)
             raise EngineCallError(cause.status, item.message, cause)
         if item.response.finish_reason:
             self._end()

@@ -63,9 +63,16 @@ def cause_of(exc: grpc.aio.AioRpcError, default: Cause | None) -> Cause | None:
     """The cause a pdserve engine attached to a failed RPC; default when there is none
     (a transport failure, a peer that died, a deadline)."""
     for key, value in exc.trailing_metadata() or ():
-        if key == CAUSE_KEY and value in Cause.__members__:
-            return Cause[value]
+        cause = cause_named(value, None) if key == CAUSE_KEY else None
+        if cause is not None:
+            return cause
     return default
+
+
+def cause_named(name: str, default: Cause | None) -> Cause | None:
+    """The Cause of a name an engine sent (a stream output's cause); default for one this
+    front end does not know."""
+    return Cause[name] if name in Cause.__members__ else default
 
 
 def channel_closed_under_call() -> bool:

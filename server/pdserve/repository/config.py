@@ -192,14 +192,9 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
             raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative")
     if params.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{path}: parameters 'dtype' is '{params['dtype']}'; use one of {', '.join(DTYPES)}")
-    if params.get("kv_block_size", 16) < 1:
-        raise ConfigError(f"{path}: parameters 'kv_block_size' must be at least 1")
-    if params.get("max_num_batched_tokens", 1) < 1:
-        raise ConfigError(f"{path}: parameters 'max_num_batched_tokens' must be at least 1")
-    if params.get("stream_interval", 1) < 1:
-        raise ConfigError(f"{path}: parameters 'stream_interval' must be at least 1 (1: a response per token)")
-    if params.get("max_num_seqs", 1) < 1:
-        raise ConfigError(f"{path}: parameters 'max_num_seqs' must be at least 1")
+    for key in ("kv_block_size", "max_num_batched_tokens", "max_num_seqs", "stream_interval"):
+        if params.get(key, 1) < 1:
+            raise ConfigError(f"{path}: parameters '{key}' must be at least 1")
     fraction = params.get("kv_cache_memory_fraction", 0.0)
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"{path}: parameters 'kv_cache_memory_fraction' is {fraction}; use a value in (0, 1]")
