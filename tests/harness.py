@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,10 +21,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range, never the same twice in a run.
+    A port from bind(0) is released before the server binds it, and in that gap the kernel may
+    give it to any bind(0) or outgoing connection (the server's private etcd, a gRPC channel):
+    CI once lost a test to that. Below the ephemeral range the kernel hands out nothing."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = max(1024, ephemeral_low - 12000)
+    for _ in range(1000):
+        port = random.randrange(low, ephemeral_low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{ephemeral_low - 1}")
 
 
 def make_model(out_dir: str, **sizes) -> str:

@@ -330,6 +330,10 @@ def parent_death_command(command: list[str]) -> tuple[list[str], object]:
     return command, die_with_parent
 
 
+class _PortTaken(Exception):
+    """etcd exited because one of its ports was bound by someone else meanwhile."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -348,6 +352,7 @@ class EtcdProcess:
         os.makedirs(self.data_dir, exist_ok=True)
         self.client_port = client_port or _free_port()
         self.peer_port = _free_port()
+        self._client_port_chosen = client_port is None
         self.proc: subprocess.Popen | None = None
         # TLS on the client URL (the tests' protected etcd): a server certificate, and with
         # client_ca_file etcd's --client-cert-auth (clients need a certificate of that CA)
@@ -358,9 +363,24 @@ class EtcdProcess:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
-    def start(self, timeout: float = 30.0) -> "EtcdProcess":
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> "EtcdProcess":
+        """Start etcd and wait until it accepts connections. A port chosen here was free when
+        chosen but released before etcd binds it; if something took it in that gap, choose
+        again (a port the caller named is kept: that is the caller's to pick)."""
         if not os.path.exists(self.binary):
             raise FileNotFoundError("etcd is not installed: `make setup` installs Debian's etcd-server")
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"etcd could not bind its ports {attempts} times; see {self.log.name}")
+                self.peer_port = _free_port()
+                if self._client_port_chosen:
+                    self.client_port = _free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "EtcdProcess":
         scheme = "https" if self.cert_file else "http"
         url, peer = f"{scheme}://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
         tls = ["--cert-file", self.cert_file, "--key-file", self.key_file] if self.cert_file else []
@@ -377,6 +397,10 @@ class EtcdProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
+                self.log.close()
+                with open(self.log.name, "rb") as f:
+                    if b"address already in use" in f.read()[-4096:]:
+                        raise _PortTaken()
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log.name}")
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
