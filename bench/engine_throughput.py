@@ -204,12 +204,18 @@ def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], o
 
 
 def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[list[int]], texts: list[str],
-                            output_len: int, rounds: int = 5, stream_interval: int = 1) -> dict:
+                            output_len: int, rounds: int = 5, stream_interval: int = 1,
+                            client: str = "tritonclient") -> dict:
     """The engine in-process and the server, round for round in turn (engine, server, engine,
     ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
-    server / engine ratio is taken pair by pair (the median of the pairs' ratios)."""
+    server / engine ratio is taken pair by pair (the median of the pairs' ratios). client:
+    "tritonclient" (Python, ServerRounds) or "perf_analyzer" (C++, perf_analyzer_rounds)."""
     engine = EngineRounds(model, dtype, device, output_len)
-    server = ServerRounds(model, dtype, device, output_len, stream_interval)
+    if client == "perf_analyzer":
+        from perf_analyzer_rounds import PerfAnalyzerRounds
+        server = PerfAnalyzerRounds(model, dtype, device, output_len, stream_interval)
+    else:
+        server = ServerRounds(model, dtype, device, output_len, stream_interval)
     try:
         server.round(texts[:2])  # warm-up
         engine_rounds, server_rounds = [], []

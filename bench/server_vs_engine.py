@@ -7,7 +7,7 @@ The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its e
 (repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
 with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
-    python bench/server_vs_engine.py [--rounds 5] [--dtype float32]
+    python bench/server_vs_engine.py [--rounds 5] [--dtype float32] [--client tritonclient|perf_analyzer]
 """
 import argparse
 import json
@@ -26,14 +26,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--stream-interval", type=int, default=1, help="the model's stream_interval (1: a response per token)")
+    ap.add_argument("--client", choices=["tritonclient", "perf_analyzer"], default="tritonclient",
+                    help="the streaming client that measures the server (perf_analyzer: Triton's C++ load generator)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     model = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer.encode(tokenizer.decode(p)) for p in make_prompts(tokenizer, 32, 256)]
     texts = [tokenizer.decode(p) for p in prompts]
-    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, args.stream_interval)
-    summary = {"dtype": args.dtype, "stream_interval": args.stream_interval, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, args.stream_interval,
+                                args.client)
+    summary = {"dtype": args.dtype, "client": args.client, "stream_interval": args.stream_interval, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "engine_tok_s": [round(x["output_tokens_per_s"]) for x in r["engine"]["rounds"]],
                "server_tok_s": [round(x["output_tokens_per_s"]) for x in r["server"]["rounds"]],
                "server_tokens_per_response": [round(x["tokens_per_response"], 2) for x in r["server"]["rounds"]],

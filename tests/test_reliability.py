@@ -175,6 +175,39 @@ def test_a_request_timeout_ends_it_and_frees_its_blocks(node):
                   "the timed-out request's blocks to be free", 15)
 
 
+def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeout(node):
+    """A request has one response waiting to be written at a time (frontend/service.py), so a
+    client that stops reading holds it; its `timeout` still ends it, with an error response."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    # a 1 KB HTTP/2 stream window: the server's writes block after a few responses
+    channel = grpc.insecure_channel(node.url, options=[("grpc.http2.lookahead_bytes", 1024),
+                                                       ("grpc.http2.bdp_probe", 0)])
+    request = service_pb2.ModelInferRequest(model_name="agg", id="stalled")
+    request.parameters["timeout"].int64_param = 2_000_000   # µs
+    for name, datatype, value in (("text_input", "BYTES", b"def f(x):"), ("stream", "BOOL", True),
+                                  ("sampling_parameters", "BYTES", json.dumps({**GREEDY, "max_tokens": 400}).encode())):
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=[1])
+        (tensor.contents.bool_contents if datatype == "BOOL" else tensor.contents.bytes_contents).append(value)
+    try:
+        responses = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                          request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                          response_deserializer=service_pb2.ModelStreamInferResponse.FromString)(
+            iter([request]), timeout=60)
+        assert next(responses).infer_response.id == "stalled"
+        # not reading: the request ends at its timeout all the same
+        started = time.monotonic()
+        node.wait_for(lambda: node.metric_value("nv_inference_pending_request_count", model="agg") == 0,
+                      "the unread request to end at its timeout", 15)
+        assert time.monotonic() - started > 1.0   # it was held (the engine finishes well within the timeout)
+        errors = [r.error_message for r in responses if r.error_message]
+        assert errors and "deadline passed while its responses waited for the client" in errors[0]
+    finally:
+        channel.close()
+    assert text_of(node, "agg", "x =", {**GREEDY, "max_tokens": 4})
+
+
 def test_records_with_unknown_fields_are_read_and_bad_records_never_stop_the_view(node):
     endpoint = node.etcd_endpoint
     [real] = [r for r in node.engines("BOTH") if r["model"] == "agg"]

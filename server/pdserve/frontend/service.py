@@ -227,11 +227,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         outbox: asyncio.Queue = asyncio.Queue()   # (response or ServeError, future set once written), or None
         tasks: set[asyncio.Task] = set()
 
-        async def send(response: pb.ModelInferResponse, previous: asyncio.Future | None) -> asyncio.Future:
+        async def send(response: pb.ModelInferResponse, previous: asyncio.Future | None,
+                       deadline: float | None) -> asyncio.Future:
             """Queues a response once the request's previous one is written; returns the future
-            that is set when this one is."""
-            if previous is not None:
-                await previous
+            that is set when this one is. A client that stops reading holds the request here, so
+            the wait is bounded by the request's deadline, as its engine call is."""
+            if previous is not None and not previous.done():
+                if deadline is None:
+                    await previous
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(previous), max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed while its "
+                                         "responses waited for the client to read the stream") from None
             written = loop.create_future()
             outbox.put_nowait((pb.ModelStreamInferResponse(infer_response=response), written))
             return written
@@ -241,6 +250,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
                 final = written = None
+                deadline = request_deadline(request, context.time_remaining())
                 # closed here, not by the garbage collector, when this task is cancelled while it
                 # waits for its previous response to be written: the engine call ends at once
                 async with contextlib.aclosing(self.run_request(request, True, context.time_remaining())) as responses:
@@ -251,14 +261,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                             # closes the stream on its final response then cancels nothing
                             final = response
                             continue
-                        written = await send(response, written)
+                        written = await send(response, written, deadline)
                 if final is not None:
-                    written = await send(final, written)
+                    written = await send(final, written, deadline)
                 if empty_final:
                     empty = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                   id=request.id)
                     empty.parameters["triton_final_response"].CopyFrom(_bool_param(True))
-                    await send(empty, written)
+                    await send(empty, written, deadline)
             except ServeError as exc:
                 outbox.put_nowait((exc, None))
             except Exception as exc:  # never leave a request of the stream without an answer
