@@ -10,7 +10,8 @@ sent to the last response received (perf_analyzer's profile export holds the tim
 every response's outputs).
 
 perf_analyzer is installed on demand into its own virtualenv (tritonclient[all]==2.51.0 and
-nvidia-cuda-runtime-cu12, whose libcudart the binary links); it also needs Debian's libb64-0d.
+nvidia-cuda-runtime-cu12, whose libcudart the binary links), .venv-perf-analyzer/ unless
+PERF_ANALYZER_VENV names another; it also needs Debian's libb64-0d (apt-get install libb64-0d).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import tempfile
 
 from engine_throughput import ServerRounds
 
-PERF_ANALYZER_VENV = os.environ.get("PERF_ANALYZER_VENV", "/work/pa-venv")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERF_ANALYZER_VENV = os.environ.get("PERF_ANALYZER_VENV", os.path.join(ROOT, ".venv-perf-analyzer"))
 
 
 def ensure_perf_analyzer(venv: str = PERF_ANALYZER_VENV) -> tuple[str, dict]:

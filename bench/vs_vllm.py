@@ -17,6 +17,7 @@ torchaudio and torchcodec removed; it brings the same torch), each setup in a ch
 
     python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
+                            [--server-clients tritonclient,perf_analyzer]
 
 Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
 """
@@ -159,12 +160,13 @@ def table(report: dict) -> str:
     if intervals:
         lines += ["", "Server against engine by stream_interval (tokens per streamed response after the first; "
                       "each row its own engine and server rounds, in turn):", "",
-                  "| dtype | stream_interval | tokens per response | engine | server | server / engine |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| dtype | client | stream_interval | tokens per response | engine | server | server / engine |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for dtype, by in intervals.items():
             for interval, x in by.items():
                 pairs = ", ".join(f"{p:.2f}" for p in x["server_over_engine"]["pairs"])
-                lines.append(f"| {dtype} | {interval} | {x['server'].get('tokens_per_response', 0):.2f} "
+                lines.append(f"| {dtype} | {x.get('client', 'tritonclient')} | {x.get('stream_interval', interval)} "
+                             f"| {x['server'].get('tokens_per_response', 0):.2f} "
                              f"| {x['engine_tok_s']:.0f} | {x['server']['output_tokens_per_s']:.0f} "
                              f"| {x['server_over_engine']['median']:.2f} (pairs: {pairs}) |")
     long = {d: r["long_context"] for d, r in report["results"].items() if "long_context" in r}
@@ -225,6 +227,10 @@ def main() -> None:
     ap.add_argument("--stream-intervals", default="1,4",
                     help="the server's stream_interval settings to measure (tokens per streamed response after "
                          "the first; 1, the default, is the main row), each against the engine in turn")
+    ap.add_argument("--server-clients", default="tritonclient",
+                    help="the streaming clients that measure the server, each against the engine in turn: "
+                         "tritonclient (Python) and/or perf_analyzer (Triton's C++ load generator, installed on "
+                         "demand; bench/perf_analyzer_rounds.py); the first is the main row")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
@@ -288,18 +294,22 @@ def main() -> None:
         if "engine" not in args.skip and "server" not in args.skip:
             # round for round in turn: the server / engine ratio is taken pair by pair
             intervals = [int(x) for x in args.stream_intervals.split(",")]
+            clients = args.server_clients.split(",")
             r["stream_intervals"] = {}
-            for interval in intervals:
-                both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
-                                                  rounds=args.pair_rounds, stream_interval=interval)
-                r["stream_intervals"][str(interval)] = {
-                    "server": both["server"], "server_over_engine": both["server_over_engine"],
-                    "engine_tok_s": both["engine"]["output_tokens_per_s"]}
-                print(dtype, f"stream_interval {interval}: server / engine, pair by pair:",
-                      both["server_over_engine"]["pairs"], flush=True)
-                if interval == intervals[0]:
-                    r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
-                    r["server_over_engine"] = both["server_over_engine"]
+            for client in clients:
+                for interval in intervals:
+                    both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
+                                                      rounds=args.pair_rounds, stream_interval=interval, client=client)
+                    key = str(interval) if client == "tritonclient" else f"{interval} {client}"
+                    r["stream_intervals"][key] = {
+                        "client": client, "stream_interval": interval,
+                        "server": both["server"], "server_over_engine": both["server_over_engine"],
+                        "engine_tok_s": both["engine"]["output_tokens_per_s"]}
+                    print(dtype, f"{client}, stream_interval {interval}: server / engine, pair by pair:",
+                          both["server_over_engine"]["pairs"], flush=True)
+                    if interval == intervals[0] and client == clients[0]:
+                        r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
+                        r["server_over_engine"] = both["server_over_engine"]
         elif "engine" not in args.skip:
             eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
                                   return_tokens=True)
