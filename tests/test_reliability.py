@@ -190,6 +190,9 @@ def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeo
                                   ("sampling_parameters", "BYTES", json.dumps({**GREEDY, "max_tokens": 400}).encode())):
         tensor = request.inputs.add(name=name, datatype=datatype, shape=[1])
         (tensor.contents.bool_contents if datatype == "BOOL" else tensor.contents.bytes_contents).append(value)
+    def deadline_failures():
+        return node.metric_value("nv_inference_request_failure", model="agg", reason="deadline_exceeded") or 0
+    failures = deadline_failures()
     try:
         responses = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                           request_serializer=service_pb2.ModelInferRequest.SerializeToString,
@@ -203,6 +206,7 @@ def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeo
         assert time.monotonic() - started > 1.0   # it was held (the engine finishes well within the timeout)
         errors = [r.error_message for r in responses if r.error_message]
         assert errors and "deadline passed while its responses waited for the client" in errors[0]
+        assert deadline_failures() == failures + 1   # counted as what the client was told
     finally:
         channel.close()
     assert text_of(node, "agg", "x =", {**GREEDY, "max_tokens": 4})

@@ -261,7 +261,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                             # closes the stream on its final response then cancels nothing
                             final = response
                             continue
-                        written = await send(response, written, deadline)
+                        try:
+                            written = await send(response, written, deadline)
+                        except ServeError as exc:
+                            # thrown into the request, so it ends (and is counted) with this cause
+                            await responses.athrow(exc)
+                            raise
                 if final is not None:
                     written = await send(final, written, deadline)
                 if empty_final:
