@@ -250,7 +250,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if "triton_enable_empty_final_response" in request.parameters else False
             try:
                 final = written = None
-                deadline = request_deadline(request, context.time_remaining())
+                try:
+                    deadline = request_deadline(request, context.time_remaining())
+                except ServeError:   # a bad `timeout`: run_request fails the request with it, counted
+                    deadline = None
                 # closed here, not by the garbage collector, when this task is cancelled while it
                 # waits for its previous response to be written: the engine call ends at once
                 async with contextlib.aclosing(self.run_request(request, True, context.time_remaining())) as responses:
