@@ -106,11 +106,9 @@ class GenerateCall:
         if self.done:
             raise StopAsyncIteration
         while not self._ready.is_set():
-            if self._deadline is None:
-                await self._ready.wait()
-                continue
+            left = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
             try:
-                await asyncio.wait_for(self._ready.wait(), max(self._deadline - time.monotonic(), 0.0))
+                await asyncio.wait_for(self._ready.wait(), left)
             except asyncio.TimeoutError:
                 self.cancel()
                 raise EngineCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed") from None

@@ -369,16 +369,14 @@ class EtcdProcess:
         again (a port the caller named is kept: that is the caller's to pick)."""
         if not os.path.exists(self.binary):
             raise FileNotFoundError("etcd is not installed: `make setup` installs Debian's etcd-server")
-        for attempt in range(attempts):
+        for _ in range(attempts):
             try:
                 return self._start_once(timeout)
             except _PortTaken:
-                if attempt == attempts - 1:
-                    raise RuntimeError(f"etcd could not bind its ports {attempts} times; see {self.log.name}")
                 self.peer_port = _free_port()
                 if self._client_port_chosen:
                     self.client_port = _free_port()
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"etcd could not bind its ports {attempts} times; see {self.log.name}")
 
     def _start_once(self, timeout: float) -> "EtcdProcess":
         scheme = "https" if self.cert_file else "http"

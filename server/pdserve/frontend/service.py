@@ -233,14 +233,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             that is set when this one is. A client that stops reading holds the request here, so
             the wait is bounded by the request's deadline, as its engine call is."""
             if previous is not None and not previous.done():
-                if deadline is None:
-                    await previous
-                else:
-                    try:
-                        await asyncio.wait_for(asyncio.shield(previous), max(0.0, deadline - time.monotonic()))
-                    except asyncio.TimeoutError:
-                        raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed while its "
-                                         "responses waited for the client to read the stream") from None
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(asyncio.shield(previous), left)
+                except asyncio.TimeoutError:
+                    raise ServeError(Cause.DEADLINE_EXCEEDED, "the request's deadline passed while its "
+                                     "responses waited for the client to read the stream") from None
             written = loop.create_future()
             outbox.put_nowait((pb.ModelStreamInferResponse(infer_response=response), written))
             return written
