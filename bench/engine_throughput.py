@@ -134,7 +134,8 @@ class ServerRounds:
     """A pdserve server (one BOTH engine) and a tritonclient streaming client; round() sends every
     prompt at once over one ModelStreamInfer stream and waits for every final response."""
 
-    def __init__(self, model: str, dtype: str, device: str, output_len: int, stream_interval: int = 1):
+    def __init__(self, model: str, dtype: str, device: str, output_len: int, stream_interval: int = 1,
+                 server_args: tuple[str, ...] = ()):
         import tritonclient.grpc as grpcclient
         from harness import PdServer, config_text
 
@@ -145,7 +146,7 @@ class ServerRounds:
             f.write(config_text(role_groups=(("BOTH", device),), dtype=dtype, kv_cache_blocks=4096,
                                 max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=STEP_TOKENS,
                                 enable_prefix_caching=str(PREFIX_CACHING).lower(), stream_interval=stream_interval))
-        self.server = PdServer(self.repo, mode="none").start()
+        self.server = PdServer(self.repo, mode="none", extra_args=server_args).start()
         self.params = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True}
         try:
             self.server.wait_ready("bench", timeout=300)
@@ -205,7 +206,7 @@ def bench_server(model: str, dtype: str, device: str, prompts_text: list[str], o
 
 def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[list[int]], texts: list[str],
                             output_len: int, rounds: int = 5, stream_interval: int = 1,
-                            client: str = "tritonclient") -> dict:
+                            client: str = "tritonclient", server_args: tuple[str, ...] = ()) -> dict:
     """The engine in-process and the server, round for round in turn (engine, server, engine,
     ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
     server / engine ratio is taken pair by pair (the median of the pairs' ratios). client:
@@ -213,9 +214,9 @@ def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[l
     engine = EngineRounds(model, dtype, device, output_len)
     if client == "perf_analyzer":
         from perf_analyzer_rounds import PerfAnalyzerRounds
-        server = PerfAnalyzerRounds(model, dtype, device, output_len, stream_interval)
+        server = PerfAnalyzerRounds(model, dtype, device, output_len, stream_interval, server_args)
     else:
-        server = ServerRounds(model, dtype, device, output_len, stream_interval)
+        server = ServerRounds(model, dtype, device, output_len, stream_interval, server_args)
     try:
         server.round(texts[:2])  # warm-up
         engine_rounds, server_rounds = [], []

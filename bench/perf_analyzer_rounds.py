@@ -51,10 +51,11 @@ class PerfAnalyzerRounds(ServerRounds):
     """A pdserve server (one BOTH engine) driven by perf_analyzer; round() sends every prompt at
     once over ModelStreamInfer (concurrency = len(texts), one request each)."""
 
-    def __init__(self, model: str, dtype: str, device: str, output_len: int, stream_interval: int = 1):
+    def __init__(self, model: str, dtype: str, device: str, output_len: int, stream_interval: int = 1,
+                 server_args: tuple[str, ...] = ()):
         self.binary, self.env = ensure_perf_analyzer()
         self.workdir = tempfile.mkdtemp(prefix="pdserve-pa-")
-        super().__init__(model, dtype, device, output_len, stream_interval)
+        super().__init__(model, dtype, device, output_len, stream_interval, server_args)
 
     def round(self, texts: list[str]) -> dict:
         data = os.path.join(self.workdir, "input.json")

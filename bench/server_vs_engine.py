@@ -8,6 +8,7 @@ The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its e
 with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
     python bench/server_vs_engine.py [--rounds 5] [--dtype float32] [--client tritonclient|perf_analyzer]
+                                     [--frontend-cpu-priority idle|normal]
 """
 import argparse
 import json
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=1, help="the model's stream_interval (1: a response per token)")
     ap.add_argument("--client", choices=["tritonclient", "perf_analyzer"], default="tritonclient",
                     help="the streaming client that measures the server (perf_analyzer: Triton's C++ load generator)")
+    ap.add_argument("--frontend-cpu-priority", choices=["idle", "normal"], default="idle",
+                    help="the server's --frontend-cpu-priority (idle, its default: the front end yields the cores)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     model = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
@@ -35,8 +38,9 @@ def main() -> None:
     prompts = [tokenizer.encode(tokenizer.decode(p)) for p in make_prompts(tokenizer, 32, 256)]
     texts = [tokenizer.decode(p) for p in prompts]
     r = bench_engine_and_server(model, args.dtype, "cpu", prompts, texts, 128, args.rounds, args.stream_interval,
-                                args.client)
-    summary = {"dtype": args.dtype, "client": args.client, "stream_interval": args.stream_interval, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                                args.client, ("--frontend-cpu-priority", args.frontend_cpu_priority))
+    summary = {"dtype": args.dtype, "client": args.client, "stream_interval": args.stream_interval,
+               "frontend_cpu_priority": args.frontend_cpu_priority, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "engine_tok_s": [round(x["output_tokens_per_s"]) for x in r["engine"]["rounds"]],
                "server_tok_s": [round(x["output_tokens_per_s"]) for x in r["server"]["rounds"]],
                "server_tokens_per_response": [round(x["tokens_per_response"], 2) for x in r["server"]["rounds"]],

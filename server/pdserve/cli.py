@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
+from pdserve.common.cpu_priority import DEFAULT_PRIORITY, PRIORITIES, lower_front_end
 from pdserve.common.records import engines_prefix
 from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
                                  parse_endpoints)
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--routing-policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
                     help="kv_aware (default): the engine holding the longest cached prefix of the prompt, weighed "
                          "against its load; least_load; round_robin")
+    ap.add_argument("--frontend-cpu-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
+                    help="idle: the front end's threads take a core only when no engine wants it (Linux "
+                         "SCHED_IDLE), so engines computing on the CPU run their steps undisturbed; engines and "
+                         "the private etcd run at normal priority either way (docs/architecture.md)")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--cluster-token-file", default="", metavar="FILE",
                     help="the cluster secret (at least 16 characters, the same file on every node): engine RPCs "
@@ -180,6 +185,7 @@ async def run(args) -> None:
         embedded_etcd.start()
         endpoints = [embedded_etcd.endpoint]
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
+    log.info("front end CPU priority: %s", lower_front_end(args.frontend_cpu_priority))
     token_file = cluster_token_file(args.cluster_token_file, run_dir, private=embedded_etcd is not None)
     token = read_token(token_file) if token_file else ""
     etcd = EtcdClient(endpoints, security)

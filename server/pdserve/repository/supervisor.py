@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pdserve.cluster.registry import RegistryView
+from pdserve.common import cpu_priority
 from pdserve.common.records import DRAINING, READY, engine_key
 from pdserve.cluster.engine_client import EngineClient, EngineClients
 from pdserve.common.errors import Cause, ServeError, channel_closed_under_call
@@ -123,11 +124,11 @@ class EngineProcess:
         where = f"instance {self.instance.name} on {self.instance.device}"
         # off the event loop: the first start compiles the bind shim, and a host name is resolved
         env = await asyncio.get_running_loop().run_in_executor(None, engine_environment, self.spec["host"])
-        with open(self.log_file, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
-                 "--ready-file", self.ready_file], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env)
+        with open(self.log_file, "ab") as logf:   # from the spawner thread: at normal CPU priority
+            self.proc = await cpu_priority.spawn(
+                subprocess.Popen, [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
+                                   "--ready-file", self.ready_file],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if os.path.exists(self.ready_file):
