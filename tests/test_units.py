@@ -133,7 +133,7 @@ def test_the_front_end_tokenizer_gives_the_engine_s_token_ids(model, request, tm
 
     from transformers import AutoTokenizer
 
-    from pdserve.common.block_hash import block_hashes
+    from pdserve.common.block_hash import TOKENIZER_PROBE, block_hashes, tokenizer_fingerprint
     from pdserve.frontend.prompts import PromptTokenizers
     folder = request.getfixturevalue(model)
     engine_side = AutoTokenizer.from_pretrained(folder)
@@ -143,9 +143,12 @@ def test_the_front_end_tokenizer_gives_the_engine_s_token_ids(model, request, tm
     async def main():
         tokenizers = PromptTokenizers()
         try:
+            probe = tokenizer_fingerprint(engine_side.encode(TOKENIZER_PROBE))   # what the engines announce
             for text in texts:
                 ids = engine_side.encode(text)
                 assert await tokenizers.hashes(folder, text, 4) == (len(ids), block_hashes(ids, 4)), text
+                assert await tokenizers.hashes(folder, text, 4, probe) == (len(ids), block_hashes(ids, 4)), text
+            assert await tokenizers.hashes(folder, texts[0], 4, probe + 1) is None   # engines that split otherwise
             assert await tokenizers.hashes(str(tmp_path), "no tokenizer here", 4) is None
         finally:
             tokenizers.close()

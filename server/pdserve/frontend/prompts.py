@@ -31,13 +31,15 @@ def estimate_tokens(text: str) -> int:
 
 
 def _load(folder: str):
+    """(the folder's tokenizer, its fingerprint: how it splits TOKENIZER_PROBE), or None."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         log.info("no %s: requests to this model version are routed by load only", path)
         return None
     try:
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
+        return tokenizer, tokenizer_fingerprint(tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=True).ids)
     except Exception as exc:   # a tokenizer this package cannot read costs the cache awareness only
         log.warning("cannot load %s (%s): requests to this model version are routed by load only", path, exc)
         return None
@@ -51,11 +53,12 @@ def _encode(tokenizer, text: str, block_size: int) -> tuple[int, list[int]]:
 class PromptTokenizers:
     def __init__(self, workers: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdserve-tokenize")
-        self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()   # version folder -> tokenizer or None
+        # version folder -> (tokenizer, fingerprint) or None
+        self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._mismatch_logged: set[str] = set()
 
     async def tokenizer(self, folder: str):
-        """The version folder's tokenizer (None: it has none), loaded once."""
+        """The version folder's tokenizer and its fingerprint (None: it has none), loaded once."""
         future = self._tokenizers.get(folder)
         if future is None:
             future = self._tokenizers[folder] = asyncio.get_running_loop().run_in_executor(self._pool, _load, folder)
@@ -69,10 +72,10 @@ class PromptTokenizers:
                      engines_probe: int | None = None) -> tuple[int, list[int]] | None:
         """(token count, block hashes at block_size) of the prompt; None without a tokenizer, or
         when it does not split text as the engines do (their fingerprint, engines_probe)."""
-        tokenizer = await self.tokenizer(folder)
-        if tokenizer is None:
+        loaded = await self.tokenizer(folder)
+        if loaded is None:
             return None
-        mine = tokenizer_fingerprint(tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=True).ids)
+        tokenizer, mine = loaded
         if engines_probe is not None and mine != engines_probe:
             if folder not in self._mismatch_logged:
                 self._mismatch_logged.add(folder)
