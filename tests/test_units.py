@@ -217,3 +217,23 @@ def test_stream_interval_is_a_sampling_parameter_of_at_least_one():
     assert parse_sampling_parameters('{"stream_interval": "4"}').stream_interval == 4
     with pytest.raises(InvalidInput, match="stream_interval"):
         parse_sampling_parameters('{"stream_interval": 0}')
+
+
+def test_front_end_cpu_priority_normal_changes_nothing_and_spawns_run_on_one_thread():
+    import os
+    import threading
+
+    from pdserve.common import cpu_priority
+
+    def policies():
+        return {tid: os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
+    before = policies()
+    assert cpu_priority.lower_front_end("normal").startswith("normal")
+    assert {tid: p for tid, p in policies().items() if tid in before} == before
+    with pytest.raises(ValueError, match="idle, normal"):
+        cpu_priority.lower_front_end("low")
+
+    async def spawned_on():
+        return {await cpu_priority.spawn(threading.get_native_id) for _ in range(3)}
+    [spawner] = asyncio.run(spawned_on())   # one thread starts every process
+    assert spawner != threading.get_native_id()
