@@ -186,6 +186,9 @@ async def run(args) -> None:
         endpoints = [embedded_etcd.endpoint]
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
     log.info("front end CPU priority: %s", lower_front_end(args.frontend_cpu_priority))
+    if args.frontend_cpu_priority == "idle" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+        log.warning("OMP_WAIT_POLICY=ACTIVE: CPU engines spin on idle cores, which leaves an idle-priority front "
+                    "end little CPU; consider --frontend-cpu-priority normal")
     token_file = cluster_token_file(args.cluster_token_file, run_dir, private=embedded_etcd is not None)
     token = read_token(token_file) if token_file else ""
     etcd = EtcdClient(endpoints, security)
