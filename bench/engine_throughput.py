@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import random
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -156,34 +156,49 @@ class ServerRounds:
             raise
 
     def round(self, texts: list[str]) -> dict:
+        """Every prompt at once on one stream. The responses are counted in tritonclient's
+        callback, on its stream thread, as a client that keeps up does: the client shares this
+        VM's cores with the server (in production it is on another machine), so it hands no
+        response to a second thread."""
         from harness import inputs
 
         client = self.client
-        results: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        state = {"done": 0, "responses": 0, "error": None}
+        finished = threading.Event()
+
+        def on_response(result, error):
+            now = time.perf_counter()
+            if error is not None:
+                state["error"] = error
+                finished.set()
+                return
+            response = result.get_response()
+            state["responses"] += 1
+            first.setdefault(response.id, now)
+            last[response.id] = now
+            tokens[response.id] = tokens.get(response.id, 0) + int(result.as_numpy("num_output_tokens")[0])
+            if response.parameters["triton_final_response"].bool_param:
+                state["done"] += 1
+                if state["done"] == len(texts):
+                    finished.set()
+
+        client.start_stream(callback=on_response)
         start = time.perf_counter()
         for i, text in enumerate(texts):
             client.async_stream_infer("bench", inputs(text, True, self.params, return_num_output_tokens=True),
                                       request_id=str(i))
-        first: dict[str, float] = {}
-        last: dict[str, float] = {}
-        tokens: dict[str, int] = {}
-        done = responses = 0
-        while done < len(texts):
-            result, error, now = results.get(timeout=600)
-            responses += 1
-            if error is not None:
-                raise error
-            rid = result.get_response().id
-            first.setdefault(rid, now)
-            last[rid] = now
-            tokens[rid] = tokens.get(rid, 0) + int(result.as_numpy("num_output_tokens")[0])
-            done += result.get_response().parameters["triton_final_response"].bool_param
-        wall = time.perf_counter() - start
+        if not finished.wait(timeout=600):
+            raise TimeoutError(f"{state['done']} of {len(texts)} requests finished within 600 s")
+        wall = max(last.values()) - start   # the last response, as the callback saw it
         client.stop_stream()
+        if state["error"] is not None:
+            raise state["error"]
         tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
         return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
-                "tokens_per_response": sum(tokens.values()) / responses,
+                "tokens_per_response": sum(tokens.values()) / state["responses"],
                 "ttft_s_median": statistics.median(first[r] - start for r in first),
                 "tpot_ms_median": 1000 * statistics.median(tpots)}
 
