@@ -64,7 +64,7 @@ def lower_front_end(priority: str) -> str:
             lowered += 1
         except ProcessLookupError:   # the thread ended meanwhile
             pass
-        except OSError as exc:       # e.g. a seccomp profile that forbids it: serve on at normal
+        except OSError as exc:       # e.g. a seccomp profile that forbids it: serve on as it is
             log.warning("could not lower the front end's CPU priority: %s", exc)
-            return f"normal ({exc})"
+            return f"normal ({exc})" if not lowered else f"idle on {lowered} threads only ({exc})"
     return f"idle (SCHED_IDLE on {lowered} threads; engines start at normal priority)"
