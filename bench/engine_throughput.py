@@ -192,10 +192,10 @@ class ServerRounds:
                                       request_id=str(i))
         if not finished.wait(timeout=600):
             raise TimeoutError(f"{state['done']} of {len(texts)} requests finished within 600 s")
-        wall = max(last.values()) - start   # the last response, as the callback saw it
         client.stop_stream()
         if state["error"] is not None:
             raise state["error"]
+        wall = max(last.values()) - start   # the last response, as the callback saw it
         tpots = [(last[r] - first[r]) / (tokens[r] - 1) for r in first]
         return {"seconds": wall, "output_tokens_per_s": sum(tokens.values()) / wall,
                 "tokens_per_response": sum(tokens.values()) / state["responses"],

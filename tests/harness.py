@@ -24,6 +24,17 @@ DEMO_MODEL = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
 _HANDED_OUT: set[int] = set()
 
 
+def thread_policies(pid: int) -> dict[int, int]:
+    """Each live thread of a process and its scheduling policy (os.SCHED_*)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = os.sched_getscheduler(int(tid))
+        except ProcessLookupError:   # the thread ended meanwhile
+            pass
+    return out
+
+
 def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range, never the same twice in a run.
     A port from bind(0) is released before the server binds it, and in that gap the kernel may

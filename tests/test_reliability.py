@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from harness import PdServer, add_model, config_text, free_port, inputs
+from harness import PdServer, add_model, config_text, free_port, inputs, thread_policies
 
 from pdserve.common.cluster_auth import signature
 from pdserve.common.etcd import EtcdClient, EtcdProcess
@@ -212,25 +212,15 @@ def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeo
     assert text_of(node, "agg", "x =", {**GREEDY, "max_tokens": 4})
 
 
-def _policies(pid: int) -> dict[int, int]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out[int(tid)] = os.sched_getscheduler(int(tid))
-        except ProcessLookupError:   # the thread ended meanwhile
-            pass
-    return out
-
-
 def test_the_front_end_yields_the_cores_to_its_engines_which_keep_normal_priority(node):
     """--frontend-cpu-priority idle (the default): every front-end thread is SCHED_IDLE but the one
     that starts processes, so the engines and the private etcd it started run at normal priority."""
-    front_end = _policies(node.proc.pid)
+    front_end = thread_policies(node.proc.pid)
     assert len([t for t, p in front_end.items() if p != os.SCHED_IDLE]) == 1, front_end   # the spawner
     children = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 4   # the private etcd and an engine per instance: agg, narrow, pd's two
     for child in children:
-        assert set(_policies(int(child)).values()) == {os.SCHED_OTHER}, open(f"/proc/{child}/cmdline").read()[:80]
+        assert set(thread_policies(int(child)).values()) == {os.SCHED_OTHER}, open(f"/proc/{child}/cmdline").read()[:80]
     assert text_of(node, "agg", "hello", {**GREEDY, "max_tokens": 4})   # and it serves
 
 

@@ -6,7 +6,7 @@ import types
 import grpc
 import pytest
 
-from harness import config_text, write_config
+from harness import config_text, thread_policies, write_config
 
 from pdserve._proto import engine_pb2
 from pdserve.cluster.engine_client import EngineCallError, GenerateCall
@@ -224,12 +224,9 @@ def test_front_end_cpu_priority_normal_changes_nothing_and_spawns_run_on_one_thr
     import threading
 
     from pdserve.common import cpu_priority
-
-    def policies():
-        return {tid: os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
-    before = policies()
+    before = thread_policies(os.getpid())
     assert cpu_priority.lower_front_end("normal").startswith("normal")
-    assert {tid: p for tid, p in policies().items() if tid in before} == before
+    assert {tid: p for tid, p in thread_policies(os.getpid()).items() if tid in before} == before
     with pytest.raises(ValueError, match="idle, normal"):
         cpu_priority.lower_front_end("low")
 

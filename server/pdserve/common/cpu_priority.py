@@ -40,8 +40,8 @@ def _spawner_thread_id() -> int:
 
 
 async def spawn(start, *args, **kwargs):
-    """Runs start(*args, **kwargs), e.g. subprocess.Popen, on the spawner thread."""
-    _spawner_thread_id()
+    """Runs start(*args, **kwargs), e.g. subprocess.Popen, on the spawner thread (started by
+    lower_front_end before it lowers anything, or here at normal priority)."""
     return await asyncio.get_running_loop().run_in_executor(_spawner, lambda: start(*args, **kwargs))
 
 
