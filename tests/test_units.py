@@ -227,7 +227,7 @@ def test_front_end_cpu_priority_normal_changes_nothing_and_spawns_run_on_one_thr
     before = thread_policies(os.getpid())
     assert cpu_priority.lower_front_end("normal").startswith("normal")
     assert {tid: p for tid, p in thread_policies(os.getpid()).items() if tid in before} == before
-    with pytest.raises(ValueError, match="idle, normal"):
+    with pytest.raises(ValueError, match="idle, batch, normal"):
         cpu_priority.lower_front_end("low")
 
     async def spawned_on():

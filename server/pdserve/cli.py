@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv_aware (default): the engine holding the longest cached prefix of the prompt, weighed "
                          "against its load; least_load; round_robin")
     ap.add_argument("--frontend-cpu-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
-                    help="idle: the front end's threads take a core only when no engine wants it (Linux "
-                         "SCHED_IDLE), so engines computing on the CPU run their steps undisturbed; engines and "
-                         "the private etcd run at normal priority either way (docs/architecture.md)")
+                    help="batch (default): the front end's threads never preempt a running engine thread "
+                         "(Linux SCHED_BATCH) yet keep their fair share; idle: they take a core only when no "
+                         "engine wants it (SCHED_IDLE; only where every CPU engine computes on all cores: engines "
+                         "pinned one per core starve it); normal. Engines and the private etcd run at normal "
+                         "priority either way (docs/architecture.md)")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--cluster-token-file", default="", metavar="FILE",
                     help="the cluster secret (at least 16 characters, the same file on every node): engine RPCs "

@@ -6,6 +6,8 @@ Threads: the engine thread (EngineLoop) owns the engine and runs its steps; the 
 serves the engine RPC, tokenizes prompts (so a step never waits on a tokenizer), carries PD
 handoff RPCs (PrefillPeers) and reads the engine's stats snapshot. They meet only at the
 engine's inbox (typed commands, engine/commands.py) and the per-request output queues.
+The engine thread (and its OpenMP team) runs at normal priority, every other thread at
+SCHED_BATCH, so handing outputs on never preempts a step (common/cpu_priority.py).
 
 PD handoff, DECODE side: a request with a prefill_address reserves its blocks at admission;
 the asyncio side then calls that engine's Prefill with the block ids, and its answer goes back
@@ -27,6 +29,7 @@ import time
 import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
+from pdserve.common import cpu_priority
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
 from pdserve.common.block_hash import TOKENIZER_PROBE, tokenizer_fingerprint
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
@@ -115,6 +118,7 @@ class EngineLoop:
             return None
 
     def _run(self) -> None:
+        cpu_priority.as_compute_thread()   # before its first op: its OpenMP team inherits normal priority
         stalled = False
         while not self.stopped:
             outputs: list[RequestOutput] = []
@@ -343,6 +347,7 @@ def write_ready_file(path: str, payload: dict) -> None:
 
 
 async def serve(spec: dict, ready_file: str) -> None:
+    log.info("threads beside the engine thread: %s", cpu_priority.lower_engine_worker())
     cfg = EngineConfig(**spec["engine"])
     token = read_token(spec["cluster_token_file"]) if spec.get("cluster_token_file") else ""
     transport_kind = spec.get("kv_transport") or ("mooncake" if spec["role"] in ("PREFILL", "DECODE") else "none")
