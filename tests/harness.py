@@ -167,8 +167,11 @@ class PdServer:
         raise TimeoutError(f"pdserve did not come up:\n{self.log()}")
 
     def log(self) -> str:
+        return self.full_log()[-6000:]
+
+    def full_log(self) -> str:
         with open(self.log_path, errors="replace") as f:
-            return f.read()[-6000:]
+            return f.read()
 
     @property
     def etcd_endpoint(self) -> str:

@@ -95,6 +95,18 @@ def test_generate_and_generate_stream_give_the_same_text(served):
     assert "".join(e["text_output"] for e in events) == expected
 
 
+def test_infer_reads_request_parameters_as_grpc_does(served, http):
+    """Sampling settings in the request's 'parameters' apply, as over gRPC."""
+    text = httpclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+    result = http.infer("small", [text], parameters={**GREEDY, "max_tokens": 6})
+    assert result.as_numpy("text_output")[0].decode() == grpc_text(served, params={**GREEDY, "max_tokens": 6})
+    status, body = post(f"http://{served.http_url}/v2/models/small/infer", {
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
+        "parameters": {"stop": ["\n"]}})
+    assert status == 400 and "sampling_parameters" in body, body
+
+
 def test_errors_as_triton_answers_them(served, http):
     with pytest.raises(InferenceServerException) as info:
         http.infer("missing", http_inputs(PROMPT, GREEDY))

@@ -149,6 +149,22 @@ def expect_error(code, fn):
     return info.value.message()
 
 
+def test_sampling_settings_sent_as_request_parameters_apply(served):
+    """tritonclient's `parameters=` (read by Triton's vLLM backend when no sampling_parameters
+    tensor comes): max_tokens and the rest apply; a bad value gets INVALID_ARGUMENT naming it."""
+    def generated(tensors, parameters):
+        result = served.client.infer("small", tensors, parameters=parameters)
+        return int(result.as_numpy("num_output_tokens")[0]), result.as_numpy("text_output")[0].decode()
+    plain = inputs("x =", False, return_num_output_tokens=True, exclude_input_in_output=True)
+    assert generated(plain, {"max_tokens": 5, "temperature": 0, "ignore_eos": True})[0] == 5
+    # the same settings either way give the same greedy text
+    assert generated(plain, {"max_tokens": 7, "temperature": 0, "ignore_eos": True}) == \
+        generated(inputs("x =", False, {"max_tokens": 7, "temperature": 0, "ignore_eos": True},
+                         return_num_output_tokens=True, exclude_input_in_output=True), None)
+    msg = expect_error("INVALID_ARGUMENT", lambda: served.client.infer("small", plain, parameters={"max_tokens": 0}))
+    assert "max_tokens" in msg
+
+
 def test_error_status_codes(served):
     c = served.client
     msg = expect_error("INVALID_ARGUMENT", lambda: c.infer("missing", inputs("hi", False, GREEDY)))

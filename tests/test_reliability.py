@@ -213,10 +213,12 @@ def test_a_stream_client_that_stops_reading_is_held_only_until_the_request_timeo
 
 
 def test_only_the_engine_threads_compute_at_normal_priority(node):
-    """--frontend-cpu-priority batch (the default): every front-end thread is SCHED_BATCH but the
-    one that starts processes, so the private etcd runs at normal priority and so does each
-    engine's engine thread; an engine's other threads (asyncio, gRPC, tokenizers) are SCHED_BATCH."""
+    """--frontend-cpu-priority auto (the default) on a node of several engines: every front-end
+    thread is SCHED_BATCH but the one that starts processes, so the private etcd runs at normal
+    priority and so does each engine's engine thread; an engine's other threads (asyncio, gRPC,
+    tokenizers) are SCHED_BATCH."""
     assert text_of(node, "agg", "hello", {**GREEDY, "max_tokens": 4})   # it serves, every engine has stepped
+    assert "front end CPU priority: batch (engines on cpu, cpu, cpu, cpu)" in node.full_log()
     front_end = thread_policies(node.proc.pid)
     assert len([t for t, p in front_end.items() if p != os.SCHED_BATCH]) == 1, front_end   # the spawner
     children = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
@@ -232,6 +234,21 @@ def test_only_the_engine_threads_compute_at_normal_priority(node):
         assert os.SCHED_OTHER in policies.values(), policies  # the engine thread
         assert set(policies.values()) == {os.SCHED_BATCH, os.SCHED_OTHER}, policies
     assert engines >= 3
+
+
+def test_beside_one_engine_on_every_core_the_front_end_takes_only_idle_cpu(repo, small_model):
+    """auto: a node that runs one engine, on device cpu, puts its front end at SCHED_IDLE once the
+    model is loaded (that engine's OpenMP threads leave a core at every barrier); it serves."""
+    add_model(repo, "one", small_model, config_text(max_model_len=512))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("one")
+        server.wait_for(lambda: "front end CPU priority: idle" in server.full_log(), "the settled priority", 10)
+        front_end = thread_policies(server.proc.pid)
+        assert len([t for t, p in front_end.items() if p != os.SCHED_IDLE]) == 1, front_end   # the spawner
+        assert text_of(server, "one", "hello", {**GREEDY, "max_tokens": 4})
+    finally:
+        server.stop()
 
 
 def test_records_with_unknown_fields_are_read_and_bad_records_never_stop_the_view(node):

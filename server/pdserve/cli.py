@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve._proto import grpc_service_pb2, grpc_service_pb2_grpc
 from pdserve.common.cluster_auth import ClusterAuthError, read_token, write_random_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
+from pdserve.common import cpu_priority
 from pdserve.common.cpu_priority import DEFAULT_PRIORITY, PRIORITIES, lower_front_end
 from pdserve.common.records import engines_prefix
 from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
@@ -63,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv_aware (default): the engine holding the longest cached prefix of the prompt, weighed "
                          "against its load; least_load; round_robin")
     ap.add_argument("--frontend-cpu-priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
-                    help="batch (default): the front end's threads never preempt a running engine thread "
-                         "(Linux SCHED_BATCH) yet keep their fair share; idle: they take a core only when no "
-                         "engine wants it (SCHED_IDLE; only where every CPU engine computes on all cores: engines "
-                         "pinned one per core starve it); normal. Engines and the private etcd run at normal "
-                         "priority either way (docs/architecture.md)")
+                    help="batch: the front end's threads never preempt a running engine thread (Linux "
+                         "SCHED_BATCH) yet keep their fair share; idle: they take a core only when no engine "
+                         "wants it (SCHED_IDLE: fastest beside one engine computing on every core, but engines "
+                         "pinned one per core starve it); auto (default): idle if the node runs exactly one "
+                         "engine, on device cpu, once the startup models are loaded, else batch; normal. Engines "
+                         "and the private etcd run at normal priority either way (docs/architecture.md)")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--cluster-token-file", default="", metavar="FILE",
                     help="the cluster secret (at least 16 characters, the same file on every node): engine RPCs "
@@ -188,9 +190,9 @@ async def run(args) -> None:
         endpoints = [embedded_etcd.endpoint]
         log.info("private etcd on %s (pass --etcd-endpoints to join a cluster)", embedded_etcd.endpoint)
     log.info("front end CPU priority: %s", lower_front_end(args.frontend_cpu_priority))
-    if args.frontend_cpu_priority == "idle" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+    if args.frontend_cpu_priority in ("idle", "auto") and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
         log.warning("OMP_WAIT_POLICY=ACTIVE: CPU engines spin on idle cores, which leaves an idle-priority front "
-                    "end little CPU; consider --frontend-cpu-priority normal")
+                    "end little CPU; consider --frontend-cpu-priority batch")
     token_file = cluster_token_file(args.cluster_token_file, run_dir, private=embedded_etcd is not None)
     token = read_token(token_file) if token_file else ""
     etcd = EtcdClient(endpoints, security)
@@ -254,6 +256,9 @@ async def run(args) -> None:
     metrics.start_polling(registry, clients)
     health.start()
     await manager.start()
+    settled = cpu_priority.settle()
+    if settled:
+        log.info("front end CPU priority: %s", settled)
     service.started = True
     log.info("pdserve ready (node %s, cluster %s)", node, args.cluster)
     await stop.wait()

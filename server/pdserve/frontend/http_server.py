@@ -80,6 +80,21 @@ def _raw_from_json(name: str, datatype: str, data) -> bytes:
         raise InvalidInput(f"input '{name}': data {data!r} is not {datatype} ({exc})") from exc
 
 
+def set_parameter(param: pb.InferParameter, key: str, value) -> None:
+    """One KServe v2 JSON request parameter as its gRPC InferParameter."""
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int) and -2**63 <= value < 2**63:
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    elif isinstance(value, str):
+        param.string_param = value
+    else:
+        raise InvalidInput(f"request parameter '{key}' is {value!r}; a parameter is one boolean, integer, number or "
+                           "string (send lists such as 'stop' in the sampling_parameters input)")
+
+
 def infer_request_from_http(name: str, version: str, header: dict, binary: bytes) -> tuple[pb.ModelInferRequest, bool, set]:
     """The KServe v2 JSON (+ binary tensors) as a ModelInferRequest; also whether all outputs go
     binary and which named outputs do."""
@@ -110,7 +125,12 @@ def infer_request_from_http(name: str, version: str, header: dict, binary: bytes
             raise InvalidInput(f"input '{tname}' has neither 'data' nor a 'binary_data_size' parameter")
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input")
-    all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be a JSON object such as {\"max_tokens\": 32}")
+    for key, value in parameters.items():   # as over gRPC: timeout, sampling settings, ...
+        set_parameter(request.parameters[key], key, value)
+    all_binary = bool(parameters.get("binary_data_output", False))
     binary_outputs = set()
     for out in header.get("outputs") or []:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):

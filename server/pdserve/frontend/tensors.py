@@ -195,6 +195,19 @@ def parse_sampling_parameters(text: str | None, extra: dict | None = None) -> Sa
     return SamplingParams(**sp)
 
 
+def sampling_from_request_parameters(request) -> dict:
+    """Sampling settings sent as request parameters (tritonclient's `parameters={"max_tokens": 12}`),
+    as Triton's vLLM backend also reads them; the protocol's own request parameters (timeout,
+    priority, ...) are not sampling keys and stay with the code that reads them."""
+    settings = {}
+    for key in SAMPLING_KEYS:
+        if key in request.parameters:
+            param = request.parameters[key]
+            which = param.WhichOneof("parameter_choice")
+            settings[key] = getattr(param, which) if which else None
+    return settings
+
+
 def parse_request(request) -> GenerationRequest:
     """Validates the tensors of one ModelInferRequest; raises InvalidInput."""
     model = request.model_name
@@ -228,8 +241,10 @@ def parse_request(request) -> GenerationRequest:
     sampling_text = values.get("sampling_parameters")
     gen = GenerationRequest(
         prompt=_text(values["text_input"], "text_input"),
+        # the sampling_parameters tensor, then request parameters, then TensorRT-LLM-style tensors
         sampling=parse_sampling_parameters(_text(sampling_text, "sampling_parameters") if sampling_text else None,
-                                           trtllm.sampling_from_tensors(trtllm_values)),
+                                           {**sampling_from_request_parameters(request),
+                                            **trtllm.sampling_from_tensors(trtllm_values)}),
         stream=bool(values.get("stream", False)),
         exclude_input_in_output=values.get("exclude_input_in_output"),
         return_finish_reason=bool(values.get("return_finish_reason", False)),
