@@ -126,8 +126,9 @@ class EngineProcess:
         env = await asyncio.get_running_loop().run_in_executor(None, engine_environment, self.spec["host"])
         with open(self.log_file, "ab") as logf:   # from the spawner thread: at normal CPU priority
             self.proc = await cpu_priority.spawn_engine(
-                self.instance.device, [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
-                                   "--ready-file", self.ready_file],
+                self.instance.device,
+                [sys.executable, "-m", "pdserve.engine.worker", "--spec-json", json.dumps(self.spec),
+                 "--ready-file", self.ready_file],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
