@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,7 @@ def ensure_vllm(venv: str) -> str:
 
 
 ROUND_MARK = "PDSERVE_VLLM_ROUND "   # vLLM logs to stdout: the child's answers carry this mark
+VLLM_ANSWER_LIMIT_S = 1800             # loading the model, or one round: a child silent longer is killed
 
 
 def vllm_child(args) -> None:
@@ -179,11 +181,16 @@ class VllmRounds:
         self._answer("ready")
 
     def _answer(self, kind: str) -> dict:
-        for line in self.proc.stdout:   # vLLM's own log lines pass by
-            if line.startswith(ROUND_MARK):
-                answer = json.loads(line[len(ROUND_MARK):])
-                if answer.get("kind") == kind:
-                    return answer
+        watchdog = threading.Timer(VLLM_ANSWER_LIMIT_S, self.proc.kill)   # a kill ends the read below
+        watchdog.start()
+        try:
+            for line in self.proc.stdout:   # vLLM's own log lines pass by
+                if line.startswith(ROUND_MARK):
+                    answer = json.loads(line[len(ROUND_MARK):])
+                    if answer.get("kind") == kind:
+                        return answer
+        finally:
+            watchdog.cancel()
         self.proc.wait(timeout=60)
         self.log.seek(0)
         raise RuntimeError(f"vLLM child exited with {self.proc.returncode}:\n{self.log.read()[-3000:]}")

@@ -229,12 +229,15 @@ def test_front_end_cpu_priority_normal_changes_nothing_and_spawns_run_on_one_thr
     assert {tid: p for tid, p in thread_policies(os.getpid()).items() if tid in before} == before
     with pytest.raises(ValueError, match="auto, batch, idle, normal"):
         cpu_priority.lower_front_end("low")
-    # auto's rule: idle only beside a single engine computing on every core
-    assert cpu_priority.idle_is_safe(["cpu"])
-    for devices in ([], ["cpu:0"], ["cpu", "cpu"], ["cpu:0", "cpu:1"], ["cuda:0"], ["cpu", "cuda:0"]):
-        assert not cpu_priority.idle_is_safe(devices), devices
 
     async def spawned_on():
         return {await cpu_priority.spawn(threading.get_native_id) for _ in range(3)}
     [spawner] = asyncio.run(spawned_on())   # one thread starts every process
     assert spawner != threading.get_native_id()
+
+
+def test_auto_front_end_priority_goes_idle_only_beside_one_engine_on_every_core():
+    from pdserve.common import cpu_priority
+    assert cpu_priority.idle_is_safe(["cpu"])
+    for devices in ([], ["cpu:0"], ["cpu", "cpu"], ["cpu:0", "cpu:1"], ["cuda:0"], ["cpu", "cuda:0"]):
+        assert not cpu_priority.idle_is_safe(devices), devices
