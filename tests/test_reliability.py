@@ -315,6 +315,27 @@ def test_a_frozen_decode_engine_ends_its_streams_with_unavailable_and_is_restart
         server.stop()
 
 
+def test_a_front_end_paused_past_the_stall_limit_does_not_kill_its_healthy_engines(repo, small_model, monkeypatch):
+    """A stopped front end (SIGSTOP, a paused VM) polls no Stats; when it resumes, its last answers
+    are old, but the engines are fine: it must not take them for frozen and kill them."""
+    monkeypatch.setenv("PDSERVE_ENGINE_STALL_TIMEOUT", "3")
+    add_model(repo, "agg", small_model, config_text())
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("agg")
+        [engine] = server.engines()
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        time.sleep(6)
+        os.kill(server.proc.pid, signal.SIGCONT)
+        assert stream_outcome(server.url, "agg", inputs("def g(y):", True, {**GREEDY, "max_tokens": 8}))[0] == "ok"
+        time.sleep(4)   # past the stall limit again, with fresh Stats answers
+        assert [r["pid"] for r in server.engines()] == [engine["pid"]], server.log()
+        assert "looks frozen" not in server.full_log(), server.log()
+        assert "stood still" in server.full_log(), server.log()
+    finally:
+        server.stop()
+
+
 def test_late_etcd_at_startup_still_reaches_ready(repo, small_model, tmp_path):
     etcd = EtcdProcess(data_dir=str(tmp_path / "etcd"))
     add_model(repo, "pd", small_model, config_text(role_groups=PD))
@@ -485,3 +506,44 @@ def test_after_an_etcd_outage_with_a_prefill_restart_every_new_request_succeeds(
     finally:
         server.stop()
         etcd.cleanup()
+
+
+def test_work_after_a_long_idle_spell_is_not_taken_for_a_frozen_engine(small_model):
+    """The supervisor kills an engine whose seconds_since_progress passes the stall limit while it
+    holds requests. That figure counts from when work reaches an idle engine: it used to count
+    from the engine's last step before it went quiet, so a burst after a minute of quiet was
+    "no progress for 36 s" during its first step, and a healthy engine was killed."""
+    from pdserve.engine.commands import AddRequest
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import SamplingParams
+    from pdserve.engine.worker import EngineLoop
+
+    engine = LLMEngine(EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=256, max_model_len=1024,
+                                    max_num_batched_tokens=2048))
+    idle_s = 1.5
+
+    async def burst_after_idle() -> list[float]:
+        engine_loop = EngineLoop(engine, asyncio.get_running_loop(), on_dispatch=lambda calls: None)
+        engine_loop.start()
+        try:
+            await asyncio.sleep(idle_s)
+            sink: asyncio.Queue = asyncio.Queue()
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            for i in range(8):
+                engine_loop.open(AddRequest(f"r{i}", tuple(range(3 + i, 3 + i + 200)), params), sink)
+            seen, finished, end = [], 0, time.monotonic() + 60
+            while finished < 8 and time.monotonic() < end:   # sampled as the Stats RPC would, all along
+                seen.append(engine_loop.seconds_since_progress())
+                try:
+                    finished += sink.get_nowait().final
+                except asyncio.QueueEmpty:
+                    await asyncio.sleep(0.0005)
+            assert finished == 8, "the burst did not finish within 60 s"
+            return seen
+        finally:
+            engine_loop.stop()
+
+    seen = asyncio.run(burst_after_idle())
+    assert any(s > 0 for s in seen), "never sampled while the engine held the burst"
+    assert max(seen) < idle_s, f"the engine's quiet {idle_s} s counted as a stall: {max(seen):.2f} s"

@@ -61,7 +61,10 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
         self.stats: EngineStats = engine.stats()   # replaced whole by the engine thread, never edited
-        self.heartbeat = time.monotonic()          # the engine thread's last finished loop
+        # When the engine thread last showed progress: the end of its last loop, or the moment work
+        # reached an engine that had none (an idle engine owes no progress, so its wait in the
+        # inbox must not count against the step that follows: see seconds_since_progress).
+        self.heartbeat = time.monotonic()
         self.step_seconds = 0.0                    # EWMA of steps that decoded: the time per output token
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -122,7 +125,10 @@ class EngineLoop:
         stalled = False
         while not self.stopped:
             outputs: list[RequestOutput] = []
+            idle = not self.engine.has_work()
             command = self._next_command(stalled)
+            if idle:   # it may have waited here for minutes: progress is owed from now on
+                self.heartbeat = time.monotonic()
             while command is not None:
                 outputs += self._handle(command)
                 try:
@@ -153,6 +159,12 @@ class EngineLoop:
             self.stats = self.engine.stats()
             self.heartbeat = time.monotonic()
             stalled = not stepped and not dispatch
+
+    def seconds_since_progress(self) -> float:
+        """How long the engine has held requests without finishing a loop (0 when it holds
+        none): the supervisor takes an engine past its stall limit for frozen."""
+        s = self.stats
+        return time.monotonic() - self.heartbeat if s.num_running + s.num_waiting else 0.0
 
     def stop(self) -> None:
         self.stopped = True
@@ -331,8 +343,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             kv_transfer_failures=s.kv_transfer_failures, kv_transfer_seconds=s.kv_transfer_seconds,
             kv_transfer_bytes=s.kv_transfer_bytes, kv_transfer_bucket_counts=s.kv_transfer_bucket_counts,
             lease_keepalive_failures=self.registration.keepalive_failures if self.registration else 0,
-            seconds_since_progress=(time.monotonic() - self.engine_loop.heartbeat)
-            if s.num_running + s.num_waiting else 0.0,
+            seconds_since_progress=self.engine_loop.seconds_since_progress(),
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
             num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
             stored_block_hashes=events.stored, removed_block_hashes=events.removed,

@@ -56,6 +56,12 @@ def engine_environment(host: str) -> dict[str, str]:
 # taken for frozen (stuck step, SIGSTOP, deadlock): it is killed, which ends its streams with
 # UNAVAILABLE, and restarted.
 ENGINE_STALL_S = float(os.environ.get("PDSERVE_ENGINE_STALL_TIMEOUT", "20"))
+# A stall of the front end itself (SIGSTOP, a paused VM, a starved SCHED_IDLE front end) stops its
+# Stats polls too, so what it knows when it resumes says nothing about the engines: the monitor
+# waits for fresh answers before it judges them again.
+MONITOR_TICK_S = 0.25
+MONITOR_LATE_S = 2.0      # a tick this much late: the front end itself was not running
+STATS_REFRESH_S = 5.0     # what the Stats polls (every second, 2 s timeout) need to catch up
 
 
 class EngineStartError(RuntimeError):
@@ -303,14 +309,21 @@ class Supervisor:
         log.warning("engines %s not seen %s in etcd within %.0f s; going on", sorted(instance_ids), state, timeout)
 
     async def monitor(self, dep: Deployment) -> None:
-        """Restarts the engines of a serving deployment that die (crash, kill -9, OOM)."""
+        """Restarts the engines of a serving deployment that die (crash, kill -9, OOM) or look frozen."""
+        tick = judge_from = time.monotonic()
         while dep.active:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(MONITOR_TICK_S)
+            now = time.monotonic()
+            if now - tick > MONITOR_TICK_S + MONITOR_LATE_S:
+                judge_from = now + STATS_REFRESH_S
+                log.warning("the front end itself stood still for %.1f s; engine stalls are judged again once "
+                            "their Stats answers are fresh", now - tick - MONITOR_TICK_S)
+            tick = now
             for i, engine in enumerate(list(dep.engines)):
                 if engine.stopping or not dep.active:
                     continue
                 if engine.alive:
-                    why = engine.stalled(ENGINE_STALL_S)
+                    why = engine.stalled(ENGINE_STALL_S) if now >= judge_from else ""
                     if not why:
                         continue
                     log.error("engine %s (%s %s) looks frozen (%s): killing it", engine.instance_id, dep.name,
