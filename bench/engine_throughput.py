@@ -223,9 +223,11 @@ def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[l
                             output_len: int, rounds: int = 5, stream_interval: int = 1,
                             client: str = "tritonclient", server_args: tuple[str, ...] = ()) -> dict:
     """The engine in-process and the server, round for round in turn (engine, server, engine,
-    ...), both kept warm: this shared VM's speed drifts by more than 10% within minutes, so the
-    server / engine ratio is taken pair by pair (the median of the pairs' ratios). client:
-    "tritonclient" (Python, ServerRounds) or "perf_analyzer" (C++, perf_analyzer_rounds)."""
+    ..., server, engine), both kept warm: this shared VM's speed drifts by more than 10% within
+    minutes, so the server / engine ratio is taken round by round, each server round against the
+    mean of the engine rounds just before and just after it (which cancels a drift that is steady
+    over the three), and the median of those ratios is the figure. client: "tritonclient"
+    (Python, ServerRounds) or "perf_analyzer" (C++, perf_analyzer_rounds)."""
     engine = EngineRounds(model, dtype, device, output_len)
     if client == "perf_analyzer":
         from perf_analyzer_rounds import PerfAnalyzerRounds
@@ -238,10 +240,13 @@ def bench_engine_and_server(model: str, dtype: str, device: str, prompts: list[l
         for _ in range(rounds):
             engine_rounds.append(engine.round(prompts))
             server_rounds.append(server.round(texts))
+        engine_rounds.append(engine.round(prompts))
     finally:
         server.close()
     token_ids = split_token_ids(engine_rounds)
-    ratios = [s["output_tokens_per_s"] / e["output_tokens_per_s"] for e, s in zip(engine_rounds, server_rounds)]
+    engine_tok_s = [e["output_tokens_per_s"] for e in engine_rounds]
+    ratios = [s["output_tokens_per_s"] / ((engine_tok_s[i] + engine_tok_s[i + 1]) / 2)
+              for i, s in enumerate(server_rounds)]
     return {"engine": {**median_round(engine_rounds), "rounds": engine_rounds},
             "server": {**median_round(server_rounds), "rounds": server_rounds},
             "server_over_engine": {"median": statistics.median(ratios), "pairs": [round(r, 3) for r in ratios]},

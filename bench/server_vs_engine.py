@@ -1,13 +1,14 @@
 """Server against engine, round for round: pdserve's engine in this process and a pdserve server
 (one BOTH engine, tritonclient streaming) take turns on the reference workload (32 x 256 prompt
-tokens x 128 greedy tokens, float32), so the shared VM's drift hits both alike; the ratio is the
-median of the pairs' ratios (bench/engine_throughput.py: bench_engine_and_server).
+tokens x 128 greedy tokens, float32), an engine round first and last, so the shared VM's drift
+hits both alike; each server round is set against the mean of the engine rounds on either side
+of it, and the ratio is the median of those (bench/engine_throughput.py: bench_engine_and_server).
 
 The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines
 (repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
 with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
 
-    python bench/server_vs_engine.py [--rounds 5] [--dtype float32] [--client tritonclient|perf_analyzer]
+    python bench/server_vs_engine.py [--rounds 7] [--dtype float32] [--client tritonclient|perf_analyzer]
                                      [--frontend-cpu-priority auto|batch|idle|normal]
 """
 import argparse
@@ -24,7 +25,7 @@ from engine_throughput import bench_engine_and_server, make_prompts  # noqa: E40
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--stream-interval", type=int, default=1, help="the model's stream_interval (1: a response per token)")
     ap.add_argument("--client", choices=["tritonclient", "perf_analyzer"], default="tritonclient",

@@ -9,8 +9,10 @@ engine_throughput.STEP_TOKENS). For each dtype:
     in-process, round for round in turn (--vllm-pairs; vLLM stays loaded in its child process
     between rounds): engine / vLLM is the median of the pairs' ratios, since this VM's speed
     drifts by more than 10% within minutes;
-  - pdserve's engine in-process and pdserve through the server, round for round in turn (the
-    server / engine ratio is the median of the pairs' ratios; bench/engine_throughput.py), once
+  - pdserve's engine in-process and pdserve through the server, round for round in turn, an
+    engine round first and last (each server round is set against the mean of the engine rounds
+    on either side of it, and server / engine is the median of those ratios, listed as "pairs";
+    bench/engine_throughput.py), once
     per --stream-intervals setting (the model's stream_interval: 1, a response per token, is the
     default and the main row), --server-clients client and --frontend-cpu-priorities setting
     (the server's --frontend-cpu-priority; auto, its default, is the main row: beside this one
@@ -336,7 +338,7 @@ def main() -> None:
     ap.add_argument("--vllm-rounds", type=int, default=ROUNDS)
     ap.add_argument("--vllm-pairs", type=int, default=5,
                     help="vLLM (every core computing) and engine rounds, taken in turn, when both run")
-    ap.add_argument("--pair-rounds", type=int, default=5,
+    ap.add_argument("--pair-rounds", type=int, default=7,
                     help="engine and server rounds, taken in turn, when both run")
     ap.add_argument("--stream-intervals", default="1,4",
                     help="the server's stream_interval settings to measure (tokens per streamed response after "
