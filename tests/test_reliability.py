@@ -547,3 +547,47 @@ def test_work_after_a_long_idle_spell_is_not_taken_for_a_frozen_engine(small_mod
     seen = asyncio.run(burst_after_idle())
     assert any(s > 0 for s in seen), "never sampled while the engine held the burst"
     assert max(seen) < idle_s, f"the engine's quiet {idle_s} s counted as a stall: {max(seen):.2f} s"
+
+
+def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -> list[int]:
+    """An idle EngineLoop gets 6 requests 4 ms apart, as a front end forwards a burst; the
+    num_output_tokens of the first 6 outputs that come out."""
+    from pdserve.engine.commands import AddRequest
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import SamplingParams
+    from pdserve.engine.worker import EngineLoop
+
+    engine = LLMEngine(EngineConfig(model_path=model, dtype="float32", kv_cache_blocks=256, max_model_len=1024,
+                                    max_num_batched_tokens=4096, admission_window_ms=admission_window_ms))
+
+    async def trickle() -> list[int]:
+        engine_loop = EngineLoop(engine, asyncio.get_running_loop(), on_dispatch=lambda calls: None)
+        engine_loop.start()
+        try:
+            sink: asyncio.Queue = asyncio.Queue()
+            params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+            for i in range(6):
+                engine_loop.open(AddRequest(f"r{i}", tuple(range(3 + i, 3 + i + 300)), params), sink)
+                await asyncio.sleep(0.004)
+            outputs = [await asyncio.wait_for(sink.get(), 60) for _ in range(6)]
+            finals = sum(out.final for out in outputs)
+            while finals < 6:   # every request ends before the loop closes
+                finals += (await asyncio.wait_for(sink.get(), 60)).final
+            return [out.num_output_tokens for out in outputs]
+        finally:
+            engine_loop.stop()
+            await asyncio.to_thread(engine_loop.thread.join, 60)
+
+    return asyncio.run(trickle())
+
+
+def test_a_burst_reaching_an_idle_engine_shares_its_first_step(small_model):
+    """A burst reaches the engine one request at a time (the front end forwards each in turn).
+    An idle engine used to start its first step on the first request alone; the rest then waited
+    for that step, and the first request had its second token before the others had their
+    first. With the admission window (admission_window_ms) they share the first step."""
+    assert _first_outputs_of_a_trickled_burst(small_model, 50) == [1] * 6
+    # without the window the first step holds one request; 300 prompt tokens take it well past
+    # the 4 ms spacing, so the next step both prefills the others and decodes the first
+    assert 2 in _first_outputs_of_a_trickled_burst(small_model, 0)

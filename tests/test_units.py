@@ -34,6 +34,7 @@ def model_folder(tmp_path, config: str, versions=(1,)):
     ('name: "other"', ["folder", "'m'"]),
     ("max_batch_size: [", ["config.pbtxt", "text format"]),
     ('parameters: { key: "stream_interval" value: { string_value: "0" } }', ["stream_interval", "at least 1"]),
+    ('parameters: { key: "admission_window_ms" value: { string_value: "inf" } }', ["admission_window_ms", "0 to 1000"]),
     ("version_policy: { specific: { versions: [ 4 ] } }", ["[4]", "available"]),
 ])
 def test_config_errors_name_the_file_field_and_fix(tmp_path, config, words):

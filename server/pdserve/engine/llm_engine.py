@@ -205,6 +205,12 @@ class LLMEngine:
     def num_open_handoffs(self) -> int:
         return self.decode_kv.num_open if self.decode_kv else 0
 
+    def next_step_is_full(self) -> bool:
+        """Whether the queued work already fills a step: its prompt-token budget or its sequences."""
+        s = self.scheduler
+        return (s.waiting_prefill_tokens >= self.cfg.max_num_batched_tokens
+                or len(s.waiting) + len(s.running) >= self.cfg.max_num_seqs)
+
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:

@@ -49,6 +49,12 @@ log = logging.getLogger("pdserve.engine")
 KV_HANDOFF_TIMEOUT_S = float(os.environ.get("PDSERVE_KV_HANDOFF_TIMEOUT", "60"))
 IDLE_POLL_S = 0.1      # how often an idle engine with open handoffs checks their deadlines
 STALLED_POLL_S = 0.02  # how long a step that could do nothing waits for a command
+# An idle engine gathers a burst for at most this many admission windows in all (a steady
+# trickle of requests must not hold the first one back for long), and a window is at most this
+# fraction of its recent decode step, so a lone request's wait stays small beside its first
+# step on a fast device.
+ADMISSION_WINDOWS_MAX = 10
+ADMISSION_STEP_FRACTION = 0.25
 
 
 class EngineLoop:
@@ -65,6 +71,7 @@ class EngineLoop:
         # reached an engine that had none (an idle engine owes no progress, so its wait in the
         # inbox must not count against the step that follows: see seconds_since_progress).
         self.heartbeat = time.monotonic()
+        self.max_admission_window_s = engine.cfg.admission_window_ms / 1000
         self.step_seconds = 0.0                    # EWMA of steps that decoded: the time per output token
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -120,6 +127,27 @@ class EngineLoop:
         except queue.Empty:
             return None
 
+    def _following_command(self, gather_until: float | None) -> Command | None:
+        """The next queued command. An idle engine that just got a request (gather_until set)
+        waits for the rest of a burst: while requests keep coming within an admission window of
+        each other, until its first step is full or gather_until. The step takes only the
+        prompts that have arrived, and its compute would hold the rest (and the front end and
+        asyncio thread forwarding them, which run at lower priority) until it ends."""
+        try:
+            left = 0.0 if gather_until is None else gather_until - time.monotonic()
+            if left <= 0 or self.stopped or self.engine.next_step_is_full():
+                return self.inbox.get_nowait()
+            return self.inbox.get(timeout=min(self.admission_window(), left))
+        except queue.Empty:
+            return None
+
+    def admission_window(self) -> float:
+        """Seconds an idle engine waits for a burst's next request: admission_window_ms, or a
+        quarter of its recent decode step when that is shorter."""
+        if not self.step_seconds:
+            return self.max_admission_window_s
+        return min(self.max_admission_window_s, ADMISSION_STEP_FRACTION * self.step_seconds)
+
     def _run(self) -> None:
         cpu_priority.as_compute_thread()   # before its first op: its OpenMP team inherits normal priority
         stalled = False
@@ -127,14 +155,14 @@ class EngineLoop:
             outputs: list[RequestOutput] = []
             idle = not self.engine.has_work()
             command = self._next_command(stalled)
+            gather_until = None
             if idle:   # it may have waited here for minutes: progress is owed from now on
                 self.heartbeat = time.monotonic()
+                if isinstance(command, (AddRequest, AddPrefill)):
+                    gather_until = self.heartbeat + ADMISSION_WINDOWS_MAX * self.admission_window()
             while command is not None:
                 outputs += self._handle(command)
-                try:
-                    command = self.inbox.get_nowait()
-                except queue.Empty:
-                    command = None
+                command = self._following_command(gather_until)
             outputs += self.engine.expire_handoffs()
             self.stats = self.engine.stats()   # what the step is about to do shows while it runs
             stepped = False
