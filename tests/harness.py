@@ -17,6 +17,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdserve.common.etcd import parent_death_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
 
@@ -152,7 +154,10 @@ class PdServer:
 
     def start(self, timeout: float = 60) -> "PdServer":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # the server ends with this process, even one killed or crashed: no orphan keeps serving
+        # (and taking CPU) after a failed test or bench script
+        command, preexec = parent_death_command(self.cmd)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=preexec)
         self.client = grpcclient.InferenceServerClient(self.url, **self.client_args)
         end = time.time() + timeout
         while time.time() < end:

@@ -54,7 +54,7 @@ STALLED_POLL_S = 0.02  # how long a step that could do nothing waits for a comma
 # fraction of its recent decode step, so a lone request's wait stays small beside its first
 # step on a fast device.
 ADMISSION_WINDOWS_MAX = 10
-ADMISSION_STEP_FRACTION = 0.25
+ADMISSION_STEP_FRACTION = 0.5
 
 
 class EngineLoop:
@@ -142,8 +142,8 @@ class EngineLoop:
             return None
 
     def admission_window(self) -> float:
-        """Seconds an idle engine waits for a burst's next request: admission_window_ms, or a
-        quarter of its recent decode step when that is shorter."""
+        """Seconds an idle engine waits for a burst's next request: admission_window_ms, or
+        half its recent decode step when that is shorter."""
         if not self.step_seconds:
             return self.max_admission_window_s
         return min(self.max_admission_window_s, ADMISSION_STEP_FRACTION * self.step_seconds)
