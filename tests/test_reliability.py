@@ -1,6 +1,7 @@
 """One bad request harms nobody else, nothing hangs without an error, the cluster view does not
 trust dead things. Real processes, real etcd, tritonclient."""
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -508,25 +509,37 @@ def test_after_an_etcd_outage_with_a_prefill_restart_every_new_request_succeeds(
         etcd.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def running_engine_loop(model: str, **config):
+    """A real engine on its EngineLoop thread, driven from the running event loop as a worker's
+    asyncio side drives it; stopped, and its thread joined, before the event loop closes."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.worker import EngineLoop
+
+    engine = LLMEngine(EngineConfig(model_path=model, dtype="float32", kv_cache_blocks=256, max_model_len=1024,
+                                    **config))
+    engine_loop = EngineLoop(engine, asyncio.get_running_loop(), on_dispatch=lambda calls: None)
+    engine_loop.start()
+    try:
+        yield engine_loop
+    finally:
+        engine_loop.stop()
+        await asyncio.to_thread(engine_loop.thread.join, 60)
+
+
 def test_work_after_a_long_idle_spell_is_not_taken_for_a_frozen_engine(small_model):
     """The supervisor kills an engine whose seconds_since_progress passes the stall limit while it
     holds requests. That figure counts from when work reaches an idle engine: it used to count
     from the engine's last step before it went quiet, so a burst after a minute of quiet was
     "no progress for 36 s" during its first step, and a healthy engine was killed."""
     from pdserve.engine.commands import AddRequest
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sequence import SamplingParams
-    from pdserve.engine.worker import EngineLoop
 
-    engine = LLMEngine(EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=256, max_model_len=1024,
-                                    max_num_batched_tokens=2048))
     idle_s = 1.5
 
     async def burst_after_idle() -> list[float]:
-        engine_loop = EngineLoop(engine, asyncio.get_running_loop(), on_dispatch=lambda calls: None)
-        engine_loop.start()
-        try:
+        async with running_engine_loop(small_model, max_num_batched_tokens=2048) as engine_loop:
             await asyncio.sleep(idle_s)
             sink: asyncio.Queue = asyncio.Queue()
             params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -541,8 +554,6 @@ def test_work_after_a_long_idle_spell_is_not_taken_for_a_frozen_engine(small_mod
                     await asyncio.sleep(0.0005)
             assert finished == 8, "the burst did not finish within 60 s"
             return seen
-        finally:
-            engine_loop.stop()
 
     seen = asyncio.run(burst_after_idle())
     assert any(s > 0 for s in seen), "never sampled while the engine held the burst"
@@ -553,18 +564,11 @@ def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -
     """An idle EngineLoop gets 6 requests 4 ms apart, as a front end forwards a burst; the
     num_output_tokens of the first 6 outputs that come out."""
     from pdserve.engine.commands import AddRequest
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sequence import SamplingParams
-    from pdserve.engine.worker import EngineLoop
-
-    engine = LLMEngine(EngineConfig(model_path=model, dtype="float32", kv_cache_blocks=256, max_model_len=1024,
-                                    max_num_batched_tokens=4096, admission_window_ms=admission_window_ms))
 
     async def trickle() -> list[int]:
-        engine_loop = EngineLoop(engine, asyncio.get_running_loop(), on_dispatch=lambda calls: None)
-        engine_loop.start()
-        try:
+        async with running_engine_loop(model, max_num_batched_tokens=4096,
+                                       admission_window_ms=admission_window_ms) as engine_loop:
             sink: asyncio.Queue = asyncio.Queue()
             params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
             for i in range(6):
@@ -575,9 +579,6 @@ def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -
             while finals < 6:   # every request ends before the loop closes
                 finals += (await asyncio.wait_for(sink.get(), 60)).final
             return [out.num_output_tokens for out in outputs]
-        finally:
-            engine_loop.stop()
-            await asyncio.to_thread(engine_loop.thread.join, 60)
 
     return asyncio.run(trickle())
 
