@@ -7,7 +7,7 @@ import torch
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import TorchKernels, kernels_for
-from pdserve.engine.kernels.cpu import CpuKernels, native_bf16, paged_decode_extension
+from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, native_bf16, paged_decode_extension
 from pdserve.engine.model_runner import ModelRunner, resolve_dtype
 from pdserve.engine.sequence import SamplingParams, Sequence
 
@@ -25,11 +25,17 @@ def pair(dtype):
 def test_linear_matches_reference(dtype):
     ref, cpu = pair(dtype)
     g = torch.Generator().manual_seed(0)
-    for rows, k, n, bias in ((1, 64, 96, False), (32, 512, 1024, True), (300, 128, 64, False)):
+    # rows: every remainder of the panels' 6-row tiles, the last panel row count and the first
+    # oneDNN one; outputs that do not fill the last 16-wide panel; x a strided view of a wider row
+    cases = ((1, 64, 96, False), (32, 512, 1024, True), (300, 128, 64, False), (5, 64, 100, True),
+             (13, 96, 40, False), (PANEL_ROWS_MAX, 128, 48, True), (PANEL_ROWS_MAX + 1, 128, 48, True))
+    for rows, k, n, bias in cases:
         w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
         b = torch.randn(n, generator=g).to(dtype) if bias else None
         x = torch.randn(rows, k, generator=g).to(dtype)
         torch.testing.assert_close(cpu.linear(w, b)(x), ref.linear(w, b)(x), **TOL[dtype])
+        wide = torch.randn(rows, k + 8, generator=g).to(dtype)[:, 4:k + 4]
+        torch.testing.assert_close(cpu.linear(w, b)(wide), ref.linear(w, b)(wide), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
