@@ -462,19 +462,8 @@ void store_kv(torch::Tensor kv, int64_t layer, torch::Tensor k, torch::Tensor v,
 // ---- float32 linears for a few rows (decode steps) ----------------------------------------------
 // At decode sizes the weights stream from memory once per step; oneDNN's blocked weights ran at
 // half the speed they run from cache. Here each 16 outputs' weights are one contiguous panel
-// [K][16] read in order, and while one panel is multiplied the next one is prefetched.
-torch::Tensor pack_panels(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat);
-  const int64_t N = w.size(0), K = w.size(1), P = (N + 15) / 16;
-  auto wc = w.contiguous();
-  auto out = torch::zeros({P, K, 16}, w.options());
-  const float* src = wc.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) dst[((n / 16) * K + k) * 16 + n % 16] = src[n * K + k];
-  return out;
-}
-
+// [K][16] read in order (pack_panels in Python lays them out), and while one panel is
+// multiplied the next one is prefetched.
 #ifdef PDSERVE_AVX2
 // rows R (<= 6) of x times one panel: 2 x R accumulators of 8 outputs, kept in registers
 template <int R>
@@ -509,7 +498,7 @@ static inline void panel_tile(const float* a, int64_t lda, const float* b, int64
 }
 #endif
 
-// out [M, N] = x [M, K] @ W^T + bias, W as pack_panels made it
+// out [M, N] = x [M, K] @ W^T + bias, W as pack_panels (Python) laid it out
 void panel_linear(torch::Tensor out, torch::Tensor x, torch::Tensor panels, torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat && out.is_contiguous());
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = panels.size(0);
@@ -600,13 +589,22 @@ def paged_decode_extension():
             # different machines never hands one CPU's instructions to another.
             key = hashlib.sha1((_CPP + platform.machine() + " ".join(sorted(_cpu_flags()))).encode()).hexdigest()[:12]
             _ext = load_inline(
-                name=f"pdserve_paged_decode_{key}", cpp_sources=_CPP, functions=["paged_decode", "rms_norm", "silu_and_mul", "store_kv", "pack_panels", "panel_linear"],
+                name=f"pdserve_paged_decode_{key}", cpp_sources=_CPP, functions=["paged_decode", "rms_norm", "silu_and_mul", "store_kv", "panel_linear"],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no headers: the torch path runs instead
             _ext_error = f"{type(exc).__name__}: {str(exc)[-300:]}"
             log.warning("CPU paged decode kernel unavailable (%s); using gather + matmul attention", _ext_error)
         return _ext
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] weight as panel_linear reads it: [ceil(N / 16), K, 16], each panel the weights of
+    16 outputs (the last one zero-padded), one contiguous run."""
+    n, k = weight.shape
+    panels = -(-n // 16)
+    padded = F.pad(weight, (0, 0, 0, panels * 16 - n))
+    return padded.view(panels, 16, k).transpose(1, 2).contiguous()
 
 
 # Up to this many rows (a decode step's batch), float32 linears run on weight panels
@@ -625,7 +623,7 @@ class PackedLinear(Linear):
         self.weight = None
         self.packed = packed
         self.ext = ext if weight.dtype == torch.float32 else None
-        self.panels = self.ext.pack_panels(weight) if self.ext is not None else None
+        self.panels = pack_panels(weight) if self.ext is not None else None
         self._bias = bias.contiguous() if bias is not None else _NONE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -658,7 +656,7 @@ class CpuKernels(TorchKernels):
         self.onednn = torch.backends.mkldnn.is_available()
         self.bf16_native = native_bf16()
         self.ext = paged_decode_extension()
-        self.panel_linears = self.ext is not None and "avx2" in _cpu_flags() and "fma" in _cpu_flags()
+        self.panel_linears = self.ext is not None and {"avx2", "fma"} <= _cpu_flags()   # the kernel's build
         self.gather = BlockGather(device)
 
     def describe(self) -> str:
