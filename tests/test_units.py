@@ -127,33 +127,84 @@ def test_preemption_frees_and_requeues():
 
 
 @pytest.mark.parametrize("model", ["demo_model", "small_model"])
-def test_the_front_end_tokenizer_gives_the_engine_s_token_ids(model, request, tmp_path):
-    """kv_aware hashes the prompt on the front end with `tokenizers`; the engine tokenizes with
-    transformers' AutoTokenizer.encode: the ids (hence the block hashes) must be the same."""
+def test_the_front_end_tokenizes_as_transformers_does(model, request, tmp_path):
+    """Front ends tokenize prompts with `tokenizers` from tokenizer.json and send token ids to the
+    engines; transformers' AutoTokenizer.encode (the reference the correctness tests use) must give
+    the same ids, hence the same block hashes."""
     import asyncio
 
     from transformers import AutoTokenizer
 
-    from pdserve.common.block_hash import TOKENIZER_PROBE, block_hashes, tokenizer_fingerprint
+    from pdserve.common.block_hash import block_hashes
+    from pdserve.common.errors import ServeError
     from pdserve.frontend.prompts import PromptTokenizers
     folder = request.getfixturevalue(model)
-    engine_side = AutoTokenizer.from_pretrained(folder)
+    reference = AutoTokenizer.from_pretrained(folder)
     texts = ["Hello world", "  spaces\nnew line\t tab", "héllo wörld 你好 🙂", "The quick brown fox. " * 100,
-             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|> mid <|endoftext|>", ""]
+             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|> mid <|endoftext|>"]
 
     async def main():
         tokenizers = PromptTokenizers()
         try:
-            probe = tokenizer_fingerprint(engine_side.encode(TOKENIZER_PROBE))   # what the engines announce
             for text in texts:
-                ids = engine_side.encode(text)
-                assert await tokenizers.hashes(folder, text, 4) == (len(ids), block_hashes(ids, 4)), text
-                assert await tokenizers.hashes(folder, text, 4, probe) == (len(ids), block_hashes(ids, 4)), text
-            assert await tokenizers.hashes(folder, texts[0], 4, probe + 1) is None   # engines that split otherwise
-            assert await tokenizers.hashes(str(tmp_path), "no tokenizer here", 4) is None
+                ids = reference.encode(text)
+                prompt = await tokenizers.encode(folder, text, block_size=4)
+                assert (prompt.token_ids, prompt.block_hashes, prompt.block_size) == (ids, block_hashes(ids, 4), 4)
+            with pytest.raises(ServeError, match="the prompt is empty"):
+                await tokenizers.encode(folder, "")
+            with pytest.raises(ServeError, match="has no tokenizer.json"):
+                await tokenizers.encode(str(tmp_path), "no tokenizer here")
         finally:
             tokenizers.close()
     asyncio.run(main())
+
+
+def test_prompts_over_max_model_len_are_refused_on_the_front_end(demo_model):
+    """A prompt of max_model_len tokens or more fails with the engines' message; one whose byte
+    length alone proves it too long fails before it is tokenized."""
+    import asyncio
+    import time
+
+    from pdserve.common.errors import Cause, ServeError
+    from pdserve.frontend.prompts import PromptTokenizers
+
+    async def main():
+        tokenizers = PromptTokenizers()
+        try:
+            loaded = await tokenizers.tokenizer(demo_model)
+            assert loaded.bytes_per_token is not None   # byte-level BPE under NFC: the proof applies
+            ok = await tokenizers.encode(demo_model, "def f(x):\n    return x\n", max_model_len=64)
+            assert 0 < len(ok.token_ids) < 64
+            too_long = r"the prompt has \d+ tokens but max_model_len is 64; shorten the prompt to at most 63 tokens"
+            with pytest.raises(ServeError, match=too_long):
+                await tokenizers.encode(demo_model, "".join(chr(0x4E00 + i) for i in range(64)), max_model_len=64)
+            huge = "x = 1\n" * 600_000   # 3.6 MB
+            started = time.monotonic()
+            with pytest.raises(ServeError, match="bytes, more than max_model_len") as refused:
+                await tokenizers.encode(demo_model, huge, max_model_len=4096)
+            assert refused.value.cause == Cause.INVALID_ARGUMENT
+            assert time.monotonic() - started < 0.5   # refused without tokenizing 3.6 MB
+        finally:
+            tokenizers.close()
+    asyncio.run(main())
+
+
+def test_a_tokenizer_that_can_drop_text_gives_no_byte_bound():
+    """Whitespace pre-tokenizers and [UNK] models can turn megabytes into few tokens: no proof."""
+    from pdserve.frontend.prompts import max_bytes_per_token
+    byte_level = {"normalizer": {"type": "NFC"}, "model": {"type": "BPE"},
+                  "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                      {"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]}}
+    assert max_bytes_per_token(byte_level, ["a", "abcd", "ĠĠĠ"]) == 6 * 3
+    assert max_bytes_per_token({**byte_level, "normalizer": None}, ["a", "abcd"]) == 4
+    assert max_bytes_per_token({**byte_level, "pre_tokenizer": {"type": "Whitespace"}}, ["a"]) is None
+    assert max_bytes_per_token({**byte_level, "normalizer": {"type": "BertNormalizer"}}, ["a"]) is None
+    assert max_bytes_per_token({"model": {"type": "WordPiece"}, "pre_tokenizer": None}, ["a"]) is None
+    metaspace = {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None, "model": {"type": "BPE", "byte_fallback": True}}
+    assert max_bytes_per_token(metaspace, ["<0x0A>", "▁the"]) == 6 * 3
+    assert max_bytes_per_token({**metaspace, "model": {"type": "BPE", "byte_fallback": False}}, ["a"]) is None
 
 
 def test_bind_host_confines_named_hosts_and_keeps_the_operator_s_preloads():

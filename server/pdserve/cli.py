@@ -20,6 +20,7 @@ from pdserve.common.cpu_priority import DEFAULT_PRIORITY, PRIORITIES, lower_fron
 from pdserve.common.records import engines_prefix
 from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
                                  parse_endpoints)
+from pdserve.cluster.model_files import ModelFiles
 from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView
 from pdserve.cluster.engine_client import EngineClients
@@ -211,7 +212,8 @@ async def run(args) -> None:
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model, publisher)
     metrics = Metrics(manager, registry)
-    core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics)  # one path for every door
+    core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics,  # one path for every door
+                         model_files=ModelFiles(etcd, args.cluster, os.path.join(run_dir, "model-files")))
     service = InferenceService(manager, core.router, metrics, core)
     settings = Settings(manager)
     health = Health(service)

@@ -16,6 +16,7 @@ import logging
 import time
 
 from pdserve.common.etcd import EtcdClient, EtcdUnavailable
+from pdserve.cluster.model_files import blob_entries, digest_of
 from pdserve.common.records import DEFAULT_TTL_S, ModelRecord, model_key, models_prefix
 
 log = logging.getLogger(__name__)
@@ -28,22 +29,33 @@ class ModelPublisher:
         self.node = node
         self.ttl = ttl
         self.token = token
-        self.wanted: dict[str, bytes] = {}     # key -> signed record: what this node serves now
+        self.wanted: dict[str, bytes] = {}     # key -> signed record or file chunk: what this node serves now
+        self._records: dict[str, bytes] = {}   # key -> signed record
+        self._blobs: dict[str, dict[str, bytes]] = {}   # model -> its tokenizer files' chunks (cluster/model_files.py)
         self._written: dict[str, bytes] = {}   # what etcd holds under the lease, as far as this node knows
         self.lease = 0
         self._renewed = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    def serve(self, model: str, configs: dict[int, dict]) -> None:
-        """The versions of model this node serves now, with their configs (protobuf JSON);
-        an empty dict withdraws the model. Written to etcd in the background."""
+    def serve(self, model: str, configs: dict[int, dict], files: dict[int, dict[str, bytes]] | None = None) -> None:
+        """The versions of model this node serves now, with their configs (protobuf JSON) and
+        tokenizer files (name -> contents); an empty dict withdraws the model. Written to etcd in
+        the background."""
         prefix = f"{models_prefix(self.cluster)}{model}/"
-        for key in [k for k in self.wanted if k.startswith(prefix)]:
-            del self.wanted[key]
+        for key in [k for k in self._records if k.startswith(prefix)]:
+            del self._records[key]
+        blobs: dict[str, bytes] = {}
         for version, config in configs.items():
-            record = ModelRecord(model, str(version), self.node, config)
-            self.wanted[model_key(self.cluster, model, str(version), self.node)] = record.signed_json(self.token)
+            version_files = (files or {}).get(version, {})
+            for data in version_files.values():
+                blobs.update(blob_entries(self.cluster, data))
+            record = ModelRecord(model, str(version), self.node, config,
+                                 files={name: digest_of(data) for name, data in version_files.items()})
+            self._records[model_key(self.cluster, model, str(version), self.node)] = record.signed_json(self.token)
+        self._blobs[model] = blobs
+        self.wanted = {key: value for chunks in self._blobs.values() for key, value in chunks.items()}
+        self.wanted.update(self._records)
         self._wake.set()
 
     def start(self) -> None:

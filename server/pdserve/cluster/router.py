@@ -42,7 +42,7 @@ class EngineGroup:
     loads in `load` (kept current by Router._load_changed) and their KV block size (None when
     they disagree or do not say)."""
 
-    __slots__ = ("key", "records", "load", "by_id", "by_address", "block_size", "tokenizer_probe")
+    __slots__ = ("key", "records", "load", "by_id", "by_address", "block_size", "max_model_len")
 
     def __init__(self, key: tuple[str, str, str], records: list[EngineRecord], loads: list[float]):
         self.key = key
@@ -53,8 +53,8 @@ class EngineGroup:
         sizes = {r.capacity.get("block_size") for r in records}
         size = sizes.pop() if len(sizes) == 1 else None
         self.block_size = size if isinstance(size, int) and size > 0 else None
-        probes = {r.capacity.get("tokenizer_probe") for r in records}
-        self.tokenizer_probe = probes.pop() if len(probes) == 1 else None
+        lengths = [r.capacity.get("max_model_len") for r in records]
+        self.max_model_len = min((n for n in lengths if isinstance(n, int) and n > 0), default=None)
 
     def loads(self, exclude: frozenset[str]) -> np.ndarray:
         """The loads, with the excluded engines at infinity (a copy only when some are)."""
@@ -245,11 +245,11 @@ class Router:
         sizes = {g.block_size for g in (decode, prefill) if g is not None}
         return sizes.pop() if len(sizes) == 1 else None
 
-    def tokenizer_probe(self, model: str, version: str) -> int | None:
-        """The engines' tokenizer fingerprint (common/block_hash.py); None: unknown or they disagree."""
-        probes = {g.tokenizer_probe for g in (self._group(model, version, DECODE), self._group(model, version, PREFILL))
-                  if g is not None}
-        return probes.pop() if len(probes) == 1 else None
+    def max_model_len(self, model: str, version: str) -> int | None:
+        """The longest sequence every ready engine of the version takes (None: none says)."""
+        lengths = [g.max_model_len for g in (self._group(model, version, DECODE), self._group(model, version, PREFILL))
+                   if g is not None and g.max_model_len is not None]
+        return min(lengths, default=None)
 
     def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset(),
                prompt_tokens: int = 0, prompt_hashes: Sequence[int] = ()) -> Route:

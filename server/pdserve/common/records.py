@@ -98,8 +98,9 @@ class ModelRecord(SignedRecord):
     config: dict              # the ModelConfig, as protobuf JSON with the proto's field names
     state: str = "READY"      # Triton's state of the version on that node (published while READY)
     published: float = field(default_factory=time.time)
+    files: dict = field(default_factory=dict)   # tokenizer file name -> SHA-256 of it (cluster/model_files.py)
     signature: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.config, dict):
-            raise ValueError("a model record's config must be a JSON object")
+        if not isinstance(self.config, dict) or not isinstance(self.files, dict):
+            raise ValueError("a model record's config and files must be JSON objects")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from pdserve.common.block_hash import next_block_hash
 from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.sequence import Sequence
 
@@ -60,7 +59,7 @@ class BlockManager:
         hits, parent = [], None
         for i in range((len(tokens) - 1) // bs):
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
-            parent = next_block_hash(parent, block_tokens)
+            parent = seq.block_hash(i, parent, block_tokens)
             block = self.cached.get(parent)
             if block is None or self.block_tokens[block] != block_tokens:
                 break
@@ -125,7 +124,7 @@ class BlockManager:
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
-            block_hash = next_block_hash(seq.block_hashes[-1] if seq.block_hashes else None, block_tokens)
+            block_hash = seq.block_hash(i, seq.block_hashes[-1] if seq.block_hashes else None, block_tokens)
             seq.block_hashes.append(block_hash)
             block = seq.block_table[i]
             if block_hash in self.cached or block in self.block_hash:

@@ -30,6 +30,7 @@ class AddRequest:
     params: SamplingParams
     prefill_address: str = ""      # "": prefill here
     resume_token_ids: tuple[int, ...] = ()   # migration: output a former engine already sent
+    prompt_block_hashes: tuple[int, ...] = ()  # the front end's hashes of the prompt's full blocks
 
 
 @dataclass(frozen=True)

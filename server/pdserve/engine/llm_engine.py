@@ -87,7 +87,8 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     # ---- requests in ------------------------------------------------------------------------
-    def _admit(self, request_id: str, token_ids: list[int], params: SamplingParams) -> Sequence:
+    def _admit(self, request_id: str, token_ids: list[int], params: SamplingParams,
+               prompt_block_hashes: tuple[int, ...] = ()) -> Sequence:
         if request_id in self.sequences:
             raise ServeError(Cause.INVALID_ARGUMENT, f"request id '{request_id}' is already running; use a unique id")
         if not token_ids:
@@ -99,11 +100,15 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.cfg.max_queue_len:
             raise ServeError(Cause.OVERLOADED, f"the engine's queue is full ({self.cfg.max_queue_len} waiting requests, "
                                                "parameter max_queue_len); retry later or add instances")
+        if min(token_ids) < 0 or max(token_ids) >= self.runner.vocab_size:
+            raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt has token ids outside the vocabulary (ids 0 to "
+                                                     f"{self.runner.vocab_size - 1}): is the front end's tokenizer "
+                                                     "this model's?")
         outside = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
         if outside:
             raise ServeError(Cause.INVALID_ARGUMENT, f"stop_token_ids {outside[:5]} are outside the vocabulary "
                                                      f"(ids 0 to {self.runner.vocab_size - 1})")
-        seq = Sequence(request_id, list(token_ids), params)
+        seq = Sequence(request_id, list(token_ids), params, prompt_block_hashes=tuple(prompt_block_hashes))
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
@@ -112,7 +117,8 @@ class LLMEngine:
         return seq
 
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                    prefill_address: str = "", resume_token_ids: list[int] = ()) -> None:
+                    prefill_address: str = "", resume_token_ids: list[int] = (),
+                    prompt_block_hashes: tuple[int, ...] = ()) -> None:
         """Queues a request. With a prefill_address, a PREFILL engine computes the prompt: its
         blocks are reserved at admission and the handoff is dispatched (take_dispatch). With
         resume_token_ids (migration), generation continues after those tokens, which another
@@ -123,7 +129,7 @@ class LLMEngine:
         if len(token_ids) + len(resume_token_ids) >= self.max_model_len:
             raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt and the tokens to resume from ("
                                                      f"{len(token_ids) + len(resume_token_ids)}) reach max_model_len")
-        seq = self._admit(request_id, token_ids, params)
+        seq = self._admit(request_id, token_ids, params, prompt_block_hashes)
         detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if resume_token_ids:
             seq.output_token_ids = list(resume_token_ids)

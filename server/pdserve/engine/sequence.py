@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.common.block_hash import next_block_hash
 from pdserve.common.sampling import SamplingParams
 
 __all__ = ["SamplingParams", "Sequence", "SequenceStatus"]
@@ -31,6 +32,9 @@ class Sequence:
     num_cached_tokens: int = 0
     # The hashes of the leading blocks of block_table that are full of computed KV (block_manager.py).
     block_hashes: list[int] = field(default_factory=list)
+    # The hashes of the prompt's full blocks as the front end computed them for routing (same
+    # block size), so the engine thread need not hash the prompt again; empty: none were sent.
+    prompt_block_hashes: tuple[int, ...] = ()
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -45,6 +49,12 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def block_hash(self, i: int, parent: int | None, block_tokens: tuple[int, ...]) -> int:
+        """The hash of block i, whose parent block hashes to parent."""
+        if i < len(self.prompt_block_hashes):
+            return self.prompt_block_hashes[i]
+        return next_block_hash(parent, block_tokens)
 
     def token_ids_between(self, start: int, end: int) -> list[int]:
         prompt = self.prompt_token_ids

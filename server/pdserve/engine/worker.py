@@ -3,11 +3,11 @@
     python -m pdserve.engine.worker --spec-json '{...}' --ready-file PATH
 
 Threads: the engine thread (EngineLoop) owns the engine and runs its steps; the asyncio thread
-serves the engine RPC, tokenizes prompts (so a step never waits on a tokenizer), carries PD
-handoff RPCs (PrefillPeers) and reads the engine's stats snapshot. They meet only at the
-engine's inbox (typed commands, engine/commands.py) and the per-request output queues.
-The engine thread (and its OpenMP team) runs at normal priority, every other thread at
-SCHED_BATCH, so handing outputs on never preempts a step (common/cpu_priority.py).
+serves the engine RPC (prompts arrive as token ids: front ends tokenize, the engine only
+detokenizes), carries PD handoff RPCs (PrefillPeers) and reads the engine's stats snapshot.
+They meet only at the engine's inbox (typed commands, engine/commands.py) and the per-request
+output queues. The engine thread (and its OpenMP team) runs at normal priority, every other
+thread at SCHED_BATCH, so handing outputs on never preempts a step (common/cpu_priority.py).
 
 PD handoff, DECODE side: a request with a prefill_address reserves its blocks at admission;
 the asyncio side then calls that engine's Prefill with the block ids, and its answer goes back
@@ -31,7 +31,6 @@ import grpc
 from pdserve._proto import engine_pb2, engine_pb2_grpc
 from pdserve.common import cpu_priority
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
-from pdserve.common.block_hash import TOKENIZER_PROBE, tokenizer_fingerprint
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call, trailing_cause
 from pdserve.common.etcd import EtcdClient, EtcdSecurity, die_with_parent
@@ -77,7 +76,7 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.handlers = {
             CommandType.ADD: lambda c: engine.add_request(c.request_id, list(c.token_ids), c.params, c.prefill_address,
-                                                          list(c.resume_token_ids)),
+                                                          list(c.resume_token_ids), c.prompt_block_hashes),
             CommandType.ADD_PREFILL: lambda c: engine.add_prefill_request(
                 c.request_id, list(c.token_ids), c.params, c.destination, c.deadline),
             CommandType.ABORT: lambda c: engine.abort(c.request_id),
@@ -273,11 +272,8 @@ async def abort_with(context, error: ServeError) -> None:
 class EngineService(engine_pb2_grpc.EngineServicer):
     def __init__(self, engine_loop: EngineLoop, registration: EngineRegistration | None):
         self.engine_loop = engine_loop
-        self.tokenizer = engine_loop.engine.tokenizer
+        self.block_size = engine_loop.engine.block_manager.block_size
         self.registration = registration
-
-    async def _tokenize(self, text: str) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text)
 
     async def GenerateStream(self, commands, context):
         """A front end's requests to this engine, multiplexed (protos/engine.proto): one message
@@ -305,36 +301,26 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             reader.cancel()
             for request_id in open_ids:   # the caller went away: free the requests' blocks
                 self.engine_loop.send(Abort(request_id))
-            open_ids.clear()   # a request still being tokenized is not started
+            open_ids.clear()
 
     async def _read_commands(self, commands, outputs: asyncio.Queue, open_ids: set[str]) -> None:
-        starting: set[asyncio.Task] = set()   # held until done (the loop keeps only weak references)
         try:
             async for command in commands:
                 if command.HasField("generate"):
                     open_ids.add(command.generate.request_id)
-                    task = asyncio.ensure_future(self._start(command.generate, outputs, open_ids))
-                    starting.add(task)
-                    task.add_done_callback(starting.discard)
+                    self._start(command.generate, outputs)
                 else:
                     open_ids.discard(command.abort)
                     self.engine_loop.send(Abort(command.abort))
         finally:
             outputs.put_nowait(None)
 
-    async def _start(self, request: engine_pb2.GenerateRequest, outputs: asyncio.Queue, open_ids: set[str]) -> None:
-        """Tokenizes off the engine thread, then queues the request unless it was aborted meanwhile."""
-        try:
-            token_ids = await self._tokenize(request.prompt)
-        except Exception as exc:   # a tokenizer failure ends this request, not the stream
-            log.exception("tokenizing request %s failed", request.request_id)
-            outputs.put_nowait(RequestOutput(request.request_id, error=ServeError(
-                Cause.INTERNAL, f"the engine could not tokenize the prompt: {type(exc).__name__}: {exc}")))
-            return
-        if request.request_id in open_ids:
-            self.engine_loop.open(AddRequest(request.request_id, tuple(token_ids),
-                                             SamplingParams.from_proto(request.sampling), request.prefill_address,
-                                             tuple(request.resume_token_ids)), sink=outputs)
+    def _start(self, request: engine_pb2.GenerateRequest, outputs: asyncio.Queue) -> None:
+        """Queues the request; the front end tokenized its prompt (and may have hashed its blocks)."""
+        hashes = tuple(request.prompt_block_hashes) if request.block_size == self.block_size else ()
+        self.engine_loop.open(AddRequest(request.request_id, tuple(request.prompt_token_ids),
+                                         SamplingParams.from_proto(request.sampling), request.prefill_address,
+                                         tuple(request.resume_token_ids), hashes), sink=outputs)
 
     async def Prefill(self, request, context):
         d = request.destination
@@ -407,7 +393,6 @@ async def serve(spec: dict, ready_file: str) -> None:
             device=cfg.device, node=spec.get("node", ""), address=address, pid=os.getpid(),
             kv_transport=transport.handshake() if transport else {},
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
-                      "tokenizer_probe": tokenizer_fingerprint(engine.tokenizer.encode(TOKENIZER_PROBE)),
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
         etcd = EtcdClient(spec["etcd_endpoints"], EtcdSecurity.from_spec(spec.get("etcd_security")))
         registration = EngineRegistration(etcd, spec.get("cluster", "default"), record,

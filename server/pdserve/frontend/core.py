@@ -29,9 +29,10 @@ import grpc
 
 from pdserve._proto import engine_pb2
 from pdserve.cluster.engine_client import EngineCallError
+from pdserve.cluster.model_files import ModelFiles
 from pdserve.cluster.router import Router
 from pdserve.common.errors import Cause, ServeError
-from pdserve.frontend.prompts import PromptTokenizers, estimate_tokens
+from pdserve.frontend.prompts import PromptTokenizers, PromptTokens
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.repository.manager import ModelRepositoryManager
 from pdserve.repository.supervisor import Deployment
@@ -113,9 +114,12 @@ class Request:
         migrations = 0
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
-        request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt=gen.prompt,
+        prompt = await core.tokenize(dep, gen.prompt)
+        request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt.token_ids,
+                                             prompt_block_hashes=prompt.block_hashes, block_size=prompt.block_size,
                                              sampling=gen.sampling.to_proto())
-        prompt_tokens, prompt_hashes = await core.prompt_figures(dep, gen.prompt)
+        prompt_tokens = len(prompt.token_ids)
+        prompt_hashes = prompt.block_hashes if core.router.uses_prefix else []
         while True:
             try:
                 route = core.router.choose(dep.name, str(dep.version), frozenset(failed),
@@ -223,11 +227,12 @@ class _RequestScope:
 
 class InferenceCore:
     def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None,
-                 tokenizers: PromptTokenizers | None = None):
+                 tokenizers: PromptTokenizers | None = None, model_files: ModelFiles | None = None):
         self.manager = manager
         self.router = router
         self.metrics = metrics
         self.tokenizers = tokenizers or PromptTokenizers()
+        self.model_files = model_files   # tokenizer files of models other nodes load (router-only nodes)
         self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
 
     def lookup(self, name: str, version: str = "") -> Deployment:
@@ -238,18 +243,18 @@ class InferenceCore:
     def request(self, dep: Deployment) -> _RequestScope:
         return _RequestScope(Request(self, dep))
 
-    async def prompt_figures(self, dep: Deployment, prompt: str) -> tuple[int, list[int]]:
-        """What the router needs of a prompt: its length in tokens and, only for a policy that
-        uses them (kv_aware), its block hashes, tokenized off the event loop (frontend/prompts.py).
-        No tokenizer here or no known block size: an estimated length and no hashes."""
-        block_size = self.router.block_size(dep.name, str(dep.version)) if self.router.uses_prefix else None
-        if block_size is not None:
-            figures = await self.tokenizers.hashes(self.model_path(dep), prompt, block_size,
-                                                   self.router.tokenizer_probe(dep.name, str(dep.version)))
-            if figures is not None:
-                return figures
-        return estimate_tokens(prompt), []
+    async def tokenize(self, dep: Deployment, prompt: str) -> PromptTokens:
+        """The prompt's token ids and block hashes (at the engines' block size), tokenized off the
+        event loop (frontend/prompts.py); ServeError when it is empty or too long for the engines."""
+        name, version = dep.name, str(dep.version)
+        return await self.tokenizers.encode(await self.model_folder(dep), prompt,
+                                            self.router.max_model_len(name, version) or 0,
+                                            self.router.block_size(name, version) or 0)
 
-    def model_path(self, dep: Deployment) -> str:
-        """The version folder (for the tokenizer's chat template)."""
-        return os.path.join(dep.spec.path, str(dep.version))
+    async def model_folder(self, dep: Deployment) -> str:
+        """The folder with the version's tokenizer files: its version folder in this node's
+        repository, or, for a model only other nodes load, the files they published in etcd."""
+        record = self.manager.remote_record(dep)
+        if record is None or self.model_files is None:
+            return os.path.join(dep.spec.path, str(dep.version))
+        return await self.model_files.folder(record)

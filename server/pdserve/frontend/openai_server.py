@@ -249,7 +249,7 @@ class OpenAIServer:
         body = await read_json(request, BadRequest)
         dep = self._lookup(body.get("model"))
         messages = _messages(body)
-        prompt = self.templates.render(self.core.model_path(dep), messages,
+        prompt = self.templates.render(await self.core.model_folder(dep), messages,
                                        add_generation_prompt=body.get("add_generation_prompt", True) is not False)
         return await self._run(request, body, dep, prompt, chat=True, echo=False)
 

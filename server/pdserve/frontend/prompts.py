@@ -1,68 +1,142 @@
-"""A prompt's length and KV block hashes on the front end, for the router (kv_aware).
+"""Prompts become token ids on the front end: engines take token ids and only detokenize.
 
-Engines tokenize the prompts they serve; a cache-aware choice needs the same token ids before
-the request leaves, to compare the prompt's block hashes (common/block_hash.py) with what each
-engine caches. The model version's tokenizer.json is loaded with the `tokenizers` package (the
-Rust tokenizer that transformers' fast tokenizers wrap, without torch or transformers) once per
-version folder, and it encodes with special tokens added, as the engine's AutoTokenizer.encode
-does. Loading and encoding run in a small thread pool, never on the event loop. A version folder
-without tokenizer.json (or with one that does not load) gives no hashes: the router then scores
-by load alone.
+Tokenizing once, here, gives the router the prompt's KV block hashes (common/block_hash.py) for
+cache-aware choices and catches prompts over max_model_len before any engine sees them. The
+model version's tokenizer.json is loaded with the `tokenizers` package (the Rust tokenizer that
+transformers' fast tokenizers wrap, without torch or transformers) once per folder, and it
+encodes with special tokens added, as transformers' tokenizer does. Loading and encoding run in a
+small thread pool (the batch call releases the GIL), never on the event loop.
+
+A prompt whose byte length alone proves it too long is refused before it is tokenized: for a
+tokenizer that represents every input byte in its tokens (byte-level or byte-fallback, with at
+most Unicode normalization), a token covers at most the bytes of the longest vocabulary entry.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from pdserve.common.block_hash import TOKENIZER_PROBE, block_hashes, tokenizer_fingerprint
+from pdserve.common.block_hash import block_hashes
+from pdserve.common.errors import Cause, ServeError
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENIZERS = 64   # version folders whose tokenizer stays loaded (least recently used dropped)
+# Unicode normal forms can shrink text: composition folds up to three code points (Hangul jamo)
+# into one of no more bytes than each, so normalized text keeps at least a third of the bytes.
+NORMALIZED_BYTES_FLOOR = 3
+LOSSLESS_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Prepend"}
+LOSSLESS_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split"}
 
 
-def estimate_tokens(text: str) -> int:
-    """A prompt's length in tokens when it is not tokenized here (about 4 characters a token):
-    enough to count an engine's fresh load."""
-    return (len(text) + 3) // 4
+@dataclass(frozen=True)
+class PromptTokens:
+    token_ids: list[int]
+    block_hashes: list[int]   # of the full blocks at block_size; empty when no block size is known
+    block_size: int           # 0: none
 
 
-def _load(folder: str):
-    """(the folder's tokenizer, its fingerprint: how it splits TOKENIZER_PROBE), or None."""
+def _parts(component: dict | None) -> list[dict]:
+    """A tokenizer.json component and, for a Sequence, its members."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        return [p for member in component.get("normalizers", component.get("pretokenizers", []))
+                for p in _parts(member)]
+    return [component]
+
+
+def _keeps_every_byte(spec: dict) -> bool:
+    """Whether the tokenizer described by tokenizer.json turns every byte of its input into token
+    bytes (after Unicode normalization): no normalizer or pre-tokenizer that drops text, and a
+    model that never maps unknown text to one [UNK] token."""
+    for part in _parts(spec.get("normalizer")):
+        if part.get("type") == "Replace":
+            pattern = part.get("pattern", {}).get("String")
+            if pattern is None or len(part.get("content", "").encode()) < len(pattern.encode()):
+                return False
+        elif part.get("type") not in LOSSLESS_NORMALIZERS:
+            return False
+    pre = _parts(spec.get("pre_tokenizer"))
+    for part in pre:
+        if part.get("type") not in LOSSLESS_PRE_TOKENIZERS or part.get("behavior") == "Removed":
+            return False
+    model = spec.get("model", {})
+    byte_level = any(p.get("type") == "ByteLevel" for p in pre)
+    return model.get("type") == "BPE" and (byte_level or bool(model.get("byte_fallback")))
+
+
+def max_bytes_per_token(spec: dict, vocabulary: list[str]) -> int | None:
+    """How many input bytes one token can stand for at most, or None when the tokenizer can drop
+    text (then no byte length proves a prompt too long). A vocabulary entry's UTF-8 length bounds
+    the bytes it stands for: byte-level symbols and byte-fallback tokens spell a byte in one or
+    more characters."""
+    if not _keeps_every_byte(spec) or not vocabulary:
+        return None
+    longest = max(len(token.encode()) for token in vocabulary)
+    return longest * (NORMALIZED_BYTES_FLOOR if spec.get("normalizer") else 1)
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    tokenizer: object                   # tokenizers.Tokenizer
+    bytes_per_token: int | None         # max_bytes_per_token of it
+
+
+def _load(folder: str) -> LoadedTokenizer:
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
-        log.info("no %s: requests to this model version are routed by load only", path)
-        return None
+        raise ServeError(Cause.MODEL_NOT_READY, f"the model version folder {folder} has no tokenizer.json: pdserve "
+                                                "tokenizes prompts with it; save the tokenizer with transformers' "
+                                                "save_pretrained, which writes it")
+    from tokenizers import Tokenizer
     try:
-        from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(path)
-        return tokenizer, tokenizer_fingerprint(tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=True).ids)
-    except Exception as exc:   # a tokenizer this package cannot read costs the cache awareness only
-        log.warning("cannot load %s (%s): requests to this model version are routed by load only", path, exc)
-        return None
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except Exception as exc:
+        raise ServeError(Cause.MODEL_NOT_READY, f"cannot load {path}: {exc}") from exc
+    return LoadedTokenizer(tokenizer, max_bytes_per_token(spec, list(tokenizer.get_vocab(with_added_tokens=True))))
 
 
-def _encode(tokenizer, text: str, block_size: int) -> tuple[int, list[int]]:
-    # encode_batch, not encode: only the batch call lets go of the GIL while it works, and a
-    # 1,000-character prompt takes about a millisecond, which would otherwise stop the event loop
-    ids = tokenizer.encode_batch([text], add_special_tokens=True)[0].ids
-    return len(ids), block_hashes(ids, block_size)
+def too_long(n_tokens: int, max_model_len: int) -> ServeError:
+    return ServeError(Cause.INVALID_ARGUMENT, f"the prompt has {n_tokens} tokens but max_model_len is {max_model_len}; "
+                                              f"shorten the prompt to at most {max_model_len - 1} tokens")
+
+
+def encode(loaded: LoadedTokenizer, text: str, max_model_len: int = 0, block_size: int = 0) -> PromptTokens:
+    """The prompt's token ids (and block hashes at block_size); ServeError when it is empty or has
+    max_model_len tokens or more (0: no limit known here; the engine still checks)."""
+    if max_model_len and loaded.bytes_per_token:
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        if n_bytes > max_model_len * loaded.bytes_per_token:
+            raise ServeError(Cause.INVALID_ARGUMENT,
+                             f"the prompt has {n_bytes} bytes, more than max_model_len ({max_model_len}) tokens can "
+                             f"hold with this tokenizer (at most {loaded.bytes_per_token} bytes a token); shorten the "
+                             f"prompt to under {max_model_len} tokens")
+    # encode_batch, not encode: only the batch call lets go of the GIL while it works
+    ids = loaded.tokenizer.encode_batch([text], add_special_tokens=True)[0].ids
+    if not ids:
+        raise ServeError(Cause.INVALID_ARGUMENT, "the prompt is empty; send at least one token of text in 'text_input'")
+    if max_model_len and len(ids) >= max_model_len:
+        raise too_long(len(ids), max_model_len)
+    return PromptTokens(ids, block_hashes(ids, block_size) if block_size else [], block_size)
 
 
 class PromptTokenizers:
     def __init__(self, workers: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdserve-tokenize")
-        # version folder -> (tokenizer, fingerprint) or None
-        self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()
-        self._mismatch_logged: set[str] = set()
+        self._tokenizers: OrderedDict[str, asyncio.Future] = OrderedDict()   # version folder -> LoadedTokenizer
 
-    async def tokenizer(self, folder: str):
-        """The version folder's tokenizer and its fingerprint (None: it has none), loaded once."""
+    async def tokenizer(self, folder: str) -> LoadedTokenizer:
+        """The version folder's tokenizer, loaded once; ServeError when it has none that loads."""
         future = self._tokenizers.get(folder)
-        if future is None:
+        if future is None or (future.done() and future.exception() is not None):
             future = self._tokenizers[folder] = asyncio.get_running_loop().run_in_executor(self._pool, _load, folder)
             while len(self._tokenizers) > MAX_TOKENIZERS:
                 self._tokenizers.popitem(last=False)
@@ -70,21 +144,10 @@ class PromptTokenizers:
             self._tokenizers.move_to_end(folder)
         return await asyncio.shield(future)
 
-    async def hashes(self, folder: str, text: str, block_size: int,
-                     engines_probe: int | None = None) -> tuple[int, list[int]] | None:
-        """(token count, block hashes at block_size) of the prompt; None without a tokenizer, or
-        when it does not split text as the engines do (their fingerprint, engines_probe)."""
+    async def encode(self, folder: str, text: str, max_model_len: int = 0, block_size: int = 0) -> PromptTokens:
         loaded = await self.tokenizer(folder)
-        if loaded is None:
-            return None
-        tokenizer, mine = loaded
-        if engines_probe is not None and mine != engines_probe:
-            if folder not in self._mismatch_logged:
-                self._mismatch_logged.add(folder)
-                log.warning("%s/tokenizer.json splits text unlike the engines' tokenizer (transformers may override "
-                            "its pre-tokenizer): requests to this model version are routed by load only", folder)
-            return None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, _encode, tokenizer, text, block_size)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, encode, loaded, text, max_model_len,
+                                                                block_size)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from pdserve.cluster.model_files import read_tokenizer_files
 from pdserve.cluster.publisher import ModelPublisher
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.records import ModelRecord
@@ -227,7 +228,7 @@ class ModelRepositoryManager:
         """One Deployment per published config (so its in-flight count lasts), with no engines of its own."""
         key = (record.model, int(record.version))
         known = self.remote.get(key)
-        if known is not None and known[0].config == record.config:
+        if known is not None and (known[0].config, known[0].files) == (record.config, record.files):
             return known[1]
         try:
             spec = published_spec(record.model, int(record.version), record.config)
@@ -237,6 +238,12 @@ class ModelRepositoryManager:
         dep = Deployment(spec, int(record.version), [], self.supervisor)
         self.remote[key] = (record, dep)
         return dep
+
+    def remote_record(self, dep: Deployment) -> ModelRecord | None:
+        """The record another node published for a deployment this node serves from it (None: the
+        model is this node's own)."""
+        known = self.remote.get((dep.name, dep.version))
+        return known[0] if known is not None and known[1] is dep else None
 
     def all_deployments(self) -> list[Deployment]:
         out = []
@@ -355,7 +362,9 @@ class ModelRepositoryManager:
     def _publish(self, entry: ModelEntry) -> None:
         """Tells the cluster what serves here now (every change of entry.serving comes here)."""
         if self.publisher is not None:
-            self.publisher.serve(entry.name, {v: config_to_json(d.spec.config) for v, d in entry.serving.items()})
+            self.publisher.serve(entry.name, {v: config_to_json(d.spec.config) for v, d in entry.serving.items()},
+                                 {v: read_tokenizer_files(os.path.join(d.spec.path, str(v)))
+                                  for v, d in entry.serving.items()})
 
     def _failed(self, entry: ModelEntry, reason: str) -> None:
         if entry.serving:
