@@ -1,10 +1,10 @@
 """CPU priorities: the front end and an engine's helper threads never hold up an engine's step.
 
 Why: an engine computing on the CPU splits each op of its step over every core (OpenMP, static
-shares), so another thread that takes a core stalls the whole step for as long as it runs. On a
-2-core host the front end's per-token work (a gRPC write and its wake-ups per streamed response)
-landed almost one for one on the engine's decode step. The front end's work is elastic (a
-request's tokens merge into one response while its previous one waits), the engine's is not.
+shares), so another thread that takes a core stalls the whole step for as long as it runs; on a
+small host the front end's per-token work (a gRPC write and its wake-ups per streamed response)
+lands on the engine's decode step. The front end's work is elastic (a request's tokens merge
+into one response while its previous one waits), the engine's is not.
 
 The front end (`--frontend-cpu-priority`):
 - `batch`: Linux's SCHED_BATCH. A waking batch thread never preempts a running thread: it runs

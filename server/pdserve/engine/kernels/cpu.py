@@ -1,17 +1,16 @@
 """CPU kernels: oneDNN linears with prepacked weights, decode attention straight from the paged
 pool (a small C++ kernel, no gather), 4-D SDPA for prefill.
 
-Why each piece (measured on 2-core AMD EPYC VMs, see docs/engine.md and bench/RESULTS.md):
+Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 - Linears: MKL's sgemm repacks the weight on every call; at decode sizes (32 rows) that costs
   about as much as the multiply. oneDNN with the weight reordered once at load
   (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise) skips it. In bfloat16 oneDNN
   needs native bf16 support (avx512_bf16, AMX or avx_ne_convert); without it torch's own bf16
   GEMM is slow, so the weights are kept in float32 for the GEMM (see `native_bf16`).
 - Float32 linears of a decode step (a few rows): the weights stream from memory once per step,
-  and oneDNN's blocked weights ran at about half their in-cache speed. Weight panels (16 outputs'
-  weights, one contiguous [K][16] run) read in order, with the next panel prefetched while one is
-  multiplied, cut the eight layers' linears of a 32-row step from 25 to 21 ms (cold weights), and
-  the engine's decode step from 61 to 49 ms (in-process, alternating rounds, median of 8).
+  and oneDNN's blocked weights run well below their in-cache speed there. Weight panels (16
+  outputs' weights, one contiguous [K][16] run) are read in order, with the next panel prefetched
+  while one is multiplied; prefill (many rows) stays on oneDNN, which is faster there.
 - The compiled kernels let go of the GIL while they run, so the engine process's asyncio thread
   (streaming the outputs) is not held up by them.
 - Decode attention: gathering each sequence's blocks into a padded tensor reads and writes the
@@ -46,7 +45,6 @@ _CPP = r"""
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 static inline float to_float(float x) { return x; }
@@ -317,8 +315,7 @@ template <typename T>
 static void dispatch_dim(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kv, int64_t layer,
                          const torch::Tensor& tables, const torch::Tensor& lens, float scale) {
 #ifdef PDSERVE_AVX2
-  static const bool two_pass = std::getenv("PDSERVE_CPU_DECODE_TWO_PASS") != nullptr;  // A/B measurements
-  if (!two_pass) switch (q.size(2)) {
+  switch (q.size(2)) {
     case 64: return decode_kernel_avx2<T, 64>(out, q, kv, layer, tables, lens, scale);
     case 128: return decode_kernel_avx2<T, 128>(out, q, kv, layer, tables, lens, scale);
     case 16: return decode_kernel_avx2<T, 16>(out, q, kv, layer, tables, lens, scale);
@@ -460,8 +457,8 @@ void store_kv(torch::Tensor kv, int64_t layer, torch::Tensor k, torch::Tensor v,
 }
 
 // ---- float32 linears for a few rows (decode steps) ----------------------------------------------
-// At decode sizes the weights stream from memory once per step; oneDNN's blocked weights ran at
-// half the speed they run from cache. Here each 16 outputs' weights are one contiguous panel
+// At decode sizes the weights stream from memory once per step, where oneDNN's blocked weights
+// run well below their in-cache speed. Here each 16 outputs' weights are one contiguous panel
 // [K][16] read in order (pack_panels in Python lays them out), and while one panel is
 // multiplied the next one is prefetched.
 #ifdef PDSERVE_AVX2
@@ -608,8 +605,8 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 
 
 # Up to this many rows (a decode step's batch), float32 linears run on weight panels
-# (panel_linear above); more rows (prefill) run on oneDNN. Measured on the 2-core AMD VM, the
-# eight layers' linears of a 32-row step with cold weights: 21 ms against oneDNN's 25.
+# (panel_linear above): there the weights' memory traffic dominates. More rows (prefill) run on
+# oneDNN, which is faster once the multiply dominates.
 PANEL_ROWS_MAX = 64
 
 

@@ -22,9 +22,9 @@ class CudaKernels(TorchKernels):
         super().__init__(device, dtype)
         self.gather = BlockGather(device)
         # SDPA's cuDNN backend (picked for half precision on Hopper) builds an execution plan
-        # for every new shape, and prompt pieces come in many shapes: measured on an H200, the
-        # first 128-request bf16 round spent 12 s in prefill against 2 s warm. Flash and the
-        # memory-efficient kernel need no per-shape build. The engine is its own process.
+        # for every new shape, and prompt pieces come in many shapes, so a cold round spends most
+        # of its prefill building plans. Flash and the memory-efficient kernel need no per-shape
+        # build. The engine is its own process.
         torch.backends.cuda.enable_cudnn_sdp(False)
 
     def describe(self) -> str:
