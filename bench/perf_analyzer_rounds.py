@@ -1,10 +1,10 @@
 """The server measured by Triton's own load generator: perf_analyzer (C++, from the
 tritonclient 2.51.0 wheel, the one genai-perf 0.0.16 drives), streaming over ModelStreamInfer.
 
-Why a second client: tritonclient's Python stream client spends 0.4-0.75 core-s per 4096 streamed
-responses in the Python callback and its parsing (bench/RESULTS.md, fifth session), and on a
-2-core VM that CPU is taken from the engine. perf_analyzer is what Triton users benchmark with;
-its per-response cost is a fraction of that. Both clients measure the same round: every prompt
+Why a second client: tritonclient's Python stream client spends CPU on every streamed response
+in the Python callback and its parsing, and on a small host that CPU is taken from the engine.
+perf_analyzer is what Triton users benchmark with, and costs less per response (bench/RESULTS.md
+has both clients' CPU per round). Both clients measure the same round: every prompt
 sent at once (concurrency = number of prompts, one request each), timed from the first request
 sent to the last response received (perf_analyzer's profile export holds the timestamps and
 every response's outputs).

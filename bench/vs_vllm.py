@@ -178,11 +178,10 @@ class VllmRounds:
     take turns with pdserve's engine (this VM's speed drifts by more than 10% within minutes).
 
     While pdserve's engine has its turn, `paused()` stops vLLM's processes (SIGSTOP on the child
-    and everything it started; SIGCONT after): idle, vLLM's engine core still wakes about 1,200
-    times a second (epoll_wait with a short timeout, strace), and those wake-ups took 4% off
-    pdserve's engine rounds (median of 4 rounds each, 424 tok/s stopped against 406 running,
-    2026-11-26). pdserve's in-process engine is quiet during vLLM's turn, so each system then
-    has the machine to itself, as when they run one after the other."""
+    and everything it started; SIGCONT after): idle, vLLM's engine core still wakes over a
+    thousand times a second (epoll_wait with a short timeout), and those wake-ups slow pdserve's
+    engine rounds (bench/RESULTS.md). pdserve's in-process engine is quiet during vLLM's turn, so
+    each system then has the machine to itself, as when they run one after the other."""
 
     def __init__(self, python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool):
         self.log = tempfile.TemporaryFile("w+")
