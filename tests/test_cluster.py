@@ -134,3 +134,70 @@ def test_router_only_node_serves_the_models_other_nodes_publish(tmp_path, small_
         node_a.stop()
         node_b.stop()
         etcd.cleanup()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+
+
+def test_router_only_node_tokenizes_routes_kv_aware_and_renders_the_model_s_template(tmp_path, small_model):
+    """A router-only node reads the model's tokenizer files from etcd (node A publishes them with
+    its model record): it renders the model's own chat template, refuses an oversized prompt
+    itself, and routes a repeated prompt to the engine that caches it (kv_aware, the default)."""
+    import shutil
+
+    import openai
+    weights = tmp_path / "weights"
+    shutil.copytree(small_model, weights)
+    tokenizer_config = json.loads((weights / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (weights / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (weights / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd")).start()
+    common = ["--etcd-endpoints", etcd.endpoint, "--cluster", "kv", "--lease-ttl", "4"]
+    repo_a, repo_b = str(tmp_path / "a"), str(tmp_path / "b")
+    add_model(repo_a, "small", str(weights), config_text(role_groups=(("BOTH", "cpu"), ("BOTH", "cpu"))))
+    (tmp_path / "b").mkdir()
+    node_b = PdServer(repo_b, mode="none", extra_args=common + ["--node-name", "b"]).start()
+    node_a = PdServer(repo_a, extra_args=common + ["--node-name", "a"]).start()
+    try:
+        node_a.wait_ready("small")
+        node_b.wait_for(lambda: node_b.client.is_model_ready("small"), "node B to serve node A's model", 30)
+        [(_, record, _)] = etcd_records(etcd.endpoint, kind="models")
+        assert set(record["files"]) == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+
+        # the model's own template, not ChatML: node A's completion of the rendered prompt
+        chat = openai.OpenAI(base_url=node_b.openai_url, api_key="none").chat.completions.create(
+            model="small", messages=[{"role": "user", "content": "def fib(n):"}], max_tokens=8, temperature=0)
+        plain = openai.OpenAI(base_url=node_a.openai_url, api_key="none").completions.create(
+            model="small", prompt="<<user>> def fib(n):\n<<assistant>>", max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content == plain.choices[0].text
+        assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+
+        # an oversized prompt is refused by node B's own tokenizer, at once
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            node_b.client.infer("small", inputs("x = 1\n" * 100_000, False, GREEDY), client_timeout=20)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "bytes, more than max_model_len (512) tokens can hold" in str(info.value)
+        assert time.monotonic() - start < 5
+
+        # kv_aware: the same long prompt three times goes to the engine that holds it each time
+        # (least load would take turns between the two idle engines)
+        def queried() -> dict[str, float]:
+            samples = node_a.metrics().get("pdserve_prefix_cache_queries", [])
+            return {s.labels["instance"]: s.value for s in samples if s.name.endswith("_total")}
+        looked_up = 2 * chat.usage.prompt_tokens   # the chat and the plain completion so far
+        node_a.wait_for(lambda: sum(queried().values()) == looked_up, "engine stats on node A", 10)
+        before = queried()
+        prompt = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 6
+        for _ in range(3):
+            result = node_b.client.infer("small", inputs(prompt, False, {"max_tokens": 2, "temperature": 0},
+                                                         return_num_input_tokens=True), client_timeout=60)
+        n_prompt = int(result.as_numpy("num_input_tokens")[0])
+        node_a.wait_for(lambda: sum(queried().values()) == looked_up + 3 * n_prompt, "engine stats on node A", 10)
+        assert sorted(queried()[i] - before.get(i, 0) for i in queried()) == [0, 3 * n_prompt]
+    finally:
+        node_a.stop()
+        node_b.stop()
+        etcd.cleanup()
