@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "server")]
 
 from pdserve._proto import engine_pb2  # noqa: E402
-from pdserve.cluster.engine_client import EngineClients  # noqa: E402
+from pdserve.cluster.load import LoadPlane  # noqa: E402
 from pdserve.cluster.router import Router  # noqa: E402
 from pdserve.common.block_hash import block_hashes  # noqa: E402
 from pdserve.common.records import READY, EngineRecord  # noqa: E402
@@ -84,9 +84,9 @@ def conversation(c: int, system: bool) -> list[int]:
 def setup(n: int, layout: str, scenario: str, rng: random.Random):
     """Records, clients with figures and KV events, and the prompts decisions draw from."""
     recs = records(n, layout)
-    clients = EngineClients()
+    clients = LoadPlane()
     for r in recs:
-        clients.get(r.address).observe(random_stats(rng))
+        clients.observe(r.address, random_stats(rng))
     index = clients.kv_index
     if scenario == "affinity":
         held_by = n * 5 * 10 // 13   # conversations: 5 per engine, 1.3 engines each
@@ -106,21 +106,42 @@ def setup(n: int, layout: str, scenario: str, rng: random.Random):
     return recs, clients, prompts, held, holders
 
 
-def load_router_at(rev: str):
-    source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:server/pdserve/cluster/router.py"],
+def _module_at(rev: str, path: str, name: str, source_edit=lambda s: s):
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:server/pdserve/{path}"],
                             check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "router_baseline.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("router_baseline", path)
+    file = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+    with open(file, "w") as f:
+        f.write(source_edit(source))
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["router_baseline"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
-    return module.Router
+    return module
 
 
-def run(router_cls, policy: str, recs, clients, prompts, decisions: int, rng: random.Random, kv: bool) -> list[int]:
-    clients._listeners.clear()   # the routers of earlier runs stop listening
+def load_router_at(rev: str):
+    """REV's Router, and the class of the clients it takes: a router of before the load plane
+    (cluster/load.py) takes REV's EngineClients, which kept the loads themselves."""
+    has_plane = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{rev}:server/pdserve/cluster/load.py"],
+                               capture_output=True).returncode == 0
+    if has_plane:
+        return _module_at(rev, "cluster/router.py", "router_baseline").Router, LoadPlane
+    clients = _module_at(rev, "cluster/engine_client.py", "engine_client_baseline").EngineClients
+    router = _module_at(rev, "cluster/router.py", "router_baseline", lambda s: s.replace(
+        "from pdserve.cluster.engine_client import", "from engine_client_baseline import"))
+    return router.Router, clients
+
+
+def run(router_cls, policy: str, recs, clients, prompts, decisions: int, rng: random.Random, kv: bool,
+        clients_cls=LoadPlane) -> list[int]:
+    if clients_cls is LoadPlane:
+        clients._listeners.clear()   # the routers of earlier runs stop listening
+        observe = clients.observe
+    else:   # an older router's own clients, with the same figures
+        figures, clients = clients, clients_cls()
+        for r in recs:
+            clients.get(r.address).observe(figures.last_stats(r.address))
+        observe = lambda address, stats: clients.get(address).observe(stats)   # noqa: E731
     router = router_cls(View(recs), clients, policy)
     addresses = [r.address for r in recs]
     answers = [random_stats(rng) for _ in range(256)]
@@ -139,7 +160,7 @@ def run(router_cls, policy: str, recs, clients, prompts, decisions: int, rng: ra
         scope.__exit__(None, None, None)
         if k >= 1000:
             times.append(t1 - t0)
-        clients.get(addresses[k % len(addresses)]).observe(answers[k % len(answers)])   # a poll answers
+        observe(addresses[k % len(addresses)], answers[k % len(answers)])   # a poll answers
     return times
 
 
@@ -192,8 +213,8 @@ def main() -> None:
     baseline = load_router_at(args.baseline) if args.baseline else None
     for layout in args.layouts.split(","):
         for n in map(int, args.sizes.split(",")):
-            runs = [("this", Router, p, "affinity") for p in ("round_robin", "least_load", "kv_aware")]
-            runs.append(("this", Router, "kv_aware", "scattered"))
+            runs = [("this", (Router, LoadPlane), p, "affinity") for p in ("round_robin", "least_load", "kv_aware")]
+            runs.append(("this", (Router, LoadPlane), "kv_aware", "scattered"))
             if baseline:
                 runs += [(args.baseline, baseline, p, "affinity") for p in ("round_robin", "least_load")]
             built = {}
@@ -202,7 +223,7 @@ def main() -> None:
                     built = {scenario: setup(n, layout, scenario, rng)}
                 recs, clients, prompts, held, holders = built[scenario]
                 gc.collect()
-                times = run(cls, policy, recs, clients, prompts, args.decisions, rng, policy == "kv_aware")
+                times = run(cls[0], policy, recs, clients, prompts, args.decisions, rng, policy == "kv_aware", cls[1])
                 print(f"| {layout} | {n} | {name} | {policy} | {scenario if policy == 'kv_aware' else '-'} | "
                       f"{pct(times, 0.5):.1f} | {pct(times, 0.99):.1f} | {held:.0f} | {holders:.1f} |", flush=True)
 

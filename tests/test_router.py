@@ -1,19 +1,17 @@
 """Routing policies and the router's choices, over records made in memory (no processes, no etcd):
-round_robin, least_load, kv_aware, fresh load, and the KV index the engines' events keep."""
-import asyncio
-import time
+round_robin, least_load, kv_aware, fresh load as the router counts it, and the KV index
+(the load plane itself: tests/test_load.py)."""
 from collections import Counter
 
 import pytest
 
 from pdserve._proto import engine_pb2
-from pdserve.cluster.engine_client import REQUEST_TOKENS, EngineClients
 from pdserve.cluster.kv_index import KVIndex
+from pdserve.cluster.load import LoadPlane
 from pdserve.cluster.router import Router
 from pdserve.common.block_hash import block_hashes
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.records import READY, EngineRecord
-from pdserve.engine.kv_events import KVEventLog
 
 BLOCK = 16
 
@@ -43,17 +41,23 @@ def stats(waiting=0, awaiting=0, running=0, free=100, total=100, prefill_tokens=
 
 def make_router(records, figures=None, policy="kv_aware", suspect=()):
     """A router over these records; figures: instance id -> its last Stats answer."""
-    clients = EngineClients()
+    plane = LoadPlane()
     for instance_id, answer in (figures or {}).items():
-        clients.get(f"{instance_id}:1").observe(answer)
+        plane.observe(f"{instance_id}:1", answer)
     for instance_id in suspect:
-        clients.get(f"{instance_id}:1").suspect = True
-    return Router(View(records), clients, policy)
+        plane.get(f"{instance_id}:1").suspect = True
+    return Router(View(records), plane, policy)
 
 
 def hold(router: Router, instance_id: str, tokens: list[int]) -> None:
     """The engine reports (a KV event) that it holds the full blocks of these tokens."""
-    router.clients.kv_index.apply(router.clients.get(f"{instance_id}:1").address, block_hashes(tokens, BLOCK))
+    router.plane.kv_index.apply(f"{instance_id}:1", block_hashes(tokens, BLOCK))
+
+
+def fresh(router: Router, address: str) -> tuple[int, int]:
+    """Prompt tokens and requests sent to the engine since its last Stats answer."""
+    load = router.plane.figures(address).fresh
+    return load.fresh_tokens, load.fresh_requests
 
 
 def prompt(seed: int, n: int = 1500) -> list[int]:
@@ -133,7 +137,7 @@ def test_suspect_engines_are_routed_around_while_others_can_serve(policy):
     assert choose(router, exclude=frozenset({"well"})).decode.instance_id == "sick"   # the last resort
     with pytest.raises(ServeError):
         choose(router, exclude=frozenset({"well", "sick"}))
-    router.clients.get("sick:1").observe(stats())   # it answers again
+    router.plane.observe("sick:1", stats())   # it answers again
     assert {choose(router).decode.instance_id for _ in range(4)} == ({"sick", "well"} if policy == "round_robin"
                                                                      else {"sick"})
 
@@ -143,7 +147,7 @@ def test_engines_that_join_are_routed_to_and_their_figures_followed():
     assert choose(router).decode.instance_id == "a"
     router.registry.add(record("b", "BOTH"))
     assert choose(router).decode.instance_id == "b"
-    router.clients.get("b:1").observe(stats(running=9))   # a newer answer replaces the fresh load
+    router.plane.observe("b:1", stats(running=9))   # a newer answer replaces the fresh load
     assert choose(router).decode.instance_id == "a"
 
 
@@ -159,7 +163,7 @@ def test_kv_aware_sends_a_shared_prefix_to_the_prefill_engine_that_holds_it():
     assert route.prefill.instance_id == "p2"
     assert route.prefill_tokens == 1500 - 800     # what p2 will compute, counted as its fresh load
     # a request of the same conversation, with more tokens, goes there too even with p2 a little busier
-    router.clients.get("p2:1").observe(stats(prefill_tokens=400))   # 400 - 800 < 0 - 320 (p3)
+    router.plane.observe("p2:1", stats(prefill_tokens=400))   # 400 - 800 < 0 - 320 (p3)
     assert choose(router, tokens + prompt(2, 200)).prefill.instance_id == "p2"
 
 
@@ -172,7 +176,7 @@ def test_kv_aware_leaves_the_holder_when_its_queue_outweighs_the_cached_tokens()
     # p1 is now counted as holding the prompt too (it computes it); another prompt held by p2 only:
     other = prompt(5)
     hold(router, "p2", other)
-    router.clients.get("p2:1").observe(stats(prefill_tokens=1000))
+    router.plane.observe("p2:1", stats(prefill_tokens=1000))
     assert choose(router, other).prefill.instance_id == "p2"    # 1000 queued - 1488 < 0
 
 
@@ -231,7 +235,7 @@ def test_kv_aware_decode_choice_prefers_the_decode_engine_holding_the_prefix():
     hold(router, "d2", tokens)   # 1488 tokens it need not receive, worth more than one request
     route = choose(router, tokens)
     assert route.decode.instance_id == "d2" and route.prefill.instance_id == "p"
-    router.clients.get("d2:1").observe(stats(running=9))
+    router.plane.observe("d2:1", stats(running=9))
     assert choose(router, tokens).decode.instance_id == "d1"   # 8 requests more outweigh it
 
 
@@ -250,33 +254,18 @@ def test_a_long_prompt_does_not_make_short_ones_wait_behind_it():
                          {"p1": stats(), "p2": stats()}, "least_load")
     long = choose(router, prompt_tokens=8000)
     with router.track(long):
-        assert router.clients.get(long.prefill.address).fresh_tokens == 8000
+        assert fresh(router, long.prefill.address) == (8000, 1)
         shorts = [choose(router, prompt_tokens=100) for _ in range(5)]
         in_flight = [router.track(route) for route in shorts]   # kept: they have not ended
         for t in in_flight:
             t.__enter__()
         assert {r.prefill.instance_id for r in shorts} == {"p2" if long.prefill.instance_id == "p1" else "p1"}
     other = shorts[0].prefill.address
-    assert router.clients.get(other).fresh_tokens == 500 and router.clients.get(other).fresh_requests == 5
+    assert fresh(router, other) == (500, 5)
     # a newer Stats answer counts what it saw; the fresh counts start again from it
-    router.clients.get(long.prefill.address).observe(stats(prefill_tokens=0))
-    assert router.clients.get(long.prefill.address).fresh_tokens == 0
+    router.plane.observe(long.prefill.address, stats(prefill_tokens=0))
+    assert fresh(router, long.prefill.address) == (0, 0)
     assert choose(router, prompt_tokens=100).prefill.address == long.prefill.address
-
-
-def test_fresh_load_counts_decode_requests_and_what_a_stats_answer_has_not_seen():
-    clients = EngineClients()
-    client = clients.get("d:1")
-    client.observe(stats(running=2))
-    assert client.load == 2 * REQUEST_TOKENS
-    client.sent(0)
-    client.sent(0)
-    assert client.fresh_requests == 2 and client.load == 4 * REQUEST_TOKENS
-    sent_before = (client.sent_tokens, client.sent_requests)   # a Stats call goes out ...
-    client.sent(300)                                            # ... a request goes before it answers
-    client.observe(stats(running=4), sent_before)
-    assert (client.fresh_tokens, client.fresh_requests) == (300, 1)
-    assert client.load == 300 + 5 * REQUEST_TOKENS
 
 
 # ---- the KV index ----
@@ -302,50 +291,6 @@ def test_kv_index_apply_reset_drop_and_leading_matches(bisect):
     assert index.match(a) == {} and len(index) == 0 and index.engines() == []
 
 
-def test_kv_events_from_the_engine_log_keep_the_index_equal_to_the_engine_cache():
-    log = KVEventLog(max_events=8)
-    clients = EngineClients()
-    client = clients.get("e:1")
-
-    def poll():
-        client.observe(stats(**_kv(log.since(client.kv_cursor))))
-
-    hashes = block_hashes(prompt(3), BLOCK)
-    for h in hashes[:5]:
-        log.stored(h)
-    poll()                                      # cursor 0: the whole set
-    assert clients.kv_index.match(hashes) == {"e:1": 5}
-    log.removed(hashes[4])
-    log.stored(hashes[5])
-    log.removed(hashes[5])
-    poll()                                      # the net change since the cursor
-    assert clients.kv_index.match(hashes) == {"e:1": 4} and clients.kv_index.blocks("e:1") == 4
-    for h in hashes[10:30]:                     # more events than the log keeps: a reset
-        log.stored(h)
-    log.removed(hashes[0])
-    poll()
-    assert clients.kv_index.match(hashes) == {} and clients.kv_index.blocks("e:1") == 23
-
-
-def _kv(batch) -> dict:
-    return dict(kv_event_id=batch.event_id, kv_events_reset=batch.reset,
-                stored_block_hashes=batch.stored, removed_block_hashes=batch.removed)
-
-
-def test_an_engine_that_leaves_or_is_replaced_is_forgotten():
-    clients = EngineClients()
-    hashes = block_hashes(prompt(8), BLOCK)
-    for address in ("a:1", "b:1"):
-        clients.get(address).observe(stats(kv_event_id=7, kv_events_reset=True, stored_block_hashes=hashes[:3]))
-    clients.sync({"a:1": "inc1", "b:1": "inc1"})   # the first look: their views are of these engines
-    clients.sync({"a:1": "inc1", "b:1": "inc1"})
-    assert clients.kv_index.match(hashes) == {"a:1": 3, "b:1": 3} and clients.get("a:1").kv_cursor == 7
-    clients.sync({"a:1": "inc2", "b:1": "inc1"})   # a new process at a's address
-    assert clients.kv_index.match(hashes) == {"b:1": 3} and clients.get("a:1").kv_cursor == 0
-    asyncio.run(clients.drop("b:1"))                # its client is dropped (the engine stopped)
-    assert clients.kv_index.match(hashes) == {}
-
-
 def test_the_router_forgets_engines_that_left_the_registry():
     router = make_router([record("a", "BOTH"), record("b", "BOTH")])
     tokens = prompt(9)
@@ -355,7 +300,7 @@ def test_the_router_forgets_engines_that_left_the_registry():
     del router.registry.records["a"]
     router.registry.generation += 1
     assert choose(router, tokens).decode.instance_id == "b"
-    assert "a:1" not in router.clients.kv_index.match(block_hashes(tokens, BLOCK))
+    assert "a:1" not in router.plane.kv_index.match(block_hashes(tokens, BLOCK))
 
 
 def test_kv_index_walks_a_common_prefix_without_following_its_holders():
@@ -369,12 +314,7 @@ def test_kv_index_walks_a_common_prefix_without_following_its_holders():
     assert index.match(system) == {}
 
 
-def test_an_ended_request_leaves_the_load_that_the_last_stats_answer_counted():
-    clients = EngineClients()
-    client = clients.get("p:1")
-    client.sent(1000)
-    sent_at = time.monotonic()
-    client.observe(stats(prefill_tokens=900, running=1))   # asked after the send: it counts the request
-    assert client.load == 900 + REQUEST_TOKENS
-    client.finished(1000, sent_at)                         # done before the next answer
-    assert client.load < 1
+def test_a_route_carries_the_decode_engine_client():
+    router = make_router([record("d", "DECODE"), record("p", "PREFILL")])
+    route = choose(router)
+    assert route.client is router.plane.get("d:1") and route.client.address == route.decode.address

@@ -23,7 +23,7 @@ from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdR
 from pdserve.cluster.model_files import ModelFiles
 from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView
-from pdserve.cluster.engine_client import EngineClients
+from pdserve.cluster.load import LoadPlane
 from pdserve.frontend.core import InferenceCore
 from pdserve.frontend.health import Health
 from pdserve.frontend.http_server import KServeHttp
@@ -202,17 +202,17 @@ async def run(args) -> None:
                     ",".join(endpoints))
     registry = RegistryView(etcd, args.cluster, token)
     registry.start()
-    clients = EngineClients(token)
+    plane = LoadPlane(token)   # the engine clients, and their load as the router, metrics and watchdog read it
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
     publisher = ModelPublisher(etcd, args.cluster, node, args.lease_ttl, token)   # the configs this node serves
     publisher.start()
     supervisor = Supervisor(args.advertise_host, run_dir,
                             ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file,
-                                            security.to_spec()), clients, registry)
+                                            security.to_spec()), plane, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model, publisher)
-    metrics = Metrics(manager, registry)
-    core = InferenceCore(manager, Router(registry, clients, args.routing_policy), metrics,  # one path for every door
+    metrics = Metrics(manager, registry, plane)
+    core = InferenceCore(manager, Router(registry, plane, args.routing_policy), metrics,  # one path for every door
                          model_files=ModelFiles(etcd, args.cluster, os.path.join(run_dir, "model-files")))
     service = InferenceService(manager, core.router, metrics, core)
     settings = Settings(manager)
@@ -255,7 +255,9 @@ async def run(args) -> None:
         await asyncio.wait_for(registry.connected.wait(), timeout=30)
     except asyncio.TimeoutError:
         log.error("etcd at %s is not reachable; engines will register when it is", ",".join(endpoints))
-    metrics.start_polling(registry, clients)
+    # every engine of the cluster (the router's loads) and this node's own (its watchdog, its metrics)
+    plane.start(lambda: {r.address for r in registry.records.values()}
+                | {e.address for d in manager.all_deployments() for e in d.live_engines()})
     health.start()
     await manager.start()
     settled = cpu_priority.settle()
@@ -269,11 +271,11 @@ async def run(args) -> None:
     for door, _, _ in doors:
         await door.stop()
     await server.stop(grace=3)
-    await metrics.close()
+    plane.stop()
     await publisher.close()
     await manager.close()
     await registry.close()
-    await clients.close()
+    await plane.close()
     await etcd.close()
     if embedded_etcd is not None:
         embedded_etcd.cleanup()

@@ -1,36 +1,37 @@
 """The front end's side of the engine RPC: channels to engines, local or on other nodes.
 
-Each EngineClient also keeps what this front end knows of its engine's load: the last Stats
-answer plus what this front end sent it since (the fresh load: a burst between two polls must
-not all land on one engine), folded into one figure, `load`, that the router reads. Stats
-answers carry the engine's KV events (engine/kv_events.py), which the client applies to the
-node's KVIndex (cluster/kv_index.py) for cache-aware routing.
+Transport only: each EngineClient opens its engine's channel, carries the requests on one
+shared stream, and asks Stats and SetState. What the answers mean for routing (load, the KV
+index, the stall watchdog's figures) is the load plane's (cluster/load.py): it watches every
+Stats call of a client, whoever makes it, through the StatsWatcher given to EngineClients.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import time
-from typing import Callable
+from typing import Protocol
 
 import grpc
 
 from pdserve._proto import engine_pb2, engine_pb2_grpc
-from pdserve.cluster.kv_index import KVIndex
 from pdserve.common.cluster_auth import call_metadata
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, cause_named, cause_of
 
-# An engine's load is counted in prompt tokens of work: its queued prefill tokens, plus this
-# many tokens for each request it runs or queues (a request in a decode batch slows every step;
-# one queued weighs like this many prompt tokens more to compute).
-REQUEST_TOKENS = 256
-# Added to the load of an engine that could not be reached lately: it is chosen only when no
-# other engine is left, and suspect engines still keep their order among themselves.
-SUSPECT_PENALTY = 1e12
 
-LoadListener = Callable[[str, float], None]   # (address, load)
-UNSYNCED = object()   # a client's incarnation before the router's first look at the registry
+class StatsWatcher(Protocol):
+    """Sees every Stats call of a node's clients (what to ask, what came back) and keeps
+    which engines are unreachable lately (suspect)."""
+
+    def stats_request(self, address: str) -> tuple[engine_pb2.StatsRequest, object]:
+        """The request to send, and a ticket handed back with its answer."""
+
+    def stats_answered(self, address: str, ticket: object, stats: engine_pb2.StatsResponse) -> None: ...
+
+    def suspect(self, address: str) -> bool: ...
+
+    def set_suspect(self, address: str, suspect: bool) -> None: ...
 
 
 def merge_response(into: engine_pb2.GenerateResponse, later: engine_pb2.GenerateResponse) -> None:
@@ -184,33 +185,13 @@ class _Stream:
 
 
 class EngineClient:
-    def __init__(self, address: str, token: str = "", kv_index: KVIndex | None = None,
-                 on_load: LoadListener | None = None):
+    def __init__(self, address: str, token: str = "", watcher: StatsWatcher | None = None):
         self.address = address
         self.metadata = call_metadata(token)   # the cluster secret, on every call
         self._channel: grpc.aio.Channel | None = None   # opened on the first call
         self._stub: engine_pb2_grpc.EngineStub | None = None
         self._stream: _Stream | None = None    # every request of this front end to the engine
-        self.last_stats: engine_pb2.StatsResponse | None = None
-        self.last_stats_at = 0.0   # time.monotonic() of the last answered Stats; 0: never
-        # Unreachable lately (a call failed to connect, or Stats failed): routed around until
-        # a Stats call answers again.
-        self._suspect = False
-        # Fresh load: totals of what this front end sent the engine, and their values when the
-        # Stats call whose answer is last_stats went out (that answer already counts the rest).
-        self.sent_tokens = self.sent_requests = 0
-        self._base_tokens = self._base_requests = 0
-        self._stats_load = 0.0      # the last answer's part of the load
-        self._stats_waiting = 0     # its queued prompt tokens, less those of requests ended since
-        self._answer_asked_at = 0.0   # when the Stats call of the last answer went out
-        self.load = 0.0
-        self._on_load = on_load
-        # Cache-aware routing: the KV events applied so far, in the node's index.
-        self.kv_index = kv_index if kv_index is not None else KVIndex()
-        self.kv_cursor = 0            # the newest KV event id applied (0: none, ask for the whole set)
-        self.incarnation: object = UNSYNCED    # of the engine at this address, as the registry said
-        self._kv_epoch = 0            # bumped when the KV view starts over: late answers are not applied
-        self._calls = self._answered = 0   # Stats calls sent; the newest one applied
+        self._watcher = watcher
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -226,51 +207,14 @@ class EngineClient:
 
     @property
     def suspect(self) -> bool:
-        return self._suspect
+        """Unreachable lately (a call failed to connect, or Stats failed): routed around until
+        a Stats call answers again. The watcher keeps it; without one, never."""
+        return self._watcher is not None and self._watcher.suspect(self.address)
 
     @suspect.setter
     def suspect(self, value: bool) -> None:
-        if value != self._suspect:
-            self._suspect = value
-            self._update_load()
-
-    @property
-    def fresh_tokens(self) -> int:
-        """Prompt tokens sent to this engine to compute since its last Stats answer."""
-        return self.sent_tokens - self._base_tokens
-
-    @property
-    def fresh_requests(self) -> int:
-        return self.sent_requests - self._base_requests
-
-    def sent(self, tokens: int, requests: int = 1) -> None:
-        """This front end sent the engine `requests` requests with `tokens` prompt tokens to compute."""
-        self.sent_tokens += tokens
-        self.sent_requests += requests
-        self._update_load()
-
-    def finished(self, tokens: int, sent_at: float, requests: int = 1) -> None:
-        """A request sent at time.monotonic() sent_at ended (its prompt is computed). It leaves
-        the load at once instead of at the next Stats answer: from the fresh load if no answer
-        has counted it, else from the last answer's figures (which counted it queued or running)."""
-        if self._answer_asked_at < sent_at:
-            self._base_tokens = min(self._base_tokens + tokens, self.sent_tokens)
-            self._base_requests = min(self._base_requests + requests, self.sent_requests)
-        else:
-            counted = min(tokens, self._stats_waiting)
-            self._stats_waiting -= counted
-            self._stats_load = max(self._stats_load - counted - REQUEST_TOKENS * requests, 0.0)
-        self._update_load()
-
-    def _update_load(self) -> None:
-        """load = queued prompt tokens + REQUEST_TOKENS x requests (running, queued, awaiting
-        their KV), as of the last answer plus what was sent since, + the share of KV blocks in
-        use (< 1 token: it only breaks ties)."""
-        self.load = (self._stats_load + self.sent_tokens - self._base_tokens
-                     + REQUEST_TOKENS * (self.sent_requests - self._base_requests)
-                     + (SUSPECT_PENALTY if self._suspect else 0.0))
-        if self._on_load is not None:
-            self._on_load(self.address, self.load)
+        if self._watcher is not None:
+            self._watcher.set_suspect(self.address, value)
 
     def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None = None,
                  stream_interval: int = 1) -> GenerateCall:
@@ -281,43 +225,16 @@ class EngineClient:
         return self._stream.start(request, None if timeout is None else time.monotonic() + timeout, stream_interval)
 
     async def stats(self, timeout: float = 2.0) -> engine_pb2.StatsResponse:
-        self._calls += 1
-        call, epoch, sent = self._calls, self._kv_epoch, (self.sent_tokens, self.sent_requests)
-        asked_at = time.monotonic()
+        watcher = self._watcher
+        request, ticket = watcher.stats_request(self.address) if watcher else (engine_pb2.StatsRequest(), None)
         try:
-            response = await self.stub.Stats(engine_pb2.StatsRequest(kv_events_after=self.kv_cursor),
-                                             timeout=timeout, metadata=self.metadata)
+            response = await self.stub.Stats(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError:
             self.suspect = True
             raise
-        if call > self._answered:   # a call that answers after a newer one changes nothing
-            self._answered = call
-            self.observe(response, sent, apply_kv=epoch == self._kv_epoch, asked_at=asked_at)
+        if watcher is not None:
+            watcher.stats_answered(self.address, ticket, response)
         return response
-
-    def observe(self, stats: engine_pb2.StatsResponse, sent_before: tuple[int, int] | None = None,
-                apply_kv: bool = True, asked_at: float | None = None) -> None:
-        """Takes one Stats answer: its load figures (what was sent before the call went out,
-        `sent_before`, is counted in them; what was sent after stays fresh), and its KV events."""
-        self.last_stats, self.last_stats_at, self._suspect = stats, time.monotonic(), False
-        self._answer_asked_at = self.last_stats_at if asked_at is None else asked_at
-        self._stats_waiting = stats.waiting_prefill_tokens
-        self._base_tokens, self._base_requests = sent_before or (self.sent_tokens, self.sent_requests)
-        used = 1.0 - stats.num_free_blocks / stats.num_total_blocks if stats.num_total_blocks else 0.0
-        self._stats_load = (stats.waiting_prefill_tokens + 0.5 * used
-                            + REQUEST_TOKENS * (stats.num_running + stats.num_waiting + stats.num_awaiting_kv))
-        if apply_kv:
-            self.kv_index.apply(self.address, stats.stored_block_hashes, stats.removed_block_hashes,
-                                stats.kv_events_reset)
-            self.kv_cursor = stats.kv_event_id
-        self._update_load()
-
-    def forget_kv(self) -> None:
-        """The engine at this address left or was replaced: its blocks are forgotten and the
-        next Stats call asks for the whole set."""
-        self.kv_index.drop(self.address)
-        self.kv_cursor = 0
-        self._kv_epoch += 1
 
     async def set_state(self, state: str, role: str = "", timeout: float = 5.0) -> None:
         await self.stub.SetState(engine_pb2.SetStateRequest(state=state, role=role), timeout=timeout,
@@ -331,50 +248,26 @@ class EngineClient:
 
 
 class EngineClients:
-    """One channel per engine address, shared by the supervisor, the router and the metrics,
-    and the node's KVIndex that their Stats answers keep."""
+    """One client per engine address, shared by the supervisor, the router and the metrics;
+    `watcher` sees their Stats calls (cluster/load.py's LoadPlane: these clients, watched by itself)."""
 
-    def __init__(self, token: str = ""):
+    def __init__(self, token: str = "", watcher: StatsWatcher | None = None):
         self.token = token
-        self.kv_index = KVIndex()
+        self._watcher = watcher
         self._clients: dict[str, EngineClient] = {}
-        self._listeners: list[LoadListener] = []
-
-    def listen(self, listener: LoadListener) -> None:
-        """listener(address, load) after every change of an engine's load (0 when its client goes)."""
-        self._listeners.append(listener)
-
-    def _load_changed(self, address: str, load: float) -> None:
-        for listener in self._listeners:
-            listener(address, load)
 
     def get(self, address: str) -> EngineClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = EngineClient(address, self.token, self.kv_index, self._load_changed)
+            client = self._clients[address] = EngineClient(address, self.token, self._watcher)
         return client
 
     def peek(self, address: str) -> EngineClient | None:
         return self._clients.get(address)
 
-    def sync(self, engines: dict[str, str]) -> None:
-        """The registry changed; `engines` maps each engine address to the incarnation there
-        now. A client whose engine left, or was replaced by a new process at the same address,
-        forgets its KV view (a former process's blocks must not attract requests)."""
-        for address, client in self._clients.items():
-            incarnation = engines.get(address)
-            if incarnation != client.incarnation:
-                # a client's first look: its view is of this incarnation, unless the engine left
-                if client.incarnation is not UNSYNCED or incarnation is None:
-                    client.forget_kv()
-                client.incarnation = incarnation
-
     async def drop(self, address: str) -> None:
         client = self._clients.pop(address, None)
         if client is not None:
-            client._on_load = None
-            self.kv_index.drop(address)
-            self._load_changed(address, 0.0)
             await client.close()
 
     async def close(self) -> None:

@@ -2,10 +2,11 @@
 
 Every engine content-addresses its full KV blocks with common/block_hash.py and reports the
 changes of its prefix cache through its Stats RPC (engine/kv_events.py: the net change of each
-hash since the caller's cursor, or the whole set, flagged reset). EngineClient.stats() applies
-each answer here; the router asks match() how many leading blocks of a prompt each engine holds.
-Engines are named by their engine RPC address (one process per address at a time: a new
-incarnation at the same address starts its view over, see EngineClients.sync).
+hash since the caller's cursor, or the whole set, flagged reset). The load plane
+(cluster/load.py) applies each answer here; the router asks match() how many leading blocks of
+a prompt each engine holds. Engines are named by their engine RPC address (one process per
+address at a time: a new incarnation at the same address starts its view over, see
+LoadPlane.sync).
 """
 from __future__ import annotations
 

@@ -4,12 +4,13 @@ Per request: a DECODE (or BOTH) engine, and, when the choice is a DECODE engine 
 engine is alive, a PREFILL engine. No prefill engine: the decode engine prefills locally. No
 engine that can generate: UNAVAILABLE at once.
 
-Each engine's load is one number in prompt tokens of work (EngineClient.load: queued prefill
-tokens plus REQUEST_TOKENS per running or queued request, from its last Stats answer plus what
-this front end sent it since). Policies (round_robin, least_load, kv_aware) choose in an
-EngineGroup: the READY engines of one model version on one side (decode: BOTH and DECODE;
-prefill: PREFILL), listed once when the registry changes, whose loads sit in an array that the
-engine clients keep current, so a choice costs no scan in Python over the engines.
+Each engine's load is one number in prompt tokens of work, kept by the load plane
+(cluster/load.py: queued prefill tokens plus REQUEST_TOKENS per running or queued request, from
+its last Stats answer plus what this front end sent it since). Policies (round_robin,
+least_load, kv_aware) choose in an EngineGroup: the READY engines of one model version on one
+side (decode: BOTH and DECODE; prefill: PREFILL), listed once when the registry changes, whose
+loads sit in an array that the load plane keeps current, so a choice costs no scan in Python
+over the engines.
 
 kv_aware (the default; the cost of Dynamo's KV router, in tokens): cost = load - the tokens of
 the prompt's leading blocks the engine holds (cluster/kv_index.py), the least cost wins. With no
@@ -22,12 +23,13 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from pdserve.cluster.engine_client import SUSPECT_PENALTY, EngineClients
+from pdserve.cluster.engine_client import EngineClient
+from pdserve.cluster.load import SUSPECT_PENALTY, LoadPlane
 from pdserve.cluster.registry import RegistryView
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.records import READY, EngineRecord
@@ -152,6 +154,7 @@ class Route:
     decode: EngineRecord
     prefill: EngineRecord | None = None   # None: the decode engine prefills itself
     prefill_tokens: int = 0   # tokens the prefilling engine is expected to compute (its cached prefix left out)
+    client: EngineClient | None = field(default=None, compare=False, repr=False)   # the decode engine's
 
     @property
     def instance_ids(self) -> list[str]:
@@ -159,9 +162,9 @@ class Route:
 
 
 class Router:
-    def __init__(self, registry: RegistryView, clients: EngineClients, policy: str = DEFAULT_POLICY):
+    def __init__(self, registry: RegistryView, plane: LoadPlane, policy: str = DEFAULT_POLICY):
         self.registry = registry
-        self.clients = clients
+        self.plane = plane
         self.policy = policy
         self.decode_policy = POLICIES[policy]()
         self.prefill_policy = POLICIES[policy]()
@@ -169,7 +172,7 @@ class Router:
         self._generation: int | None = None       # of the registry the groups were listed from
         self._groups: dict[tuple[str, str, str], EngineGroup | None] = {}
         self._slots: dict[str, list[tuple[EngineGroup, int]]] = defaultdict(list)   # address -> its places
-        clients.listen(self._load_changed)
+        plane.listen(self._load_changed)
         # The last block hash of each prompt routed lately -> (its engines, when): the next request
         # of a conversation extends the prompt, and finds it here before the engines' next Stats
         # answer reports the blocks (SGLang's router learns from its own choices the same way).
@@ -178,7 +181,7 @@ class Router:
     def _matched(self, prompt_hashes: Sequence[int]) -> dict[str, int]:
         """Engine address -> leading blocks of the prompt it holds: what the engines reported
         (KVIndex), raised by what this router sent them lately."""
-        matched = self.clients.kv_index.match(prompt_hashes)
+        matched = self.plane.kv_index.match(prompt_hashes)
         recent = self._recent
         if recent:
             now = time.monotonic()
@@ -218,7 +221,7 @@ class Router:
             for r in self.registry.records.values():
                 if r.address not in newest or r.started > newest[r.address].started:
                     newest[r.address] = r
-            self.clients.sync({a: r.incarnation for a, r in newest.items()})
+            self.plane.sync({a: r.incarnation for a, r in newest.items()})
         key = (model, version, side)
         try:
             return self._groups[key]
@@ -230,7 +233,7 @@ class Router:
                          key=lambda r: r.instance_id)
         group = None
         if records:
-            loads = [c.load if (c := self.clients.peek(r.address)) else 0.0 for r in records]
+            loads = [self.plane.load_of(r.address) for r in records]
             group = EngineGroup(key, records, loads)
             for i, r in enumerate(records):
                 self._slots[r.address].append((group, i))
@@ -267,11 +270,12 @@ class Router:
         decode = decoders.records[i]
         prefills = self._group(model, version, PREFILL) if decode.role == "DECODE" else None
         j = self.prefill_policy.choose(prefills, prefills.loads(exclude), matched) if prefills else -1
+        client = self.plane.get(decode.address)
         if j < 0:   # aggregated, or no prefill engine left: the decode engine prefills locally
-            route = Route(decode, None, self._uncached(decode, decoders, prompt_tokens, matched))
+            route = Route(decode, None, self._uncached(decode, decoders, prompt_tokens, matched), client)
         else:
             prefill = prefills.records[j]
-            route = Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched))
+            route = Route(decode, prefill, self._uncached(prefill, prefills, prompt_tokens, matched), client)
         if prompt_hashes and self.uses_prefix:
             self._remember(prompt_hashes[-1], route)
         return route
@@ -286,25 +290,25 @@ class Router:
     def track(self, chosen: Route) -> Iterator[Route]:
         """Counts a request on its engines until it ends, and as fresh load on them until
         their next Stats answer."""
-        get, inflight = self.clients.get, self.inflight
+        plane, inflight = self.plane, self.inflight
         if chosen.prefill is not None:
-            get(chosen.prefill.address).sent(chosen.prefill_tokens)
-            get(chosen.decode.address).sent(0)
+            plane.sent(chosen.prefill.address, chosen.prefill_tokens)
+            plane.sent(chosen.decode.address, 0)
             ids = (chosen.decode.instance_id, chosen.prefill.instance_id)
         else:
-            get(chosen.decode.address).sent(chosen.prefill_tokens)
+            plane.sent(chosen.decode.address, chosen.prefill_tokens)
             ids = (chosen.decode.instance_id,)
         for instance_id in ids:
             inflight[instance_id] = inflight.get(instance_id, 0) + 1
-        sent_at = time.monotonic()
+        sent_at = plane.clock()
         try:
             yield chosen
         finally:
             # its prompt is computed: no longer fresh load, even before the next Stats answer
-            get(chosen.prefill.address if chosen.prefill else chosen.decode.address).finished(
-                chosen.prefill_tokens, sent_at)
+            plane.finished(chosen.prefill.address if chosen.prefill else chosen.decode.address,
+                           chosen.prefill_tokens, sent_at)
             if chosen.prefill is not None:
-                get(chosen.decode.address).finished(0, sent_at)
+                plane.finished(chosen.decode.address, 0, sent_at)
             for instance_id in ids:
                 n = inflight[instance_id] - 1
                 if n:

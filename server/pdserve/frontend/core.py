@@ -132,7 +132,7 @@ class Request:
             with core.router.track(route), dep.serving_request():
                 # a migrated request recomputes its KV where it continues, not on a prefill engine
                 request.prefill_address = route.prefill.address if route.prefill and not sent_tokens else ""
-                client = core.router.clients.get(route.decode.address)
+                client = route.client
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 self.engine_call = self.engine_call or time.monotonic()
                 call = client.generate(request, timeout=timeout, stream_interval=stream_interval)

@@ -1,12 +1,12 @@
 """Prometheus metrics for one node: Triton's nv_inference_* names plus pdserve_* LLM metrics.
 
 Request figures are observed in the front end as requests finish; engine figures (running,
-waiting, KV use) come from the engines' Stats RPC, polled in the background and exported at
-scrape time, so an engine that is gone leaves no stale series behind.
+waiting, KV use) are the engines' last Stats answers, which the load plane (cluster/load.py)
+polls whether or not metrics are served; they are read at scrape time, so an engine that is
+gone leaves no stale series behind.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -14,6 +14,7 @@ from collections import defaultdict
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from pdserve.cluster.load import LoadPlane
 from pdserve.common.constants import KV_TRANSFER_BUCKETS
 from pdserve.common.errors import FAILURE_LABELS, HANDOFF_LABELS, Cause
 
@@ -23,7 +24,6 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40,
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 FIRST_RESPONSE_MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 60000)
-STATS_POLL_S = 1.0
 
 
 class TritonCounters:
@@ -62,11 +62,13 @@ class TritonCounters:
 
 class EngineCollector:
     """Engine, cluster and repository figures, read at scrape time: this node's engines from
-    their last Stats, the cluster from the registry view, the models from the manager."""
+    their last Stats (the load plane's), the cluster from the registry view, the models from
+    the manager."""
 
-    def __init__(self, manager, registry=None):
+    def __init__(self, manager, registry=None, plane: LoadPlane | None = None):
         self.manager = manager
         self.registry = registry
+        self.plane = plane
 
     def collect(self):
         running = GaugeMetricFamily("pdserve_requests_running", "Sequences running in the engine",
@@ -104,7 +106,7 @@ class EngineCollector:
             for engine in dep.live_engines():
                 live[(dep.name, engine.role)] += 1
                 roles.add_metric([dep.name, str(dep.version), engine.instance_id, engine.role], 1)
-                stats = engine.client.last_stats
+                stats = self.plane.last_stats(engine.address) if self.plane is not None else None
                 if stats is None:
                     continue
                 labels = [dep.name, engine.role, engine.instance_id]
@@ -148,7 +150,7 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, manager, registry=None):
+    def __init__(self, manager, registry=None, plane: LoadPlane | None = None):
         self.manager = manager
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
@@ -169,8 +171,7 @@ class Metrics:
                                   "(migration_limit)", labels, registry=self.registry)
         self.triton = TritonCounters()
         self.registry.register(self.triton)
-        self.registry.register(EngineCollector(manager, registry))
-        self._poller: asyncio.Task | None = None
+        self.registry.register(EngineCollector(manager, registry, plane))
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -208,18 +209,3 @@ class Metrics:
             self.first_response.labels(*key).observe((first - start) * 1000)
             if n_out > 1:
                 self.tpot.labels(*key).observe((now - first) / (n_out - 1))
-
-    def start_polling(self, registry, clients) -> None:
-        """Every engine of the cluster (the router's load figures), this node's for the metrics."""
-        self._poller = asyncio.ensure_future(self._poll(registry, clients))
-
-    async def _poll(self, registry, clients) -> None:
-        while True:
-            addresses = {r.address for r in registry.records.values()}
-            addresses |= {e.address for d in self.manager.all_deployments() for e in d.live_engines()}
-            await asyncio.gather(*(clients.get(a).stats() for a in addresses), return_exceptions=True)
-            await asyncio.sleep(STATS_POLL_S)
-
-    async def close(self) -> None:
-        if self._poller:
-            self._poller.cancel()

@@ -162,9 +162,9 @@ class EngineProcess:
 
     def stalled(self, limit_s: float) -> str:
         """Why the engine looks frozen ("" when it does not)."""
-        client = self.client
-        if client is None:
+        if self.client is None:
             return ""
+        client = self.clients.figures(self.address)   # the load plane's last Stats answer (cluster/load.py)
         silent = time.monotonic() - (client.last_stats_at or self.ready_at)
         if silent > limit_s:
             return f"no Stats answer for {silent:.0f} s"
