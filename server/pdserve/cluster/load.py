@@ -149,6 +149,7 @@ class LoadPlane(EngineClients):
         self._listeners.append(listener)
 
     def figures(self, address: str) -> EngineFigures:
+        """What the plane knows of the engine at `address` (nothing yet at first sight)."""
         figures = self._figures.get(address)
         if figures is None:
             figures = self._figures[address] = EngineFigures(FreshLoad())
