@@ -86,7 +86,6 @@ def test_auto_roles_follow_the_load_and_lose_no_request(auto_server):
     server = auto_server
     assert roles(server) == ["DECODE", "DECODE", "PREFILL"], "three AUTO engines start 1 PREFILL + 2 DECODE"
     before = {r["instance_id"]: (r["incarnation"], lease) for _, r, lease in etcd_records(server.etcd_endpoint)}
-    assert all(r["kv_transport"].get("transport") == "mooncake" for r in server.engines())
     r = server.client.infer("auto", inputs(prompt(random.Random(0), 95), False, {"max_tokens": 1},
                                            return_num_input_tokens=True))
     assert 350 <= int(r.as_numpy("num_input_tokens")[0]) <= 600

@@ -11,7 +11,8 @@ from tritonclient.utils import InferenceServerException
 
 from harness import PdServer, add_model, config_text, etcd_records, inputs
 
-from pdserve.common.etcd import EtcdClient, EtcdProcess
+from pdserve.common.etcd import EtcdClient
+from pdserve.common.etcd_server import EtcdProcess
 from pdserve_clients import LLMClient
 
 PD = (("PREFILL", "cpu"), ("DECODE", "cpu"))

@@ -198,51 +198,89 @@ def test_the_supervisor_gives_auto_instances_a_split_and_a_transport(tmp_path):
     engines = sup.deployment(spec, 1).engines
     assert [(e.instance.role, e.role) for e in engines] == [("AUTO", PREFILL), ("DECODE", DECODE),
                                                            ("AUTO", DECODE), ("AUTO", DECODE)]
-    assert [e.spec["kv_transport"] for e in engines] == ["mooncake", "", "mooncake", "mooncake"]
+    assert [e.spec.kv_transport for e in engines] == ["mooncake"] * 4
     assert engines[0].replacement().role == PREFILL
     engines[0].role = DECODE   # a switched engine restarts in its current role
-    assert engines[0].replacement().spec["role"] == DECODE
+    assert engines[0].replacement().spec.role == DECODE
+
+
+def test_the_kv_transport_default_is_decided_by_the_config(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    write_config(str(folder), config_text(role_groups=(("BOTH", "cpu"),)))
+    spec = load_model_spec(str(folder))
+    assert [spec.kv_transport(role) for role in ("BOTH", "PREFILL", "DECODE", "AUTO")] == \
+        ["none", "mooncake", "mooncake", "mooncake"]
+    spec.engine_parameters["kv_transport"] = "mooncake:rdma"
+    assert {spec.kv_transport(role) for role in ("BOTH", "PREFILL", "AUTO")} == {"mooncake:rdma"}
+
+
+def test_planner_parameters_are_the_settings_fields():
+    from pdserve.repository.config import PLANNER_PARAMETERS
+    assert PLANNER_PARAMETERS["planner_interval_s"] == "float" and PLANNER_PARAMETERS["planner_hold_polls"] == "int"
+    assert set(PLANNER_PARAMETERS) == {f"planner_{name}" for name in PlannerSettings.__dataclass_fields__}
 
 
 # ---- the switch, with fake engines ----------------------------------------------------------
-class FakeEngine:
+class FakeEngines:
+    """planner.Engines over one fake engine that holds a request for `busy_polls` polls."""
+
     def __init__(self, instance_id, role, busy_polls):
+        self.what = "m v1"
         self.instance_id, self.role, self.busy_polls = instance_id, role, busy_polls
-        self.instance = SimpleNamespace(role="AUTO")
-        self.alive, self.stopping = True, False
         self.states: list[tuple[str, str]] = []
-        self.client = SimpleNamespace(stats=self._stats)
+        self.counts: Counter = Counter()
 
-    async def set_state(self, state, role=""):
-        self.states.append((state, role))
-        if role:
-            self.role = role
+    async def loads(self):
+        return []
 
-    async def _stats(self):
+    def owns(self, instance_id):
+        return instance_id == self.instance_id
+
+    async def drain(self, instance_id):
+        self.states.append(("draining", ""))
+
+    async def held(self, instance_id):
         self.busy_polls -= 1
-        return SimpleNamespace(num_running=int(self.busy_polls > 0), num_waiting=0, num_awaiting_kv=0,
-                               num_open_requests=0)
+        return int(self.busy_polls > 0)
 
+    async def publish(self, instance_id, role):
+        self.states.append(("ready", role))
+        self.role = role
 
-def fake_planner(engine, drain_timeout_s):
-    async def wait_in_view(ids, state, timeout=5.0):
-        return None
-    supervisor = SimpleNamespace(wait_in_view=wait_in_view, role_switches=Counter(), role_switches_abandoned=Counter())
-    dep = SimpleNamespace(name="m", version=1, supervisor=supervisor, live_engines=lambda: [engine])
-    return Planner(dep, PlannerSettings(drain_timeout_s=drain_timeout_s)), supervisor
+    def count(self, switch, switched):
+        self.counts[(switch.instance_id, switch.from_role, switch.to_role, switched)] += 1
 
 
 def test_a_switch_drains_waits_for_idle_then_publishes_the_new_role():
-    engine = FakeEngine("d0", DECODE, busy_polls=3)
-    planner, sup = fake_planner(engine, drain_timeout_s=5)
+    engines = FakeEngines("d0", DECODE, busy_polls=3)
+    planner = Planner(engines, PlannerSettings(drain_timeout_s=5))
     assert asyncio.run(planner.switch(Switch("d0", DECODE, PREFILL, "test")))
-    assert engine.states == [("draining", ""), ("ready", PREFILL)] and engine.role == PREFILL
-    assert sup.role_switches == {("m", "1", "d0", DECODE, PREFILL): 1} and not sup.role_switches_abandoned
+    assert engines.states == [("draining", ""), ("ready", PREFILL)] and engines.role == PREFILL
+    assert engines.counts == {("d0", DECODE, PREFILL, True): 1}
 
 
 def test_a_switch_that_does_not_drain_in_time_is_abandoned_in_the_old_role():
-    engine = FakeEngine("p0", PREFILL, busy_polls=10**6)
-    planner, sup = fake_planner(engine, drain_timeout_s=0.3)
+    engines = FakeEngines("p0", PREFILL, busy_polls=10**6)
+    planner = Planner(engines, PlannerSettings(drain_timeout_s=0.3))
     assert not asyncio.run(planner.switch(Switch("p0", PREFILL, DECODE, "test")))
-    assert engine.states == [("draining", ""), ("ready", PREFILL)] and engine.role == PREFILL
-    assert not sup.role_switches and sup.role_switches_abandoned == {("m", "1", "p0", PREFILL, DECODE): 1}
+    assert engines.states == [("draining", ""), ("ready", PREFILL)] and engines.role == PREFILL
+    assert engines.counts == {("p0", PREFILL, DECODE, False): 1}
+
+
+def test_a_switch_of_an_engine_not_owned_does_nothing():
+    engines = FakeEngines("d0", DECODE, busy_polls=0)
+    assert not asyncio.run(Planner(engines, PlannerSettings()).switch(Switch("x9", DECODE, PREFILL, "test")))
+    assert engines.states == [] and not engines.counts
+
+
+def test_the_deployment_counts_switches_for_the_metrics(tmp_path):
+    from pdserve.repository.supervisor import ClusterSettings, Deployment, DeploymentEngines, Supervisor
+    sup = Supervisor("127.0.0.1", str(tmp_path / "run"), ClusterSettings([]), clients=None, registry=None)
+    dep = Deployment(SimpleNamespace(name="m"), 1, [], sup)
+    engines = DeploymentEngines(dep)
+    engines.count(Switch("d0", DECODE, PREFILL, "test"), switched=True)
+    engines.count(Switch("p0", PREFILL, DECODE, "test"), switched=False)
+    assert sup.role_switches == {("m", "1", "d0", DECODE, PREFILL): 1}
+    assert sup.role_switches_abandoned == {("m", "1", "p0", PREFILL, DECODE): 1}
+    assert engines.what == "m v1" and not engines.owns("d0")

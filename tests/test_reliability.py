@@ -18,7 +18,8 @@ from tritonclient.utils import InferenceServerException
 from harness import PdServer, add_model, config_text, free_port, inputs, thread_policies
 
 from pdserve.common.cluster_auth import signature
-from pdserve.common.etcd import EtcdClient, EtcdProcess
+from pdserve.common.etcd import EtcdClient
+from pdserve.common.etcd_server import EtcdProcess
 from pdserve_clients import LLMClient
 
 PD = (("PREFILL", "cpu"), ("DECODE", "cpu"))

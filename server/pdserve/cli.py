@@ -18,8 +18,9 @@ from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common import cpu_priority
 from pdserve.common.cpu_priority import DEFAULT_PRIORITY, PRIORITIES, lower_front_end
 from pdserve.common.records import engines_prefix
-from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdProcess, EtcdRefused, EtcdSecurity, EtcdUnavailable,
+from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdRefused, EtcdSecurity, EtcdUnavailable,
                                  parse_endpoints)
+from pdserve.common.etcd_server import EtcdProcess
 from pdserve.cluster.model_files import ModelFiles
 from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView

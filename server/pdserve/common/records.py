@@ -81,7 +81,6 @@ class EngineRecord(SignedRecord):
     address: str              # engine RPC host:port
     state: str = STANDBY      # standby (starting), ready (routable), draining (finishing its requests)
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
-    kv_transport: dict = field(default_factory=dict)   # the transport's handshake data
     capacity: dict = field(default_factory=dict)       # num_blocks, block_size, max_model_len, max_num_seqs
     started: float = field(default_factory=time.time)
     pid: int = 0

@@ -1,6 +1,6 @@
 """An engine worker process: one model instance on its device, served over the engine RPC.
 
-    python -m pdserve.engine.worker --spec-json '{...}' --ready-file PATH
+    python -m pdserve.engine.worker --spec-json '{...}' --ready-fd N   (engine/spec.py)
 
 Threads: the engine thread (EngineLoop) owns the engine and runs its steps; the asyncio thread
 serves the engine RPC (prompts arrive as token ids: front ends tokenize, the engine only
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -33,15 +32,16 @@ from pdserve.common import cpu_priority
 from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_token
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call, trailing_cause
-from pdserve.common.etcd import EtcdClient, EtcdSecurity, die_with_parent
-from pdserve.common.records import DEFAULT_TTL_S, EngineRecord
+from pdserve.common.etcd import EtcdClient
+from pdserve.common.process import die_with_parent
+from pdserve.common.records import EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_connector import DEFAULT_GRACE_S, Handoff
 from pdserve.engine.kv_transport import KVDestination, make_transport
 from pdserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from pdserve.engine.registration import EngineRegistration
 from pdserve.engine.sequence import SamplingParams, Sequence
+from pdserve.engine.spec import ReadyPipe, WorkerSpec
 
 log = logging.getLogger("pdserve.engine")
 
@@ -364,19 +364,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds)
 
 
-def write_ready_file(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-
-
-async def serve(spec: dict, ready_file: str) -> None:
+async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
     log.info("threads beside the engine thread: %s", cpu_priority.lower_engine_worker())
-    cfg = EngineConfig(**spec["engine"])
-    token = read_token(spec["cluster_token_file"]) if spec.get("cluster_token_file") else ""
-    transport_kind = spec.get("kv_transport") or ("mooncake" if spec["role"] in ("PREFILL", "DECODE") else "none")
-    transport = make_transport(transport_kind, spec["host"])
+    cfg = spec.engine
+    token = read_token(spec.cluster_token_file) if spec.cluster_token_file else ""
+    transport = make_transport(spec.kv_transport, spec.host)
     engine = LLMEngine(cfg, transport, handoff_timeout_s=KV_HANDOFF_TIMEOUT_S)
     loop = asyncio.get_running_loop()
     engine_loop = EngineLoop(engine, loop, on_dispatch=lambda calls: peers.dispatch(calls))
@@ -384,25 +376,23 @@ async def serve(spec: dict, ready_file: str) -> None:
     engine_loop.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS],
                              interceptors=[TokenInterceptor(token)] if token else [])
-    port = server.add_insecure_port(f"{spec['host']}:0")
-    address = f"{spec['host']}:{port}"
+    port = server.add_insecure_port(f"{spec.host}:0")
+    address = f"{spec.host}:{port}"
     registration = None
-    if spec.get("etcd_endpoints"):
+    if spec.etcd_endpoints:
         record = EngineRecord(
-            instance_id=spec["instance_id"], model=spec["model"], version=spec["version"], role=spec["role"],
-            device=cfg.device, node=spec.get("node", ""), address=address, pid=os.getpid(),
-            kv_transport=transport.handshake() if transport else {},
+            instance_id=spec.instance_id, model=spec.model, version=spec.version, role=spec.role,
+            device=cfg.device, node=spec.node, address=address, pid=os.getpid(),
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
-        etcd = EtcdClient(spec["etcd_endpoints"], EtcdSecurity.from_spec(spec.get("etcd_security")))
-        registration = EngineRegistration(etcd, spec.get("cluster", "default"), record,
-                                          ttl=int(spec.get("lease_ttl", DEFAULT_TTL_S)), token=token)
+        etcd = EtcdClient(list(spec.etcd_endpoints), spec.etcd_security)
+        registration = EngineRegistration(etcd, spec.cluster, record, ttl=spec.lease_ttl, token=token)
     engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, registration), server)
     await server.start()
     if registration is not None:
         await registration.start()
-    log.info("engine %s (%s %s) serving on %s", spec["instance_id"], spec["model"], spec["role"], address)
-    write_ready_file(ready_file, {"address": address})
+    log.info("engine %s (%s %s) serving on %s", spec.instance_id, spec.model, spec.role, address)
+    ready.ready(address)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -417,24 +407,29 @@ async def serve(spec: dict, ready_file: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pdserve-engine")
-    ap.add_argument("--spec-json", required=True, help="instance spec: identity, host and engine settings")
-    ap.add_argument("--ready-file", required=True)
+    ap.add_argument("--spec-json", required=True, help="the instance's WorkerSpec as JSON (engine/spec.py)")
+    ap.add_argument("--ready-fd", type=int, required=True,
+                    help="an inherited pipe end: one JSON line, the address once serving or the error")
     args = ap.parse_args(argv)
-    spec = json.loads(args.spec_json)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{spec['instance_id']}] %(levelname)s %(message)s")
+    ready = ReadyPipe(args.ready_fd)
+    try:
+        spec = WorkerSpec.from_json(args.spec_json)
+    except ValueError as exc:   # pydantic's ValidationError: a supervisor of another pdserve version
+        ready.failed(f"the worker spec does not fit this engine: {exc}")
+        return 2
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{spec.instance_id}] %(levelname)s %(message)s")
     die_with_parent()
     try:
-        asyncio.run(serve(spec, args.ready_file))
+        asyncio.run(serve(spec, ready))
     except Exception as exc:
         log.exception("engine failed")
-        write_ready_file(args.ready_file, {"error": f"{type(exc).__name__}: {exc}"})
+        ready.failed(f"{type(exc).__name__}: {exc}")
         return 3
-    log.info("engine %s stopped", spec["instance_id"])
+    log.info("engine %s stopped", spec.instance_id)
     logging.shutdown()
     # Everything is stopped and flushed: skip interpreter teardown, where native libraries'
     # static destructors (the transfer engine's threads) would abort the process.
     os._exit(0)
-
 
 if __name__ == "__main__":
     sys.exit(main())

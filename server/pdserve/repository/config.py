@@ -15,6 +15,7 @@ from google.protobuf import json_format, text_format
 from pdserve._proto import model_config_pb2 as mc
 from pdserve.engine.config import DTYPES, EngineConfig
 from pdserve.common.devices import DeviceError, parse_device
+from pdserve.repository.planner import PlannerSettings
 
 CONFIG_FILE = "config.pbtxt"
 ROLES = ("BOTH", "PREFILL", "DECODE", "AUTO")
@@ -40,10 +41,7 @@ ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if
 NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int",
                    "stream_interval": "int"}
 # The planner of AUTO instances (repository/planner.py, docs/cluster.md "Elastic roles").
-PLANNER_PARAMETERS = {"planner_interval_s": "float", "planner_prefill_queue_high": "int",
-                      "planner_prefill_queue_low": "int", "planner_decode_seqs_high": "int",
-                      "planner_tpot_high_s": "float", "planner_window_polls": "int", "planner_hold_polls": "int",
-                      "planner_cooldown_s": "float", "planner_drain_timeout_s": "float"}
+PLANNER_PARAMETERS = PlannerSettings.parameters()
 NODE_PARAMETERS.update(PLANNER_PARAMETERS)
 ENGINE_PARAMETERS.update(NODE_PARAMETERS)
 DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
@@ -77,6 +75,12 @@ class ModelSpec:
     def engine_config(self, version: int, device: str) -> EngineConfig:
         params = {k: v for k, v in self.engine_parameters.items() if k not in NODE_PARAMETERS}
         return EngineConfig(model_path=os.path.join(self.path, str(version)), device=device, **params)
+
+    def kv_transport(self, role: str) -> str:
+        """The KV transport of an instance in a role (its group's, AUTO included): the
+        `kv_transport` parameter, else mooncake for the roles of PD (an AUTO engine may switch
+        to either side) and none for BOTH. The one place this default is decided."""
+        return self.engine_parameters.get("kv_transport") or ("none" if role == "BOTH" else "mooncake")
 
 
 def fingerprint(model_dir: str) -> str:
@@ -210,10 +214,11 @@ def _check_auto(path: str, instances: list[InstanceSpec], params: dict) -> None:
     if any(i.role == "AUTO" for i in instances) and params.get("kv_transport") == "none":
         raise ConfigError(f"{path}: role AUTO needs a KV transport, but parameters 'kv_transport' is 'none'; "
                           "drop it (AUTO engines default to mooncake) or set mooncake / mooncake:rdma")
-    if "planner_prefill_queue_low" in params and \
-            params["planner_prefill_queue_low"] >= params.get("planner_prefill_queue_high", 2048):
+    high = params.get("planner_prefill_queue_high", PlannerSettings.prefill_queue_high)
+    if "planner_prefill_queue_low" in params and params["planner_prefill_queue_low"] >= high:
         raise ConfigError(f"{path}: parameters 'planner_prefill_queue_low' ({params['planner_prefill_queue_low']}) "
-                          "must be below 'planner_prefill_queue_high' (default 2048), or the roles flap")
+                          f"must be below 'planner_prefill_queue_high' (default {PlannerSettings.prefill_queue_high}), "
+                          "or the roles flap")
 
 
 def complete_config(config: mc.ModelConfig) -> None:

@@ -37,18 +37,17 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from statistics import median
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from pdserve.common.records import DRAINING, READY
-
-if TYPE_CHECKING:
-    from pdserve.repository.supervisor import Deployment, EngineProcess
+from pdserve._proto import engine_pb2
+from pdserve.common.records import DRAINING, READY, EngineRecord
 
 log = logging.getLogger(__name__)
 
 BOTH, PREFILL, DECODE, AUTO = "BOTH", "PREFILL", "DECODE", "AUTO"
 DEFAULT_MAX_NUM_SEQS = 64
 IDLE_POLL_S = 0.1
+PARAMETER_PREFIX = "planner_"
 
 
 def initial_roles(n: int) -> list[str]:
@@ -63,6 +62,7 @@ def initial_roles(n: int) -> list[str]:
 
 @dataclass(frozen=True)
 class PlannerSettings:
+    """The planner's thresholds: config.pbtxt parameters `planner_<field>` (parameters())."""
     interval_s: float = 1.0
     prefill_queue_high: int = 2048   # queued prompt tokens per prefilling engine
     prefill_queue_low: int = 512
@@ -74,10 +74,16 @@ class PlannerSettings:
     drain_timeout_s: float = 30.0
 
     @classmethod
+    def parameters(cls) -> dict[str, str]:
+        """The config.pbtxt parameters that set the fields, with their types ("int", "float")."""
+        return {PARAMETER_PREFIX + f.name: f.type if isinstance(f.type, str) else f.type.__name__
+                for f in fields(cls)}
+
+    @classmethod
     def from_parameters(cls, params: dict) -> "PlannerSettings":
         """From config.pbtxt parameters `planner_<field>`; unset ones take their defaults, the low
         prefill mark a quarter of the high one and the decode mark half of max_num_seqs."""
-        given = {f.name: params[f"planner_{f.name}"] for f in fields(cls) if f"planner_{f.name}" in params}
+        given = {f.name: params[PARAMETER_PREFIX + f.name] for f in fields(cls) if PARAMETER_PREFIX + f.name in params}
         high = given.get("prefill_queue_high", cls.prefill_queue_high)
         given.setdefault("prefill_queue_low", high // 4)
         given.setdefault("decode_seqs_high", max(1, params.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS) // 2))
@@ -98,6 +104,14 @@ class EngineLoad:
     step_seconds: float = 0.0       # recent mean step time while decoding
     switchable: bool = False        # an AUTO engine this planner owns, ready
     draining: bool = False
+
+
+def engine_load(record: EngineRecord, stats: engine_pb2.StatsResponse, own: bool) -> EngineLoad:
+    """An engine as its record and a Stats answer show it; `own`: an AUTO engine of this planner's node."""
+    return EngineLoad(record.instance_id, record.role, stats.waiting_prefill_tokens, stats.num_running,
+                      stats.num_waiting, stats.num_awaiting_kv, stats.step_seconds,
+                      switchable=own and record.state == READY and record.role in (PREFILL, DECODE),
+                      draining=record.state == DRAINING)
 
 
 @dataclass(frozen=True)
@@ -228,19 +242,43 @@ def decide(loads: list[EngineLoad], settings: PlannerSettings, history: History,
     return Switch(engine.instance_id, engine.role, to_role, reason), History(last_switch=now)
 
 
+class Engines(Protocol):
+    """What the planner reaches of the model version it plans for: the deployment gives it
+    (repository/supervisor.py), a test gives fakes. A call on an engine that is gone raises."""
+
+    what: str   # "model vN", for the log
+
+    async def loads(self) -> list[EngineLoad]:
+        """The version's engines on every node, as their records and a fresh Stats answer say."""
+
+    def owns(self, instance_id: str) -> bool:
+        """The engine is one of this node's AUTO engines, alive and not stopping."""
+
+    async def drain(self, instance_id: str) -> None:
+        """Sets the engine draining and waits until this node's routers see it so."""
+
+    async def held(self, instance_id: str) -> int:
+        """The requests the engine holds: running, waiting, awaiting KV or open in its RPC."""
+
+    async def publish(self, instance_id: str, role: str) -> None:
+        """Makes the engine ready in `role` (one record update) and waits until routers see it."""
+
+    def count(self, switch: Switch, switched: bool) -> None:
+        """A switch made (True) or abandoned (False), for pdserve_role_switches_total."""
+
+
 class Planner:
     """Runs the decision for one deployment (model version) and carries out its switches."""
 
-    def __init__(self, dep: "Deployment", settings: PlannerSettings):
-        self.dep = dep
+    def __init__(self, engines: Engines, settings: PlannerSettings):
+        self.engines = engines
         self.settings = settings
-        self.supervisor = dep.supervisor
         self.history = History()
         self._task: asyncio.Task | None = None
 
     @property
     def what(self) -> str:
-        return f"{self.dep.name} v{self.dep.version}"
+        return self.engines.what
 
     def start(self) -> None:
         log.info("planner of %s: AUTO roles every %.1f s (%s)", self.what, self.settings.interval_s, self.settings)
@@ -252,31 +290,11 @@ class Planner:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    def _own(self) -> dict[str, "EngineProcess"]:
-        return {e.instance_id: e for e in self.dep.live_engines() if e.instance.role == AUTO}
-
-    async def loads(self) -> list[EngineLoad]:
-        """The model version's engines on every node, as their records and a fresh Stats say."""
-        registry, clients = self.supervisor.registry, self.supervisor.clients
-        records = registry.engines(self.dep.name, str(self.dep.version), states=(READY, DRAINING))
-        answers = await asyncio.gather(*(clients.get(r.address).stats() for r in records), return_exceptions=True)
-        own = self._own()
-        loads = []
-        for record, stats in zip(records, answers):
-            if isinstance(stats, BaseException):
-                continue    # unreachable: the router avoids it, the supervisor restarts it if it is ours
-            loads.append(EngineLoad(
-                record.instance_id, record.role, stats.waiting_prefill_tokens, stats.num_running, stats.num_waiting,
-                stats.num_awaiting_kv, stats.step_seconds,
-                switchable=record.instance_id in own and record.state == READY and record.role in (PREFILL, DECODE),
-                draining=record.state == DRAINING))
-        return loads
-
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.interval_s)
             try:
-                loads = await self.loads()
+                loads = await self.engines.loads()
                 switch, self.history = decide(loads, self.settings, self.history, time.monotonic())
                 if log.isEnabledFor(logging.DEBUG) and loads:
                     log.debug("planner of %s: %s (streaks: prefill %d, decode %d)", self.what,
@@ -292,49 +310,43 @@ class Planner:
     async def switch(self, switch: Switch) -> bool:
         """Drains the engine, waits until it is idle, and makes it ready in its new role; gives up
         after the drain timeout and makes it ready in its old role. True when it switched."""
-        engine = self._own().get(switch.instance_id)
-        if engine is None:
+        engines, instance_id = self.engines, switch.instance_id
+        if not engines.owns(instance_id):
             return False
-        key = (self.dep.name, str(self.dep.version), switch.instance_id, switch.from_role, switch.to_role)
-        log.info("planner of %s: switching %s from %s to %s: %s", self.what, switch.instance_id, switch.from_role,
+        log.info("planner of %s: switching %s from %s to %s: %s", self.what, instance_id, switch.from_role,
                  switch.to_role, switch.reason)
         started = time.monotonic()
         try:
-            await engine.set_state(DRAINING)
-            await self.supervisor.wait_in_view({engine.instance_id}, DRAINING)
-            if await self._wait_idle(engine, self.settings.drain_timeout_s):
-                await engine.set_state(READY, role=switch.to_role)
-                await self.supervisor.wait_in_view({engine.instance_id}, READY)
-                self.supervisor.role_switches[key] += 1
-                log.info("planner of %s: %s is now %s (drained in %.1f s)", self.what, switch.instance_id,
+            await engines.drain(instance_id)
+            if await self._wait_idle(instance_id, self.settings.drain_timeout_s):
+                await engines.publish(instance_id, switch.to_role)
+                engines.count(switch, switched=True)
+                log.info("planner of %s: %s is now %s (drained in %.1f s)", self.what, instance_id,
                          switch.to_role, time.monotonic() - started)
                 return True
             log.warning("planner of %s: %s still had requests after %.0f s (planner_drain_timeout_s); switch to %s "
-                        "abandoned, ready again as %s", self.what, switch.instance_id, self.settings.drain_timeout_s,
+                        "abandoned, ready again as %s", self.what, instance_id, self.settings.drain_timeout_s,
                         switch.to_role, switch.from_role)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("planner of %s: switch of %s to %s failed (%s); making it ready as %s", self.what,
-                        switch.instance_id, switch.to_role, exc, switch.from_role)
-        self.supervisor.role_switches_abandoned[key] += 1
+                        instance_id, switch.to_role, exc, switch.from_role)
+        engines.count(switch, switched=False)
         try:
-            if engine.alive and not engine.stopping:
-                await engine.set_state(READY, role=switch.from_role)
+            if engines.owns(instance_id):
+                await engines.publish(instance_id, switch.from_role)
         except Exception as exc:
-            log.warning("planner of %s: could not make %s ready again (%s)", self.what, switch.instance_id, exc)
+            log.warning("planner of %s: could not make %s ready again (%s)", self.what, instance_id, exc)
         return False
 
-    @staticmethod
-    async def _wait_idle(engine: "EngineProcess", timeout: float) -> bool:
+    async def _wait_idle(self, instance_id: str, timeout: float) -> bool:
         """True once the engine holds no request at all: nothing running, waiting, awaiting KV,
         nor open in its RPC (a request accepted but not yet queued, a prefill call)."""
         end = time.monotonic() + timeout
         while True:
-            s = await engine.client.stats()
-            if s.num_running + s.num_waiting + s.num_awaiting_kv + s.num_open_requests == 0:
+            if await self.engines.held(instance_id) == 0:
                 return True
             if time.monotonic() >= end:
                 return False
             await asyncio.sleep(IDLE_POLL_S)
-
