@@ -1,5 +1,6 @@
 # Quick start:  make serve   (installs everything, builds the demo model, serves it)
 #               make test    (the same set-up, then the test suite)
+#               make test-unit  (the same set-up, then the tests that start no process: minutes)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,13 +10,17 @@ DEMO := model_repository/tiny-qwen2/1
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: serve test setup system-deps venv proto demo-model bench clean
+.PHONY: serve test test-unit setup system-deps venv proto demo-model bench clean
 
 serve: setup demo-model
 	$(VENV)/bin/pdserve --model-repository model_repository --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 test: setup demo-model
 	$(PY) -m pytest -q tests
+
+# The tiers are marked by tests/conftest.py from what each test uses.
+test-unit: setup demo-model
+	$(PY) -m pytest -q -m "not integration and not perf and not gpu" tests
 
 setup: system-deps venv proto
 

@@ -1,19 +1,83 @@
+"""Shared fixtures, and the test tiers: each test is marked from what it uses, so no test file
+carries a tier mark by hand and a new file is classified as it is written.
+
+- integration: the test, a fixture it uses, or a helper of its module or of the harness that
+  either calls, starts real processes (PROCESS_STARTERS: a pdserve server with its engines, an
+  etcd server).
+- perf: it uses the `dedicated_cores` fixture (timings that need the cores to itself).
+- gpu: it lives in a GPU module (GPU_MODULES).
+
+`make test-unit` runs the tests none of these marks; `make test` runs them all."""
+import inspect
 import os
 import shutil
-import sys
+import types
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import DEMO_MODEL, PdServer, add_model, make_model  # noqa: E402
+from pdserve_testing.harness import DEMO_MODEL, PdServer, add_model, make_model
+
+PROCESS_STARTERS = frozenset({"PdServer", "EtcdProcess"})
+GPU_MODULES = frozenset({"test_cuda.py"})
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpu_kernels_built():
-    """Builds (or finds cached) the engine's C++ CPU attention kernel once, before any engine
-    starts: a cold build takes about a minute on 2 cores, longer than a test waits for READY."""
-    from pdserve.engine.kernels.cpu import paged_decode_extension
-    paged_decode_extension()
+def _code_objects(code: types.CodeType):
+    yield code
+    for const in code.co_consts:   # nested functions, lambdas, comprehensions
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _starts_processes(fn, seen: set) -> bool:
+    """Whether fn, or a function of the test modules or the harness that it names, names a
+    process starter: a static look at the names its code uses, followed through helpers."""
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = {name for c in _code_objects(code) for name in c.co_names}
+    if names & PROCESS_STARTERS:
+        return True
+    scope = getattr(fn, "__globals__", {})
+    for name in names:
+        helper = scope.get(name)
+        if inspect.isclass(helper):
+            helper = helper.__init__
+        if inspect.isfunction(helper) and _ours(helper) and _starts_processes(helper, seen):
+            return True
+    return False
+
+
+def _ours(fn) -> bool:
+    module = getattr(fn, "__module__", "") or ""
+    return module.startswith(("test_", "conftest", "pdserve_testing"))
+
+
+def _uses_processes(item) -> bool:
+    seen: set = set()
+    fixtures = getattr(item, "_fixtureinfo", None)
+    fixture_funcs = [d.func for defs in (fixtures.name2fixturedefs.values() if fixtures else ())
+                     for d in defs]
+    return any(_starts_processes(fn, seen) for fn in [getattr(item, "function", None), *fixture_funcs] if fn)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _uses_processes(item):
+            item.add_marker(pytest.mark.integration)
+        if "dedicated_cores" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.perf)
+        if item.path.name in GPU_MODULES:
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture
+def dedicated_cores():
+    """For a test that asserts timings: it needs two cores (one engine pinned to each) and the
+    machine to itself, so it is marked `perf` and left out of `make test-unit`."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores: one engine pinned to each")
 
 
 @pytest.fixture(scope="session")

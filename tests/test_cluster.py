@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from harness import PdServer, add_model, config_text, etcd_records, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, etcd_records, inputs
 
 from pdserve.common.etcd import EtcdClient
 from pdserve.common.etcd_server import EtcdProcess

@@ -7,7 +7,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import PdServer, add_model, config_text, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
@@ -63,7 +63,7 @@ def test_server_greedy_equals_transformers_generate(demo_model, repo):
 
 @pytest.fixture(scope="module")
 def float64_engine(tmp_path_factory):
-    from harness import make_model
+    from pdserve_testing.harness import make_model
     path = make_model(str(tmp_path_factory.mktemp("f64") / "weights"), layers=2, hidden=128, intermediate=256)
     engine = LLMEngine(EngineConfig(model_path=path, dtype="float64", kv_cache_blocks=512, max_model_len=512))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import PdServer, add_model, config_text, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs
 from test_correctness import PROMPTS, hf_greedy, run_engine
 from test_kernels import decode_meta, prefill_logits, random_pool
 

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from harness import inputs
+from pdserve_testing.harness import inputs
 
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPT = "def main():"

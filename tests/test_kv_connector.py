@@ -204,7 +204,8 @@ class Peer(engine_pb2_grpc.EngineServicer):
     async def Prefill(self, request, context):
         if request.request_id == "unreachable":   # as a call that finds the engine gone sees it
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-        await asyncio.sleep(600)
+        print(request.request_id, flush=True)       # the test reads that the call is in flight
+        await asyncio.sleep(600)                    # and it stays in flight
 
 async def main():
     server = grpc.aio.server()
@@ -232,10 +233,10 @@ def test_every_handoff_in_flight_gets_an_answer_when_its_channel_is_closed():
 
     class Inbox:   # the engine loop's side of PrefillPeers: what it is told
         def __init__(self):
-            self.answers = []
+            self.answers: asyncio.Queue = asyncio.Queue()
 
         def send(self, command):
-            self.answers.append(command)
+            self.answers.put_nowait(command)
 
     peer = subprocess.Popen([sys.executable, "-c", PREFILL_PEER], stdout=subprocess.PIPE, text=True)
 
@@ -245,13 +246,12 @@ def test_every_handoff_in_flight_gets_an_answer_when_its_channel_is_closed():
         address = f"127.0.0.1:{peer.stdout.readline().strip()}"
         deadline = time.time() + 60
         peers.dispatch([(address, engine_pb2.PrefillRequest(request_id=f"r{i}", deadline=deadline)) for i in range(3)])
-        await asyncio.sleep(1.0)            # three calls in flight on the one channel
+        in_flight = [await asyncio.wait_for(asyncio.to_thread(peer.stdout.readline), 30) for _ in range(3)]
+        assert sorted(line.strip() for line in in_flight) == ["r0", "r1", "r2"]   # on the one channel
         peers.dispatch([(address, engine_pb2.PrefillRequest(request_id="unreachable", deadline=deadline))])
-        end = time.monotonic() + 10
-        while len(inbox.answers) < 4 and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        answers = [await asyncio.wait_for(inbox.answers.get(), 10) for _ in range(4)]
         await peers.close()
-        return inbox.answers
+        return answers
 
     try:
         answers = asyncio.run(run())

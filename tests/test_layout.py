@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from harness import ROOT
+from pdserve_testing.harness import ROOT
 
 PACKAGE = os.path.join(ROOT, "server", "pdserve")
 LAYERS = {"common": 0, "engine": 1, "cluster": 2, "repository": 3, "frontend": 4, "cli": 5}

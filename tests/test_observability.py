@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from harness import ROOT, PdServer, add_model, config_text, free_port, inputs
+from pdserve_testing.harness import ROOT, PdServer, add_model, config_text, free_port, inputs
 
 from pdserve_clients import LLMClient
 

@@ -4,7 +4,7 @@ import shutil
 import openai
 import pytest
 
-from harness import PdServer, add_model, config_text, inputs, make_model
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs, make_model
 
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPT = "def main():"

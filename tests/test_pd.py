@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness import PdServer, add_model, config_text, etcd_records, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, etcd_records, inputs
 from tritonclient.utils import InferenceServerException
 
 from pdserve_clients import LLMClient

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import config_text, write_config
+from pdserve_testing.harness import config_text, write_config
 
 from pdserve.repository.config import load_model_spec
 from pdserve.repository.planner import (BOTH, DECODE, PREFILL, EngineLoad, History, Planner, PlannerSettings, Switch,

@@ -258,7 +258,7 @@ class LocalTransport(KVTransport):
 
 @pytest.fixture(scope="module")
 def f64_model(tmp_path_factory):
-    from harness import make_model
+    from pdserve_testing.harness import make_model
     return make_model(str(tmp_path_factory.mktemp("pc") / "weights"), layers=2, hidden=128, intermediate=256)
 
 

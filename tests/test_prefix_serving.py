@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
-from harness import PdServer, add_model, config_text
+from pdserve_testing.harness import PdServer, add_model, config_text
 
 from pdserve_clients import LLMClient
 

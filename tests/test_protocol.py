@@ -8,7 +8,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from harness import inputs
+from pdserve_testing.harness import inputs
 
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -233,7 +233,7 @@ def test_stream_closes_with_status_when_client_asks(served):
 
 def test_cancelled_stream_frees_the_engine(repo, demo_model):
     """A client that cancels its stream frees the request's blocks in the engine at once."""
-    from harness import PdServer, add_model, config_text
+    from pdserve_testing.harness import PdServer, add_model, config_text
     add_model(repo, "tiny", demo_model, config_text(max_model_len=2048))
     server = PdServer(repo).start()
     try:

@@ -15,7 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from harness import PdServer, add_model, config_text, free_port, inputs, thread_policies
+from pdserve_testing.harness import PdServer, add_model, config_text, free_port, inputs, is_running, thread_policies
+from pdserve_testing.waits import wait_until
 
 from pdserve.common.cluster_auth import signature
 from pdserve.common.etcd import EtcdClient

@@ -7,7 +7,7 @@ import time
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from harness import PdServer, add_model, config_text, inputs, write_config
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs, write_config
 
 from pdserve_clients import LLMClient
 

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from harness import PdServer, add_model, config_text, etcd_records, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, etcd_records, inputs
 from pdserve.common.etcd import EtcdClient, EtcdConfigError, EtcdRefused, EtcdSecurity, parse_endpoints
 from pdserve.common.etcd_server import EtcdProcess
 from pdserve.frontend.security import SecurityConfigError, server_ssl_context

@@ -6,7 +6,7 @@ import types
 import grpc
 import pytest
 
-from harness import config_text, thread_policies, write_config
+from pdserve_testing.harness import config_text, thread_policies, write_config
 
 from pdserve._proto import engine_pb2
 from pdserve.cluster.engine_client import EngineCallError, GenerateCall

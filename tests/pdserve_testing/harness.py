@@ -17,9 +17,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.common.process import parent_death_command
+from pdserve.common.etcd import parent_death_command
+from pdserve_testing.waits import holds_for, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
 DEMO_MODEL = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
 
 
@@ -35,6 +36,15 @@ def thread_policies(pid: int) -> dict[int, int]:
         except ProcessLookupError:   # the thread ended meanwhile
             pass
     return out
+
+
+def is_running(pid: int | str) -> bool:
+    """Whether the process exists and has not ended (a zombie waiting to be reaped has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def free_port() -> int:
@@ -200,13 +210,10 @@ class PdServer:
         return [(v, s, r) for (n, v), (s, r) in self.index().items() if n == name]
 
     def wait_for(self, predicate, what: str, timeout: float = 90.0):
-        end = time.time() + timeout
-        while time.time() < end:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        raise TimeoutError(f"timed out waiting for {what}; index: {self.index()}\n{self.log()}")
+        return wait_until(predicate, what, timeout, detail=lambda: f"index: {self.index()}\n{self.log()}")
+
+    def holds(self, predicate, what: str, seconds: float) -> None:
+        holds_for(predicate, what, seconds, detail=self.log)
 
     def wait_ready(self, name: str, version: str = "1", timeout: float = 90.0) -> None:
         self.wait_for(lambda: any(v == version and s == "READY" for v, s, _ in self.states(name)),
