@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.common.etcd import parent_death_command
+from pdserve.common.process import parent_death_command
 from pdserve_testing.waits import holds_for, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
