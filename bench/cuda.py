@@ -24,9 +24,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_throughput import (ROOT, EngineRounds, bench_engine_and_server, bench_hf,  # noqa: E402
-                               long_context_ratio, make_prompts, median_round)
+from measurements import bench_engine_and_server, bench_hf, long_context_ratio
+from pdserve_testing.harness import ROOT
+from rounds import EngineRounds, make_prompts, median_round
 
 # Qwen2-0.5B's shape (vocabulary aside): a model whose linears are big enough for a GPU to show
 QWEN2_05B = ["--hidden", "896", "--intermediate", "4864", "--layers", "24", "--heads", "14", "--kv-heads", "2"]

@@ -21,11 +21,8 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "server"))
 
 LAYERS, BLOCK, KV_HEADS, DIM = 8, 16, 4, 64
 POOL_BLOCKS = 512

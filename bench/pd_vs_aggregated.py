@@ -19,13 +19,11 @@ import os
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 SETUPS = {"pd": (("PREFILL", "cpu:0"), ("DECODE", "cpu:1")),
           "aggregated": (("BOTH", "cpu:0"), ("BOTH", "cpu:1"))}
@@ -50,7 +48,7 @@ def workload(tokenizer, n: int, rate: float, long_share: float, short_len: int, 
 
 
 def run_setup(name: str, model: str, requests, output_len: int, lone_prompts: list[str]) -> dict:
-    from harness import PdServer, config_text, inputs
+    from pdserve_testing.harness import PdServer, config_text, inputs
     from pdserve_clients import LLMClient
 
     repo = tempfile.mkdtemp(prefix=f"pdserve-bench-{name}-")

