@@ -268,3 +268,57 @@ def test_generate_cli_streams_to_the_terminal(served):
     bad = subprocess.run([sys.executable, "-m", "pdserve_clients.generate", "x", "--url", served.url,
                           "--model", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "unknown model" in bad.stderr
+
+
+def test_settings_messages_and_rpcs_are_tritons():
+    """protos/grpc_service.proto declares the trace and log settings as Triton's proto does (names,
+    numbers, types), so tritonclient's get/update_trace_settings and get/update_log_settings work.
+    Our generated module is read in a child: it shares the package `inference` with tritonclient's."""
+    import base64
+    import subprocess
+    import sys
+
+    from google.protobuf import descriptor_pb2
+
+    code = "import base64; from pdserve._proto import grpc_service_pb2 as pb; print(base64.b64encode(pb.DESCRIPTOR.serialized_pb).decode())"
+    ours = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
+    tritons = descriptor_pb2.FileDescriptorProto()
+    service_pb2.DESCRIPTOR.CopyToProto(tritons)
+
+    def wire(file: descriptor_pb2.FileDescriptorProto, name: str):
+        """A message as the wire sees it: each field's number, name, type and label, message fields
+        followed into their types (whose names do not travel)."""
+        messages, todo = {}, [(f".{file.package}.{m.name}", m) for m in file.message_type]
+        while todo:
+            full, message = todo.pop()
+            messages[full] = message
+            todo += [(f"{full}.{n.name}", n) for n in message.nested_type]
+
+        def shape(full):
+            return sorted((f.number, f.name, f.type, f.label, f.HasField("oneof_index"),
+                           shape(f.type_name) if f.type == f.TYPE_MESSAGE else None) for f in messages[full].field)
+        return shape(f".inference.{name}")
+
+    for name in ("TraceSettingRequest", "TraceSettingResponse", "LogSettingsRequest", "LogSettingsResponse"):
+        assert wire(ours, name) == wire(tritons, name), name
+    for file in (ours, tritons):
+        methods = {m.name: (m.input_type, m.output_type) for s in file.service for m in s.method}
+        assert methods["TraceSetting"] == (".inference.TraceSettingRequest", ".inference.TraceSettingResponse")
+        assert methods["LogSettings"] == (".inference.LogSettingsRequest", ".inference.LogSettingsResponse")
+
+
+def test_trace_and_log_settings_over_grpc(served):
+    c = served.client
+    assert c.get_trace_settings(as_json=True)["settings"]["trace_level"]["value"] == ["OFF"]
+    updated = c.update_trace_settings(model_name="small", settings={"trace_rate": "5"}, as_json=True)["settings"]
+    assert updated["trace_rate"]["value"] == ["5"] and updated["trace_level"]["value"] == ["OFF"]
+    assert c.get_trace_settings(model_name="small", as_json=True)["settings"]["trace_rate"]["value"] == ["5"]
+    assert c.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] == ["1000"]   # global unchanged
+    c.update_trace_settings(model_name="small", settings={"trace_rate": None})
+    assert "unknown model" in expect_error("INVALID_ARGUMENT", lambda: c.get_trace_settings(model_name="missing"))
+    logs = c.get_log_settings(as_json=True)["settings"]
+    assert logs["log_format"]["string_param"] == "default" and logs["log_info"]["bool_param"] is True
+    assert c.update_log_settings({"log_verbose_level": 1}, as_json=True)["settings"]["log_verbose_level"]["uint32_param"] == 1
+    c.update_log_settings({"log_verbose_level": 0})
+    assert "log_format" in expect_error("INVALID_ARGUMENT", lambda: c.update_log_settings({"log_format": "xml"}))

@@ -33,7 +33,7 @@ from pdserve.frontend.security import (RestrictedProtocolInterceptor, SecurityCo
                                        server_credentials, server_ssl_context)
 from pdserve.frontend.service import InferenceService
 from pdserve.frontend.metrics import Metrics
-from pdserve.frontend.settings import Settings, grpc_handler as settings_grpc_handler
+from pdserve.frontend.settings import Settings
 from pdserve.repository.manager import ModelRepositoryManager
 from pdserve.cluster.router import DEFAULT_POLICY, POLICIES, Router
 from pdserve.repository.supervisor import ClusterSettings, Supervisor
@@ -215,13 +215,12 @@ async def run(args) -> None:
     metrics = Metrics(manager, registry, plane)
     core = InferenceCore(manager, Router(registry, plane, args.routing_policy), metrics,  # one path for every door
                          model_files=ModelFiles(etcd, args.cluster, os.path.join(run_dir, "model-files")))
-    service = InferenceService(manager, core.router, metrics, core)
-    settings = Settings(manager)
+    settings = Settings(manager)   # trace and log settings, one for the gRPC and HTTP doors
+    service = InferenceService(manager, core.router, metrics, core, settings)
     health = Health(service)
     interceptors = [RestrictedProtocolInterceptor(args.grpc_restricted_protocol)] if args.grpc_restricted_protocol else []
     server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS, interceptors=interceptors)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    server.add_generic_rpc_handlers((settings_grpc_handler(settings),))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         from grpc_reflection.v1alpha import reflection

@@ -20,8 +20,9 @@ from pdserve._proto import grpc_service_pb2 as pb
 from pdserve.common.errors import ServeError
 from pdserve.frontend import trtllm
 from pdserve.frontend.http_common import HttpDoor, kserve_status, read_json, sse
+from pdserve.frontend.protocol import InvalidInput
 from pdserve.frontend.settings import Settings
-from pdserve.frontend.tensors import BOOL_INPUTS, BYTES_INPUTS, InvalidInput, serialize_bytes
+from pdserve.frontend.tensors import BOOL_INPUTS, BYTES_INPUTS, serialize_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMPY = {"BOOL": "?", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "<u1",

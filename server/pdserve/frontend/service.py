@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import logging
+import struct
+import time
 
 from pdserve import __version__
 from pdserve._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 from pdserve.cluster.router import Router
 from pdserve.common.errors import Cause, ServeError
 from pdserve.frontend.core import InferenceCore
-from pdserve.frontend.responses import build_response
-from pdserve.frontend.tensors import parse_request
+from pdserve.frontend.settings import Settings
+from pdserve.frontend.tensors import GenerationRequest, parse_request, serialize_bytes
 from pdserve.repository.config import KSERVE_DATATYPES, ConfigError
 from pdserve.repository.manager import ModelRepositoryManager, ModelState
 from pdserve.repository.supervisor import EngineStartError
@@ -41,6 +42,26 @@ def request_deadline(request: pb.ModelInferRequest, rpc_remaining: float | None)
     return time.monotonic() + min(limits) if limits else None
 
 
+def build_response(request: pb.ModelInferRequest, gen: GenerationRequest, text: str, finish_reason: str,
+                   num_input_tokens: int, num_output_tokens: int) -> pb.ModelInferResponse:
+    """A ModelInferResponse with its outputs as raw contents, as Triton sends them."""
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                     id=request.id)
+
+    def add(name: str, datatype: str, raw: bytes) -> None:
+        response.outputs.add(name=name, datatype=datatype, shape=[1])
+        response.raw_output_contents.append(raw)
+    if gen.wants("text_output"):
+        add("text_output", "BYTES", serialize_bytes([text.encode("utf-8")]))
+    if gen.wants("finish_reason") and finish_reason:
+        add("finish_reason", "BYTES", serialize_bytes([finish_reason.encode("utf-8")]))
+    if gen.wants("num_input_tokens"):
+        add("num_input_tokens", "UINT32", struct.pack("<I", num_input_tokens))
+    if gen.wants("num_output_tokens"):
+        add("num_output_tokens", "UINT32", struct.pack("<I", num_output_tokens))
+    return response
+
+
 def _bool_param(value: bool) -> pb.InferParameter:
     return pb.InferParameter(bool_param=value)
 
@@ -54,9 +75,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     methods that raise ServeError, which the HTTP door calls too; inference goes through the
     shared InferenceCore."""
 
-    def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None, core: InferenceCore | None = None):
+    def __init__(self, manager: ModelRepositoryManager, router: Router, metrics=None, core: InferenceCore | None = None,
+                 settings: Settings | None = None):
         self.manager = manager
         self.core = core or InferenceCore(manager, router, metrics)   # the router and metrics live there
+        self.settings = settings or Settings(manager)   # trace and log settings, shared with the HTTP door
         self.started = False
 
     @property
@@ -184,6 +207,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except ServeError as exc:
             await _abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
+
+    # ---- trace and log settings ------------------------------------------------------------------
+    async def TraceSetting(self, request, context):
+        try:
+            update = {k: list(v.value) or None for k, v in request.settings.items()}
+            values = (self.settings.update_trace(request.model_name, update) if update
+                      else self.settings.trace(request.model_name))
+        except ServeError as exc:
+            await _abort(context, exc)
+        out = pb.TraceSettingResponse()
+        for key, value in values.items():
+            out.settings[key].value.extend(value)
+        return out
+
+    async def LogSettings(self, request, context):
+        try:
+            update = {key: getattr(value, value.WhichOneof("parameter_choice"))
+                      for key, value in request.settings.items() if value.WhichOneof("parameter_choice")}
+            values = self.settings.update_log(update) if update else self.settings.log()
+        except ServeError as exc:
+            await _abort(context, exc)
+        out = pb.LogSettingsResponse()
+        for key, value in values.items():
+            kind = "bool_param" if isinstance(value, bool) else "uint32_param" if isinstance(value, int) else "string_param"
+            setattr(out.settings[key], kind, value)
+        return out
 
     # ---- inference ---------------------------------------------------------------------------------
     async def run_request(self, request: pb.ModelInferRequest, streaming_rpc: bool, rpc_remaining: float | None = None):

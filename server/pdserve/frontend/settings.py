@@ -7,16 +7,12 @@ server log are what pdserve offers). Log settings act on the server's Python log
 `log_warning`, `log_error` and `log_verbose_level` set the `pdserve` logger's level; `log_format`
 accepts Triton's values; `log_file` can only stay empty (the log goes to stderr).
 
-The gRPC messages are Triton's (field names and numbers), declared here at run time in a private
-descriptor pool: message names never travel on the wire, only the method path
-/inference.GRPCInferenceService/TraceSetting does, so the generated protos need no change.
+The gRPC messages are Triton's (protos/grpc_service.proto); frontend/service.py answers the
+TraceSetting and LogSettings RPCs from here, as frontend/http_server.py answers /v2/trace/setting.
 """
 from __future__ import annotations
 
 import logging
-
-import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from pdserve.common.errors import Cause, ServeError
 
@@ -108,89 +104,3 @@ class Settings:
             level = logging.CRITICAL
         self.logger.setLevel(level)
         return self.log()
-
-
-# ---- gRPC: Triton's messages, declared at run time -----------------------------------------------------
-_PACKAGE = "pdserve.triton_settings"
-
-
-def _build_messages():
-    f = descriptor_pb2.FileDescriptorProto(name="pdserve_triton_settings.proto", package=_PACKAGE, syntax="proto3")
-    T = descriptor_pb2.FieldDescriptorProto
-
-    def message(name: str, log_style: bool, with_model: bool):
-        m = f.message_type.add(name=name)
-        value = m.nested_type.add(name="SettingValue")
-        if log_style:
-            value.oneof_decl.add(name="parameter_choice")
-            for number, (field, kind) in enumerate([("bool_param", T.TYPE_BOOL), ("uint32_param", T.TYPE_UINT32),
-                                                    ("string_param", T.TYPE_STRING)], start=1):
-                value.field.add(name=field, number=number, type=kind, label=T.LABEL_OPTIONAL, oneof_index=0)
-        else:
-            value.field.add(name="value", number=1, type=T.TYPE_STRING, label=T.LABEL_REPEATED)
-        entry = m.nested_type.add(name="SettingsEntry")
-        entry.options.map_entry = True
-        entry.field.add(name="key", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-        entry.field.add(name="value", number=2, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
-                        type_name=f".{_PACKAGE}.{name}.SettingValue")
-        m.field.add(name="settings", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_REPEATED,
-                    type_name=f".{_PACKAGE}.{name}.SettingsEntry")
-        if with_model:
-            m.field.add(name="model_name", number=2, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-
-    message("TraceSettingRequest", False, True)
-    message("TraceSettingResponse", False, False)
-    message("LogSettingsRequest", True, False)
-    message("LogSettingsResponse", True, False)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-            for name in ("TraceSettingRequest", "TraceSettingResponse", "LogSettingsRequest", "LogSettingsResponse")}
-
-
-MESSAGES = _build_messages()
-
-
-def grpc_handler(settings: Settings, service_name: str = "inference.GRPCInferenceService"):
-    """A generic handler adding TraceSetting and LogSettings to the KServe service."""
-    M = MESSAGES
-
-    async def trace_setting(request, context):
-        try:
-            update = {k: list(v.value) or None for k, v in request.settings.items()}
-            values = settings.update_trace(request.model_name, update) if update else settings.trace(request.model_name)
-        except ServeError as exc:
-            await context.abort(exc.cause.status, exc.message)
-        out = M["TraceSettingResponse"]()
-        for key, value in values.items():
-            out.settings[key].value.extend(value)
-        return out
-
-    async def log_settings(request, context):
-        try:
-            update = {}
-            for key, value in request.settings.items():
-                which = value.WhichOneof("parameter_choice")
-                if which is not None:
-                    update[key] = getattr(value, which)
-            values = settings.update_log(update) if update else settings.log()
-        except ServeError as exc:
-            await context.abort(exc.cause.status, exc.message)
-        out = M["LogSettingsResponse"]()
-        for key, value in values.items():
-            if isinstance(value, bool):
-                out.settings[key].bool_param = value
-            elif isinstance(value, int):
-                out.settings[key].uint32_param = value
-            else:
-                out.settings[key].string_param = value
-        return out
-
-    return grpc.method_handlers_generic_handler(service_name, {
-        "TraceSetting": grpc.unary_unary_rpc_method_handler(
-            trace_setting, request_deserializer=M["TraceSettingRequest"].FromString,
-            response_serializer=M["TraceSettingResponse"].SerializeToString),
-        "LogSettings": grpc.unary_unary_rpc_method_handler(
-            log_settings, request_deserializer=M["LogSettingsRequest"].FromString,
-            response_serializer=M["LogSettingsResponse"].SerializeToString),
-    })

@@ -3,33 +3,25 @@
 Inputs: text_input (BYTES), stream, exclude_input_in_output, return_finish_reason,
 return_num_input_tokens, return_num_output_tokens (BOOL), sampling_parameters (BYTES, JSON).
 BYTES tensors come as contents.bytes_contents or as raw_input_contents, where each element
-is a 4-byte little-endian length followed by the bytes.
+is a 4-byte little-endian length followed by the bytes. The sampling settings, however they come
+(the JSON, request parameters, TensorRT-LLM-style tensors), are validated by one schema,
+protocol.SamplingParameters, which the OpenAI door's requests share.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from pdserve.common.constants import MAX_PROMPT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from pdserve.common.constants import MAX_PROMPT_BYTES
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.sampling import SamplingParams
 from pdserve.frontend import trtllm
+from pdserve.frontend.protocol import InvalidInput, SamplingParameters
 from pdserve.repository.config import INPUTS, OUTPUTS
 
 
-class InvalidInput(ServeError):
-    """INVALID_ARGUMENT; the message tells the client what to change."""
-
-    def __init__(self, message: str):
-        super().__init__(Cause.INVALID_ARGUMENT, message)
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 BOOL_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BOOL")
 BYTES_INPUTS = tuple(name for name, datatype, _ in INPUTS if datatype == "BYTES")
 OUTPUT_NAMES = tuple(name for name, _ in OUTPUTS)
@@ -103,37 +95,7 @@ def _text(value: bytes, name: str) -> str:
         raise InvalidInput(f"input '{name}' is not valid UTF-8 ({exc}); encode the text as UTF-8") from exc
 
 
-def _number(params: dict, key: str, kind, low=None, high=None, low_open=False):
-    value = params[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be a number")
-    try:
-        number = kind(float(value)) if kind is float else int(str(value), 10) if isinstance(value, str) else value
-        if kind is int and isinstance(number, float):
-            if not number.is_integer():
-                raise ValueError
-            number = int(number)
-    except ValueError as exc:
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be a{'n integer' if kind is int else ' number'}") from exc
-    if isinstance(number, float) and not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):  # RPC: float32
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be finite (at most 3.4e38)")
-    if low is not None and (number < low or (low_open and number == low)):
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be {'>' if low_open else '>='} {low}")
-    if high is not None and number > high:
-        raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be <= {high}")
-    return number
-
-
-def _flag(params: dict, key: str) -> bool:
-    value = params[key]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise InvalidInput(f"sampling_parameters '{key}' is {value!r}; it must be true or false")
-
-
-SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+SAMPLING_KEYS = tuple(SamplingParameters.model_fields)
 
 
 def parse_sampling_parameters(text: str | None, extra: dict | None = None) -> SamplingParams:
@@ -147,52 +109,7 @@ def parse_sampling_parameters(text: str | None, extra: dict | None = None) -> Sa
                                'JSON object such as {"max_tokens": 64, "temperature": 0}') from exc
         if not isinstance(params, dict):
             raise InvalidInput("sampling_parameters must be a JSON object such as {\"max_tokens\": 64}")
-    params = {**params, **(extra or {})}
-    unknown = sorted(set(params) - set(SAMPLING_KEYS))
-    if unknown:
-        raise InvalidInput(f"sampling_parameters has unknown key(s) {unknown}; supported: {', '.join(SAMPLING_KEYS)}")
-    sp: dict = {}
-    if "max_tokens" in params:
-        sp["max_tokens"] = _number(params, "max_tokens", int, low=1, high=2**31 - 1)
-    if "temperature" in params:
-        sp["temperature"] = _number(params, "temperature", float, low=0.0)
-    if "top_p" in params:
-        sp["top_p"] = _number(params, "top_p", float, low=0.0, high=1.0, low_open=True)
-        if np.float32(sp["top_p"]) == 0.0:  # the engine RPC carries float32
-            raise InvalidInput(f"sampling_parameters 'top_p' is {params['top_p']!r}; it rounds to 0 in float32, "
-                               "use a value of at least 1e-38")
-    if "top_k" in params:
-        top_k = _number(params, "top_k", int, low=-1, high=2**31 - 1)
-        sp["top_k"] = 0 if top_k == -1 else top_k  # vLLM: -1 means all tokens
-    if "seed" in params:
-        sp["seed"] = _number(params, "seed", int, low=0, high=2**63 - 1)
-    if "min_tokens" in params:
-        sp["min_tokens"] = _number(params, "min_tokens", int, low=0,
-                                   high=sp.get("max_tokens", SamplingParams.max_tokens))
-    if "ignore_eos" in params:
-        sp["ignore_eos"] = _flag(params, "ignore_eos")
-    if "stream_interval" in params:
-        sp["stream_interval"] = _number(params, "stream_interval", int, low=1, high=2**31 - 1)
-    if "stop" in params:
-        stop = params["stop"]
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidInput("sampling_parameters 'stop' must be a non-empty string or a list of them")
-        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
-            raise InvalidInput(f"sampling_parameters 'stop' has {len(stop)} strings of up to "
-                               f"{max(map(len, stop))} characters; the limits are {MAX_STOP_STRINGS} strings of "
-                               f"{MAX_STOP_STRING_CHARS} characters")
-        sp["stop"] = tuple(stop)
-    if "stop_token_ids" in params:
-        ids = params["stop_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
-                                                  for i in ids):
-            raise InvalidInput("sampling_parameters 'stop_token_ids' must be a list of token ids (integers from 0 "
-                               "to 2^31 - 1)")
-        if len(ids) > MAX_STOP_TOKEN_IDS:
-            raise InvalidInput(f"sampling_parameters 'stop_token_ids' has {len(ids)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
-        sp["stop_token_ids"] = tuple(ids)
-    return SamplingParams(**sp)
+    return SamplingParameters.parse({**params, **(extra or {})}, "sampling_parameters ").sampling_params()
 
 
 def sampling_from_request_parameters(request) -> dict:

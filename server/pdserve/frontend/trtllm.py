@@ -4,7 +4,7 @@ Clients written for that backend (LlamaIndex's and LangChain's Triton integratio
 TensorRT-LLM examples) send the prompt as `text_input` and each sampling setting as its own
 tensor (`max_tokens` INT32, `temperature` FP32, ...), usually of shape [1, 1]. This module reads
 those tensors and maps them onto the vLLM-backend `sampling_parameters` keys, so they are
-validated once, by tensors.parse_sampling_parameters. Settings pdserve cannot honour are refused
+validated once, by protocol.SamplingParameters. Settings pdserve cannot honour are refused
 with a message, unless they carry their neutral value (LangChain sends `repetition_penalty` 1.0).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from pdserve.common.errors import Cause, ServeError
+from pdserve.frontend.protocol import InvalidInput
 
 # KServe datatype -> (little-endian numpy dtype for raw contents, InferTensorContents field)
 DATATYPES = {
@@ -60,36 +60,32 @@ NEUTRAL = {"beam_width": 1, "num_return_sequences": 1, "repetition_penalty": 1.0
            "return_generation_logits": False}
 
 
-def _invalid(message: str) -> ServeError:
-    return ServeError(Cause.INVALID_ARGUMENT, message)
-
-
 def read_tensor(tensor, raw: bytes | None, deserialize_bytes) -> list:
     """The elements of one input tensor, flattened (numbers as Python numbers, BYTES as bytes)."""
     name, dtype = tensor.name, tensor.datatype
     accepted = INPUTS[name][0]
     if dtype not in accepted:
-        raise _invalid(f"input '{name}' has datatype {dtype or '(none)'}; send it as "
+        raise InvalidInput(f"input '{name}' has datatype {dtype or '(none)'}; send it as "
                        f"{'INT32' if accepted is INTEGER else 'FP32' if accepted is NUMBER else accepted[0]}")
     if any(d < 0 for d in tensor.shape):
-        raise _invalid(f"input '{name}' has shape {list(tensor.shape)}; dimensions cannot be negative")
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)}; dimensions cannot be negative")
     count = math.prod(tensor.shape) if tensor.shape else 0
     if dtype == "BYTES":
         values = deserialize_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
     elif raw is not None:
         np_dtype = DATATYPES[dtype][0]
         if len(raw) % np.dtype(np_dtype).itemsize:
-            raise _invalid(f"input '{name}': {len(raw)} raw bytes are not a whole number of {dtype} elements")
+            raise InvalidInput(f"input '{name}': {len(raw)} raw bytes are not a whole number of {dtype} elements")
         values = np.frombuffer(raw, dtype=np_dtype).tolist()
     else:
         field = DATATYPES[dtype][1]
         if field is None:
-            raise _invalid(f"input '{name}' of datatype {dtype} must come as raw contents (binary data)")
+            raise InvalidInput(f"input '{name}' of datatype {dtype} must come as raw contents (binary data)")
         values = list(getattr(tensor.contents, field))
     if len(values) != count:
-        raise _invalid(f"input '{name}' has shape {list(tensor.shape)} but carries {len(values)} elements")
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)} but carries {len(values)} elements")
     if dtype != "BYTES" and count != 1:
-        raise _invalid(f"input '{name}' has shape {list(tensor.shape)}; send exactly one value (shape [1] or [1, 1])")
+        raise InvalidInput(f"input '{name}' has shape {list(tensor.shape)}; send exactly one value (shape [1] or [1, 1])")
     return values
 
 
@@ -101,13 +97,13 @@ def sampling_from_tensors(values: dict[str, list]) -> dict:
         if name in NEUTRAL:
             value = elements[0]
             if (value != NEUTRAL[name]) if not isinstance(NEUTRAL[name], float) else not math.isclose(value, NEUTRAL[name]):
-                raise _invalid(f"input '{name}' is {value!r}; pdserve supports only {NEUTRAL[name]!r} here "
+                raise InvalidInput(f"input '{name}' is {value!r}; pdserve supports only {NEUTRAL[name]!r} here "
                                "(no beam search, one sequence per request, no penalties or logits); "
                                "drop the input or send that value")
             continue
         if name == "bad_words":
             if any(w for w in elements):
-                raise _invalid("input 'bad_words' is not supported by pdserve; drop it or send empty strings")
+                raise InvalidInput("input 'bad_words' is not supported by pdserve; drop it or send empty strings")
             continue
         if key is None:  # pad_id, length_penalty: no effect here
             continue

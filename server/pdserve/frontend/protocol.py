@@ -1,0 +1,337 @@
+"""The request schemas of every door, declared once as pydantic models (as vLLM's
+entrypoints/openai/protocol.py declares its own), with the field names vLLM and OpenAI use.
+
+    SamplingParameters     KServe's `sampling_parameters` JSON (Triton's vLLM backend), the same
+                           keys sent as request parameters, and TensorRT-LLM-style tensors mapped
+                           onto them (frontend/tensors.py, frontend/trtllm.py)
+    CompletionRequest      OpenAI's POST /v1/completions
+    ChatCompletionRequest  OpenAI's POST /v1/chat/completions
+
+Both kinds share SamplingFields, so a setting means the same on every door and turns into the
+same SamplingParams. `Schema.parse` answers a refused request with one InvalidInput that names the
+field at fault (OpenAI's `param`); its message is the field and what is wrong with it, e.g.
+"'temperature' is -1; it must be >= 0.0" (the KServe doors put "sampling_parameters " before it).
+
+Numbers may come as strings ("0.5"), as Triton's vLLM backend reads them; booleans are never
+numbers. Floats must fit float32 (the engine RPC carries them so). OpenAI fields pdserve does not
+implement are accepted only at their neutral value; unknown OpenAI fields are ignored, unknown
+sampling_parameters keys refused.
+"""
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+from pdserve.common.constants import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from pdserve.common.errors import Cause, ServeError
+from pdserve.common.sampling import SamplingParams
+
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_TOKENS_UNSET = INT32_MAX   # chat without max_tokens: until EOS or max_model_len, as vLLM
+
+
+class InvalidInput(ServeError):
+    """INVALID_ARGUMENT; the message tells the client what to change, `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(Cause.INVALID_ARGUMENT, message)
+        self.param = param
+
+
+_REPR = reprlib.Repr()   # a client's value, quoted in a message: a 5000-digit number shown in part
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 80, 40, 80
+_shown = _REPR.repr
+
+
+def _refuse(detail: str, field: str | None = None) -> PydanticCustomError:
+    """A validation error whose text is ours: "<field> <detail>". `field` names the field when the
+    error is raised by a model validator (which has no location of its own)."""
+    return PydanticCustomError("pdserve", "{detail}", {"detail": detail, "field": field})
+
+
+# ---- field types ----------------------------------------------------------------------------------
+def _integer(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _refuse(f"is {_shown(value)}; it must be a number")
+    try:
+        number = int(value, 10) if isinstance(value, str) else value
+    except ValueError:
+        raise _refuse(f"is {_shown(value)}; it must be an integer") from None
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise _refuse(f"is {_shown(value)}; it must be an integer")
+        number = int(number)
+    return number
+
+
+def _float32(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _refuse(f"is {_shown(value)}; it must be a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _refuse(f"is {_shown(value)}; it must be a number") from None
+    except OverflowError:   # an integer beyond any float
+        number = math.inf
+    if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+        raise _refuse(f"is {_shown(value)}; it must be finite (at most 3.4e38)")
+    return number
+
+
+def _not_zero_in_float32(value: float) -> float:
+    if np.float32(value) == 0.0:
+        raise _refuse(f"is {_shown(value)}; it rounds to 0 in float32, use a value of at least 1e-38")
+    return value
+
+
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _refuse(f"is {_shown(value)}; it must be true or false")
+
+
+def _stop(value):
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _refuse("must be a non-empty string or a list of them")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+        raise _refuse(f"has {len(stop)} strings of up to {max(map(len, stop))} characters; the limits are "
+                      f"{MAX_STOP_STRINGS} strings of {MAX_STOP_STRING_CHARS} characters")
+    return tuple(stop)
+
+
+def _token_ids(value):
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT32_MAX
+                                              for i in value):
+        raise _refuse("must be a list of token ids (integers from 0 to 2^31 - 1)")
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise _refuse(f"has {len(value)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
+    return tuple(value)
+
+
+def _only(*allowed):
+    """An OpenAI field pdserve does not implement: accepted at its neutral value (allowed[0])."""
+    def check(value):
+        if value is not None and value not in allowed:
+            raise _refuse(f"is {_shown(value)}; pdserve supports only {allowed[0]!r} (or leaving it out)")
+        return value
+    return AfterValidator(check)
+
+
+MaxTokens = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)]
+Temperature = Annotated[float, BeforeValidator(_float32), Field(ge=0.0)]
+TopP = Annotated[float, BeforeValidator(_float32), Field(gt=0.0, le=1.0), AfterValidator(_not_zero_in_float32)]
+TopK = Annotated[int, BeforeValidator(_integer), Field(ge=-1, le=INT32_MAX)]     # -1 (vLLM) and 0: all tokens
+Seed = Annotated[int | None, BeforeValidator(_integer), Field(ge=0, le=2**63 - 1)]
+MinTokens = Annotated[int, BeforeValidator(_integer), Field(ge=0)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Stop = Annotated[tuple[str, ...], BeforeValidator(_stop)]
+StopTokenIds = Annotated[tuple[int, ...], BeforeValidator(_token_ids)]
+StreamInterval = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)]
+Truthy = Annotated[bool, BeforeValidator(bool)]   # OpenAI switches read as Python truth, as pdserve always has
+Neutral = Any
+
+
+# ---- refusals as one message ----------------------------------------------------------------------
+_LIMITS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le")}
+
+
+def _given(data, loc: tuple):
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _path(loc: tuple) -> str:
+    """'max_tokens' for a top-level field; messages[0].content for one inside it."""
+    if len(loc) == 1:
+        return f"'{loc[0]}'"
+    return str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+
+
+class Schema(BaseModel):
+    @classmethod
+    def parse(cls, data: dict, prefix: str = ""):
+        """The request validated; otherwise InvalidInput(prefix + what is wrong, the field)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        if unknown:
+            raise InvalidInput(f"{prefix}has unknown key(s) {unknown}; supported: {', '.join(cls.model_fields)}")
+        error = errors[0]
+        ctx = error.get("ctx") or {}
+        loc = error["loc"] or (ctx.get("field"),)
+        if error["type"] == "pdserve":
+            what = ctx["detail"]
+        elif error["type"] in _LIMITS:
+            sign, key = _LIMITS[error["type"]]
+            what = f"is {_shown(_given(data, loc))}; it must be {sign} {ctx[key]}"
+        else:   # a check of pydantic's own: its words
+            what = f"is {_shown(_given(data, loc))}: {error['msg']}"
+        raise InvalidInput(f"{prefix}{_path(loc)} {what}", str(loc[0]))
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+class SamplingFields(Schema):
+    """The sampling settings every door takes, by vLLM's names, with SamplingParams' defaults."""
+    max_tokens: MaxTokens = SamplingParams.max_tokens
+    temperature: Temperature = SamplingParams.temperature
+    top_p: TopP = SamplingParams.top_p
+    top_k: TopK = SamplingParams.top_k
+    seed: Seed = None
+    stop: Stop = ()
+    stop_token_ids: StopTokenIds = ()
+    ignore_eos: Flag = False
+    min_tokens: MinTokens = 0
+
+    def max_new_tokens(self) -> int:
+        return self.max_tokens
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        if self.min_tokens > self.max_new_tokens():
+            raise _refuse(f"is {self.min_tokens}; it must be <= {self.max_new_tokens()}", "min_tokens")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        """Every SamplingParams field this schema declares, as the engine takes it."""
+        fields = SamplingParams.__dataclass_fields__
+        given = {name: getattr(self, name) for name in type(self).model_fields if name in fields}
+        given["max_tokens"] = self.max_new_tokens()
+        given["top_k"] = 0 if self.top_k == -1 else self.top_k
+        return SamplingParams(**given)
+
+
+class SamplingParameters(SamplingFields):
+    """KServe's `sampling_parameters` (Triton's vLLM backend): a flat JSON object of these keys."""
+    model_config = ConfigDict(extra="forbid")
+    stream_interval: StreamInterval = SamplingParams.stream_interval
+
+
+# ---- OpenAI ---------------------------------------------------------------------------------------
+def _stream_options(value):
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise _refuse('must be an object such as {"include_usage": true}')
+    return value
+
+
+def _text_format(value):
+    if value is not None and (not isinstance(value, dict) or value.get("type") != "text"):
+        raise _refuse(f'is {_shown(value)}; only {{"type": "text"}} is supported')
+    return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Truthy = False
+
+
+class OpenAIRequest(SamplingFields):
+    """What /v1/completions and /v1/chat/completions share. A field sent as null counts as left out."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    stream: Truthy = False
+    stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] = StreamOptions()
+    response_format: Annotated[Neutral, AfterValidator(_text_format)] = None
+    # not implemented by pdserve: only their neutral values
+    n: Annotated[Neutral, _only(1)] = None
+    best_of: Annotated[Neutral, _only(1)] = None
+    presence_penalty: Annotated[Neutral, _only(0, 0.0)] = None
+    frequency_penalty: Annotated[Neutral, _only(0, 0.0)] = None
+    repetition_penalty: Annotated[Neutral, _only(1, 1.0)] = None
+    logprobs: Annotated[Neutral, _only(False, 0)] = None
+    top_logprobs: Annotated[Neutral, _only(0)] = None
+    suffix: Annotated[Neutral, _only("")] = None
+    logit_bias: Annotated[Neutral, _only({})] = None
+    tools: Annotated[Neutral, _only([])] = None
+    use_beam_search: Annotated[Neutral, _only(False)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def _one_prompt(value):
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    if not isinstance(value, str):
+        raise _refuse("must be a string (or a list of one string); token-id prompts and several prompts per "
+                      "request are not supported")
+    return value
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: Annotated[str, BeforeValidator(_one_prompt)] = Field(None, validate_default=True)
+    echo: Truthy = False
+
+
+def _text_content(value):
+    """A message's content as text: a string, text parts joined, or "" for none."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            raise _refuse('may hold only text parts ({"type": "text", "text": ...}): this model is text-only')
+        return "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise _refuse("must be a string or a list of text parts")
+    return value
+
+
+class ChatMessage(BaseModel):
+    """One message; fields other than role and content go to the chat template as they came."""
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Annotated[str, BeforeValidator(_text_content)] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _has_a_role(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("role"), str):
+            raise _refuse("must be an object with a 'role' and a 'content'")
+        return data
+
+
+def _non_empty_list(value):
+    if not isinstance(value, list) or not value:
+        raise _refuse('must be a non-empty list of {"role": ..., "content": ...} objects')
+    return value
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: Annotated[list[ChatMessage], BeforeValidator(_non_empty_list)] = Field(None, validate_default=True)
+    max_tokens: MaxTokens = MAX_TOKENS_UNSET
+    max_completion_tokens: Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)] = None
+    add_generation_prompt: Annotated[bool, BeforeValidator(lambda v: v is not False)] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_completion_tokens_first(cls, data):
+        """max_completion_tokens supersedes max_tokens (OpenAI's deprecated name), unread when both come."""
+        if isinstance(data, dict) and data.get("max_completion_tokens") is not None:
+            return {k: v for k, v in data.items() if k != "max_tokens"}
+        return data
+
+    def max_new_tokens(self) -> int:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    def chat(self) -> list[dict]:
+        """The messages as the chat template reads them."""
+        return [m.model_dump() for m in self.messages]
