@@ -5,7 +5,7 @@ hits both alike; each server round is set against the mean of the engine rounds 
 of it, and the ratio is the median of those (bench/measurements.py: bench_engine_and_server).
 
 The in-process engine runs with OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines
-(repository/supervisor.py: engine_environment), unless the environment sets a policy. Both run
+(repository/engine_process.py: engine_environment), unless the environment sets a policy. Both run
 with prefix caching off, so every round does its 32 prefills (rounds.PREFIX_CACHING).
 
     python bench/server_vs_engine.py [--rounds 7] [--dtype float32] [--client tritonclient|perf_analyzer]

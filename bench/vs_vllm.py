@@ -396,7 +396,7 @@ def main() -> None:
         vllm_child(args)
         return
 
-    # pdserve starts its engines with OpenMP's idle threads sleeping (repository/supervisor.py);
+    # pdserve starts its engines with OpenMP's idle threads sleeping (repository/engine_process.py);
     # the in-process engine runs the same way. Read once, when torch loads OpenMP; vLLM's child
     # processes get the environment as it was (bench_vllm).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -97,7 +97,8 @@ def test_the_worker_spec_round_trips_through_json():
                       lease_ttl=5, cluster_token_file="/run/token", etcd_security=EtcdSecurity(cacert="/ca.pem"))
     back = WorkerSpec.from_json(spec.to_json())
     assert back == spec and isinstance(back.engine, EngineConfig) and back.etcd_security.use_tls
-    assert WorkerSpec.from_json(WorkerSpec("i", "m", "1", "BOTH", "h", EngineConfig("/p")).to_json()).kv_transport == "none"
+    plain = WorkerSpec("i", "m", "1", "BOTH", "h", EngineConfig("/p"))
+    assert WorkerSpec.from_json(plain.to_json()).kv_transport == "none"
     with pytest.raises(ValueError):
         WorkerSpec.from_json('{"instance_id": "i"}')
 

@@ -19,6 +19,8 @@ from pdserve.common.etcd import EtcdSecurity
 from pdserve.common.records import DEFAULT_TTL_S
 from pdserve.engine.config import EngineConfig
 
+MAX_ERROR_CHARS = 8000   # the reader takes lines of up to 64 KiB; an error says enough before this
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -71,7 +73,7 @@ class ReadyPipe:
         self.send({"address": address})
 
     def failed(self, error: str) -> None:
-        self.send({"error": error})
+        self.send({"error": error[:MAX_ERROR_CHARS]})
 
 
 def read_answer(line: bytes) -> tuple[str, str]:

@@ -100,7 +100,8 @@ class Deployment:
         self._log(self.lifecycle.up())
         self._monitor = asyncio.ensure_future(self.supervisor.monitor(self))
         if sum(e.instance.role == AUTO for e in self.engines) >= 2:
-            self.planner = Planner(DeploymentEngines(self), PlannerSettings.from_parameters(self.spec.engine_parameters))
+            settings = PlannerSettings.from_parameters(self.spec.engine_parameters)
+            self.planner = Planner(DeploymentEngines(self), settings)
             self.planner.start()
 
     async def _stop_planner(self) -> None:
