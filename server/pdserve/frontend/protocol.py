@@ -162,6 +162,8 @@ def _path(loc: tuple) -> str:
 
 
 class Schema(BaseModel):
+    """A request schema whose refusals are one InvalidInput naming the field (the first found)."""
+
     @classmethod
     def parse(cls, data: dict, prefix: str = ""):
         """The request validated; otherwise InvalidInput(prefix + what is wrong, the field)."""
