@@ -25,10 +25,10 @@ test-unit: setup demo-model
 setup: system-deps venv proto
 
 # Debian packages: etcd (cluster membership), the libraries Mooncake's transfer engine
-# loads, Prometheus (the dashboards test), and g++ (with gcc) and ninja, which build the
-# engine's CPU attention kernel and its bind shim (engine/bind_host.c) at first use. apt runs
-# only for what is missing.
-SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus g++ ninja-build
+# loads, Prometheus (the dashboards test), and g++ (with gcc), which builds the engine's CPU
+# kernels and its bind shim (engine/bind_host.c) at install (setup.py; engines never compile).
+# apt runs only for what is missing.
+SYSTEM_PACKAGES := etcd-server libibverbs1 librdmacm1 libnuma1 prometheus g++
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -39,15 +39,18 @@ system-deps:
 
 # torch first, pinned, so the project's torch range is met by the CPU build and pip
 # does not pull a multi-GB CUDA build; then the protos (the package includes the
-# generated server/pdserve/_proto); then the project with its test extras.
+# generated server/pdserve/_proto); then the project with its test extras, its compiled
+# kernels built against that torch (so without pip's build isolation, which would hide it).
+KERNEL_SOURCES := setup.py server/pdserve/engine/kernels/variants.py server/pdserve/engine/kernels/csrc/*.cpp \
+	server/pdserve/engine/bind_host.c
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml protos/*.proto protos/generate.py
+$(VENV)/.installed: pyproject.toml protos/*.proto protos/generate.py $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "grpcio-tools>=1.80,<1.81" "protobuf>=6.31,<7"
 	$(PY) protos/generate.py
-	$(PIP) install -q -e '.[test,mooncake,bench]'
+	$(PIP) install -q --no-build-isolation -e '.[test,mooncake,bench]'
 	touch $@
 
 proto: $(VENV)/.installed

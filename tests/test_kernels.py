@@ -1,4 +1,6 @@
 """The CPU fast kernels against the plain-torch reference; bfloat16 logits against float32."""
+import importlib.util
+import os
 import random
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import TorchKernels, kernels_for
-from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, native_bf16, paged_decode_extension
+from pdserve.engine.kernels import variants
+from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, cpu_flags, extension, load_variant, native_bf16
 from pdserve.engine.model_runner import ModelRunner, resolve_dtype
 from pdserve.engine.sequence import SamplingParams, Sequence
 
@@ -15,15 +18,25 @@ CPU = torch.device("cpu")
 # float32: the same math in another order; bfloat16: a few units of its last place (8 bits)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
+# every build this CPU can run (the one chosen and the narrower ones), each against the reference
+RUNNABLE = [v for v in variants.VARIANTS if v.needs <= cpu_flags()]
 
 
-def pair(dtype):
-    return TorchKernels(CPU, dtype), CpuKernels(CPU, dtype)
+def pair(dtype, variant=None):
+    cpu = CpuKernels(CPU, dtype)
+    if variant is not None:
+        cpu.ext = load_variant(variant)
+    return TorchKernels(CPU, dtype), cpu
+
+
+@pytest.fixture(params=RUNNABLE or [None], ids=lambda v: v.name if v else "portable")
+def variant(request):
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_matches_reference(dtype):
-    ref, cpu = pair(dtype)
+def test_linear_matches_reference(dtype, variant):
+    ref, cpu = pair(dtype, variant)
     g = torch.Generator().manual_seed(0)
     # rows: every remainder of the panels' 6-row tiles, the last panel row count and the first
     # oneDNN one; outputs that do not fill the last 16-wide panel; x a strided view of a wider row
@@ -39,8 +52,8 @@ def test_linear_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_body_ops_match_reference(dtype):
-    ref, cpu = pair(dtype)
+def test_layer_body_ops_match_reference(dtype, variant):
+    ref, cpu = pair(dtype, variant)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 6, 32, generator=g).to(dtype)
     pos = torch.arange(7).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, 32, 2) / 32))[None, :]
@@ -92,8 +105,8 @@ def decode_meta(context_lens, num_blocks, block_size=16, seed=3):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [64, 16])
-def test_decode_attention_matches_reference(dtype, dim):
-    ref, cpu = pair(dtype)
+def test_decode_attention_matches_reference(dtype, dim, variant):
+    ref, cpu = pair(dtype, variant)
     pool = random_pool(dtype, dim=dim)
     meta = decode_meta([1, 17, 100, 33, 16, 250], pool.shape[0])
     q = torch.randn(6, 8, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
@@ -104,9 +117,11 @@ def test_decode_attention_matches_reference(dtype, dim):
                                    **TOL[dtype])
 
 
-def test_the_cpu_decode_kernel_builds_here():
-    """The compiled kernel is what the CPU fast path is; a host with a compiler must build it."""
-    assert paged_decode_extension() is not None
+def test_the_compiled_kernels_run_here():
+    """The compiled kernels are what the CPU fast path is: every x86 CPU with AVX2 runs a build."""
+    if variants.choose(cpu_flags()) is None:
+        pytest.skip("no build for this CPU (no AVX2 and FMA): the portable path runs")
+    assert extension()[0] is not None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -177,3 +192,43 @@ def test_float32_fast_kernels_match_the_reference_model(small_model, monkeypatch
     assert type(ref.kernels) is TorchKernels and isinstance(fast.kernels, CpuKernels)
     prompts = [[(7 * i + 3) % ref.vocab_size for i in range(n)] for n in (3, 50)]
     torch.testing.assert_close(prefill_logits(fast, prompts), prefill_logits(ref, prompts), rtol=1e-4, atol=1e-4)
+
+
+def load_shape_tool():
+    spec = importlib.util.spec_from_file_location(
+        "make_shape_model", os.path.join(os.path.dirname(__file__), "..", "tools", "make_shape_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_shape_model_keeps_the_real_vocabulary_and_generates_as_transformers(tmp_path):
+    """tools/make_shape_model.py, Qwen2.5-0.5B's shape narrowed and shortened but with its
+    151,936-token vocabulary: the tied embedding rows past the demo tokenizer are zero, and
+    pdserve's greedy tokens (float32) are transformers', all of them tokens the tokenizer has."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from pdserve.engine.llm_engine import LLMEngine
+
+    tool = load_shape_tool()
+    shape = dict(tool.SHAPES["qwen2.5-0.5b"], num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2)
+    tool.write_model(tmp_path, shape)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()                         # tied, as in the real model
+        embed = f.get_tensor("model.embed_tokens.weight")
+    engine = LLMEngine(EngineConfig(model_path=str(tmp_path), dtype="float32", kv_cache_blocks=64, max_model_len=256))
+    known = len(engine.tokenizer)
+    assert embed.shape == (151936, 64) and not embed[known:].any() and embed[:known].any()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for i, prompt in enumerate(["def main():", "import os\n" * 5]):
+        ids = engine.tokenizer.encode(prompt)
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        got = []
+        while engine.has_work():
+            for out in engine.step():
+                got += list(out.token_ids)
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert got == expected[0, len(ids):].tolist() and max(got) < known

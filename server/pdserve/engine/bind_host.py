@@ -3,70 +3,33 @@
 Mooncake's transfer engine (0.3.13) binds its handshake port to 0.0.0.0 and its TCP data port
 to [::] whatever host it is given, and has no setting for it. So engines start with a small
 preloaded library (bind_host.c) that turns a wildcard bind() into a bind to the advertise host.
-It is compiled once per source and machine type into pdserve's cache (the C compiler the CPU
-attention kernel needs already); without a compiler the engine still runs, listening as
-Mooncake chooses, and the front end logs a warning (docs/security.md has the firewall rule).
+It is compiled at install (setup.py, as the module pdserve.engine._bind_host), never at an
+engine's start; where it was not built the engine still runs, listening as Mooncake chooses,
+and the front end logs a warning (docs/security.md has the firewall rule).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
+import importlib.util
 import ipaddress
 import logging
-import os
-import platform
-import shutil
 import socket
-import subprocess
-import tempfile
-import threading
 
 log = logging.getLogger("pdserve.engine")
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bind_host.c")
+MODULE = "pdserve.engine._bind_host"   # a plain C library, named and installed like an extension
 WILDCARDS = ("", "0.0.0.0", "::")
-_build_lock = threading.Lock()   # engines start from executor threads: one build, not one each
-
-
-def cache_dir() -> str:
-    return os.environ.get("PDSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdserve")
-
-
-def library() -> str | None:
-    """The compiled library's path, or None when it cannot be built here (the reason is logged)."""
-    with _build_lock:
-        return _build()
 
 
 @functools.cache
-def _build() -> str | None:
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha1(f.read() + platform.machine().encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), f"bind_host-{key}.so")
-    if os.path.exists(path):
-        return path
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler: Mooncake's KV transfer ports will listen on every interface")
+def library() -> str | None:
+    """The built library's path, or None where it was not built (logged once)."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.origin:
+        log.warning("%s is not built (run `make setup`): Mooncake's KV transfer ports will listen on every "
+                    "interface", MODULE)
         return None
-    tmp = ""
-    try:
-        os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".so")
-        os.close(fd)
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, SOURCE, "-ldl"],
-                       check=True, capture_output=True, timeout=120)
-        os.replace(tmp, path)  # atomic: engines started at once never load half a file
-        return path
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning("could not build %s (%s %s): Mooncake's KV transfer ports will listen on every interface",
-                    SOURCE, exc, detail.decode(errors="replace")[-300:])
-        return None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+    return spec.origin
 
 
 def host_address(host: str) -> str | None:

@@ -1,0 +1,385 @@
+// The engine's CPU kernels (engine/kernels/cpu.py): paged decode attention, the layer body's
+// small ops and float32 weight-panel linears. setup.py compiles this file once per instruction
+// set (engine/kernels/variants.py: the -m flags and the module names), the module name coming
+// in as TORCH_EXTENSION_NAME; cpu.py imports the variant the CPU's flags allow. The AVX2 paths
+// are the vector code; wider sets let the compiler widen the rest.
+// Not torch/extension.h: the whole C++ frontend it brings in is most of the compile time.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/Exceptions.h>  // torch::wrap_pybind_function; pybind11 with the Tensor caster
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <type_traits>
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(at::BFloat16 x) {
+  uint32_t u = uint32_t(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline void from_float(float x, float* p) { *p = x; }
+static inline void from_float(float x, at::BFloat16* p) { *p = at::BFloat16(x); }
+
+template <typename T>
+static inline void prefetch_row(const T* p, int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elems * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// Every build has AVX2 and FMA at least (kernels/variants.py); CPUs without run the torch path.
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "pdserve's CPU kernels are built with AVX2 and FMA or wider (kernels/variants.py)"
+#endif
+#include <immintrin.h>
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::BFloat16* p) {
+  __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+static inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+// exp for x <= 0 (scores minus their maximum): Cephes' expf polynomial, about 1 ulp.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// out[b, h, :] = softmax(q[b, h] . K[b]^T * scale) V[b], K and V read in place from the pool
+// [num_blocks, layers, 2, block_size, kv_heads, dim] through block_tables[b] for context_lens[b] tokens,
+// in one pass over the context (online softmax, block by block): each block's keys and values
+// (adjacent in the pool) are read together, and the next block is prefetched.
+// One task is one sequence and a range of its KV heads (all of them when there are enough
+// sequences to keep every thread busy): the keys of one token for those heads are one
+// contiguous row, read once; the query heads of a GQA group share each key and value load.
+template <typename T, int D>
+static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
+                          const at::Tensor& tables, const at::Tensor& lens, float scale) {
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t BS = kv.size(3), KVH = kv.size(4);
+  const int64_t G = H / KVH;
+  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
+  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t tab_stride = tables.stride(0);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
+  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
+  const int64_t per = KVH / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = per * G;
+    std::vector<float> qf(nh * D), acc(nh * D), sc(nh * BS), mx(nh), sum(nh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      for (int64_t h = 0; h < nh; ++h) {
+        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(qp[b * qs_b + (g0 * G + h) * qs_h + d]) * scale;
+        mx[h] = -INFINITY;
+        sum[h] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
+        const T* vb = kb + s_kv;
+        const int64_t m = std::min(BS, n - t0);
+        // the next block's rows are fetched a row per token, spread over this block's work
+        const T* nb = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head : nullptr;
+        for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + j * s_tok, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* kp = kb + j * s_tok + g * s_head;
+            __m256 k[D / 8];
+            for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const float* qh = &qf[(g * G + i) * D];
+              __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
+              for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
+              sc[(g * G + i) * BS + j] = hsum8(a);
+            }
+          }
+        }
+        for (int64_t h = 0; h < nh; ++h) {
+          float* s = &sc[h * BS];
+          float bm = mx[h];
+          for (int64_t j = 0; j < m; ++j) bm = std::max(bm, s[j]);
+          if (bm > mx[h]) {
+            const float corr = std::exp(mx[h] - bm);   // 0 for the first block
+            sum[h] *= corr;
+            const __m256 vc = _mm256_set1_ps(corr);
+            float* ah = &acc[h * D];
+            for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(ah + 8 * c, _mm256_mul_ps(vc, _mm256_loadu_ps(ah + 8 * c)));
+            mx[h] = bm;
+          }
+          int64_t j = 0;
+          __m256 vs = _mm256_setzero_ps();
+          const __m256 vm = _mm256_set1_ps(bm);
+          for (; j + 8 <= m; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+            _mm256_storeu_ps(s + j, e);
+            vs = _mm256_add_ps(vs, e);
+          }
+          float total = hsum8(vs);
+          for (; j < m; ++j) { s[j] = std::exp(s[j] - bm); total += s[j]; }
+          sum[h] += total;
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          if (nb) prefetch_row(nb + s_kv + j * s_tok, per * s_head);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* vp = vb + j * s_tok + g * s_head;
+            __m256 v[D / 8];
+            for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
+            for (int64_t i = 0; i < G; ++i) {
+              const __m256 p = _mm256_set1_ps(sc[(g * G + i) * BS + j]);
+              float* ah = &acc[(g * G + i) * D];
+              for (int c = 0; c < D / 8; ++c)
+                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        const float inv = 1.f / sum[h];
+        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, &op[(b * H + g0 * G + h) * D + d]);
+      }
+    }
+  });
+}
+
+template <typename T>
+static void dispatch_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
+                         const at::Tensor& tables, const at::Tensor& lens, float scale) {
+  switch (q.size(2)) {
+    case 64: return decode_kernel<T, 64>(out, q, kv, layer, tables, lens, scale);
+    case 128: return decode_kernel<T, 128>(out, q, kv, layer, tables, lens, scale);
+    case 16: return decode_kernel<T, 16>(out, q, kv, layer, tables, lens, scale);
+    case 32: return decode_kernel<T, 32>(out, q, kv, layer, tables, lens, scale);
+    case 256: return decode_kernel<T, 256>(out, q, kv, layer, tables, lens, scale);
+    case 80: return decode_kernel<T, 80>(out, q, kv, layer, tables, lens, scale);
+    case 96: return decode_kernel<T, 96>(out, q, kv, layer, tables, lens, scale);
+    default: TORCH_CHECK(false, "paged_decode: unsupported head size ", q.size(2));
+  }
+}
+
+// ---- the layer body's small ops: one pass each, in place where the model allows it --------------
+// Rows per task: enough elements that a thread's share outweighs waking it.
+static inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// out = rms_norm(x) * w per row; with `res`, first res = x + res (the residual stream, rounded
+// to T like torch's add) and the norm is of that. Float32 math, rounded as kernels/reference.py.
+template <typename T>
+static void rms_norm_rows(T* out, const T* x, int64_t xs, T* res, int64_t rs, const T* w, int64_t rows, int64_t n,
+                          float eps) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * xs;
+      float ss = 0.f;
+      if (res) {
+        T* rr = res + r * rs;
+        for (int64_t i = 0; i < n; ++i) {
+          from_float(to_float(xr[i]) + to_float(rr[i]), &rr[i]);
+          buf[i] = to_float(rr[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = to_float(xr[i]);
+      }
+#pragma omp simd reduction(+:ss)
+      for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
+      const float inv = 1.f / std::sqrt(ss / (float)n + eps);
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        T normed;
+        from_float(buf[i] * inv, &normed);
+        from_float(to_float(w[i]) * to_float(normed), &o[i]);
+      }
+    }
+  });
+}
+
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor w, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && w.is_contiguous() && w.numel() == n);
+  const bool add = residual.numel() > 0;
+  TORCH_CHECK(!add || (residual.dim() == 2 && residual.stride(1) == 1 && residual.size(0) == rows));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16 only");
+  py::gil_scoped_release nogil;
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_rows<float>(out.data_ptr<float>(), x.data_ptr<float>(), x.stride(0),
+                         add ? residual.data_ptr<float>() : nullptr, add ? residual.stride(0) : 0,
+                         w.data_ptr<float>(), rows, n, (float)eps);
+  else if (x.scalar_type() == at::kBFloat16)
+    rms_norm_rows<at::BFloat16>(out.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), x.stride(0),
+                                add ? residual.data_ptr<at::BFloat16>() : nullptr, add ? residual.stride(0) : 0,
+                                w.data_ptr<at::BFloat16>(), rows, n, (float)eps);
+}
+
+// out[t] = silu(gate[t]) * up[t], gate_up[t] = [gate | up]; silu rounded to T first, as torch does
+template <typename T>
+static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gu + r * gs;
+      const T* u = g + n;
+      T* o = out + r * n;
+      int64_t i = 0;
+      if constexpr (std::is_same<T, float>::value) {
+        const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
+        for (; i + 8 <= n; i += 8) {
+          const __m256 x = _mm256_loadu_ps(g + i);
+          const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), hi));
+          const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+      }
+      for (; i < n; ++i) {
+        const float x = to_float(g[i]);
+        T silu;
+        from_float(x / (1.f + std::exp(-x)), &silu);
+        from_float(to_float(silu) * to_float(u[i]), &o[i]);
+      }
+    }
+  });
+}
+
+void silu_and_mul(at::Tensor out, at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && out.is_contiguous());
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "silu_and_mul: float32 or bfloat16 only");
+  py::gil_scoped_release nogil;
+  if (gate_up.scalar_type() == at::kFloat)
+    silu_mul_rows<float>(out.data_ptr<float>(), gate_up.data_ptr<float>(), gate_up.stride(0), rows, n);
+  else if (gate_up.scalar_type() == at::kBFloat16)
+    silu_mul_rows<at::BFloat16>(out.data_ptr<at::BFloat16>(), gate_up.data_ptr<at::BFloat16>(),
+                                gate_up.stride(0), rows, n);
+}
+
+// Writes each token's K and V rows [KVH * D] into its slot of the pool (one copy per row).
+void store_kv(at::Tensor kv, int64_t layer, at::Tensor k, at::Tensor v, at::Tensor blocks,
+              at::Tensor offsets) {
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2) &&
+              v.stride(2) == 1 && v.stride(1) == v.size(2) && kv.stride(5) == 1 && kv.stride(4) == kv.size(5));
+  TORCH_CHECK(k.scalar_type() == kv.scalar_type() && v.scalar_type() == kv.scalar_type());
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
+              blocks.is_contiguous() && offsets.is_contiguous() && blocks.numel() == T && offsets.numel() == T);
+  const int64_t es = kv.element_size();
+  char* base = static_cast<char*>(kv.data_ptr()) + layer * kv.stride(1) * es;
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t* bl = blocks.data_ptr<int64_t>();
+  const int64_t* of = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    char* slot = base + (bl[t] * kv.stride(0) + of[t] * kv.stride(3)) * es;
+    std::memcpy(slot, kp + t * k.stride(0) * es, row * es);
+    std::memcpy(slot + kv.stride(2) * es, vp + t * v.stride(0) * es, row * es);
+  }
+}
+
+// ---- float32 linears for a few rows (decode steps) ----------------------------------------------
+// At decode sizes the weights stream from memory once per step, where oneDNN's blocked weights
+// run well below their in-cache speed. Here each 16 outputs' weights are one contiguous panel
+// [K][16] read in order (pack_panels in Python lays them out), and while one panel is
+// multiplied the next one is prefetched.
+// rows R (<= 6) of x times one panel: 2 x R accumulators of 8 outputs, kept in registers
+template <int R>
+static inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t K, const float* bias,
+                              float* c, int64_t ldc, int cols, const char*& pf, int every) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  int count = 0;
+#define PDSERVE_ROW(r) if constexpr (R > r) { const __m256 x = _mm256_broadcast_ss(a##r + k); \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1); }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * 16), b1 = _mm256_loadu_ps(b + k * 16 + 8);
+    PDSERVE_ROW(0) PDSERVE_ROW(1) PDSERVE_ROW(2) PDSERVE_ROW(3) PDSERVE_ROW(4) PDSERVE_ROW(5)
+    if (pf && ++count == every) { count = 0; _mm_prefetch(pf, _MM_HINT_T0); pf += 64; }
+  }
+#undef PDSERVE_ROW
+  const __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  float row[16];
+  for (int r = 0; r < R; ++r) {
+    __m256 lo = acc[r][0], hi = acc[r][1];
+    if (cols == 16) {
+      if (bias) { lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias)); hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8)); }
+      _mm256_storeu_ps(c + r * ldc, lo);
+      _mm256_storeu_ps(c + r * ldc + 8, hi);
+    } else {
+      _mm256_storeu_ps(row, lo);
+      _mm256_storeu_ps(row + 8, hi);
+      for (int j = 0; j < cols; ++j) c[r * ldc + j] = row[j] + (bias ? bias[j] : 0.f);
+    }
+  }
+}
+
+// out [M, N] = x [M, K] @ W^T + bias, W as pack_panels (Python) laid it out
+void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bias) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat && out.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K && panels.size(2) == 16 && P == (N + 15) / 16 && out.size(0) == M);
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == N && bias.is_contiguous() && bias.scalar_type() == at::kFloat));
+  const float* a = x.data_ptr<float>();
+  const float* b = panels.data_ptr<float>();
+  const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* c = out.data_ptr<float>();
+  const int64_t lda = x.stride(0);
+  py::gil_scoped_release nogil;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    const int every = (int)std::max<int64_t>(1, (M + 5) / 6);   // tiles per panel share its prefetching
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* bp = b + p * K * 16;
+      const int cols = (int)std::min<int64_t>(16, N - p * 16);
+      const float* pb = bs ? bs + p * 16 : nullptr;
+      float* cp = c + p * 16;
+      const char* pf = p + 1 < p1 ? reinterpret_cast<const char*>(bp + K * 16) : nullptr;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6) panel_tile<6>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every);
+      switch (M - m) {
+        case 5: panel_tile<5>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every); break;
+        case 4: panel_tile<4>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every); break;
+        case 3: panel_tile<3>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every); break;
+        case 2: panel_tile<2>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every); break;
+        case 1: panel_tile<1>(a + m * lda, lda, bp, K, pb, cp + m * N, N, cols, pf, every); break;
+        default: break;
+      }
+    }
+  });
+}
+
+void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
+                  at::Tensor tables, at::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 6 && q.stride(2) == 1 && kv.stride(5) == 1 && out.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type());
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && lens.is_contiguous());
+  TORCH_CHECK(q.size(1) % kv.size(4) == 0 && q.size(2) == kv.size(5));
+  py::gil_scoped_release nogil;   // the worker's asyncio thread runs while the kernel does
+  if (kv.scalar_type() == at::kFloat) dispatch_dim<float>(out, q, kv, layer, tables, lens, (float)scale);
+  else if (kv.scalar_type() == at::kBFloat16) dispatch_dim<at::BFloat16>(out, q, kv, layer, tables, lens, (float)scale);
+  else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", torch::wrap_pybind_function(paged_decode), "decode attention over the paged KV pool");
+  m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm, with an optional residual add first");
+  m.def("silu_and_mul", torch::wrap_pybind_function(silu_and_mul), "silu(gate) * up");
+  m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
+  m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
+}
