@@ -129,23 +129,43 @@ def test_killing_the_prefill_engine_falls_back_to_local_prefill(repo, small_mode
     try:
         server.wait_ready("pd")
         server.wait_ready("agg")
-        expected = generate(server, "agg", "import json", 12)
+        prompt = "import json"
+        expected = generate(server, "agg", prompt, 12)
+        prompt_tokens = int(server.client.infer("agg", inputs(prompt, False, {"max_tokens": 1},
+                                                              return_num_input_tokens=True))
+                            .as_numpy("num_input_tokens")[0])
         prefill = server.engines("PREFILL")[0]
         os.kill(prefill["pid"], signal.SIGKILL)
-        time.sleep(1.0)  # the supervisor notices within a fraction of a second
+
+        def no_prefill_engine() -> bool:
+            return not any(r["state"] == "ready" for r in server.engines("PREFILL"))
+
+        server.wait_for(no_prefill_engine, "the supervisor to take the dead prefill engine out of etcd", 10)
+        admitted = decode_prompt_tokens(server)
         # while the prefill engine is gone (and being restarted) requests prefill on the decode engine
         for _ in range(5):
-            assert generate(server, "pd", "import json", 12) == expected
+            assert generate(server, "pd", prompt, 12) == expected
+        assert no_prefill_engine(), "a prefill engine was back before the requests were done"
+        # which the decode engine's own figures show: it admitted the five prompts, no prefill engine being live
+        server.wait_for(lambda: decode_prompt_tokens(server) >= admitted + 5 * prompt_tokens,
+                        "the decode engine to count the five prompts", 5)
         server.wait_for(lambda: any(r["role"] == "PREFILL" and r["pid"] != prefill["pid"] for r in server.engines()),
                         "a restarted prefill engine", 60)
     finally:
         server.stop()
 
 
+def decode_prompt_tokens(server) -> float:
+    """Prompt tokens the 'pd' decode engine admitted (looked up in its prefix cache): a prompt
+    prefilled here, or one whose KV a prefill engine wrote into blocks it reserved."""
+    return server.metric_value("pdserve_prefix_cache_queries_total", model="pd", role="DECODE")
+
+
 def test_etcd_restart_mid_load_loses_no_request(repo, small_model, tmp_path):
     etcd = EtcdProcess(data_dir=str(tmp_path / "etcd")).start()
     add_model(repo, "pd", small_model, config_text(role_groups=PD))
-    server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint, "--lease-ttl", "4"]).start()
+    ttl = 4
+    server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint, "--lease-ttl", str(ttl)]).start()
     try:
         server.wait_ready("pd")
         outcomes: list = []
@@ -155,21 +175,33 @@ def test_etcd_restart_mid_load_loses_no_request(repo, small_model, tmp_path):
             while not stop.is_set():
                 stream_tokens(server.url, "pd", "for x in range(3):", 24, outcomes)
 
+        def served_after(count: int) -> bool:
+            return len(outcomes) >= count + 3   # a round of the three clients, at least
+
+        def keepalives_failed(role: str) -> float:
+            return server.metric_value("pdserve_lease_keepalive_failures_total", model="pd", role=role)
+
         workers = [threading.Thread(target=load) for _ in range(3)]
         for w in workers:
             w.start()
-        time.sleep(2)
+        server.wait_for(lambda: served_after(0), "the load to flow", 30)
         etcd.stop()
-        time.sleep(6)  # longer than the lease TTL: the engines' records expire server-side
+        stopped_at, served = time.monotonic(), len(outcomes)
+        # etcd stays away longer than the lease TTL, so the engines' leases are gone when it is
+        # back; meanwhile both engines notice, and requests are still served
+        server.wait_for(lambda: time.monotonic() - stopped_at > ttl + 2 and served_after(served)
+                        and keepalives_failed("PREFILL") > 0 and keepalives_failed("DECODE") > 0,
+                        "an etcd outage past the lease TTL, seen by both engines, with requests served", 60)
         etcd.start()
-        time.sleep(4)
+        served = len(outcomes)
+        # the engines register again, the view is whole, and the load goes on meanwhile
+        server.wait_for(lambda: sorted(r["role"] for r in server.engines() if r["state"] == "ready")
+                        == ["DECODE", "PREFILL"] and served_after(served),
+                        "both engines back in etcd, with requests served", 60)
         stop.set()
         for w in workers:
             w.join(timeout=60)
         assert outcomes and all(kind == "ok" for kind, _, _ in outcomes), [o for o in outcomes if o[0] != "ok"][:3]
-        # the engines registered again and the view is whole
-        server.wait_for(lambda: sorted(r["role"] for r in server.engines()) == ["DECODE", "PREFILL"],
-                        "both engines back in etcd", 20)
         assert generate(server, "pd", "x", 4)[1] == 4
     finally:
         server.stop()
@@ -248,13 +280,12 @@ def test_200_mixed_requests_with_cancellations_leave_every_pool_free(pd_server):
         "every engine's pool all-free", 15)
 
 
-def test_long_prompts_do_not_stall_the_running_streams_with_one_engine_pinned_per_core(repo, demo_model):
+def test_long_prompts_do_not_stall_the_running_streams_with_one_engine_pinned_per_core(repo, demo_model,
+                                                                                       dedicated_cores):
     """The demo layout (PREFILL on cpu:0, DECODE on cpu:1) at the front end's default CPU priority:
     while the prefill engine computes long prompts, the streams on the decode engine keep flowing.
     Both cores are then busy with engine threads that never sleep, and the front end must still get
     its turn on them (at SCHED_IDLE it did not: the streams stood still for about a second)."""
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs two cores: one engine pinned to each")
     from transformers import AutoTokenizer
     add_model(repo, "pd", demo_model, config_text(role_groups=(("PREFILL", "cpu:0"), ("DECODE", "cpu:1")),
                                                   max_model_len=2048, kv_cache_blocks=1024))
@@ -279,7 +310,6 @@ def test_long_prompts_do_not_stall_the_running_streams_with_one_engine_pinned_pe
         for t in threads:
             t.start()
         server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 16, "16 streams", 30)
-        time.sleep(0.5)
         answers = []
         longs = [threading.Thread(target=lambda p: answers.append(generate(server, "pd", p, 2)[1]), args=(p,))
                  for p in long_prompts]

@@ -328,13 +328,13 @@ def test_a_front_end_paused_past_the_stall_limit_does_not_kill_its_healthy_engin
         server.wait_ready("agg")
         [engine] = server.engines()
         os.kill(server.proc.pid, signal.SIGSTOP)
-        time.sleep(6)
+        time.sleep(6)   # the pause itself, twice the stall limit: nothing to wait for
         os.kill(server.proc.pid, signal.SIGCONT)
         assert stream_outcome(server.url, "agg", inputs("def g(y):", True, {**GREEDY, "max_tokens": 8}))[0] == "ok"
-        time.sleep(4)   # past the stall limit again, with fresh Stats answers
-        assert [r["pid"] for r in server.engines()] == [engine["pid"]], server.log()
-        assert "looks frozen" not in server.full_log(), server.log()
-        assert "stood still" in server.full_log(), server.log()
+        server.wait_for(lambda: "stood still" in server.full_log(), "the front end to see its own pause", 10)
+        # past the stall limit again, with fresh Stats answers: the engine is never taken for frozen
+        server.holds(lambda: [r["pid"] for r in server.engines()] == [engine["pid"]]
+                     and "looks frozen" not in server.full_log(), "the engine kept", 4)
     finally:
         server.stop()
 
@@ -344,11 +344,15 @@ def test_late_etcd_at_startup_still_reaches_ready(repo, small_model, tmp_path):
     add_model(repo, "pd", small_model, config_text(role_groups=PD))
     server = PdServer(repo, extra_args=["--etcd-endpoints", etcd.endpoint]).start()
     try:
-        time.sleep(8)   # engines start and try to register while etcd is away
+        server.wait_for(lambda: "not seen ready in etcd" in server.full_log(),
+                        "the engines up, and unable to register while etcd is away", 60)
         etcd.start()
         server.wait_ready("pd", timeout=90)
         server.wait_for(lambda: sorted(r["role"] for r in server.engines()) == ["DECODE", "PREFILL"],
                         "both engines registered once etcd arrived", 60)
+        server.wait_for(lambda: all(server.metric_value("pdserve_cluster_instances", model="pd", role=role,
+                                                        state="ready") == 1 for role in ("PREFILL", "DECODE")),
+                        "both engines ready in the front end's view", 30)
         client = LLMClient(server.url, "pd")
         try:
             assert client.stream_all("def h(z):", timeout=60, **GREEDY, max_tokens=6).num_output_tokens == 6
@@ -369,12 +373,8 @@ def test_kill_9_of_the_front_end_leaves_no_orphan(repo, small_model):
         assert len(children) >= 2   # the private etcd and the engine
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
-        deadline = time.time() + 15
-        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in children):
-            time.sleep(0.2)
-        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
-                 and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
-        assert alive == [], f"still running after the front end died: {alive} (etcd port {port})"
+        wait_until(lambda: not any(map(is_running, children)), "the front end's children to end with it", 15,
+                   detail=lambda: f"still running: {[p for p in children if is_running(p)]} (etcd port {port})")
     finally:
         server.stop()
 
@@ -480,13 +480,17 @@ def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
     key = "/pdserve/default/engines/agg/intruder"
     count = lambda: node.metric_value("pdserve_cluster_instances", model="agg", role="BOTH")  # noqa: E731
     for value in (json.dumps({**fake, "signature": ""}).encode(),
+
+    def refusals() -> int:
+        return node.full_log().count("signature does not verify")
+
                   json.dumps({**fake, "signature": signature(fake, "not-the-cluster-secret")}).encode()):
         put_record(node.etcd_endpoint, key, value)
-        time.sleep(1.5)
+        refused = refusals()
+        node.wait_for(lambda: refusals() > refused, "the front end to refuse the record", 15)
         assert count() == 1
         assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})
     delete_key(node.etcd_endpoint, key)
-    assert "signature does not verify" in node.log()
 
 
 def test_after_an_etcd_outage_with_a_prefill_restart_every_new_request_succeeds(repo, small_model, tmp_path):
