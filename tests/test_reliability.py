@@ -468,7 +468,8 @@ def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
         stub = engine_pb2_grpc.EngineStub(channel)
         for call in (lambda md: stub.Stats(engine_pb2.StatsRequest(), metadata=md, timeout=10),
                      lambda md: list(stub.GenerateStream(iter([engine_pb2.StreamCommand(
-                         generate=engine_pb2.GenerateRequest(request_id="x", prompt="hi"))]), metadata=md, timeout=10)),
+                         generate=engine_pb2.GenerateRequest(request_id="x", prompt_token_ids=[1, 2]))]),
+                                              metadata=md, timeout=10)),
                      lambda md: stub.SetState(engine_pb2.SetStateRequest(state="draining"), metadata=md, timeout=10)):
             for metadata in (None, (("pdserve-cluster-token", "guess-guess-guess"),)):
                 with pytest.raises(grpc.RpcError) as info:
@@ -479,14 +480,14 @@ def test_engine_rpcs_and_records_without_the_cluster_secret_are_refused(node):
     fake = {**real, "instance_id": "intruder", "address": f"127.0.0.1:{free_port()}"}
     key = "/pdserve/default/engines/agg/intruder"
     count = lambda: node.metric_value("pdserve_cluster_instances", model="agg", role="BOTH")  # noqa: E731
-    for value in (json.dumps({**fake, "signature": ""}).encode(),
 
     def refusals() -> int:
         return node.full_log().count("signature does not verify")
 
+    for value in (json.dumps({**fake, "signature": ""}).encode(),
                   json.dumps({**fake, "signature": signature(fake, "not-the-cluster-secret")}).encode()):
-        put_record(node.etcd_endpoint, key, value)
         refused = refusals()
+        put_record(node.etcd_endpoint, key, value)
         node.wait_for(lambda: refusals() > refused, "the front end to refuse the record", 15)
         assert count() == 1
         assert text_of(node, "agg", "x", {**GREEDY, "max_tokens": 4})
