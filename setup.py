@@ -11,6 +11,7 @@ The kernels build against the torch already installed, so pip must not isolate t
 `pip install --no-build-isolation -e .` after torch (`make setup` does both). The metadata is in
 pyproject.toml.
 """
+import copy
 import importlib.util
 import os
 import platform
@@ -53,6 +54,13 @@ class BuildCompiled(BuildExtension):
     def finalize_options(self):
         super().finalize_options()
         self.parallel = self.parallel or os.cpu_count() or 1
+
+    def build_extension(self, ext):
+        # The variants compile one source file: each gets its own object folder, or builds side by
+        # side would write, and link, one another's object (an AVX-512 one in the AVX2 module).
+        own = copy.copy(self)
+        own.build_temp = os.path.join(self.build_temp, ext.name)
+        super(BuildCompiled, own).build_extension(ext)
 
 
 setup(ext_modules=[*kernels, bind_shim], cmdclass={"build_ext": BuildCompiled})

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,17 @@ def test_setup_built_every_variant_and_the_bind_shim():
     for v in variants.built_for(platform.machine()):
         assert importlib.util.find_spec(v.module) is not None, f"{v.module} not built: run make setup"
     assert importlib.util.find_spec("pdserve.engine._bind_host") is not None
+
+
+def test_the_avx2_build_holds_no_avx512_instruction():
+    """Its own flags reached the compiler, and its own object the linker (the variants build side
+    by side from one source): an AVX2 CPU could not run a single zmm instruction."""
+    if shutil.which("objdump") is None or platform.machine() not in variants.X86_MACHINES:
+        pytest.skip("needs objdump, on x86")
+    path = importlib.util.find_spec("pdserve.engine.kernels._cpu_avx2").origin
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True)
+    assert "%zmm" not in code.stdout
+    assert "%ymm" in code.stdout
 
 
 @pytest.mark.parametrize("variant", variants.VARIANTS, ids=lambda v: v.name)
