@@ -73,8 +73,12 @@ class Attention(nn.Module):
             qk = kernels.rope(qkv[:, :(h + kvh) * d].view(tokens, h + kvh, d), cos, sin)
             q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d:].view(tokens, kvh, d)
-        out = paged_attention(kernels, q, k, v, kv_cache, self.layer_idx, meta)
+        out = self.attend(kernels, q, k, v, kv_cache, meta)
         return self.out(out.reshape(tokens, h * d))
+
+    def attend(self, kernels, q, k, v, kv_cache, meta: AttentionMetadata):
+        """This layer's attention over the pool (families with windows or soft-capping override it)."""
+        return paged_attention(kernels, q, k, v, kv_cache, self.layer_idx, meta)
 
 
 class MLP(nn.Module):
