@@ -38,6 +38,8 @@ def merge_response(into: engine_pb2.GenerateResponse, later: engine_pb2.Generate
     """Appends a later response of the same request to one not yet sent on."""
     into.text += later.text
     into.token_ids.extend(later.token_ids)
+    into.logprobs.extend(later.logprobs)
+    into.prompt_logprobs.extend(later.prompt_logprobs)
     into.num_input_tokens = later.num_input_tokens
     into.num_output_tokens = later.num_output_tokens
     into.finish_reason = later.finish_reason

@@ -1,10 +1,13 @@
 """Sampling parameters of one request: defined once, with the defaults of Triton's vLLM backend
-(vLLM's SamplingParams: 16 tokens, temperature 1.0), and their form on the engine RPC."""
+(vLLM's SamplingParams: 16 tokens, temperature 1.0), and their form on the engine RPC; and the
+log-probabilities an engine reports for a token."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pdserve._proto import engine_pb2
+
+MAX_LOGPROBS = 20   # top alternatives per token, as OpenAI's top_logprobs limit
 
 
 @dataclass(frozen=True)
@@ -18,22 +21,65 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
-    # Streaming only, read by the front end (not sent to the engine): tokens per response after
-    # the first; raises the model's `stream_interval`, as vLLM's per-request setting does.
+    # As vLLM defines them: presence and frequency count the generated tokens, repetition the
+    # prompt's and the generated ones (a logit > 0 is divided by it, one < 0 multiplied).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
+    min_p: float = 0.0
+    # Log-probabilities: None: none; k: the chosen token's and the k most likely alternatives'
+    # (0: the chosen token's only). prompt_logprobs: the same for every prompt token but the first.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Read by the front end only (not sent to the engine): streaming's tokens per response after
+    # the first (raises the model's `stream_interval`, as vLLM's per-request setting does), and
+    # how many sequences to generate (best_of) and return (n), each its own engine request.
     stream_interval: int = 1
+    n: int = 1
+    best_of: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes or reports the logits: argmax alone picks the token."""
+        return self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None
+
     def to_proto(self) -> engine_pb2.SamplingParams:
         return engine_pb2.SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             has_seed=self.seed is not None, seed=self.seed or 0, stop=list(self.stop),
-            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias), min_p=self.min_p,
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
 
     @classmethod
     def from_proto(cls, msg: engine_pb2.SamplingParams) -> "SamplingParams":
         return cls(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
                    seed=msg.seed if msg.has_seed else None, stop=tuple(msg.stop),
-                   stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens)
+                   stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens,
+                   presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+                   repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+                   logit_bias=tuple(sorted(msg.logit_bias.items())), min_p=msg.min_p,
+                   logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+                   prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One token's log-probability and its most likely alternatives, most likely first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def to_proto(self) -> engine_pb2.TokenLogprobs:
+        return engine_pb2.TokenLogprobs(token_id=self.token_id, logprob=self.logprob,
+                                        top_token_ids=[t for t, _ in self.top], top_logprobs=[p for _, p in self.top])

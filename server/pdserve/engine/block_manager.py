@@ -53,7 +53,7 @@ class BlockManager:
     # ---- admission -------------------------------------------------------------------------------
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The blocks of the longest cached prefix of the sequence's tokens (never its last token)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:   # those are computed here
             return []
         tokens, bs = seq.all_token_ids, self.block_size
         hits, parent = [], None

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from pdserve.common.errors import Cause, ServeError
+from pdserve.common.sampling import TokenLogprobs
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
@@ -35,6 +36,8 @@ class RequestOutput:
     num_output_tokens: int = 0
     finish_reason: str | None = None   # "stop", "length", "abort"; PREFILL: "prefilled"
     error: ServeError | None = None    # the request ended with this error
+    logprobs: tuple[TokenLogprobs, ...] = ()          # per token of token_ids, when asked
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()   # the first output: prompt tokens after the first
 
     @property
     def final(self) -> bool:
@@ -104,10 +107,11 @@ class LLMEngine:
             raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt has token ids outside the vocabulary (ids 0 to "
                                                      f"{self.runner.vocab_size - 1}): is the front end's tokenizer "
                                                      "this model's?")
-        outside = [t for t in params.stop_token_ids if t >= self.runner.vocab_size]
-        if outside:
-            raise ServeError(Cause.INVALID_ARGUMENT, f"stop_token_ids {outside[:5]} are outside the vocabulary "
-                                                     f"(ids 0 to {self.runner.vocab_size - 1})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            outside = [t for t in ids if not 0 <= t < self.runner.vocab_size]
+            if outside:
+                raise ServeError(Cause.INVALID_ARGUMENT, f"{name} token ids {outside[:5]} are outside the vocabulary "
+                                                         f"(ids 0 to {self.runner.vocab_size - 1})")
         seq = Sequence(request_id, list(token_ids), params, prompt_block_hashes=tuple(prompt_block_hashes))
         try:
             self.scheduler.add(seq)
@@ -129,6 +133,10 @@ class LLMEngine:
         if len(token_ids) + len(resume_token_ids) >= self.max_model_len:
             raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt and the tokens to resume from ("
                                                      f"{len(token_ids) + len(resume_token_ids)}) reach max_model_len")
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            # Log-probabilities come from the engine that computes the logits: the first token's
+            # and the prompt's would be a prefill engine's, so such requests are prefilled here.
+            prefill_address = ""
         seq = self._admit(request_id, token_ids, params, prompt_block_hashes)
         detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if resume_token_ids:
@@ -274,9 +282,12 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             detok.flush()
+        logprobs, seq.new_logprobs = (seq.new_logprobs,) if seq.new_logprobs else (), None
+        prompt_logprobs = tuple(seq.prompt_logprobs) if num_out == 1 and params.prompt_logprobs is not None else ()
         out = RequestOutput(
             seq.request_id, text=detok.take_piece(final=reason is not None), token_ids=(token_id,),
-            num_input_tokens=seq.num_prompt_tokens, num_output_tokens=num_out, finish_reason=reason)
+            num_input_tokens=seq.num_prompt_tokens, num_output_tokens=num_out, finish_reason=reason,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._forget(seq.request_id)

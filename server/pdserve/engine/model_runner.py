@@ -154,6 +154,7 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slot_blocks, slot_offsets, last, sampled = [], [], [], [], [], []
         bounds, cached, tables = [], [], []
+        scored, scored_rows = [], []   # prompt log-probabilities: (seq, position) and its row
         for seq, n in prefills:
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + n
             cached.append(start)
@@ -165,6 +166,11 @@ class ModelRunner:
             slot_blocks += [table[p // bs] for p in range(start, end)]
             slot_offsets += [p % bs for p in range(start, end)]
             bounds.append((begin, len(input_ids)))
+            if seq.wants_prompt_logprobs:   # row p predicts prompt token p + 1
+                done = len(seq.prompt_logprobs)
+                positions_scored = range(max(start, done), min(end, seq.num_prompt_tokens - 1))
+                scored += [(seq, p) for p in positions_scored]
+                scored_rows += [begin + p - start for p in positions_scored]
             if end == seq.num_tokens:       # the prompt's last piece: its next token is sampled
                 last.append(len(input_ids) - 1)
                 sampled.append(seq)
@@ -183,9 +189,9 @@ class ModelRunner:
             context_lens = self._tensor([seq.num_tokens for seq in decodes])
         meta = AttentionMetadata(
             slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
-            last_token_indices=self._tensor(last), prefill_bounds=bounds or None, prefill_cached=cached or None,
-            prefill_block_tables=tables or None, block_tables=block_tables, context_lens=context_lens)
-        return self._tensor(input_ids), self._tensor(positions), meta, sampled
+            last_token_indices=self._tensor(last + scored_rows), prefill_bounds=bounds or None,
+            prefill_cached=cached or None, prefill_block_tables=tables or None, block_tables=block_tables, context_lens=context_lens)
+        return self._tensor(input_ids), self._tensor(positions), meta, sampled, scored
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -215,11 +221,21 @@ class ModelRunner:
         return groups + [current] if current else groups
 
     def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
-        input_ids, positions, meta, sampled = self._prepare(prefills, decodes)
+        input_ids, positions, meta, sampled, scored = self._prepare(prefills, decodes)
         if self.layer_push is not None and prefills:
             meta.after_layer = self.layer_push([(seq.request_id, seq.block_table, seq.num_cached_tokens + n)
                                                 for seq, n in prefills])
         logits = self.model(input_ids, positions, self.kv_cache, meta)
+        if scored:
+            self._score_prompts(logits[len(sampled):], scored)
+            logits = logits[:len(sampled)]
         if not sampled:
             return []
         return list(zip(sampled, self.sampler.sample(logits, sampled, self.eos_ids)))
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, int]]) -> None:
+        """Prompt log-probabilities: the logits of each scored position give its next prompt token's."""
+        found = self.sampler.prompt_logprobs(logits, [seq.prompt_token_ids[p + 1] for seq, p in scored],
+                                             [seq.params.prompt_logprobs for seq, _ in scored])
+        for (seq, _), lp in zip(scored, found):
+            seq.prompt_logprobs.append(lp)

@@ -1,14 +1,27 @@
-"""Batched sampling on the device: greedy, temperature, top-k, top-p and per-request seeds.
+"""Batched sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds,
+penalties, logit bias, and the log-probabilities requests ask for.
 
 Sampled rows use the exponential-race form of categorical sampling (argmax of p / E with
 E ~ Exp(1)); each seeded request draws its noise from its own generator, so a seed gives
 the same tokens whatever else shares the batch.
+
+The order is vLLM's: min_tokens and logit_bias, then the penalties, then temperature, min_p,
+top-k and top-p. Log-probabilities are those of the model's raw logits (log_softmax before any
+of these; vLLM's default `raw_logprobs`), so they score the model, not the request's settings.
+
+A batch of plain greedy rows (no penalties, bias or log-probabilities) is one argmax over the
+logits in the model's dtype: widening to float32 first would cost a copy of the whole
+[batch, vocab] block and change nothing, since every bfloat16/float16 value is exact in float32
+(argmax picks the same first maximum either way).
 """
 from __future__ import annotations
 
 import torch
 
+from pdserve.common.sampling import TokenLogprobs
 from pdserve.engine.sequence import Sequence
+
+PROMPT_LOGPROB_ROWS = 256   # prompt rows widened to float32 at a time (a row is a whole vocabulary)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -26,32 +39,118 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Masks tokens whose probability is below min_p times the most likely token's (0: off)."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), vocab] how often each token occurs in each row's list."""
+    ids = _padded(rows, vocab, device)     # padding lands in an extra column, dropped
+    counts = torch.zeros((len(rows), vocab + 1), dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """vLLM's penalties on float logits [rows, vocab]: repetition over the prompt's and the
+    output's tokens (divides a positive logit, multiplies a negative one), frequency by each
+    token's count in the output, presence once per token the output holds."""
+    vocab = logits.shape[-1]
+    out_counts = token_counts(output_ids, vocab, logits.device)
+    seen = (out_counts > 0) | (token_counts(prompt_ids, vocab, logits.device) > 0)
+    rep = torch.where(seen, repetition.unsqueeze(1), torch.ones_like(logits))
+    logits = torch.where(logits > 0, logits / rep, logits * rep)
+    return logits - frequency.unsqueeze(1) * out_counts - presence.unsqueeze(1) * (out_counts > 0).float()
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
+    """Each row's chosen token's log-probability and its num_top[row] most likely alternatives."""
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    k = max(num_top, default=0)
+    top_lp, top_ids = (logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0]))
+    top_lp, top_ids, chosen_ids = top_lp.tolist(), top_ids.tolist(), chosen.tolist()
+    return [TokenLogprobs(chosen_ids[r], chosen_lp[r], tuple(zip(top_ids[r][:n], top_lp[r][:n])))
+            for r, n in enumerate(num_top)]
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
 
+    def _tensor(self, values, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> list[int]:
+        """The next token of each row. A row whose request asks log-probabilities gets them in
+        its sequence's `new_logprobs` (read when the token is appended)."""
+        if all(seq.params.plain_greedy for seq in seqs):
+            self._suppress_early_stops(logits, seqs, eos_ids)
+            return logits.argmax(dim=-1).tolist()
         logits = logits.float()
+        logprob_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
         self._suppress_early_stops(logits, seqs, eos_ids)
-        greedy_tokens = logits.argmax(dim=-1)
+        logits = self._apply_bias_and_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
-        if not sampled_rows:
-            return greedy_tokens.tolist()
-        rows = torch.tensor(sampled_rows, device=self.device)
-        sub = logits[rows]
-        temperature = torch.tensor([seqs[i].params.temperature for i in sampled_rows], device=self.device)
-        top_k = torch.tensor([seqs[i].params.top_k for i in sampled_rows], device=self.device)
-        top_p = torch.tensor([seqs[i].params.top_p for i in sampled_rows], device=self.device)
-        sub = apply_top_k_top_p(sub / temperature.unsqueeze(1), top_k, top_p)
+        if sampled_rows:
+            tokens[self._tensor(sampled_rows, torch.long)] = self._sample_rows(logits, seqs, sampled_rows)
+        if raw_logprobs is not None:
+            rows = self._tensor(logprob_rows, torch.long)
+            found = top_logprobs(raw_logprobs, tokens[rows], [seqs[i].params.logprobs for i in logprob_rows])
+            for i, lp in zip(logprob_rows, found):
+                seqs[i].new_logprobs = lp
+        return tokens.tolist()
+
+    def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        biased = [(i, t, b) for i, seq in enumerate(seqs) for t, b in seq.params.logit_bias]
+        if biased:
+            rows, ids, values = zip(*biased)
+            logits.index_put_((self._tensor(rows, torch.long), self._tensor(ids, torch.long)), self._tensor(values),
+                              accumulate=True)
+        penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
+        if penalized:
+            ps = [seqs[i] for i in penalized]
+            rows = self._tensor(penalized, torch.long)
+            logits[rows] = apply_penalties(
+                logits[rows], [s.prompt_token_ids for s in ps], [s.output_token_ids for s in ps],
+                self._tensor([s.params.presence_penalty for s in ps]),
+                self._tensor([s.params.frequency_penalty for s in ps]),
+                self._tensor([s.params.repetition_penalty for s in ps]))
+        return logits
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], sampled_rows: list[int]) -> torch.Tensor:
+        params = [seqs[i].params for i in sampled_rows]
+        sub = logits[self._tensor(sampled_rows, torch.long)] / self._tensor([p.temperature for p in params]).unsqueeze(1)
+        if any(p.min_p > 0 for p in params):
+            sub = apply_min_p(sub, self._tensor([p.min_p for p in params]))
+        sub = apply_top_k_top_p(sub, self._tensor([p.top_k for p in params], torch.long),
+                                self._tensor([p.top_p for p in params]))
         probs = sub.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for row, i in enumerate(sampled_rows):
             noise[row].exponential_(generator=self._generator(seqs[i]))
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy_tokens[rows] = sampled
-        return greedy_tokens.tolist()
+        return (probs / noise).argmax(dim=-1)
+
+    def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+        """The log-probabilities of prompt tokens: row r of logits predicts targets[r]."""
+        out: list[TokenLogprobs] = []
+        for start in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            end = start + PROMPT_LOGPROB_ROWS
+            lp = logits[start:end].float().log_softmax(dim=-1)
+            out += top_logprobs(lp, self._tensor(targets[start:end], torch.long), num_top[start:end])
+        return out
 
     def skip_draw(self, seq: Sequence, vocab_size: int) -> None:
         """Advances a seeded request's generator past one token, drawn by another engine (PD),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.common.block_hash import next_block_hash
-from pdserve.common.sampling import SamplingParams
+from pdserve.common.sampling import SamplingParams, TokenLogprobs
 
 __all__ = ["SamplingParams", "Sequence", "SequenceStatus"]
 
@@ -37,6 +37,10 @@ class Sequence:
     prompt_block_hashes: tuple[int, ...] = ()
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # Requests asking log-probabilities: the sampler leaves the last sampled token's here, and
+    # the prompt's (one per prompt token after the first) gather as prefill computes them.
+    new_logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,6 +65,12 @@ class Sequence:
         if end <= len(prompt):
             return prompt[start:end]
         return self.all_token_ids[start:end]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log-probabilities still to compute (so the prompt is computed here, not taken
+        from the prefix cache)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_uncomputed_tokens(self) -> int:

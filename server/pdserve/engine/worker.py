@@ -262,7 +262,8 @@ def stream_output(out: RequestOutput) -> engine_pb2.StreamOutput:
                                        message=out.error.message)
     return engine_pb2.StreamOutput(request_id=out.request_id, response=engine_pb2.GenerateResponse(
         text=out.text, token_ids=out.token_ids, num_input_tokens=out.num_input_tokens,
-        num_output_tokens=out.num_output_tokens, finish_reason=out.finish_reason or ""))
+        num_output_tokens=out.num_output_tokens, finish_reason=out.finish_reason or "",
+        logprobs=[lp.to_proto() for lp in out.logprobs], prompt_logprobs=[lp.to_proto() for lp in out.prompt_logprobs]))
 
 
 async def abort_with(context, error: ServeError) -> None:
