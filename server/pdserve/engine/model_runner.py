@@ -16,7 +16,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.kernels import kernels_for
-from pdserve.engine.models.llama import build_model
+from pdserve.engine.models import build_model
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
