@@ -122,6 +122,7 @@ def test_moe_model_through_a_pd_handoff_equals_transformers(tmp_path, demo_model
                                                                        "ignore_eos": True},
                                                        exclude_input_in_output=True))
             assert result.as_numpy("text_output")[0].decode() == expected, prompt
-        assert server.metric_value("pdserve_kv_transfer_seconds_count", model="moe") >= 2
+        server.wait_for(lambda: server.metric_value("pdserve_kv_transfer_seconds_count", model="moe") >= 2,
+                        "the prefill engine's two handoffs in the metrics", 10)
     finally:
         server.stop()
