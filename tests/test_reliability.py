@@ -171,7 +171,8 @@ def test_past_the_admission_limit_requests_get_resource_exhausted_and_nothing_el
 def test_a_request_timeout_ends_it_and_frees_its_blocks(node):
     tensors = inputs("def f(x):", False, {**GREEDY, "max_tokens": 100_000})
     start = time.monotonic()
-    err = error_of(lambda: node.client.infer("agg", tensors, timeout=500_000))   # Triton's request timeout, µs
+    # Triton's request timeout, µs: well inside the ~500 tokens max_model_len leaves, even on a fast CPU
+    err = error_of(lambda: node.client.infer("agg", tensors, timeout=50_000))
     assert err.status() == "StatusCode.DEADLINE_EXCEEDED" and time.monotonic() - start < 10
     node.wait_for(lambda: node.metric_value("pdserve_kv_cache_usage_ratio", model="agg") == 0
                   and node.metric_value("pdserve_requests_running", model="agg") == 0,
@@ -292,14 +293,15 @@ def test_a_dead_nodes_lingering_decode_record_costs_no_request(node):
 
 
 def test_a_frozen_decode_engine_ends_its_streams_with_unavailable_and_is_restarted(repo, small_model):
-    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=1024))
+    # streams long enough to be running when the engine freezes, however fast the CPU decodes
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=8192, kv_cache_blocks=1100))
     server = PdServer(repo).start()
     try:
         server.wait_ready("pd")
         outcomes, threads = [], []
         for i in range(2):
             threads.append(threading.Thread(target=lambda i=i: outcomes.append(
-                stream_outcome(server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 900}),
+                stream_outcome(server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 8000}),
                                timeout=60) + (time.monotonic(),))))
             threads[-1].start()
         server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 2, "2 streams", 30)
