@@ -80,6 +80,38 @@ def test_layer_body_ops_match_reference(dtype, variant):
     assert torch.equal(pool, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_ops_give_the_same_result_on_one_thread_and_on_the_team(dtype, variant):
+    """Below their size threshold the small ops run on the calling thread: both ways agree."""
+    _, cpu = pair(dtype, variant)
+    if cpu.ext is None:
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(5)
+    x, res = (torch.randn(70, 96, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(96, generator=g).to(dtype)
+    gu = torch.randn(70, 2 * 80, generator=g).to(dtype)
+    q = torch.randn(70, 6, 32, generator=g).to(dtype)
+    angle = torch.rand(70, 1, 32, generator=g)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+
+    def run():
+        normed, stream = cpu.add_rms_norm(x, res.clone(), w, 1e-6)
+        return normed, stream, cpu.silu_and_mul(gu), cpu.rope(q.clone(), cos, sin)
+
+    ops = ("rms_norm", "silu_and_mul", "rope")
+    saved = [cpu.ext.set_serial_work(op, 1 << 40) for op in ops]
+    try:
+        serial = run()
+        for op in ops:
+            cpu.ext.set_serial_work(op, 1)
+        team = run()
+    finally:
+        for op, value in zip(ops, saved):
+            cpu.ext.set_serial_work(op, value)
+    for a, b in zip(serial, team):
+        assert torch.equal(a, b)
+
+
 def random_pool(dtype, blocks=40, layers=2, block_size=16, kv_heads=2, dim=64, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(blocks, layers, 2, block_size, kv_heads, dim, generator=g).to(dtype)
@@ -163,7 +195,7 @@ def prefill_logits(runner: ModelRunner, prompts: list[list[int]]) -> torch.Tenso
         start = 1 + sum(len(s.block_table) for s in seqs)   # block 0 took the warm-up
         seq.block_table = list(range(start, start + (len(ids) + runner.block_size - 1) // runner.block_size))
         seqs.append(seq)
-    input_ids, positions, meta, _ = runner._prepare([(s, s.num_tokens) for s in seqs], [])
+    input_ids, positions, meta, *_ = runner._prepare([(s, s.num_tokens) for s in seqs], [])
     with torch.inference_mode():
         return runner.model(input_ids, positions, runner.kv_cache, meta).float()
 

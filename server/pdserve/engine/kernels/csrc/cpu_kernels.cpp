@@ -13,6 +13,7 @@
 #include <vector>
 #include <algorithm>
 #include <type_traits>
+#include <string>
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) {
@@ -178,41 +179,156 @@ static void dispatch_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor&
 }
 
 // ---- the layer body's small ops: one pass each, in place where the model allows it --------------
-// Rows per task: enough elements that a thread's share outweighs waking it.
-static inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+// Vectors as wide as the build allows (16 floats with AVX-512, else 8); bf16 rounds to nearest
+// even, as at::BFloat16 (and so torch) does.
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int VW = 16;
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vload(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline __m512i bf16_bits(vf v) {   // the rounded bf16 in each lane's high half
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+}
+static inline void vstore(at::BFloat16* p, vf v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+static inline vf vround_bf16(vf v) { return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(v), _mm512_set1_epi32(int(0xffff0000u)))); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+// a / b by the reciprocal estimate and one Newton step (about float32's precision; a divide
+// instruction is several times slower)
+static inline vf vdiv(vf a, vf b) {
+  const vf r = _mm512_rcp14_ps(b);
+  return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
+}
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf vfloor_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vexp2i(vf fx) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23));
+}
+#else
+using vf = __m256;
+constexpr int VW = 8;
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vload(const at::BFloat16* p) { return load8(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline __m256i bf16_bits(vf v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
+static inline void vstore(at::BFloat16* p, vf v) {
+  const __m256i h = _mm256_srli_epi32(bf16_bits(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  _mm_storeu_si128((__m128i*)p, packed);
+}
+static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_and_si256(bf16_bits(v), _mm256_set1_epi32(int(0xffff0000u)))); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float vsum(vf v) { return hsum8(v); }
+static inline vf vfloor_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vexp2i(vf fx) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23));
+}
+#endif
+// the value a float rounds to in T
+static inline vf vround(vf v, const float*) { return v; }
+static inline vf vround(vf v, const at::BFloat16*) { return vround_bf16(v); }
+static inline float round_to(float x, const float*) { return x; }
+static inline float round_to(float x, const at::BFloat16*) { return to_float(at::BFloat16(x)); }
+// exp for x <= 0, exp8's polynomial at the build's width
+static inline vf vexp(vf x) {
+  x = vmax(x, vset1(-87.0f));
+  const vf fx = vfloor_round(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfnmadd(fx, vset1(0.693359375f), x);
+  r = vfnmadd(fx, vset1(-2.12194440e-4f), r);
+  vf y = vset1(1.9875691500e-4f);
+  y = vfmadd(y, r, vset1(1.3981999507e-3f));
+  y = vfmadd(y, r, vset1(8.3334519073e-3f));
+  y = vfmadd(y, r, vset1(4.1665795894e-2f));
+  y = vfmadd(y, r, vset1(1.6666665459e-1f));
+  y = vfmadd(y, r, vset1(5.0000001201e-1f));
+  y = vfmadd(y, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vmul(y, vexp2i(fx));
+}
+
+// Below this much work (elements) an op runs on the calling thread: waking the OpenMP team (a
+// futex wake-up per thread when they sleep, as served with OMP_WAIT_POLICY=PASSIVE) costs more
+// than the second core saves. Measured per op at a decode step's sizes (bench/RESULTS.md);
+// set_serial_work changes them for such measurements.
+enum SmallOp { kRmsNorm, kSiluMul, kRope, kNumSmallOps };
+static int64_t serial_work[kNumSmallOps] = {1 << 16, 1 << 15, 1 << 17};
+static const char* small_op_names[kNumSmallOps] = {"rms_norm", "silu_and_mul", "rope"};
+// rows per task: a thread's share is at least the op's serial work
+static inline int64_t row_grain(SmallOp op, int64_t n) {
+  return std::max<int64_t>(1, serial_work[op] / std::max<int64_t>(n, 1));
+}
+
+int64_t set_serial_work(std::string op, int64_t elements) {
+  for (int i = 0; i < kNumSmallOps; ++i)
+    if (op == small_op_names[i]) {
+      const int64_t old = serial_work[i];
+      if (elements >= 0) serial_work[i] = elements;
+      return old;
+    }
+  TORCH_CHECK(false, "set_serial_work: no op ", op);
+}
 
 // out = rms_norm(x) * w per row; with `res`, first res = x + res (the residual stream, rounded
 // to T like torch's add) and the norm is of that. Float32 math, rounded as kernels/reference.py.
 template <typename T>
 static void rms_norm_rows(T* out, const T* x, int64_t xs, T* res, int64_t rs, const T* w, int64_t rows, int64_t n,
                           float eps) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(n);
+  at::parallel_for(0, rows, row_grain(kRmsNorm, n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * xs;
-      float ss = 0.f;
+      const T* src = xr;      // the row normed: x, or the new residual stream
+      vf ss = vset1(0.f);
+      float tail = 0.f;
+      int64_t i = 0;
       if (res) {
         T* rr = res + r * rs;
-        for (int64_t i = 0; i < n; ++i) {
-          from_float(to_float(xr[i]) + to_float(rr[i]), &rr[i]);
-          buf[i] = to_float(rr[i]);
+        for (; i + VW <= n; i += VW) {
+          const vf v = vround(vadd(vload(xr + i), vload(rr + i)), rr);
+          vstore(rr + i, v);
+          ss = vfmadd(v, v, ss);
         }
+        for (; i < n; ++i) {
+          from_float(to_float(xr[i]) + to_float(rr[i]), &rr[i]);
+          tail += to_float(rr[i]) * to_float(rr[i]);
+        }
+        src = rr;
       } else {
-        for (int64_t i = 0; i < n; ++i) buf[i] = to_float(xr[i]);
+        for (; i + VW <= n; i += VW) { const vf v = vload(xr + i); ss = vfmadd(v, v, ss); }
+        for (; i < n; ++i) tail += to_float(xr[i]) * to_float(xr[i]);
       }
-#pragma omp simd reduction(+:ss)
-      for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
-      const float inv = 1.f / std::sqrt(ss / (float)n + eps);
+      const float inv = 1.f / std::sqrt((vsum(ss) + tail) / (float)n + eps);
+      const vf vinv = vset1(inv);
       T* o = out + r * n;
-      for (int64_t i = 0; i < n; ++i) {
-        T normed;
-        from_float(buf[i] * inv, &normed);
-        from_float(to_float(w[i]) * to_float(normed), &o[i]);
-      }
+      for (i = 0; i + VW <= n; i += VW)
+        vstore(o + i, vmul(vload(w + i), vround(vmul(vload(src + i), vinv), o)));
+      for (; i < n; ++i) from_float(to_float(w[i]) * round_to(to_float(src[i]) * inv, o), &o[i]);
     }
   });
 }
-
 void rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor w, double eps) {
   const int64_t n = x.size(-1), rows = x.numel() / n;
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && w.is_contiguous() && w.numel() == n);
@@ -233,20 +349,17 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor w, d
 // out[t] = silu(gate[t]) * up[t], gate_up[t] = [gate | up]; silu rounded to T first, as torch does
 template <typename T>
 static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(kSiluMul, n), [&](int64_t begin, int64_t end) {
+    const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gu + r * gs;
       const T* u = g + n;
       T* o = out + r * n;
       int64_t i = 0;
-      if constexpr (std::is_same<T, float>::value) {
-        const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
-        for (; i + 8 <= n; i += 8) {
-          const __m256 x = _mm256_loadu_ps(g + i);
-          const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), hi));
-          const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-        }
+      for (; i + VW <= n; i += VW) {
+        const vf x = vload(g + i);
+        const vf silu = vround(vdiv(x, vadd(one, vexp(vmin(vsub(zero, x), hi)))), o);
+        vstore(o + i, vmul(silu, vload(u + i)));
       }
       for (; i < n; ++i) {
         const float x = to_float(g[i]);
@@ -269,6 +382,50 @@ void silu_and_mul(at::Tensor out, at::Tensor gate_up) {
   else if (gate_up.scalar_type() == at::kBFloat16)
     silu_mul_rows<at::BFloat16>(out.data_ptr<at::BFloat16>(), gate_up.data_ptr<at::BFloat16>(),
                                 gate_up.stride(0), rows, n);
+}
+
+// Rotary embedding in place (rotate-half convention): x [T, heads, D] (a view into the QKV
+// output), cos and sin [T, 1, D] in x's dtype. Float32 math, rounded once.
+template <typename T>
+static void rope_rows(T* x, int64_t xs_t, int64_t xs_h, const T* cos, int64_t cs, const T* sin, int64_t ss,
+                      int64_t tokens, int64_t heads, int64_t d) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, tokens, row_grain(kRope, heads * d), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cos + t * cs;
+      const T* s = sin + t * ss;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x1 = x + t * xs_t + h * xs_h;
+        T* x2 = x1 + half;
+        int64_t i = 0;
+        for (; i + VW <= half; i += VW) {
+          const vf a = vload(x1 + i), b = vload(x2 + i), vc = vload(c + i), vs = vload(s + i);
+          vstore(x1 + i, vfnmadd(b, vs, vmul(a, vc)));
+          vstore(x2 + i, vfmadd(a, vs, vmul(b, vc)));
+        }
+        for (; i < half; ++i) {
+          const float a = to_float(x1[i]), b = to_float(x2[i]), ci = to_float(c[i]), si = to_float(s[i]);
+          from_float(a * ci - b * si, &x1[i]);
+          from_float(b * ci + a * si, &x2[i]);
+        }
+      }
+    }
+  });
+}
+
+void rope(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0);
+  TORCH_CHECK(cos.dim() == 3 && sin.dim() == 3 && cos.stride(2) == 1 && sin.stride(2) == 1 &&
+              cos.size(0) == x.size(0) && sin.size(0) == x.size(0) && cos.size(2) == x.size(2) && sin.size(2) == x.size(2));
+  TORCH_CHECK(x.scalar_type() == cos.scalar_type() && x.scalar_type() == sin.scalar_type());
+  py::gil_scoped_release nogil;
+  if (x.scalar_type() == at::kFloat)
+    rope_rows<float>(x.data_ptr<float>(), x.stride(0), x.stride(1), cos.data_ptr<float>(), cos.stride(0),
+                     sin.data_ptr<float>(), sin.stride(0), x.size(0), x.size(1), x.size(2));
+  else if (x.scalar_type() == at::kBFloat16)
+    rope_rows<at::BFloat16>(x.data_ptr<at::BFloat16>(), x.stride(0), x.stride(1), cos.data_ptr<at::BFloat16>(),
+                            cos.stride(0), sin.data_ptr<at::BFloat16>(), sin.stride(0), x.size(0), x.size(1), x.size(2));
+  else TORCH_CHECK(false, "rope: float32 or bfloat16 only");
 }
 
 // Writes each token's K and V rows [KVH * D] into its slot of the pool (one copy per row).
@@ -380,6 +537,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function(paged_decode), "decode attention over the paged KV pool");
   m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm, with an optional residual add first");
   m.def("silu_and_mul", torch::wrap_pybind_function(silu_and_mul), "silu(gate) * up");
+  m.def("rope", torch::wrap_pybind_function(rope), "rotary embedding in place (rotate half)");
+  m.def("set_serial_work", &set_serial_work, "the work below which an op runs on one thread; returns the old value");
   m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
 }
