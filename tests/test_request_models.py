@@ -9,7 +9,7 @@ from tritonclient.grpc import service_pb2 as pb   # pdserve's own KServe protos 
 
 from pdserve.common.sampling import SamplingParams
 from pdserve.frontend.protocol import (MAX_TOKENS_UNSET, ChatCompletionRequest, CompletionRequest, InvalidInput,
-                                       SamplingParameters)
+                                       SamplingParameters, sibling_params)
 from pdserve.frontend.tensors import parse_request, parse_sampling_parameters, serialize_bytes
 
 SETTINGS = {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["\n\n", "END"],
@@ -93,11 +93,10 @@ def test_unknown_keys_refused_on_kserve_ignored_on_openai():
 
 
 def test_openai_null_is_left_out_and_neutral_values_only():
-    body = {"model": "m", "prompt": "p", "temperature": None, "n": 1, "presence_penalty": 0.0, "logprobs": 0,
-            "response_format": {"type": "text"}, "stream_options": None}
+    body = {"model": "m", "prompt": "p", "temperature": None, "n": 1, "presence_penalty": 0.0, "logprobs": None,
+            "response_format": {"type": "text"}, "stream_options": None, "suffix": ""}
     assert CompletionRequest.parse(body).sampling_params() == SamplingParams()
-    for field, value in [("n", 3), ("best_of", 2), ("frequency_penalty", 0.5), ("logprobs", 5), ("tools", [{}]),
-                         ("logit_bias", {"1": 2}), ("use_beam_search", True)]:
+    for field, value in [("suffix", "x"), ("tools", [{}]), ("use_beam_search", True)]:
         error = refusal(CompletionRequest, {"model": "m", "prompt": "p", field: value})
         assert error.param == field and "pdserve supports only" in error.message
     error = refusal(CompletionRequest, {"model": "m", "prompt": "p", "response_format": {"type": "json_object"}})
@@ -171,3 +170,61 @@ def test_kserve_request_parameters_are_validated_by_the_same_schema():
         parse_request(infer_request(parameters={"max_tokens": 0}))
     with pytest.raises(InvalidInput, match="sampling_parameters is not valid JSON"):
         parse_request(infer_request("{max_tokens: 3"))
+
+
+def test_generation_features_by_vllm_names_on_every_door():
+    settings = {"presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": "1.2", "min_p": 0.1,
+                "logit_bias": {"7": -100, "3": 2.5}, "n": 2, "best_of": 3, "seed": 4}
+    want = dict(presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2, min_p=0.1,
+                logit_bias=((3, 2.5), (7, -100.0)), n=2, best_of=3, seed=4)
+    assert SamplingParameters.parse({**settings, "logprobs": 2, "prompt_logprobs": 1}).sampling_params() == \
+        SamplingParams(**want, logprobs=2, prompt_logprobs=1)
+    completion = CompletionRequest.parse({"model": "m", "prompt": "p", **settings, "logprobs": 2})
+    assert completion.sampling_params() == SamplingParams(**want, logprobs=2)
+    chat = ChatCompletionRequest.parse({"model": "m", "messages": CHAT, **settings, "logprobs": True,
+                                        "top_logprobs": 3, "max_tokens": 9})
+    assert chat.sampling_params() == SamplingParams(**want, logprobs=3, max_tokens=9)
+    no_top = ChatCompletionRequest.parse({"model": "m", "messages": CHAT, "logprobs": True})
+    assert no_top.sampling_params().logprobs == 0
+    assert ChatCompletionRequest.parse({"model": "m", "messages": CHAT}).sampling_params().logprobs is None
+
+
+def test_echo_scoring_asks_prompt_logprobs_and_one_token():
+    call = CompletionRequest.parse({"model": "m", "prompt": "p", "echo": True, "logprobs": 1, "max_tokens": 0})
+    params = call.sampling_params()
+    assert (call.max_tokens, params.max_tokens, params.logprobs, params.prompt_logprobs) == (0, 1, 1, 1)
+    assert refusal(CompletionRequest, {"model": "m", "prompt": "p", "max_tokens": 0}).param == "max_tokens"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("presence_penalty", 2.5, "it must be <= 2.0"),
+    ("repetition_penalty", 0, "it must be > 0.0"),
+    ("min_p", 1.5, "it must be <= 1.0"),
+    ("logprobs", 21, "it must be <= 20"),
+    ("prompt_logprobs", -1, "it must be >= 0"),
+    ("n", 0, "it must be >= 1"),
+    ("n", 17, "it must be <= 16"),
+    ("best_of", 1, "it must be >= n (2)"),
+    ("logit_bias", {"x": 1}, "keys must be token ids"),
+    ("logit_bias", {"1": 101}, "biases go from -100 to 100"),
+    ("logit_bias", [1], "must be an object"),
+])
+def test_generation_feature_refusals(field, value, words):
+    data = {field: value, **({"n": 2} if field == "best_of" else {})}
+    error = refusal(SamplingParameters, data, "sampling_parameters ")
+    assert words in error.message and error.param == field, error.message
+    error = refusal(CompletionRequest, {"model": "m", "prompt": "p", **data})
+    assert words in error.message and error.param == field, error.message
+
+
+def test_chat_top_logprobs_needs_logprobs():
+    error = refusal(ChatCompletionRequest, {"model": "m", "messages": CHAT, "top_logprobs": 2})
+    assert error.param == "top_logprobs" and "logprobs" in error.message
+
+
+def test_siblings_have_their_own_seeds_and_rank_by_logprobs():
+    params = SamplingParams(seed=5, n=2, best_of=3, temperature=1.0)
+    siblings = sibling_params(params)
+    assert [s.seed for s in siblings] == [5, 6, 7] and all(s.logprobs == 0 for s in siblings)
+    assert [s.seed for s in sibling_params(SamplingParams(n=2))] == [None, None]
+    assert all(s.logprobs is None for s in sibling_params(SamplingParams(n=2)))

@@ -32,12 +32,12 @@ class SamplingParams:
     # (0: the chosen token's only). prompt_logprobs: the same for every prompt token but the first.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    # Read by the front end only (not sent to the engine): streaming's tokens per response after
-    # the first (raises the model's `stream_interval`, as vLLM's per-request setting does), and
-    # how many sequences to generate (best_of) and return (n), each its own engine request.
-    stream_interval: int = 1
+    # Read by the front end only (not sent to the engine): how many sequences to generate
+    # (best_of) and return (n), each its own engine request, and streaming's tokens per response
+    # after the first (raises the model's `stream_interval`, as vLLM's per-request setting does).
     n: int = 1
     best_of: int | None = None
+    stream_interval: int = 1
 
     @property
     def greedy(self) -> bool:

@@ -84,6 +84,10 @@ class Piece:
     num_input_tokens: int
     num_output_tokens: int      # so far
     new_tokens: int             # tokens in this piece
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple = ()        # engine_pb2.TokenLogprobs per token of token_ids, when asked
+    prompt_logprobs: tuple = ()   # in the first piece, when asked: prompt tokens after the first
+    prompt_token_ids: tuple[int, ...] = ()   # with prompt_logprobs
 
 
 class Request:
@@ -111,6 +115,7 @@ class Request:
         core, dep = self.core, self.dep
         failed: set[str] = set()
         sent_tokens: list[int] = []
+        n_out = 0   # this call's tokens: a request may make several calls (n choices), counted together
         migrations = 0
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
@@ -145,9 +150,13 @@ class Request:
                             self.first = now
                         finished = bool(response.finish_reason)
                         sent_tokens += response.token_ids
-                        delta = response.num_output_tokens - self.n_out
-                        self.n_in, self.n_out = response.num_input_tokens, response.num_output_tokens
-                        yield Piece(response.text, response.finish_reason, self.n_in, self.n_out, delta)
+                        delta = response.num_output_tokens - n_out
+                        n_out = response.num_output_tokens
+                        self.n_in, self.n_out = response.num_input_tokens, self.n_out + delta
+                        yield Piece(response.text, response.finish_reason, self.n_in, n_out, delta,
+                                    tuple(response.token_ids), tuple(response.logprobs),
+                                    tuple(response.prompt_logprobs),
+                                    tuple(prompt.token_ids) if response.prompt_logprobs else ())
                         self.last = time.monotonic()
                         self.output_s += self.last - now
                     return

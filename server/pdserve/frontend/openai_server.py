@@ -13,13 +13,18 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from pdserve.common.errors import Cause, ServeError
 from pdserve.frontend.chat_templates import ChatTemplates
 from pdserve.frontend.http_common import HttpDoor, openai_status, read_json, sse
-from pdserve.frontend.protocol import ChatCompletionRequest, CompletionRequest, InvalidInput, OpenAIRequest
+from pdserve.frontend.choices import Choice, best, gather, merged
+from pdserve.frontend.core import Piece
+from pdserve.frontend.logprobs import Scored, TokenTexts, chat_logprobs, completion_logprobs
+from pdserve.frontend.protocol import (ChatCompletionRequest, CompletionRequest, InvalidInput, OpenAIRequest,
+                                       sibling_params)
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.repository.manager import ModelState
 
@@ -122,69 +127,110 @@ class OpenAIServer:
         created = int(time.time())
         async with self.core.request(dep) as req:   # a refused request counts as failed, as on the KServe doors
             call = schema.parse(body)
+            params = call.sampling_params()
+            siblings = sibling_params(params)
+            if call.stream and len(siblings) > params.n:
+                raise InvalidInput("'best_of' must equal 'n' when streaming (the best are known only at the end)",
+                                   "best_of")
             prompt = await self._prompt(dep, call)
-            echo = "" if chat or not call.echo else prompt
-            gen = GenerationRequest(prompt=prompt, sampling=call.sampling_params(), stream=call.stream,
-                                    exclude_input_in_output=True)
-            async with contextlib.aclosing(req.generate(gen)) as pieces:
-                if not call.stream:
-                    texts, reason = [echo], ""
-                    async for p in pieces:
-                        texts.append(p.text)
-                        reason = p.finish_reason
-                    text = "".join(texts)
-                    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                               "finish_reason": reason} if chat else
-                              {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-                    return web.json_response({
-                        "id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-                        "model": call.model, "choices": [choice], "usage": _usage(req.n_in, req.n_out),
-                        "system_fingerprint": None})
-                return await self._stream(request, pieces, req, call.model, request_id, created, chat, echo,
-                                          call.stream_options.include_usage)
+            shows_logprobs = bool(call.logprobs) if chat else call.logprobs is not None
+            texts = (TokenTexts((await self.core.tokenizers.tokenizer(await self.core.model_folder(dep))).tokenizer)
+                     if shows_logprobs else None)
+            shape = _Shape(chat, "" if chat or not call.echo else prompt, texts,
+                           score_only=not chat and call.max_tokens == 0)
+            gens = [GenerationRequest(prompt=prompt, sampling=p, stream=call.stream, exclude_input_in_output=True)
+                    for p in siblings]
+            head = {"id": request_id, "created": created, "model": call.model}
+            if not call.stream:
+                choices = await gather(req, gens, shape.score_only)
+                kept = best(choices, params.n)
+                return web.json_response({
+                    **head, "object": "chat.completion" if chat else "text_completion",
+                    "choices": [shape.whole(i, c) for i, c in enumerate(kept)],
+                    "usage": _usage(req.n_in, sum(c.n_out for c in choices)), "system_fingerprint": None})
+            return await self._stream(request, req, gens, shape, head, call.stream_options.include_usage)
 
-    async def _stream(self, request, pieces, req, model, request_id, created, chat, echo_text, include_usage):
-        kind = "chat.completion.chunk" if chat else "text_completion"
+    async def _stream(self, request, req, gens, shape: "_Shape", head: dict, include_usage: bool):
+        kind = "chat.completion.chunk" if shape.chat else "text_completion"
 
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            out = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            return out
+        def chunk(choice: dict) -> dict:
+            return {**head, "object": kind, "choices": [choice], **({"usage": None} if include_usage else {})}
 
-        # The first piece before the headers: a failure up to here answers with its HTTP status.
-        first = await anext(pieces, None)
-        reply = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await reply.prepare(request)
-        try:
-            if chat:
-                await reply.write(sse(chunk(None, None, role=True)))
-            if echo_text:
-                await reply.write(sse(chunk(echo_text, None)))
-            p = first
-            while p is not None:
-                if p.text:
-                    await reply.write(sse(chunk(p.text, None)))
-                if p.finish_reason:
-                    await reply.write(sse(chunk(None if chat else "", p.finish_reason)))
-                p = await anext(pieces, None)
-            if include_usage:
-                await reply.write(sse({"id": request_id, "object": kind, "created": created, "model": model,
-                                       "choices": [], "usage": _usage(req.n_in, req.n_out)}))
-        except ServeError as exc:
-            status, kind_, code = _openai_status(exc)
-            await reply.write(sse(error_body(exc.message, kind_, getattr(exc, "param", None), code or status)))
-            await reply.write(sse("[DONE]"))
-            await reply.write_eof()
-            raise _Reported(reply, exc) from exc
+        async with merged(req, gens) as pieces:
+            # The first piece before the headers: a failure up to here answers with its HTTP status.
+            first = await anext(pieces, None)
+            reply = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await reply.prepare(request)
+            choices = [Choice() for _ in gens]
+            try:
+                if shape.chat:
+                    for i in range(len(gens)):
+                        await reply.write(sse(chunk(shape.delta(i, {"role": "assistant", "content": ""}, None, None))))
+                item = first
+                while item is not None:
+                    index, piece = item
+                    for part in shape.stream_parts(index, choices[index], piece):
+                        await reply.write(sse(chunk(part)))
+                    item = await anext(pieces, None)
+                if include_usage:
+                    await reply.write(sse({**head, "object": kind, "choices": [],
+                                           "usage": _usage(req.n_in, sum(c.n_out for c in choices))}))
+            except ServeError as exc:
+                status, kind_, code = _openai_status(exc)
+                await reply.write(sse(error_body(exc.message, kind_, getattr(exc, "param", None), code or status)))
+                await reply.write(sse("[DONE]"))
+                await reply.write_eof()
+                raise _Reported(reply, exc) from exc
         await reply.write(sse("[DONE]"))
         await reply.write_eof()
         return reply
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How a request's choices look: chat or completions, the echo, log-probabilities (texts:
+    None when not asked), scoring only."""
+    chat: bool
+    echo: str
+    texts: TokenTexts | None
+    score_only: bool
+
+    def _logprobs(self, tokens: list[Scored], prompt: list[Scored], choice: Choice):
+        if self.texts is None:
+            return None
+        if self.chat:
+            return chat_logprobs(tokens, self.texts)
+        out, choice.offset = completion_logprobs(prompt + tokens, self.texts, choice.offset)
+        return out
+
+    def whole(self, index: int, choice: Choice) -> dict:
+        logprobs = self._logprobs(choice.tokens, choice.prompt, choice)
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
+        return {"index": index, "text": self.echo + choice.text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def delta(self, index: int, delta: dict, logprobs, reason: str | None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def stream_parts(self, index: int, choice: Choice, piece: Piece) -> list[dict]:
+        """The chunks' choices one piece gives: the echo first (completions), its text, its end."""
+        text, tokens, prompt = choice.add(piece, self.score_only)
+        parts = []
+        if not self.chat and not choice.started and (self.echo or prompt):
+            parts.append({"index": index, "text": self.echo, "logprobs": self._logprobs([], prompt, choice),
+                          "finish_reason": None})
+        choice.started = True
+        if text or tokens:
+            logprobs = self._logprobs(tokens, [], choice)
+            parts.append(self.delta(index, {"content": text}, logprobs, None) if self.chat else
+                         {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None})
+        if piece.finish_reason:
+            reason = choice.finish_reason
+            parts.append(self.delta(index, {}, None, reason) if self.chat else
+                         {"index": index, "text": "", "logprobs": None, "finish_reason": reason})
+        return parts
 
 
 class _Reported(ServeError):

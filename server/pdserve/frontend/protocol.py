@@ -19,6 +19,7 @@ sampling_parameters keys refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
 from typing import Annotated, Any
@@ -30,11 +31,13 @@ from pydantic_core import PydanticCustomError
 
 from pdserve.common.constants import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from pdserve.common.errors import Cause, ServeError
-from pdserve.common.sampling import SamplingParams
+from pdserve.common.sampling import MAX_LOGPROBS, SamplingParams
 
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_TOKENS_UNSET = INT32_MAX   # chat without max_tokens: until EOS or max_model_len, as vLLM
+MAX_CHOICES = 16               # n and best_of: each choice is an engine request of its own
+MAX_LOGIT_BIAS = 1024          # entries of logit_bias
 
 
 class InvalidInput(ServeError):
@@ -118,6 +121,27 @@ def _token_ids(value):
     return tuple(value)
 
 
+def _logit_bias(value):
+    """OpenAI's {"token id": bias} (ids as strings in JSON), biases from -100 to 100."""
+    if not isinstance(value, dict):
+        raise _refuse('must be an object such as {"50256": -100} (token id: bias)')
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _refuse(f"has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}")
+    bias = {}
+    for key, number in value.items():
+        try:
+            token = _integer(key)
+        except PydanticCustomError:
+            token = -1
+        if not 0 <= token <= INT32_MAX:
+            raise _refuse(f"has the key {_shown(key)}; keys must be token ids (integers from 0)")
+        number = _float32(number)
+        if not -100.0 <= number <= 100.0:
+            raise _refuse(f"gives token {token} the bias {number}; biases go from -100 to 100")
+        bias[token] = number
+    return tuple(sorted(bias.items()))
+
+
 def _only(*allowed):
     """An OpenAI field pdserve does not implement: accepted at its neutral value (allowed[0])."""
     def check(value):
@@ -137,6 +161,13 @@ Flag = Annotated[bool, BeforeValidator(_flag)]
 Stop = Annotated[tuple[str, ...], BeforeValidator(_stop)]
 StopTokenIds = Annotated[tuple[int, ...], BeforeValidator(_token_ids)]
 StreamInterval = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)]
+Penalty = Annotated[float, BeforeValidator(_float32), Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, BeforeValidator(_float32), Field(gt=0.0, le=100.0)]
+LogitBias = Annotated[tuple[tuple[int, float], ...], BeforeValidator(_logit_bias)]
+MinP = Annotated[float, BeforeValidator(_float32), Field(ge=0.0, le=1.0)]
+Logprobs = Annotated[int | None, BeforeValidator(_integer), Field(ge=0, le=MAX_LOGPROBS)]
+ChoiceCount = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=MAX_CHOICES)]
+BestOf = Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=MAX_CHOICES)]
 Truthy = Annotated[bool, BeforeValidator(bool)]   # OpenAI switches read as Python truth, as pdserve always has
 Neutral = Any
 
@@ -199,6 +230,16 @@ class SamplingFields(Schema):
     stop_token_ids: StopTokenIds = ()
     ignore_eos: Flag = False
     min_tokens: MinTokens = 0
+    presence_penalty: Penalty = SamplingParams.presence_penalty
+    frequency_penalty: Penalty = SamplingParams.frequency_penalty
+    repetition_penalty: RepetitionPenalty = SamplingParams.repetition_penalty
+    logit_bias: LogitBias = ()
+    min_p: MinP = SamplingParams.min_p
+    logprobs: Logprobs = None
+    prompt_logprobs: Logprobs = None
+    # n sequences returned out of best_of generated (the n with the highest log-probability)
+    n: ChoiceCount = SamplingParams.n
+    best_of: BestOf = None
 
     def max_new_tokens(self) -> int:
         return self.max_tokens
@@ -207,6 +248,8 @@ class SamplingFields(Schema):
     def _min_tokens_fit(self):
         if self.min_tokens > self.max_new_tokens():
             raise _refuse(f"is {self.min_tokens}; it must be <= {self.max_new_tokens()}", "min_tokens")
+        if self.best_of is not None and self.best_of < self.n:
+            raise _refuse(f"is {self.best_of}; it must be >= n ({self.n})", "best_of")
         return self
 
     def sampling_params(self) -> SamplingParams:
@@ -216,6 +259,17 @@ class SamplingFields(Schema):
         given["max_tokens"] = self.max_new_tokens()
         given["top_k"] = 0 if self.top_k == -1 else self.top_k
         return SamplingParams(**given)
+
+
+def sibling_params(params: SamplingParams) -> list[SamplingParams]:
+    """The engine requests of a request's best_of (or n) sequences: seeds seed, seed + 1, ..., so
+    each has its own stream and a seed reproduces them all; when more are generated than
+    returned, each reports its tokens' log-probabilities, which rank them."""
+    count = params.best_of or params.n
+    ranked = count > params.n and params.logprobs is None
+    return [dataclasses.replace(params, seed=None if params.seed is None else (params.seed + i) % 2**63,
+                                logprobs=0 if ranked else params.logprobs)
+            for i in range(count)]
 
 
 class SamplingParameters(SamplingFields):
@@ -252,15 +306,7 @@ class OpenAIRequest(SamplingFields):
     stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] = StreamOptions()
     response_format: Annotated[Neutral, AfterValidator(_text_format)] = None
     # not implemented by pdserve: only their neutral values
-    n: Annotated[Neutral, _only(1)] = None
-    best_of: Annotated[Neutral, _only(1)] = None
-    presence_penalty: Annotated[Neutral, _only(0, 0.0)] = None
-    frequency_penalty: Annotated[Neutral, _only(0, 0.0)] = None
-    repetition_penalty: Annotated[Neutral, _only(1, 1.0)] = None
-    logprobs: Annotated[Neutral, _only(False, 0)] = None
-    top_logprobs: Annotated[Neutral, _only(0)] = None
     suffix: Annotated[Neutral, _only("")] = None
-    logit_bias: Annotated[Neutral, _only({})] = None
     tools: Annotated[Neutral, _only([])] = None
     use_beam_search: Annotated[Neutral, _only(False)] = None
 
@@ -280,8 +326,23 @@ def _one_prompt(value):
 
 
 class CompletionRequest(OpenAIRequest):
+    """`logprobs: k` asks the k most likely alternatives of every token; with `echo`, of the prompt's
+    tokens too, and `max_tokens: 0` then scores the prompt alone (as lm-evaluation-harness does)."""
     prompt: Annotated[str, BeforeValidator(_one_prompt)] = Field(None, validate_default=True)
     echo: Truthy = False
+    max_tokens: Annotated[int, BeforeValidator(_integer), Field(ge=0, le=INT32_MAX)] = SamplingParams.max_tokens
+
+    @model_validator(mode="after")
+    def _nothing_to_generate_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise _refuse("is 0; it must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        """max_tokens 0: the engine still generates one token, which the door leaves out."""
+        params = super().sampling_params()
+        return dataclasses.replace(params, max_tokens=max(params.max_tokens, 1),
+                                   prompt_logprobs=params.logprobs if self.echo else params.prompt_logprobs)
 
 
 def _text_content(value):
@@ -318,7 +379,10 @@ def _non_empty_list(value):
 
 
 class ChatCompletionRequest(OpenAIRequest):
+    """`logprobs` is a switch here (OpenAI's chat API), `top_logprobs` the alternatives per token."""
     messages: Annotated[list[ChatMessage], BeforeValidator(_non_empty_list)] = Field(None, validate_default=True)
+    logprobs: Truthy = False
+    top_logprobs: Logprobs = None
     max_tokens: MaxTokens = MAX_TOKENS_UNSET
     max_completion_tokens: Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)] = None
     add_generation_prompt: Annotated[bool, BeforeValidator(lambda v: v is not False)] = True
@@ -333,6 +397,16 @@ class ChatCompletionRequest(OpenAIRequest):
 
     def max_new_tokens(self) -> int:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise _refuse(f"is {self.top_logprobs}; it needs \"logprobs\": true", "top_logprobs")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        params = super().sampling_params()
+        return dataclasses.replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def chat(self) -> list[dict]:
         """The messages as the chat template reads them."""

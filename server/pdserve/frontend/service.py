@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import struct
 import time
+from dataclasses import dataclass
 
 from pdserve import __version__
 from pdserve._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 from pdserve.cluster.router import Router
 from pdserve.common.errors import Cause, ServeError
+from pdserve.frontend.choices import Choice, best, gather
 from pdserve.frontend.core import InferenceCore
+from pdserve.frontend.logprobs import Scored, TokenTexts, kserve_logprobs
+from pdserve.frontend.protocol import InvalidInput, sibling_params
 from pdserve.frontend.settings import Settings
 from pdserve.frontend.tensors import GenerationRequest, parse_request, serialize_bytes
 from pdserve.repository.config import KSERVE_DATATYPES, ConfigError
@@ -42,23 +47,34 @@ def request_deadline(request: pb.ModelInferRequest, rpc_remaining: float | None)
     return time.monotonic() + min(limits) if limits else None
 
 
-def build_response(request: pb.ModelInferRequest, gen: GenerationRequest, text: str, finish_reason: str,
-                   num_input_tokens: int, num_output_tokens: int) -> pb.ModelInferResponse:
+@dataclass(frozen=True)
+class Sequence:
+    """One sequence's part of a response (n > 1: one per sequence)."""
+    text: str
+    finish_reason: str
+    num_output_tokens: int
+    logprobs: str = ""    # the `logprobs` output's JSON (frontend/logprobs.py)
+
+
+def build_response(request: pb.ModelInferRequest, gen: GenerationRequest, num_input_tokens: int,
+                   sequences: list[Sequence]) -> pb.ModelInferResponse:
     """A ModelInferResponse with its outputs as raw contents, as Triton sends them."""
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                      id=request.id)
 
-    def add(name: str, datatype: str, raw: bytes) -> None:
-        response.outputs.add(name=name, datatype=datatype, shape=[1])
+    def add(name: str, datatype: str, raw: bytes, count: int = len(sequences)) -> None:
+        response.outputs.add(name=name, datatype=datatype, shape=[count])
         response.raw_output_contents.append(raw)
     if gen.wants("text_output"):
-        add("text_output", "BYTES", serialize_bytes([text.encode("utf-8")]))
-    if gen.wants("finish_reason") and finish_reason:
-        add("finish_reason", "BYTES", serialize_bytes([finish_reason.encode("utf-8")]))
+        add("text_output", "BYTES", serialize_bytes([s.text.encode("utf-8") for s in sequences]))
+    if gen.wants("finish_reason") and all(s.finish_reason for s in sequences):
+        add("finish_reason", "BYTES", serialize_bytes([s.finish_reason.encode("utf-8") for s in sequences]))
     if gen.wants("num_input_tokens"):
-        add("num_input_tokens", "UINT32", struct.pack("<I", num_input_tokens))
+        add("num_input_tokens", "UINT32", struct.pack("<I", num_input_tokens), 1)
     if gen.wants("num_output_tokens"):
-        add("num_output_tokens", "UINT32", struct.pack("<I", num_output_tokens))
+        add("num_output_tokens", "UINT32", b"".join(struct.pack("<I", s.num_output_tokens) for s in sequences))
+    if gen.wants("logprobs"):
+        add("logprobs", "BYTES", serialize_bytes([s.logprobs.encode("utf-8") for s in sequences]))
     return response
 
 
@@ -244,18 +260,38 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async with self.core.request(dep) as req:
             deadline = request_deadline(request, rpc_remaining)
             gen = parse_request(request)
+            if gen.wants("logprobs") and gen.sampling.logprobs is None:
+                gen = dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, logprobs=0))
             stream = streaming_rpc and gen.stream
             prefix = gen.prompt if (not stream and gen.exclude_input_in_output is not True) else ""
-            pieces, reason, n_in, n_out = [prefix], "", 0, 0
+            texts = (TokenTexts((await self.core.tokenizers.tokenizer(await self.core.model_folder(dep))).tokenizer)
+                     if gen.wants("logprobs") else None)
+
+            def shown(tokens: list[Scored], prompt: list[Scored]) -> str:
+                return kserve_logprobs(tokens, prompt, texts) if texts is not None else ""
+            siblings = sibling_params(gen.sampling)
+            if len(siblings) > 1:
+                if stream:
+                    raise InvalidInput("sampling_parameters 'n' and 'best_of' above 1 need a request that does not "
+                                       "stream (text_output then holds one element per sequence)")
+                choices = best(await gather(req, [dataclasses.replace(gen, sampling=p) for p in siblings],
+                                           deadline=deadline), gen.sampling.n)
+                yield build_response(request, gen, req.n_in, [
+                    Sequence(prefix + c.text, c.finish_reason, c.n_out, shown(c.tokens, c.prompt))
+                    for c in choices]), True
+                return
+            choice = Choice()
             async with contextlib.aclosing(req.generate(gen, deadline)) as engine_pieces:
                 async for p in engine_pieces:
-                    n_in, n_out, reason = p.num_input_tokens, p.num_output_tokens, p.finish_reason
-                    if not stream:
-                        pieces.append(p.text)
-                    elif p.text or reason or gen.wants("num_output_tokens"):
-                        yield build_response(request, gen, p.text, reason, n_in, p.new_tokens), bool(reason)
+                    _, tokens, prompt = choice.add(p)
+                    if stream and (p.text or p.finish_reason or gen.wants("num_output_tokens") or tokens):
+                        yield build_response(request, gen, p.num_input_tokens, [
+                            Sequence(p.text, p.finish_reason, p.new_tokens, shown(tokens, prompt))]), \
+                            bool(p.finish_reason)
             if not stream:
-                yield build_response(request, gen, "".join(pieces), reason, n_in, n_out), True
+                yield build_response(request, gen, req.n_in, [
+                    Sequence(prefix + choice.text, choice.finish_reason, choice.n_out,
+                             shown(choice.tokens, choice.prompt))]), True
 
     async def ModelInfer(self, request, context):
         try:

@@ -1,7 +1,9 @@
 """KServe v2 tensors <-> generation requests, with the interface of Triton's vLLM backend.
 
 Inputs: text_input (BYTES), stream, exclude_input_in_output, return_finish_reason,
-return_num_input_tokens, return_num_output_tokens (BOOL), sampling_parameters (BYTES, JSON).
+return_num_input_tokens, return_num_output_tokens, return_logprobs (BOOL), sampling_parameters
+(BYTES, JSON). With n > 1 (sampling_parameters), text_output, finish_reason, num_output_tokens
+and logprobs hold one element per sequence.
 BYTES tensors come as contents.bytes_contents or as raw_input_contents, where each element
 is a 4-byte little-endian length followed by the bytes. The sampling settings, however they come
 (the JSON, request parameters, TensorRT-LLM-style tensors), are validated by one schema,
@@ -36,6 +38,7 @@ class GenerationRequest:
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    return_logprobs: bool = False
     requested_outputs: list[str] = field(default_factory=list)
 
     def wants(self, output: str) -> bool:
@@ -167,6 +170,7 @@ def parse_request(request) -> GenerationRequest:
         return_finish_reason=bool(values.get("return_finish_reason", False)),
         return_num_input_tokens=bool(values.get("return_num_input_tokens", False)),
         return_num_output_tokens=bool(values.get("return_num_output_tokens", False)),
+        return_logprobs=bool(values.get("return_logprobs", False)),
         requested_outputs=[o.name for o in request.outputs])
     if gen.stream and gen.exclude_input_in_output is False:
         raise InvalidInput("exclude_input_in_output=false is not allowed when streaming; "

@@ -25,9 +25,10 @@ BACKENDS = ("", "pdserve", "vllm")
 # frontend/tensors.py parses requests by it; complete_config() writes it into ModelConfig.
 INPUTS = [("text_input", "BYTES", False), ("stream", "BOOL", True), ("sampling_parameters", "BYTES", True),
           ("exclude_input_in_output", "BOOL", True), ("return_finish_reason", "BOOL", True),
-          ("return_num_input_tokens", "BOOL", True), ("return_num_output_tokens", "BOOL", True)]
+          ("return_num_input_tokens", "BOOL", True), ("return_num_output_tokens", "BOOL", True),
+          ("return_logprobs", "BOOL", True)]
 OUTPUTS = [("text_output", "BYTES"), ("finish_reason", "BYTES"), ("num_input_tokens", "UINT32"),
-           ("num_output_tokens", "UINT32")]
+           ("num_output_tokens", "UINT32"), ("logprobs", "BYTES")]
 # KServe datatype <-> ModelConfig data type.
 CONFIG_DATATYPES = {"BYTES": mc.TYPE_STRING, "BOOL": mc.TYPE_BOOL, "UINT32": mc.TYPE_UINT32}
 KSERVE_DATATYPES = {v: k for k, v in CONFIG_DATATYPES.items()}
