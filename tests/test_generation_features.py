@@ -107,11 +107,13 @@ def test_penalties_and_logit_bias_change_greedy_output_as_defined(client):
     assert penalized.text != plain.text
     for i, token in enumerate(lp.tokens):
         earlier = lp.tokens[:i]
+        if "\ufffd" in token:
+            continue   # pieces of a character: several token ids share this text, so counts by text mislead
 
         def adjusted(text, logprob):
             count = earlier.count(text)
             return logprob - 2.0 * count - (1.0 if count else 0.0)
-        best = max(adjusted(t, v) for t, v in lp.top_logprobs[i].items())
+        best = max(adjusted(t, v) for t, v in lp.top_logprobs[i].items() if "\ufffd" not in t)
         assert adjusted(token, lp.token_logprobs[i]) >= best - 1e-3
     # logit_bias: a token pushed by 100 is chosen every time
     token_id = 17
