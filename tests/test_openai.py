@@ -103,7 +103,7 @@ def test_errors_in_openai_shape(server, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "hi"}])
     for bad, param in [({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
-                       ({"top_p": 1.5}, "top_p"), ({"n": 3}, "n")]:
+                       ({"top_p": 1.5}, "top_p"), ({"n": 17}, "n")]:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="small", prompt="hi", **bad)
         assert info.value.status_code == 400

@@ -47,7 +47,8 @@ def test_health_and_metadata(served):
     assert model.versions == ["1"]
     assert {i.name: i.datatype for i in model.inputs}["text_input"] == "BYTES"
     assert {o.name: o.datatype for o in model.outputs} == {
-        "text_output": "BYTES", "finish_reason": "BYTES", "num_input_tokens": "UINT32", "num_output_tokens": "UINT32"}
+        "text_output": "BYTES", "finish_reason": "BYTES", "num_input_tokens": "UINT32", "num_output_tokens": "UINT32",
+        "logprobs": "BYTES"}
 
 
 def test_model_config_parsed_by_tritonclient(served):
