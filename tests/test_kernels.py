@@ -136,12 +136,15 @@ def decode_meta(context_lens, num_blocks, block_size=16, seed=3):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim", [64, 16])
-def test_decode_attention_matches_reference(dtype, dim, variant):
+@pytest.mark.parametrize("dim,heads", [(64, 8), (16, 8), (64, 14), (128, 6)])
+@pytest.mark.parametrize("lens", [[1, 17, 100, 33, 16, 250], [77]], ids=["batch", "one"])
+def test_decode_attention_matches_reference(dtype, dim, heads, lens, variant):
+    """GQA groups of 4, 7 (a 0.5B Qwen's 14 heads over 2) and 3 query heads; a batch (one task per
+    sequence) and a single sequence (its KV heads split over threads); partial 16-key tiles."""
     ref, cpu = pair(dtype, variant)
     pool = random_pool(dtype, dim=dim)
-    meta = decode_meta([1, 17, 100, 33, 16, 250], pool.shape[0])
-    q = torch.randn(6, 8, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
+    meta = decode_meta(lens, pool.shape[0])
+    q = torch.randn(len(lens), heads, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
     for layer in (0, 1):
         expected = ref.decode_attention(q, pool, layer, meta)
         torch.testing.assert_close(cpu.decode_attention(q, pool, layer, meta), expected, **TOL[dtype])

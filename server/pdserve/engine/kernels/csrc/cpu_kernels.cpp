@@ -62,6 +62,97 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// Vectors as wide as the build allows (16 floats with AVX-512, else 8); bf16 rounds to nearest
+// even, as at::BFloat16 (and so torch) does.
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int VW = 16;
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vload(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline __m512i bf16_bits(vf v) {   // the rounded bf16 in each lane's high half
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+}
+static inline void vstore(at::BFloat16* p, vf v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+static inline vf vround_bf16(vf v) { return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(v), _mm512_set1_epi32(int(0xffff0000u)))); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+// a / b by the reciprocal estimate and one Newton step (about float32's precision; a divide
+// instruction is several times slower)
+static inline vf vdiv(vf a, vf b) {
+  const vf r = _mm512_rcp14_ps(b);
+  return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
+}
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf vfloor_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vexp2i(vf fx) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23));
+}
+#else
+using vf = __m256;
+constexpr int VW = 8;
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vload(const at::BFloat16* p) { return load8(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline __m256i bf16_bits(vf v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
+static inline void vstore(at::BFloat16* p, vf v) {
+  const __m256i h = _mm256_srli_epi32(bf16_bits(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  _mm_storeu_si128((__m128i*)p, packed);
+}
+static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_and_si256(bf16_bits(v), _mm256_set1_epi32(int(0xffff0000u)))); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float vsum(vf v) { return hsum8(v); }
+static inline vf vfloor_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vexp2i(vf fx) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23));
+}
+#endif
+// the value a float rounds to in T
+static inline vf vround(vf v, const float*) { return v; }
+static inline vf vround(vf v, const at::BFloat16*) { return vround_bf16(v); }
+static inline float round_to(float x, const float*) { return x; }
+static inline float round_to(float x, const at::BFloat16*) { return to_float(at::BFloat16(x)); }
+// exp for x <= 0, exp8's polynomial at the build's width
+static inline vf vexp(vf x) {
+  x = vmax(x, vset1(-87.0f));
+  const vf fx = vfloor_round(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfnmadd(fx, vset1(0.693359375f), x);
+  r = vfnmadd(fx, vset1(-2.12194440e-4f), r);
+  vf y = vset1(1.9875691500e-4f);
+  y = vfmadd(y, r, vset1(1.3981999507e-3f));
+  y = vfmadd(y, r, vset1(8.3334519073e-3f));
+  y = vfmadd(y, r, vset1(4.1665795894e-2f));
+  y = vfmadd(y, r, vset1(1.6666665459e-1f));
+  y = vfmadd(y, r, vset1(5.0000001201e-1f));
+  y = vfmadd(y, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vmul(y, vexp2i(fx));
+}
+
 // out[b, h, :] = softmax(q[b, h] . K[b]^T * scale) V[b], K and V read in place from the pool
 // [num_blocks, layers, 2, block_size, kv_heads, dim] through block_tables[b] for context_lens[b] tokens,
 // in one pass over the context (online softmax, block by block): each block's keys and values
@@ -163,9 +254,173 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
   });
 }
 
+#if defined(__AVX512BF16__)
+// bf16 KV with avx512_bf16: both products as bf16 dot products (vdpbf16ps: 32 bf16 products a
+// step, float32 sums), 16 keys at a time. QK^T: a tile's 16 key rows are transposed once into
+// dim pairs x keys (16x16 dword transposes), then each query head takes its 16 scores in
+// D / 2 steps with no horizontal sums; the 4-head batches keep independent chains in flight.
+// PV: the tile's value rows interleaved by key pairs (unpack, no transpose) against each head's
+// probabilities rounded to bf16, as torch's bf16 attention rounds them before its PV product.
+// The accumulators hold the dims in the unpack's lane order, put back in order at the end.
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i
+static inline void transpose16x16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+template <int D>
+static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
+                                 const at::Tensor& tables, const at::Tensor& lens, float scale) {
+  static_assert(D % 32 == 0, "rows are whole 32-dim chunks");
+  using T = at::BFloat16;
+  constexpr int P = D / 2, C = D / 32;   // dim pairs (one dword each); 32-dim chunks (one zmm)
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t BS = kv.size(3), KVH = kv.size(4);
+  const int64_t G = H / KVH, G4 = (G + 3) / 4 * 4;
+  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
+  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t tab_stride = tables.stride(0);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
+  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
+  const int64_t per = KVH / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = per * G;
+    std::vector<uint32_t> qd(per * G4 * P), pb(nh * 8);
+    std::vector<float> acc(nh * D), mx(nh), sum(nh);
+    alignas(64) int32_t kt[P][16];
+    alignas(64) int32_t vi[8][2 * C][16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      std::fill(qd.begin(), qd.end(), 0u);   // the padding heads of each group score zeros
+      for (int64_t g = 0; g < per; ++g)
+        for (int64_t i = 0; i < G; ++i)
+          std::memcpy(&qd[(g * G4 + i) * P], qp + b * qs_b + ((g0 + g) * G + i) * qs_h, D * sizeof(T));
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      std::fill(sum.begin(), sum.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < n; t0 += BS) {
+        const T* blk = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
+        const int64_t m = std::min(BS, n - t0);
+        if (t0 + BS < n) {   // the next block's rows of these heads, keys and values
+          const T* nb = base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head;
+          for (int64_t j = 0; j < std::min(BS, n - t0 - BS); ++j) {
+            prefetch_row(nb + j * s_tok, per * s_head);
+            prefetch_row(nb + s_kv + j * s_tok, per * s_head);
+          }
+        }
+        for (int64_t j0 = 0; j0 < m; j0 += 16) {
+          const int mt = (int)std::min<int64_t>(16, m - j0);
+          const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
+          for (int64_t g = 0; g < per; ++g) {
+            const T* kb = blk + g * s_head + j0 * s_tok;
+            const T* vb = kb + s_kv;
+            for (int c = 0; c < C; ++c) {   // kt[p][j]: key j's dims 2p, 2p+1
+              __m512i r[16];
+              for (int j = 0; j < 16; ++j)
+                r[j] = j < mt ? _mm512_loadu_si512(kb + j * s_tok + 32 * c) : _mm512_setzero_si512();
+              transpose16x16(r);
+              for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[16 * c + i], r[i]);
+            }
+            for (int64_t i0 = 0; i0 < G; i0 += 4) {
+              const uint32_t* q0 = &qd[(g * G4 + i0) * P];
+              __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+              for (int p = 0; p < P; ++p) {
+                const __m512bh k = as_bh(_mm512_load_si512(kt[p]));
+                for (int x = 0; x < 4; ++x)
+                  a[x] = _mm512_dpbf16_ps(a[x], k, as_bh(_mm512_set1_epi32((int)q0[x * P + p])));
+              }
+              for (int64_t x = 0; x < 4 && i0 + x < G; ++x) {
+                const int64_t h = g * G + i0 + x;
+                const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(a[x], _mm512_set1_ps(scale)));
+                const float bm = std::max(mx[h], _mm512_reduce_max_ps(s));
+                if (bm > mx[h]) {
+                  const float corr = std::exp(mx[h] - bm);   // 0 for the first tile
+                  sum[h] *= corr;
+                  float* ah = &acc[h * D];
+                  for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ah + d, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(ah + d)));
+                  mx[h] = bm;
+                }
+                const __m512 e = _mm512_maskz_mov_ps(valid, vexp(_mm512_sub_ps(s, _mm512_set1_ps(bm))));
+                sum[h] += _mm512_reduce_add_ps(e);
+                _mm256_storeu_si256((__m256i*)&pb[h * 8], (__m256i)_mm512_cvtneps_pbh(e));
+              }
+            }
+            const int pairs = (mt + 1) / 2;
+            for (int t = 0; t < pairs; ++t)
+              for (int c = 0; c < C; ++c) {
+                const __m512i lo = _mm512_loadu_si512(vb + 2 * t * s_tok + 32 * c);
+                const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * s_tok + 32 * c) : _mm512_setzero_si512();
+                _mm512_store_si512(vi[t][2 * c], _mm512_unpacklo_epi16(lo, hi));
+                _mm512_store_si512(vi[t][2 * c + 1], _mm512_unpackhi_epi16(lo, hi));
+              }
+            for (int64_t i = 0; i < G; ++i) {
+              const int64_t h = g * G + i;
+              float* ah = &acc[h * D];
+              __m512 o[2 * C];
+              for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_loadu_ps(ah + 16 * x);
+              for (int t = 0; t < pairs; ++t) {
+                const __m512bh w = as_bh(_mm512_set1_epi32((int)pb[h * 8 + t]));
+                for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_dpbf16_ps(o[x], as_bh(_mm512_load_si512(vi[t][x])), w);
+              }
+              for (int x = 0; x < 2 * C; ++x) _mm512_storeu_ps(ah + 16 * x, o[x]);
+            }
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {   // accumulator lane k of chunk c's lo / hi: dim 32c + 8(k/4) + k%4 (+4)
+        const float inv = 1.f / sum[h];
+        const float* ah = &acc[h * D];
+        T* oh = op + (b * H + g0 * G + h) * D;
+        for (int c = 0; c < C; ++c)
+          for (int k = 0; k < 16; ++k) {
+            const int d = 32 * c + 8 * (k / 4) + k % 4;
+            from_float(ah[32 * c + k] * inv, &oh[d]);
+            from_float(ah[32 * c + 16 + k] * inv, &oh[d + 4]);
+          }
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 static void dispatch_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                          const at::Tensor& tables, const at::Tensor& lens, float scale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<T, at::BFloat16>::value) {
+    switch (q.size(2)) {
+      case 64: return decode_kernel_dpbf16<64>(out, q, kv, layer, tables, lens, scale);
+      case 128: return decode_kernel_dpbf16<128>(out, q, kv, layer, tables, lens, scale);
+      case 256: return decode_kernel_dpbf16<256>(out, q, kv, layer, tables, lens, scale);
+      case 32: return decode_kernel_dpbf16<32>(out, q, kv, layer, tables, lens, scale);
+      case 96: return decode_kernel_dpbf16<96>(out, q, kv, layer, tables, lens, scale);
+      default: break;
+    }
+  }
+#endif
   switch (q.size(2)) {
     case 64: return decode_kernel<T, 64>(out, q, kv, layer, tables, lens, scale);
     case 128: return decode_kernel<T, 128>(out, q, kv, layer, tables, lens, scale);
@@ -179,97 +434,6 @@ static void dispatch_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor&
 }
 
 // ---- the layer body's small ops: one pass each, in place where the model allows it --------------
-// Vectors as wide as the build allows (16 floats with AVX-512, else 8); bf16 rounds to nearest
-// even, as at::BFloat16 (and so torch) does.
-#if defined(__AVX512F__)
-using vf = __m512;
-constexpr int VW = 16;
-static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline vf vload(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
-static inline __m512i bf16_bits(vf v) {   // the rounded bf16 in each lane's high half
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-}
-static inline void vstore(at::BFloat16* p, vf v) {
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
-}
-static inline vf vround_bf16(vf v) { return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(v), _mm512_set1_epi32(int(0xffff0000u)))); }
-static inline vf vset1(float x) { return _mm512_set1_ps(x); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-// a / b by the reciprocal estimate and one Newton step (about float32's precision; a divide
-// instruction is several times slower)
-static inline vf vdiv(vf a, vf b) {
-  const vf r = _mm512_rcp14_ps(b);
-  return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
-}
-static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
-static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
-static inline vf vfloor_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vf vexp2i(vf fx) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23));
-}
-#else
-using vf = __m256;
-constexpr int VW = 8;
-static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vf vload(const at::BFloat16* p) { return load8(p); }
-static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
-static inline __m256i bf16_bits(vf v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  return _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-}
-static inline void vstore(at::BFloat16* p, vf v) {
-  const __m256i h = _mm256_srli_epi32(bf16_bits(v), 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  _mm_storeu_si128((__m128i*)p, packed);
-}
-static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_and_si256(bf16_bits(v), _mm256_set1_epi32(int(0xffff0000u)))); }
-static inline vf vset1(float x) { return _mm256_set1_ps(x); }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
-static inline float vsum(vf v) { return hsum8(v); }
-static inline vf vfloor_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vf vexp2i(vf fx) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23));
-}
-#endif
-// the value a float rounds to in T
-static inline vf vround(vf v, const float*) { return v; }
-static inline vf vround(vf v, const at::BFloat16*) { return vround_bf16(v); }
-static inline float round_to(float x, const float*) { return x; }
-static inline float round_to(float x, const at::BFloat16*) { return to_float(at::BFloat16(x)); }
-// exp for x <= 0, exp8's polynomial at the build's width
-static inline vf vexp(vf x) {
-  x = vmax(x, vset1(-87.0f));
-  const vf fx = vfloor_round(vmul(x, vset1(1.44269504088896341f)));
-  vf r = vfnmadd(fx, vset1(0.693359375f), x);
-  r = vfnmadd(fx, vset1(-2.12194440e-4f), r);
-  vf y = vset1(1.9875691500e-4f);
-  y = vfmadd(y, r, vset1(1.3981999507e-3f));
-  y = vfmadd(y, r, vset1(8.3334519073e-3f));
-  y = vfmadd(y, r, vset1(4.1665795894e-2f));
-  y = vfmadd(y, r, vset1(1.6666665459e-1f));
-  y = vfmadd(y, r, vset1(5.0000001201e-1f));
-  y = vfmadd(y, vmul(r, r), vadd(r, vset1(1.0f)));
-  return vmul(y, vexp2i(fx));
-}
-
 // Below this much work (elements) an op runs on the calling thread: waking the OpenMP team (a
 // futex wake-up per thread when they sleep, as served with OMP_WAIT_POLICY=PASSIVE) costs more
 // than the second core saves. Measured per op at a decode step's sizes (bench/RESULTS.md);
