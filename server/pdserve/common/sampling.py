@@ -32,6 +32,10 @@ class SamplingParams:
     # (0: the chosen token's only). prompt_logprobs: the same for every prompt token but the first.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Constrained decoding (engine/structured.py): "" or json, json_object, regex, choice, grammar,
+    # and its spec (a JSON schema, a regex, a JSON list of strings, an EBNF grammar).
+    structured_kind: str = ""
+    structured_spec: str = ""
     # Read by the front end only (not sent to the engine): how many sequences to generate
     # (best_of) and return (n), each its own engine request, and streaming's tokens per response
     # after the first (raises the model's `stream_interval`, as vLLM's per-request setting does).
@@ -59,7 +63,8 @@ class SamplingParams:
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias), min_p=self.min_p,
-            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+            structured_kind=self.structured_kind, structured_spec=self.structured_spec)
 
     @classmethod
     def from_proto(cls, msg: engine_pb2.SamplingParams) -> "SamplingParams":
@@ -70,7 +75,8 @@ class SamplingParams:
                    repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
                    logit_bias=tuple(sorted(msg.logit_bias.items())), min_p=msg.min_p,
                    logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-                   prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None)
+                   prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+                   structured_kind=msg.structured_kind, structured_spec=msg.structured_spec)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pdserve.engine.kv_transport import KVDestination, KVTransport
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence
+from pdserve.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class LLMEngine:
                                    cfg.enable_chunked_prefill)
         self.sequences: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.structured = StructuredOutputs(self.tokenizer, self.runner.vocab_size, self.runner.eos_ids)
+        self.runner.sampler.constrain = self.structured.apply
 
     # ---- requests in ------------------------------------------------------------------------
     def _admit(self, request_id: str, token_ids: list[int], params: SamplingParams,
@@ -137,7 +140,11 @@ class LLMEngine:
             # Log-probabilities come from the engine that computes the logits: the first token's
             # and the prompt's would be a prefill engine's, so such requests are prefilled here.
             prefill_address = ""
+        if params.structured_kind:   # the first token too must follow the grammar, so it is sampled here
+            prefill_address = ""
+        matcher = self.structured.new_matcher(params)
         seq = self._admit(request_id, token_ids, params, prompt_block_hashes)
+        self.structured.start(request_id, matcher, resume_token_ids)
         detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if resume_token_ids:
             seq.output_token_ids = list(resume_token_ids)
@@ -229,7 +236,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        self.structured.begin_step([seq for seq, _ in scheduled.prefills] + scheduled.decodes)
         sampled = self.runner.run(scheduled)
+        self.structured.end_step()
         self.scheduler.computed(scheduled)
         outputs = []
         if self.prefill_kv is not None:
@@ -272,6 +281,7 @@ class LLMEngine:
         num_out = len(seq.output_token_ids)
         reason = None
         may_stop = num_out >= params.min_tokens
+        grammar_ended = self.structured.accept(seq.request_id, token_id)
         if may_stop and token_id in params.stop_token_ids:
             reason = "stop"
         elif may_stop and not params.ignore_eos and token_id in self.runner.eos_ids:
@@ -280,6 +290,8 @@ class LLMEngine:
             reason = "stop"
         elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if reason is None and grammar_ended:
+            reason = "stop"
         if reason is not None:
             detok.flush()
         logprobs, seq.new_logprobs = (seq.new_logprobs,) if seq.new_logprobs else (), None
@@ -296,6 +308,7 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self.sequences.pop(request_id, None)
         self.detokenizers.pop(request_id, None)
+        self.structured.forget(request_id)
         if self.prefill_kv is not None:
             self.prefill_kv.forget(request_id)
 

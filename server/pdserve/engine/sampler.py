@@ -9,10 +9,11 @@ The order is vLLM's: min_tokens and logit_bias, then the penalties, then tempera
 top-k and top-p. Log-probabilities are those of the model's raw logits (log_softmax before any
 of these; vLLM's default `raw_logprobs`), so they score the model, not the request's settings.
 
-A batch of plain greedy rows (no penalties, bias or log-probabilities) is one argmax over the
+A batch of plain greedy rows (no penalties, bias or log-probabilities) is one max over the
 logits in the model's dtype: widening to float32 first would cost a copy of the whole
 [batch, vocab] block and change nothing, since every bfloat16/float16 value is exact in float32
-(argmax picks the same first maximum either way).
+(both pick the first of tied maxima). max(dim).indices, not argmax: on CPU, argmax over bfloat16
+is the slower kernel of the two (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ class Sampler:
         self.device = device
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
+        # Constrained decoding's hook (engine/structured.py): masks rows of the logits in place
+        self.constrain = None
 
     def _tensor(self, values, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -94,9 +97,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> list[int]:
         """The next token of each row. A row whose request asks log-probabilities gets them in
         its sequence's `new_logprobs` (read when the token is appended)."""
+        if self.constrain is not None:
+            self.constrain(logits, seqs)
         if all(seq.params.plain_greedy for seq in seqs):
             self._suppress_early_stops(logits, seqs, eos_ids)
-            return logits.argmax(dim=-1).tolist()
+            return logits.max(dim=-1).indices.tolist()
         logits = logits.float()
         logprob_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None

@@ -309,19 +309,35 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             async for command in commands:
                 if command.HasField("generate"):
                     open_ids.add(command.generate.request_id)
-                    self._start(command.generate, outputs)
+                    self._start(command.generate, outputs, open_ids)
                 else:
                     open_ids.discard(command.abort)
                     self.engine_loop.send(Abort(command.abort))
         finally:
             outputs.put_nowait(None)
 
-    def _start(self, request: engine_pb2.GenerateRequest, outputs: asyncio.Queue) -> None:
+    def _start(self, request: engine_pb2.GenerateRequest, outputs: asyncio.Queue, open_ids: set[str]) -> None:
         """Queues the request; the front end tokenized its prompt (and may have hashed its blocks)."""
         hashes = tuple(request.prompt_block_hashes) if request.block_size == self.block_size else ()
-        self.engine_loop.open(AddRequest(request.request_id, tuple(request.prompt_token_ids),
-                                         SamplingParams.from_proto(request.sampling), request.prefill_address,
-                                         tuple(request.resume_token_ids), hashes), sink=outputs)
+        command = AddRequest(request.request_id, tuple(request.prompt_token_ids),
+                             SamplingParams.from_proto(request.sampling), request.prefill_address,
+                             tuple(request.resume_token_ids), hashes)
+        if command.params.structured_kind:
+            asyncio.ensure_future(self._compile_then_open(command, outputs, open_ids))
+        else:
+            self.engine_loop.open(command, sink=outputs)
+
+    async def _compile_then_open(self, command: AddRequest, outputs: asyncio.Queue, open_ids: set[str]) -> None:
+        """A constrained request's grammar is compiled here, off the engine thread (the engine then
+        finds it in the compiler's cache); one it cannot compile ends the request with INVALID_ARGUMENT."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.engine_loop.engine.structured.check, command.params)
+        except ServeError as exc:
+            outputs.put_nowait(RequestOutput(command.request_id, error=exc))
+            return
+        if command.request_id in open_ids:   # not aborted meanwhile
+            self.engine_loop.open(command, sink=outputs)
 
     async def Prefill(self, request, context):
         d = request.destination
