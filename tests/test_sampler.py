@@ -56,8 +56,12 @@ def test_min_p_masks_below_fraction_of_top_probability():
 
 def test_greedy_fast_path_is_argmax_in_native_dtype():
     logits = _logits(4).to(torch.bfloat16)
+    logits[1, 5] = logits[1, 9] = logits[1, 30] = logits[1].max() + 1   # tied maxima: the first wins
     seqs = [_seq([1], temperature=0.0) for _ in range(4)]
-    assert Sampler(torch.device("cpu")).sample(logits.clone(), seqs, set()) == logits.float().argmax(-1).tolist()
+    got = Sampler(torch.device("cpu")).sample(logits.clone(), seqs, set())
+    assert got == logits.float().argmax(-1).tolist() and got[1] == 5
+    mixed = seqs[:3] + [_seq([1], temperature=0.0, presence_penalty=0.0, logprobs=0)]   # the float32 path
+    assert Sampler(torch.device("cpu")).sample(logits.clone(), mixed, set()) == got
 
 
 def test_logit_bias_and_penalties_change_greedy_choice():
