@@ -2,7 +2,6 @@
 tritonclient against a served small model (random weights, so only the definitions are checked:
 against transformers' log-probabilities and the penalties' rules)."""
 import json
-import shutil
 
 import numpy as np
 import openai
@@ -17,21 +16,24 @@ PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_model):
-    repo = tmp_path_factory.mktemp("features-repo")
-    add_model(str(repo), "small", small_model)
-    add_model(str(repo), "pd", small_model, config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu"))))
-    server = PdServer(str(repo)).start()
-    for name in ("small", "pd"):
-        server.wait_ready(name)
-    yield server
-    server.stop()
-    shutil.rmtree(repo, ignore_errors=True)
+    """'small' on one engine and 'pd' on a prefill and a decode engine, both the small model."""
+    repo = str(tmp_path_factory.mktemp("features-repo"))
+    add_model(repo, "small", small_model)
+    add_model(repo, "pd", small_model, config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu"))))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("small")
+        server.wait_ready("pd")
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
+    answers = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
+    yield answers
+    answers.close()
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_openai_null_is_left_out_and_neutral_values_only():
     body = {"model": "m", "prompt": "p", "temperature": None, "n": 1, "presence_penalty": 0.0, "logprobs": None,
             "response_format": {"type": "text"}, "stream_options": None, "suffix": ""}
     assert CompletionRequest.parse(body).sampling_params() == SamplingParams()
-    for field, value in [("suffix", "x"), ("tools", [{}]), ("use_beam_search", True)]:
+    for field, value in [("suffix", "x"), ("tools", [{}]), ("use_beam_search", True), ("bad_words", ["x"])]:
         error = refusal(CompletionRequest, {"model": "m", "prompt": "p", field: value})
         assert error.param == field and "pdserve supports only" in error.message
     error = refusal(CompletionRequest, {"model": "m", "prompt": "p", "response_format": {"type": "json_object"}})

@@ -307,6 +307,7 @@ class OpenAIRequest(SamplingFields):
     response_format: Annotated[Neutral, AfterValidator(_text_format)] = None
     # not implemented by pdserve: only their neutral values
     suffix: Annotated[Neutral, _only("")] = None
+    bad_words: Annotated[Neutral, _only([])] = None
     tools: Annotated[Neutral, _only([])] = None
     use_beam_search: Annotated[Neutral, _only(False)] = None
 
