@@ -12,6 +12,7 @@ from pdserve.engine.kernels import TorchKernels, kernels_for
 from pdserve.engine.kernels import variants
 from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, cpu_flags, extension, load_variant, native_bf16
 from pdserve.engine.model_runner import ModelRunner, resolve_dtype
+from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import SamplingParams, Sequence
 
 CPU = torch.device("cpu")
@@ -216,6 +217,36 @@ def test_bfloat16_logits_match_float32(small_model):
     assert (got - ref).abs().max() <= 0.05 * scale, ((got - ref).abs().max(), scale)
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     assert cos.min() > 0.999, cos
+
+
+def test_a_mixed_step_grouped_into_prefill_forwards_gives_the_same_logits(small_model):
+    """A step of several prompt pieces and some decodes runs as forwards of about
+    PREFILL_GROUP_TOKENS prompt tokens, the decodes with the last one: the same logits as one
+    forward of the whole step."""
+    runner = ModelRunner(EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=64, max_model_len=256))
+    rng = random.Random(7)
+    next_block = iter(range(1, 64))   # block 0 took the warm-up
+
+    def sequence(name, n):
+        seq = Sequence(name, [rng.randrange(3, runner.vocab_size) for _ in range(n)], SamplingParams(temperature=0.0))
+        seq.block_table = [next(next_block) for _ in range((n + 8 + runner.block_size - 1) // runner.block_size)]
+        return seq
+
+    decodes = [sequence(f"d{i}", 20) for i in range(2)]
+    runner.run(SchedulerOutput(prefills=[(seq, seq.num_tokens) for seq in decodes]))
+    for seq in decodes:
+        seq.num_cached_tokens = seq.num_tokens
+        seq.output_token_ids.append(5)
+    step = SchedulerOutput(prefills=[(sequence(f"p{i}", 30), 30) for i in range(4)], decodes=decodes)
+    captured = []
+    sample = runner.sampler.sample
+    runner.sampler.sample = lambda logits, *args: (captured.append(logits.clone()), sample(logits, *args))[1]
+    runner.PREFILL_GROUP_TOKENS = 64        # two forwards of two prompts each
+    grouped = runner.run(step)
+    runner.PREFILL_GROUP_TOKENS = 10 ** 6   # one forward
+    whole = runner.run(step)
+    assert len(captured) == 3 and [s for s, _ in grouped] == [s for s, _ in whole]
+    torch.testing.assert_close(torch.cat(captured[:2]), captured[2], rtol=1e-4, atol=1e-4)
 
 
 def test_float32_fast_kernels_match_the_reference_model(small_model, monkeypatch):

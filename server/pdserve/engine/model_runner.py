@@ -200,15 +200,17 @@ class ModelRunner:
     def run(self, step: SchedulerOutput) -> list[tuple[Sequence, int]]:
         """Computes one step and returns the token sampled for each sequence that reached the
         end of its known tokens (decodes, and prompts whose last piece this step computed)."""
-        if step.decodes or len(step.prefills) < 2:
-            return self._run(step.prefills, step.decodes)
         # A prefill of many prompts runs as forwards of about PREFILL_GROUP_TOKENS each (whole
-        # pieces): the activations then stay in cache, which is faster on CPU than one forward
-        # over every prompt. Results are the same either way.
+        # pieces): the activations then stay in cache, and the GEMMs run at the row count they
+        # are fastest at on CPU, against one forward over every prompt. A step's decodes ride
+        # with the last group, so a mixed step is grouped as well. Results are the same either way.
+        groups = self._prefill_groups(step.prefills)
+        if len(groups) < 2:
+            return self._run(step.prefills, step.decodes)
         sampled = []
-        for group in self._prefill_groups(step.prefills):
+        for group in groups[:-1]:
             sampled += self._run(group, [])
-        return sampled
+        return sampled + self._run(groups[-1], step.decodes)
 
     def _prefill_groups(self, prefills: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         groups, current, size = [], [], 0
