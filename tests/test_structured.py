@@ -162,3 +162,41 @@ def test_engine_refuses_a_schema_it_cannot_compile(engine):
     with pytest.raises(ServeError) as caught:
         engine.add_request("bad", [1, 2], SamplingParams(structured_kind="json", structured_spec='{"type": 3}'))
     assert caught.value.cause == Cause.INVALID_ARGUMENT and "bad" not in engine.sequences
+
+
+# ---- the doors' shape (frontend/protocol.py; the engine compiles) --------------------------------
+from pdserve.frontend.protocol import ChatCompletionRequest, InvalidInput, SamplingParameters  # noqa: E402
+
+
+def test_the_doors_take_response_format_and_structured_outputs():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    formats = {"json_schema": {"name": "person", "schema": SCHEMA}}
+    params = ChatCompletionRequest.parse({**chat, "response_format": {"type": "json_schema", **formats}}).sampling_params()
+    assert params.structured_kind == "json" and json.loads(params.structured_spec) == SCHEMA
+    params = ChatCompletionRequest.parse({**chat, "response_format": {"type": "json_object"}}).sampling_params()
+    assert (params.structured_kind, params.structured_spec) == ("json_object", "")
+    for given, want in [({"json": SCHEMA}, ("json", json.dumps(SCHEMA, separators=(",", ":")))),
+                        ({"json": json.dumps(SCHEMA)}, ("json", json.dumps(SCHEMA, separators=(",", ":")))),
+                        ({"regex": "[a-z]+"}, ("regex", "[a-z]+")),
+                        ({"choice": ["a", "b"]}, ("choice", '["a", "b"]')),
+                        ({"grammar": 'root ::= "x"'}, ("grammar", 'root ::= "x"')),
+                        ({"json_object": True}, ("json_object", ""))]:
+        for doc in (given, json.dumps(given)):   # a KServe request parameter carries it as JSON text
+            params = SamplingParameters.parse({"structured_outputs": doc}).sampling_params()
+            assert (params.structured_kind, params.structured_spec) == want
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs", "not valid JSON"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
+    ({"structured_outputs": {"whitespace": 1}}, "structured_outputs", "unknown key"),
+    ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", '"schema"'),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format", "send one"),
+])
+def test_the_doors_refuse_a_malformed_constraint_naming_it(body, field, words):
+    with pytest.raises(InvalidInput) as caught:
+        SamplingParameters.parse(body, "sampling_parameters ")
+    assert caught.value.param == field and words in caught.value.message
+    assert caught.value.message.startswith(f"sampling_parameters '{field}'")

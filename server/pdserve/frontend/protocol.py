@@ -20,6 +20,7 @@ sampling_parameters keys refused.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import reprlib
 from typing import Annotated, Any
@@ -142,6 +143,74 @@ def _logit_bias(value):
     return tuple(sorted(bias.items()))
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")   # vLLM's structured_outputs keys
+NO_CONSTRAINT = ("", "")
+
+
+def _json_schema(value, what: str) -> str:
+    """A JSON schema (an object, or its JSON text) as compact JSON text; the engine compiles it."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _refuse(f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _refuse(f"{what} must be a JSON schema (an object)")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _object_text(value):
+    """An object sent as JSON text (a KServe request parameter is a string) as the object."""
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raise _refuse("is not valid JSON") from None
+
+
+def _structured_outputs(value):
+    """vLLM's structured_outputs: one of json (a schema), regex, choice (strings), grammar (EBNF),
+    json_object (true), as (kind, spec) for the engine (common/sampling.py)."""
+    value = _object_text(value)
+    if not isinstance(value, dict):
+        raise _refuse(f"must be an object with one of {', '.join(STRUCTURED_KINDS)}")
+    unknown = sorted(set(value) - set(STRUCTURED_KINDS))
+    if unknown:
+        raise _refuse(f"has unknown key(s) {unknown}; supported: {', '.join(STRUCTURED_KINDS)}")
+    given = {k: v for k, v in value.items() if v is not None and v is not False}
+    if len(given) != 1:
+        raise _refuse(f"must set exactly one of {', '.join(STRUCTURED_KINDS)}; it sets {sorted(given) or 'none'}")
+    ((kind, spec),) = given.items()
+    if kind == "json":
+        return kind, _json_schema(spec, "json")
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c for c in spec):
+            raise _refuse("choice must be a non-empty list of non-empty strings")
+        return kind, json.dumps(spec, ensure_ascii=False)
+    if kind == "json_object":
+        if spec is not True:
+            raise _refuse("json_object must be true")
+        return kind, ""
+    if not isinstance(spec, str) or not spec:
+        raise _refuse(f"{kind} must be a non-empty string")
+    return kind, spec
+
+
+def _response_format(value):
+    """OpenAI's response_format: text, json_object, or json_schema {json_schema: {name, schema}}."""
+    value = _object_text(value)
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return NO_CONSTRAINT
+    if kind == "json_object":
+        return "json_object", ""
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise _refuse('json_schema must be an object with a "schema" (and a "name")')
+        return "json", _json_schema(spec["schema"], "json_schema.schema")
+    raise _refuse(f'is {_shown(value)}; its "type" must be text, json_object or json_schema')
+
+
 def _only(*allowed):
     """An OpenAI field pdserve does not implement: accepted at its neutral value (allowed[0])."""
     def check(value):
@@ -168,6 +237,8 @@ MinP = Annotated[float, BeforeValidator(_float32), Field(ge=0.0, le=1.0)]
 Logprobs = Annotated[int | None, BeforeValidator(_integer), Field(ge=0, le=MAX_LOGPROBS)]
 ChoiceCount = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=MAX_CHOICES)]
 BestOf = Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=MAX_CHOICES)]
+StructuredOutputs = Annotated[tuple[str, str], BeforeValidator(_structured_outputs)]
+ResponseFormat = Annotated[tuple[str, str], BeforeValidator(_response_format)]
 Truthy = Annotated[bool, BeforeValidator(bool)]   # OpenAI switches read as Python truth, as pdserve always has
 Neutral = Any
 
@@ -240,6 +311,19 @@ class SamplingFields(Schema):
     # n sequences returned out of best_of generated (the n with the highest log-probability)
     n: ChoiceCount = SamplingParams.n
     best_of: BestOf = None
+    # constrained decoding, as (kind, spec) (engine/structured.py); the engine compiles the spec
+    structured_outputs: StructuredOutputs = NO_CONSTRAINT
+    response_format: ResponseFormat = NO_CONSTRAINT
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if self.structured_outputs != NO_CONSTRAINT and self.response_format != NO_CONSTRAINT:
+            raise _refuse("and 'structured_outputs' both constrain the output; send one", "response_format")
+        return self
+
+    def constraint(self) -> tuple[str, str]:
+        """The output's grammar (kind, spec), or NO_CONSTRAINT."""
+        return self.response_format if self.response_format != NO_CONSTRAINT else self.structured_outputs
 
     def max_new_tokens(self) -> int:
         return self.max_tokens
@@ -258,6 +342,7 @@ class SamplingFields(Schema):
         given = {name: getattr(self, name) for name in type(self).model_fields if name in fields}
         given["max_tokens"] = self.max_new_tokens()
         given["top_k"] = 0 if self.top_k == -1 else self.top_k
+        given["structured_kind"], given["structured_spec"] = self.constraint()
         return SamplingParams(**given)
 
 
@@ -287,12 +372,6 @@ def _stream_options(value):
     return value
 
 
-def _text_format(value):
-    if value is not None and (not isinstance(value, dict) or value.get("type") != "text"):
-        raise _refuse(f'is {_shown(value)}; only {{"type": "text"}} is supported')
-    return value
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: Truthy = False
@@ -304,7 +383,6 @@ class OpenAIRequest(SamplingFields):
     model: str
     stream: Truthy = False
     stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] = StreamOptions()
-    response_format: Annotated[Neutral, AfterValidator(_text_format)] = None
     # not implemented by pdserve: only their neutral values
     suffix: Annotated[Neutral, _only("")] = None
     bad_words: Annotated[Neutral, _only([])] = None
