@@ -323,3 +323,26 @@ def test_long_prompts_do_not_stall_the_running_streams_with_one_engine_pinned_pe
         assert max(gaps) < 0.5, f"a stream stood still for {max(gaps):.2f} s while the prompts were computed"
     finally:
         server.stop()
+
+
+def test_short_prompts_are_prefilled_by_the_decode_engine_long_ones_handed_off(tmp_path, small_model):
+    """max_local_prefill_tokens: a prompt that short is computed by the DECODE engine (no KV
+    handoff), a longer one by the PREFILL engine, with the same greedy text as aggregated."""
+    repo = str(tmp_path / "repo")
+    add_model(repo, "agg", small_model, config_text(max_model_len=512))
+    add_model(repo, "pd", small_model, config_text(role_groups=PD, max_model_len=512, max_local_prefill_tokens=32))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("agg")
+        server.wait_ready("pd")
+
+        def prefills(where: str) -> float:
+            return server.metric_value("pdserve_prefills_total", model="pd", where=where)
+        short, long = "x = 1", "def handler(event, context):\n    " * 10
+        assert generate(server, "pd", short) == generate(server, "agg", short)
+        assert (prefills("local"), prefills("remote")) == (1, 0)
+        assert generate(server, "pd", long) == generate(server, "agg", long)
+        assert (prefills("local"), prefills("remote")) == (1, 1)
+        server.wait_for(lambda: transfers(server) == 1, "the long prompt's one KV handoff", 10)
+    finally:
+        server.stop()

@@ -318,3 +318,22 @@ def test_a_route_carries_the_decode_engine_client():
     router = make_router([record("d", "DECODE"), record("p", "PREFILL")])
     route = choose(router)
     assert route.client is router.plane.get("d:1") and route.client.address == route.decode.address
+
+
+def test_a_decode_engine_prefills_short_or_cached_prompts_itself():
+    """max_local_prefill_tokens: a prompt whose uncached part is that short stays on the DECODE
+    engine; a longer one goes to the PREFILL engine."""
+    from pdserve.cluster.router import prefill_locally
+    assert prefill_locally(0, 0) and prefill_locally(64, 64) and not prefill_locally(65, 64)
+    assert not prefill_locally(1, -1) and not prefill_locally(0, -1)
+    router = make_router([record("d", "DECODE"), record("p", "PREFILL")])
+    short = choose(router, prompt_tokens=40, max_local_prefill_tokens=64)
+    assert short.prefill is None and short.prefill_tokens == 40
+    long = choose(router, prompt_tokens=200, max_local_prefill_tokens=64)
+    assert long.prefill is not None and long.prefill.instance_id == "p"
+    assert choose(router, prompt_tokens=40).prefill is not None   # not given: always hand off
+    # a long prompt the decode engine caches but for its last part is computed there too
+    tokens = prompt(9, 200)
+    hold(router, "d", tokens)
+    cached = choose(router, tokens, max_local_prefill_tokens=64)
+    assert cached.prefill is None and cached.prefill_tokens == len(tokens) % BLOCK

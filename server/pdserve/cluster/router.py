@@ -143,6 +143,18 @@ class KVAwarePolicy(LeastLoadPolicy):
         return i
 
 
+# The model parameter's default: hand off every prompt the DECODE engine does not cache whole, as
+# before the parameter existed, until a measured default replaces it (docs/cluster.md).
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 0
+
+
+def prefill_locally(uncached_tokens: int, max_local_prefill_tokens: int) -> bool:
+    """Disaggregation only where it pays: a DECODE engine computes a prompt itself when the part
+    of it that the engine does not cache is this short, because a handoff (a Prefill call, a
+    wake-up of the prefill engine, the KV written across) then costs more than the compute."""
+    return uncached_tokens <= max_local_prefill_tokens
+
+
 POLICIES = {"kv_aware": KVAwarePolicy, "least_load": LeastLoadPolicy, "round_robin": RoundRobinPolicy}
 DEFAULT_POLICY = "kv_aware"
 RECENT_ROUTES = 4096         # prompts whose route kv_aware remembers ...
@@ -255,10 +267,13 @@ class Router:
         return min(lengths, default=None)
 
     def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset(),
-               prompt_tokens: int = 0, prompt_hashes: Sequence[int] = ()) -> Route:
+               prompt_tokens: int = 0, prompt_hashes: Sequence[int] = (),
+               max_local_prefill_tokens: int = -1) -> Route:
         """exclude: instance ids that already failed this request. prompt_tokens: the prompt's
         length in tokens (an estimate will do: it counts as fresh load); prompt_hashes: its
-        block hashes at block_size(model, version) (common/block_hash.py), for kv_aware."""
+        block hashes at block_size(model, version) (common/block_hash.py), for kv_aware.
+        max_local_prefill_tokens: a DECODE engine prefills a prompt with at most this many
+        tokens it does not cache itself (-1: always hand off when a PREFILL engine is ready)."""
         matched = self._matched(prompt_hashes) if prompt_hashes and self.uses_prefix else None
         decoders = self._group(model, version, DECODE)
         i = self.decode_policy.choose(decoders, decoders.loads(exclude), matched) if decoders else -1
@@ -268,7 +283,10 @@ class Router:
                              "(no DECODE or BOTH instance is ready in the cluster); check the engine logs "
                              "and the instance_group devices")
         decode = decoders.records[i]
-        prefills = self._group(model, version, PREFILL) if decode.role == "DECODE" else None
+        prefills = None
+        if decode.role == "DECODE" and not prefill_locally(self._uncached(decode, decoders, prompt_tokens, matched),
+                                                           max_local_prefill_tokens):
+            prefills = self._group(model, version, PREFILL)
         j = self.prefill_policy.choose(prefills, prefills.loads(exclude), matched) if prefills else -1
         client = self.plane.get(decode.address)
         if j < 0:   # aggregated, or no prefill engine left: the decode engine prefills locally

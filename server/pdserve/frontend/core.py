@@ -30,7 +30,7 @@ import grpc
 from pdserve._proto import engine_pb2
 from pdserve.cluster.engine_client import EngineCallError
 from pdserve.cluster.model_files import ModelFiles
-from pdserve.cluster.router import Router
+from pdserve.cluster.router import DEFAULT_MAX_LOCAL_PREFILL_TOKENS, Router
 from pdserve.common.errors import Cause, ServeError
 from pdserve.frontend.prompts import PromptTokenizers, PromptTokens
 from pdserve.frontend.tensors import GenerationRequest
@@ -118,6 +118,7 @@ class Request:
         n_out = 0   # this call's tokens: a request may make several calls (n choices), counted together
         migrations = 0
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
+        max_local_prefill = dep.spec.engine_parameters.get("max_local_prefill_tokens", DEFAULT_MAX_LOCAL_PREFILL_TOKENS)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
         prompt = await core.tokenize(dep, gen.prompt)
         request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt.token_ids,
@@ -128,7 +129,8 @@ class Request:
         while True:
             try:
                 route = core.router.choose(dep.name, str(dep.version), frozenset(failed),
-                                           prompt_tokens=prompt_tokens, prompt_hashes=prompt_hashes)
+                                           prompt_tokens=prompt_tokens, prompt_hashes=prompt_hashes,
+                                           max_local_prefill_tokens=max_local_prefill)
             except ServeError:
                 if failed:   # every engine failed this request: say so, not "no engine"
                     raise ServeError(Cause.ENGINE_FAILURE, f"engines {sorted(failed)} could not be reached; "
@@ -137,6 +139,8 @@ class Request:
             with core.router.track(route), dep.serving_request():
                 # a migrated request recomputes its KV where it continues, not on a prefill engine
                 request.prefill_address = route.prefill.address if route.prefill and not sent_tokens else ""
+                if core.metrics:
+                    core.metrics.prefill_routed(self.key, remote=bool(request.prefill_address))
                 client = route.client
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 self.engine_call = self.engine_call or time.monotonic()

@@ -169,6 +169,9 @@ class Metrics:
                                         ["model", "version", "cause"], registry=self.registry)
         self.migrations = Counter("pdserve_request_migrations", "Requests moved to another engine mid-stream "
                                   "(migration_limit)", labels, registry=self.registry)
+        self.prefills = Counter("pdserve_prefills", "Prompts sent to an engine, by where they are computed: local (the "
+                                "engine that generates) or remote (a PREFILL engine, KV handed off)",
+                                [*labels, "where"], registry=self.registry)
         self.triton = TritonCounters()
         self.registry.register(self.triton)
         self.registry.register(EngineCollector(manager, registry, plane))
@@ -184,6 +187,9 @@ class Metrics:
                 self.handoff_failures.labels(*key, cause)
             self.migrations.labels(*key)
         self.triton.pending[key] += 1
+
+    def prefill_routed(self, key: tuple[str, str], remote: bool) -> None:
+        self.prefills.labels(*key, "remote" if remote else "local").inc()
 
     def migrated(self, key: tuple[str, str]) -> None:
         self.migrations.labels(*key).inc()

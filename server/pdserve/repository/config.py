@@ -38,9 +38,11 @@ ENGINE_PARAMETERS = {f.name: f.type for f in dataclasses.fields(EngineConfig) if
 # Parameters read outside the engine's EngineConfig: the transport, the front end's admission
 # limit per model version (requests in flight from one node), and how many times a request may
 # move to another engine when its engine dies mid-stream (0: never, as Dynamo's default), and
-# the tokens per streamed response after the first (vLLM's --stream-interval; 1: every token).
+# the tokens per streamed response after the first (vLLM's --stream-interval; 1: every token), and
+# the longest uncached prompt a DECODE engine computes itself instead of handing it off (0: only
+# a prompt it caches whole).
 NODE_PARAMETERS = {"kv_transport": "str", "max_inflight_requests": "int", "migration_limit": "int",
-                   "stream_interval": "int"}
+                   "stream_interval": "int", "max_local_prefill_tokens": "int"}
 # The planner of AUTO instances (repository/planner.py, docs/cluster.md "Elastic roles").
 PLANNER_PARAMETERS = PlannerSettings.parameters()
 NODE_PARAMETERS.update(PLANNER_PARAMETERS)
