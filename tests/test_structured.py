@@ -200,3 +200,49 @@ def test_the_doors_refuse_a_malformed_constraint_naming_it(body, field, words):
         SamplingParameters.parse(body, "sampling_parameters ")
     assert caught.value.param == field and words in caught.value.message
     assert caught.value.message.startswith(f"sampling_parameters '{field}'")
+
+
+# ---- tool calls (frontend/tool_calls.py) ----------------------------------------------------------
+from pdserve.frontend.tool_calls import ToolChoice, forced_schema, parse  # noqa: E402
+
+TOOLS = ({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},)
+
+
+def _calls(calls):
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def test_tool_calls_read_from_hermes_then_llama3_text():
+    content, calls = parse('Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', TOOLS,
+                           ToolChoice("auto"))
+    assert content == "Sure." and _calls(calls) == [("f", {"x": 1})]
+    content, calls = parse('<|python_tag|>{"name": "f", "parameters": {"y": "z"}}', TOOLS, ToolChoice("auto"))
+    assert content is None and _calls(calls) == [("f", {"y": "z"})]
+    assert parse('{"name": "other", "arguments": {}}', TOOLS, ToolChoice("auto")) == (
+        '{"name": "other", "arguments": {}}', [])
+    assert parse("<tool_call>{}</tool_call>", TOOLS, ToolChoice("none")) == ("<tool_call>{}</tool_call>", [])
+
+
+def test_required_and_named_tool_choice_are_constrained_and_read():
+    schema = json.loads(forced_schema(TOOLS, ToolChoice("required")))
+    assert schema["minItems"] == 1 and schema["items"]["anyOf"][0]["properties"]["name"] == {"type": "string",
+                                                                                                "enum": ["f"]}
+    assert _calls(parse('[{"name": "f", "parameters": {"a": 1}}]', TOOLS, ToolChoice("required"))[1]) == [
+        ("f", {"a": 1})]
+    assert json.loads(forced_schema(TOOLS, ToolChoice("function", "f"))) == {"type": "object"}
+    assert _calls(parse('{"a": 2}', TOOLS, ToolChoice("function", "f"))[1]) == [("f", {"a": 2})]
+    assert forced_schema(TOOLS, ToolChoice("auto")) is None
+
+
+def test_chat_requests_take_tools_and_tool_choice():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": list(TOOLS)}
+    call = ChatCompletionRequest.parse(chat)
+    assert call.tool_choice == ToolChoice("auto") and call.calls_tools and not call.sampling_params().structured_kind
+    params = ChatCompletionRequest.parse({**chat, "tool_choice": "required"}).sampling_params()
+    assert params.structured_kind == "json" and json.loads(params.structured_spec)["minItems"] == 1
+    for bad, words in [({"tool_choice": {"type": "function", "function": {"name": "g"}}}, "not in 'tools'"),
+                       ({"tools": [{"type": "function"}]}, "must be a list"),
+                       ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "send one")]:
+        with pytest.raises(InvalidInput) as caught:
+            ChatCompletionRequest.parse({**chat, **bad})
+        assert words in caught.value.message

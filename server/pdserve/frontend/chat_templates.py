@@ -43,6 +43,16 @@ def _read_template(folder: str) -> tuple[str, dict]:
     return template, tokens
 
 
+def tools_prompt(tools: tuple[dict, ...]) -> str:
+    """The tools as Qwen2.5's template describes them, for templates that do not."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + listed +
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\n</tool_call>")
+
+
 def _raise_exception(message):
     raise InvalidInput(f"the model's chat template refused the messages: {message}", "messages")
 
@@ -52,6 +62,7 @@ class ChatTemplates:
 
     def __init__(self):
         self._cache: dict[str, tuple] = {}
+        self._renders_tools: dict[str, bool] = {}
 
     def load(self, folder: str):
         if folder in self._cache:
@@ -63,13 +74,20 @@ class ChatTemplates:
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
         env.globals["raise_exception"] = _raise_exception
         compiled = (env.from_string(template), tokens)
+        self._renders_tools[folder] = "tools" in template
         self._cache[folder] = compiled
         return compiled
 
-    def render(self, folder: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, folder: str, messages: list[dict], add_generation_prompt: bool = True,
+               tools: tuple[dict, ...] = ()) -> str:
+        """With tools, a template that renders them gets them as `tools`; one that does not
+        (ChatML, the demo's) gets them described in a system message, in Hermes/Qwen's words."""
         template, tokens = self.load(folder)
+        if tools and not self._renders_tools.get(folder):
+            messages = [{"role": "system", "content": tools_prompt(tools)}, *messages]
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   tools=list(tools) or None, **tokens)
         except ServeError:
             raise
         except Exception as exc:  # a template error is the messages' fault as the client sees it

@@ -26,6 +26,7 @@ from pdserve.frontend.logprobs import Scored, TokenTexts, chat_logprobs, complet
 from pdserve.frontend.protocol import (ChatCompletionRequest, CompletionRequest, InvalidInput, OpenAIRequest,
                                        sibling_params)
 from pdserve.frontend.tensors import GenerationRequest
+from pdserve.frontend import tool_calls
 from pdserve.repository.manager import ModelState
 
 
@@ -116,7 +117,8 @@ class OpenAIServer:
 
     async def _prompt(self, dep, call: OpenAIRequest) -> str:
         if isinstance(call, ChatCompletionRequest):
-            return self.templates.render(await self.core.model_folder(dep), call.chat(), call.add_generation_prompt)
+            return self.templates.render(await self.core.model_folder(dep), call.chat(), call.add_generation_prompt,
+                                         call.tools if call.calls_tools else ())
         return call.prompt
 
     async def _run(self, request, schema: type[OpenAIRequest]):
@@ -137,7 +139,8 @@ class OpenAIServer:
             texts = (TokenTexts((await self.core.tokenizers.tokenizer(await self.core.model_folder(dep))).tokenizer)
                      if shows_logprobs else None)
             shape = _Shape(chat, "" if chat or not call.echo else prompt, texts,
-                           score_only=not chat and call.max_tokens == 0)
+                           score_only=not chat and call.max_tokens == 0,
+                           tools=call if chat and call.calls_tools else None)
             gens = [GenerationRequest(prompt=prompt, sampling=p, stream=call.stream, exclude_input_in_output=True)
                     for p in siblings]
             head = {"id": request_id, "created": created, "model": call.model}
@@ -194,6 +197,15 @@ class _Shape:
     echo: str
     texts: TokenTexts | None
     score_only: bool
+    tools: ChatCompletionRequest | None = None   # chat whose output is read for tool calls
+
+    def _message(self, choice: Choice) -> tuple[dict, str]:
+        """A chat choice's message and finish reason, its tool calls read from its text."""
+        if self.tools is None:
+            return {"role": "assistant", "content": choice.text}, choice.finish_reason
+        content, calls = tool_calls.parse(choice.text, self.tools.tools, self.tools.tool_choice)
+        message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+        return message, "tool_calls" if calls else choice.finish_reason
 
     def _logprobs(self, tokens: list[Scored], prompt: list[Scored], choice: Choice):
         if self.texts is None:
@@ -206,8 +218,8 @@ class _Shape:
     def whole(self, index: int, choice: Choice) -> dict:
         logprobs = self._logprobs(choice.tokens, choice.prompt, choice)
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason}
+            message, reason = self._message(choice)
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         return {"index": index, "text": self.echo + choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 
@@ -217,6 +229,8 @@ class _Shape:
     def stream_parts(self, index: int, choice: Choice, piece: Piece) -> list[dict]:
         """The chunks' choices one piece gives: the echo first (completions), its text, its end."""
         text, tokens, prompt = choice.add(piece, self.score_only)
+        if self.tools is not None:
+            return self._tool_stream_parts(index, choice, piece)
         parts = []
         if not self.chat and not choice.started and (self.echo or prompt):
             parts.append({"index": index, "text": self.echo, "logprobs": self._logprobs([], prompt, choice),
@@ -231,6 +245,16 @@ class _Shape:
             parts.append(self.delta(index, {}, None, reason) if self.chat else
                          {"index": index, "text": "", "logprobs": None, "finish_reason": reason})
         return parts
+
+    def _tool_stream_parts(self, index: int, choice: Choice, piece: Piece) -> list[dict]:
+        """Output read for tool calls is sent when it is whole: each call in a delta of its own
+        (id, name, arguments), or the text as content, then the finish reason."""
+        if not piece.finish_reason:
+            return []
+        message, reason = self._message(choice)
+        calls = message.get("tool_calls")
+        deltas = tool_calls.stream_deltas(calls) if calls else ([{"content": message["content"]}] if choice.text else [])
+        return [self.delta(index, d, None, None) for d in deltas] + [self.delta(index, {}, None, reason)]
 
 
 class _Reported(ServeError):

@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 from pdserve.common.constants import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.sampling import MAX_LOGPROBS, SamplingParams
+from pdserve.frontend.tool_calls import ToolChoice, forced_schema
 
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -457,14 +458,59 @@ def _non_empty_list(value):
     return value
 
 
+def _tools(value):
+    """OpenAI's tools: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
+    shape = 'must be a list of {"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    if not isinstance(value, list):
+        raise _refuse(shape)
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(function, dict) or tool.get("type", "function") != "function"
+                or not isinstance(function.get("name"), str) or not function["name"]
+                or not isinstance(function.get("parameters", {}), (dict, type(None)))):
+            raise _refuse(f"[{i}] {shape}")
+    return tuple(value)
+
+
+def _tool_choice(value):
+    if value in ("none", "auto", "required"):
+        return ToolChoice(value)
+    function = value.get("function") if isinstance(value, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return ToolChoice("function", function["name"])
+    raise _refuse(f'is {_shown(value)}; it must be "none", "auto", "required" or '
+                  '{"type": "function", "function": {"name": ...}}')
+
+
 class ChatCompletionRequest(OpenAIRequest):
-    """`logprobs` is a switch here (OpenAI's chat API), `top_logprobs` the alternatives per token."""
+    """`logprobs` is a switch here (OpenAI's chat API), `top_logprobs` the alternatives per token.
+    `tool_choice` defaults to auto with tools, none without (frontend/tool_calls.py)."""
     messages: Annotated[list[ChatMessage], BeforeValidator(_non_empty_list)] = Field(None, validate_default=True)
     logprobs: Truthy = False
     top_logprobs: Logprobs = None
     max_tokens: MaxTokens = MAX_TOKENS_UNSET
     max_completion_tokens: Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)] = None
     add_generation_prompt: Annotated[bool, BeforeValidator(lambda v: v is not False)] = True
+    tools: Annotated[tuple[dict, ...], BeforeValidator(_tools)] = ()
+    tool_choice: Annotated[ToolChoice | None, BeforeValidator(_tool_choice)] = None
+
+    @model_validator(mode="after")
+    def _tool_choice_fits_tools(self):
+        if self.tool_choice is None:
+            self.tool_choice = ToolChoice("auto" if self.tools else "none")
+        mode, name = self.tool_choice.mode, self.tool_choice.name
+        if mode in ("required", "function") and not self.tools:
+            raise _refuse(f"is {mode}; it needs 'tools'", "tool_choice")
+        if mode == "function" and name not in {t["function"]["name"] for t in self.tools}:
+            raise _refuse(f"names the function {name!r}, which is not in 'tools'", "tool_choice")
+        if mode in ("required", "function") and self.constraint() != NO_CONSTRAINT:
+            raise _refuse(f"{mode} constrains the output, as 'response_format' does; send one", "tool_choice")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the output is read for tool calls."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -485,7 +531,9 @@ class ChatCompletionRequest(OpenAIRequest):
 
     def sampling_params(self) -> SamplingParams:
         params = super().sampling_params()
-        return dataclasses.replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        params = dataclasses.replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        schema = forced_schema(self.tools, self.tool_choice)
+        return params if schema is None else dataclasses.replace(params, structured_kind="json", structured_spec=schema)
 
     def chat(self) -> list[dict]:
         """The messages as the chat template reads them."""
