@@ -306,12 +306,18 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
   const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
   const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
   const int64_t per = KVH / splits;
+  // The context in chunks of whole blocks, about 256 keys: a chunk's scores are computed for
+  // all its keys first, then one softmax pass (a max and a rescale per head per chunk, not per
+  // tile), then its values; the scores stay in L1.
+  const int64_t CH = std::max<int64_t>(256 / BS, 1) * BS, CHP = (CH + 16 + 15) / 16 * 16;
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t nh = per * G;
-    std::vector<uint32_t> qd(per * G4 * P), pb(nh * 8);
-    std::vector<float> acc(nh * D), mx(nh), sum(nh);
+    std::vector<uint32_t> qd(per * G4 * P);
+    std::vector<float> acc(nh * D), mx(nh), sum(nh), sc(nh * CHP);
+    std::vector<uint16_t> pb(nh * CHP);
     alignas(64) int32_t kt[P][16];
     alignas(64) int32_t vi[8][2 * C][16];
+    alignas(64) float s4[4][16];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
       std::fill(qd.begin(), qd.end(), 0u);   // the padding heads of each group score zeros
@@ -321,71 +327,110 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
       std::fill(mx.begin(), mx.end(), -INFINITY);
       std::fill(sum.begin(), sum.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < n; t0 += BS) {
-        const T* blk = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
-        const int64_t m = std::min(BS, n - t0);
-        if (t0 + BS < n) {   // the next block's rows of these heads, keys and values
-          const T* nb = base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head;
-          for (int64_t j = 0; j < std::min(BS, n - t0 - BS); ++j) {
-            prefetch_row(nb + j * s_tok, per * s_head);
-            prefetch_row(nb + s_kv + j * s_tok, per * s_head);
+      auto block = [&](int64_t t0) { return base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head; };
+      auto prefetch_block = [&](int64_t t0, int64_t part) {   // a block's rows of these heads: keys or values
+        if (t0 >= n) return;
+        const T* nb = block(t0) + part * s_kv;
+        for (int64_t j = 0; j < std::min(BS, n - t0); ++j) prefetch_row(nb + j * s_tok, per * s_head);
+      };
+      for (int64_t c0 = 0; c0 < n; c0 += CH) {
+        const int64_t cn = std::min(CH, n - c0);
+        // scores: sc[h][key - c0], scaled
+        for (int64_t t0 = c0; t0 < c0 + cn; t0 += BS) {
+          const T* blk = block(t0);
+          const int64_t m = std::min(BS, n - t0);
+          prefetch_block(t0 + BS < c0 + cn ? t0 + BS : c0, t0 + BS < c0 + cn ? 0 : 1);   // then this chunk's values
+          for (int64_t j0 = 0; j0 < m; j0 += 16) {
+            const int mt = (int)std::min<int64_t>(16, m - j0);
+            const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
+            for (int64_t g = 0; g < per; ++g) {
+              const T* kb = blk + g * s_head + j0 * s_tok;
+              for (int c = 0; c < C; ++c) {   // kt[p][j]: key j's dims 2p, 2p+1
+                __m512i r[16];
+                for (int j = 0; j < 16; ++j)
+                  r[j] = j < mt ? _mm512_loadu_si512(kb + j * s_tok + 32 * c) : _mm512_setzero_si512();
+                transpose16x16(r);
+                for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[16 * c + i], r[i]);
+              }
+              for (int64_t i0 = 0; i0 < G; i0 += 4) {
+                const uint32_t* q0 = &qd[(g * G4 + i0) * P];
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int p = 0; p < P; ++p) {
+                  const __m512bh k = as_bh(_mm512_load_si512(kt[p]));
+                  a0 = _mm512_dpbf16_ps(a0, k, as_bh(_mm512_set1_epi32((int)q0[p])));
+                  a1 = _mm512_dpbf16_ps(a1, k, as_bh(_mm512_set1_epi32((int)q0[P + p])));
+                  a2 = _mm512_dpbf16_ps(a2, k, as_bh(_mm512_set1_epi32((int)q0[2 * P + p])));
+                  a3 = _mm512_dpbf16_ps(a3, k, as_bh(_mm512_set1_epi32((int)q0[3 * P + p])));
+                }
+                _mm512_store_ps(s4[0], a0);
+                _mm512_store_ps(s4[1], a1);
+                _mm512_store_ps(s4[2], a2);
+                _mm512_store_ps(s4[3], a3);
+                for (int64_t x = 0; x < 4 && i0 + x < G; ++x)
+                  _mm512_mask_storeu_ps(&sc[(g * G + i0 + x) * CHP + t0 - c0 + j0], valid,
+                                        _mm512_mul_ps(_mm512_load_ps(s4[x]), _mm512_set1_ps(scale)));
+              }
+            }
           }
         }
-        for (int64_t j0 = 0; j0 < m; j0 += 16) {
-          const int mt = (int)std::min<int64_t>(16, m - j0);
-          const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
-          for (int64_t g = 0; g < per; ++g) {
-            const T* kb = blk + g * s_head + j0 * s_tok;
-            const T* vb = kb + s_kv;
-            for (int c = 0; c < C; ++c) {   // kt[p][j]: key j's dims 2p, 2p+1
-              __m512i r[16];
-              for (int j = 0; j < 16; ++j)
-                r[j] = j < mt ? _mm512_loadu_si512(kb + j * s_tok + 32 * c) : _mm512_setzero_si512();
-              transpose16x16(r);
-              for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[16 * c + i], r[i]);
-            }
-            for (int64_t i0 = 0; i0 < G; i0 += 4) {
-              const uint32_t* q0 = &qd[(g * G4 + i0) * P];
-              __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-              for (int p = 0; p < P; ++p) {
-                const __m512bh k = as_bh(_mm512_load_si512(kt[p]));
-                for (int x = 0; x < 4; ++x)
-                  a[x] = _mm512_dpbf16_ps(a[x], k, as_bh(_mm512_set1_epi32((int)q0[x * P + p])));
-              }
-              for (int64_t x = 0; x < 4 && i0 + x < G; ++x) {
-                const int64_t h = g * G + i0 + x;
-                const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(a[x], _mm512_set1_ps(scale)));
-                const float bm = std::max(mx[h], _mm512_reduce_max_ps(s));
-                if (bm > mx[h]) {
-                  const float corr = std::exp(mx[h] - bm);   // 0 for the first tile
-                  sum[h] *= corr;
-                  float* ah = &acc[h * D];
-                  for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ah + d, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(ah + d)));
-                  mx[h] = bm;
-                }
-                const __m512 e = _mm512_maskz_mov_ps(valid, vexp(_mm512_sub_ps(s, _mm512_set1_ps(bm))));
-                sum[h] += _mm512_reduce_add_ps(e);
-                _mm256_storeu_si256((__m256i*)&pb[h * 8], (__m256i)_mm512_cvtneps_pbh(e));
-              }
-            }
+        // softmax over the chunk, online across chunks; probabilities in bf16, zero past the chunk
+        const int64_t full = cn / 16 * 16;
+        const __mmask16 tail = (__mmask16)((1u << (cn - full)) - 1);
+        for (int64_t h = 0; h < nh; ++h) {
+          float* sh = &sc[h * CHP];
+          __m512 vm = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < full; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sh + j));
+          if (tail) vm = _mm512_mask_max_ps(vm, tail, vm, _mm512_maskz_loadu_ps(tail, sh + full));
+          const float bm = std::max(mx[h], _mm512_reduce_max_ps(vm));
+          if (bm > mx[h]) {
+            const float corr = std::exp(mx[h] - bm);   // 0 for the first chunk
+            sum[h] *= corr;
+            float* ah = &acc[h * D];
+            for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ah + d, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(ah + d)));
+            mx[h] = bm;
+          }
+          const __m512 vb = _mm512_set1_ps(bm);
+          __m512 vs = _mm512_setzero_ps();
+          uint16_t* ph = &pb[h * CHP];
+          for (int64_t j = 0; j < full + 16; j += 16) {
+            const __mmask16 mk = j < full ? (__mmask16)0xffff : tail;
+            const __m512 e = _mm512_maskz_mov_ps(mk, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + j), vb)));
+            vs = _mm512_add_ps(vs, e);
+            _mm256_storeu_si256((__m256i*)(ph + j), (__m256i)_mm512_cvtneps_pbh(e));
+          }
+          sum[h] += _mm512_reduce_add_ps(vs);
+        }
+        // values: acc[h] += P V, value rows interleaved by key pairs
+        for (int64_t t0 = c0; t0 < c0 + cn; t0 += BS) {
+          const T* blk = block(t0) + s_kv;
+          const int64_t m = std::min(BS, n - t0);
+          if (t0 + BS < c0 + cn) prefetch_block(t0 + BS, 1);
+          else prefetch_block(c0 + cn, 0);   // the next chunk's first keys
+          for (int64_t j0 = 0; j0 < m; j0 += 16) {
+            const int mt = (int)std::min<int64_t>(16, m - j0);
             const int pairs = (mt + 1) / 2;
-            for (int t = 0; t < pairs; ++t)
-              for (int c = 0; c < C; ++c) {
-                const __m512i lo = _mm512_loadu_si512(vb + 2 * t * s_tok + 32 * c);
-                const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * s_tok + 32 * c) : _mm512_setzero_si512();
-                _mm512_store_si512(vi[t][2 * c], _mm512_unpacklo_epi16(lo, hi));
-                _mm512_store_si512(vi[t][2 * c + 1], _mm512_unpackhi_epi16(lo, hi));
+            for (int64_t g = 0; g < per; ++g) {
+              const T* vb = blk + g * s_head + j0 * s_tok;
+              for (int t = 0; t < pairs; ++t)
+                for (int c = 0; c < C; ++c) {
+                  const __m512i lo = _mm512_loadu_si512(vb + 2 * t * s_tok + 32 * c);
+                  const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * s_tok + 32 * c) : _mm512_setzero_si512();
+                  _mm512_store_si512(vi[t][2 * c], _mm512_unpacklo_epi16(lo, hi));
+                  _mm512_store_si512(vi[t][2 * c + 1], _mm512_unpackhi_epi16(lo, hi));
+                }
+              for (int64_t i = 0; i < G; ++i) {
+                const int64_t h = g * G + i;
+                const uint16_t* ph = &pb[h * CHP + t0 - c0 + j0];
+                float* ah = &acc[h * D];
+                __m512 o[2 * C];
+                for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_loadu_ps(ah + 16 * x);
+                for (int t = 0; t < pairs; ++t) {
+                  const uint32_t w2 = uint32_t(ph[2 * t]) | (uint32_t(ph[2 * t + 1]) << 16);   // past mt: 0 or unused
+                  const __m512bh w = as_bh(_mm512_set1_epi32((int)w2));
+                  for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_dpbf16_ps(o[x], as_bh(_mm512_load_si512(vi[t][x])), w);
+                }
+                for (int x = 0; x < 2 * C; ++x) _mm512_storeu_ps(ah + 16 * x, o[x]);
               }
-            for (int64_t i = 0; i < G; ++i) {
-              const int64_t h = g * G + i;
-              float* ah = &acc[h * D];
-              __m512 o[2 * C];
-              for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_loadu_ps(ah + 16 * x);
-              for (int t = 0; t < pairs; ++t) {
-                const __m512bh w = as_bh(_mm512_set1_epi32((int)pb[h * 8 + t]));
-                for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_dpbf16_ps(o[x], as_bh(_mm512_load_si512(vi[t][x])), w);
-              }
-              for (int x = 0; x < 2 * C; ++x) _mm512_storeu_ps(ah + 16 * x, o[x]);
             }
           }
         }
