@@ -4,12 +4,11 @@ served small model with random weights: only constrained decoding can make its o
 The test schema bounds its strings (maxLength) and its array (maxItems) so that random weights
 reach the end of the object within a modest max_tokens."""
 import json
-import shutil
 
 import openai
 import pytest
 
-from pdserve_testing.harness import PdServer, add_model, inputs
+from pdserve_testing.harness import inputs
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -34,20 +33,13 @@ def valid_person(text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, small_model):
-    repo = tmp_path_factory.mktemp("structured-repo")
-    add_model(str(repo), "small", small_model)
-    server = PdServer(str(repo)).start()
-    server.wait_ready("small")
-    yield server
-    server.stop()
-    shutil.rmtree(repo, ignore_errors=True)
+def server(served):
+    return served   # conftest's server of the small model as 'small'
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
+    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
