@@ -136,3 +136,29 @@ def test_disconnect_mid_stream_frees_the_engine(server):
     server.wait_for(lambda: server.metric_value("nv_inference_request_failure", model="tiny", reason="cancelled")
                     == cancelled + 1, "the request to count as cancelled", 5)
     assert server.metric_value("nv_inference_request_success", model="tiny") == succeeded
+
+
+def test_tokenize_detokenize_and_max_model_len(server, client):
+    """vLLM's /tokenize and /detokenize give the token ids the engines get and their text back;
+    the model cards say max_model_len."""
+    import json
+    import urllib.request
+
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(server.openai_url.removesuffix("/v1") + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+    assert client.models.retrieve("tiny").model_extra["max_model_len"] == 2048
+    assert {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}["small"] == 512
+    tokens = post("/tokenize", {"model": "small", "prompt": PROMPT})
+    completion = client.completions.create(model="small", prompt=PROMPT, max_tokens=1, temperature=0)
+    assert tokens["count"] == len(tokens["tokens"]) == completion.usage.prompt_tokens
+    assert tokens["max_model_len"] == 512
+    assert post("/detokenize", {"model": "small", "tokens": tokens["tokens"]}) == {"prompt": PROMPT}
+    chat = post("/tokenize", {"model": "small", "messages": [{"role": "user", "content": "hi"}]})
+    reply = client.chat.completions.create(model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        post("/tokenize", {"model": "small"})
+    assert refused.value.code == 400

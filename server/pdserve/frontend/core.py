@@ -264,6 +264,10 @@ class InferenceCore:
                                             self.router.max_model_len(name, version) or 0,
                                             self.router.block_size(name, version) or 0)
 
+    def max_model_len(self, dep: Deployment) -> int | None:
+        """The longest sequence the version's ready engines take (None: no engine says)."""
+        return self.router.max_model_len(dep.name, str(dep.version))
+
     async def model_folder(self, dep: Deployment) -> str:
         """The folder with the version's tokenizer files: its version folder in this node's
         repository, or, for a model only other nodes load, the files they published in etcd."""

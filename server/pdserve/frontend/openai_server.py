@@ -1,5 +1,6 @@
 """An OpenAI-compatible API (as Triton's OpenAI frontend and `vllm serve`): `GET /v1/models`,
-`POST /v1/completions`, `POST /v1/chat/completions`, streaming with server-sent events.
+`POST /v1/completions`, `POST /v1/chat/completions`, streaming with server-sent events, and
+vLLM's `POST /tokenize` and `POST /detokenize`.
 
 Requests run through the same InferenceCore as the KServe doors (router, PD, metrics, Triton
 statistics, cancellation: a client that disconnects cancels its handler and so the engine call).
@@ -23,8 +24,8 @@ from pdserve.frontend.http_common import HttpDoor, openai_status, read_json, sse
 from pdserve.frontend.choices import Choice, best, gather, merged
 from pdserve.frontend.core import Piece
 from pdserve.frontend.logprobs import Scored, TokenTexts, chat_logprobs, completion_logprobs
-from pdserve.frontend.protocol import (ChatCompletionRequest, CompletionRequest, InvalidInput, OpenAIRequest,
-                                       sibling_params)
+from pdserve.frontend.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InvalidInput,
+                                       OpenAIRequest, TokenizeRequest, sibling_params)
 from pdserve.frontend.tensors import GenerationRequest
 from pdserve.frontend import tool_calls
 from pdserve.repository.manager import ModelState
@@ -67,6 +68,7 @@ class OpenAIServer:
         app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model}", self.model),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
+                        web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
                         web.get("/health", self.health)])
         self.door = HttpDoor(app, "OpenAI-compatible API")
 
@@ -85,7 +87,12 @@ class OpenAIServer:
             raise
 
     def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "pdserve"}
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "pdserve"}
+        try:
+            max_model_len = self.core.max_model_len(self.core.lookup(name))
+        except ServeError:   # no longer ready: the card without it
+            max_model_len = None
+        return card if max_model_len is None else {**card, "max_model_len": max_model_len}
 
     async def health(self, request):
         return web.Response(status=200)
@@ -108,6 +115,25 @@ class OpenAIServer:
             if exc.cause == Cause.MODEL_UNKNOWN:
                 raise ModelNotFound(name) from exc
             raise
+
+    async def tokenize(self, request):
+        """vLLM's /tokenize: the prompt's (or the rendered messages') token ids, as the engines get them."""
+        body = await read_json(request, InvalidInput)
+        dep = self._lookup(body.get("model"))
+        call = TokenizeRequest.parse(body)
+        folder = await self.core.model_folder(dep)
+        text = call.prompt if call.messages is None else self.templates.render(folder, call.chat(),
+                                                                               call.add_generation_prompt)
+        ids = await self.core.tokenizers.token_ids(folder, text, call.add_special_tokens)
+        return web.json_response({"count": len(ids), "max_model_len": self.core.max_model_len(dep), "tokens": ids})
+
+    async def detokenize(self, request):
+        """vLLM's /detokenize: token ids back to text."""
+        body = await read_json(request, InvalidInput)
+        dep = self._lookup(body.get("model"))
+        call = DetokenizeRequest.parse(body)
+        text = await self.core.tokenizers.text(await self.core.model_folder(dep), call.tokens)
+        return web.json_response({"prompt": text})
 
     async def completions(self, request):
         return await self._run(request, CompletionRequest)

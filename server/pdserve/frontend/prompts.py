@@ -149,5 +149,18 @@ class PromptTokenizers:
         return await asyncio.get_running_loop().run_in_executor(self._pool, encode, loaded, text, max_model_len,
                                                                 block_size)
 
+    async def token_ids(self, folder: str, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids, unchecked (the /tokenize endpoint)."""
+        loaded = await self.tokenizer(folder)
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: loaded.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens))
+        return encoded[0].ids
+
+    async def text(self, folder: str, token_ids: list[int]) -> str:
+        """The token ids' text, special tokens included (the /detokenize endpoint)."""
+        loaded = await self.tokenizer(folder)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: loaded.tokenizer.decode(token_ids, skip_special_tokens=False))
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -538,3 +538,30 @@ class ChatCompletionRequest(OpenAIRequest):
     def chat(self) -> list[dict]:
         """The messages as the chat template reads them."""
         return [m.model_dump() for m in self.messages]
+
+
+# ---- vLLM's tokenizer endpoints -----------------------------------------------------------------
+class TokenizeRequest(Schema):
+    """POST /tokenize: a prompt, or chat messages rendered with the model's template (vLLM's)."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise _refuse("send either 'prompt' or 'messages'", "prompt")
+        return self
+
+    def chat(self) -> list[dict]:
+        return [m.model_dump() for m in self.messages]
+
+
+class DetokenizeRequest(Schema):
+    """POST /detokenize: token ids back to text (vLLM's)."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    tokens: list[Annotated[int, Field(ge=0, le=INT32_MAX)]]
