@@ -12,13 +12,26 @@ Only blocks wholly inside a prompt's first num_tokens - 1 tokens are ever taken 
 so the block a sequence writes next is always its own: no step ever writes into a shared block.
 A block's hash is registered only after its KV is computed (or has arrived from a prefill
 engine), so a half-written block, or one written by a failed handoff, is never shared.
+
+With an offload tier (kv_offload.py), a cached block's KV is handed to the tier when the block
+is reused, and a prompt's prefix may continue in the tier where the pool's ends: those blocks
+get fresh pool blocks, their KV is copied back at once, and they count as cached from then on.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.sequence import Sequence
+
+
+class OffloadTier(Protocol):
+    """What the block manager asks of a tier below the pool (kv_offload.HostKVTier)."""
+    def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
+    def save(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None: ...
+    def fetch(self, hashes: list[int]): ...
+    def restore(self, staged, blocks: list[int]) -> None: ...
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -27,11 +40,12 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 events: KVEventLog | None = None):
+                 events: KVEventLog | None = None, tier: OffloadTier | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.events = events
+        self.tier = tier if enable_prefix_caching else None
         self.ref_counts = [0] * num_blocks
         # Blocks nobody uses, in the order they are reused (oldest first); cached ones keep their hash.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -51,26 +65,38 @@ class BlockManager:
         return len(self.cached)
 
     # ---- admission -------------------------------------------------------------------------------
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """The blocks of the longest cached prefix of the sequence's tokens (never its last token)."""
+    def _prefix_blocks(self, seq: Sequence):
+        """(hash, tokens) of the sequence's full blocks that may be taken from a cache, in order
+        (never its last token), hashed as they are asked for."""
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:   # those are computed here
-            return []
+            return
         tokens, bs = seq.all_token_ids, self.block_size
-        hits, parent = [], None
+        parent = None
         for i in range((len(tokens) - 1) // bs):
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
             parent = seq.block_hash(i, parent, block_tokens)
-            block = self.cached.get(parent)
-            if block is None or self.block_tokens[block] != block_tokens:
+            yield parent, block_tokens
+
+    def cached_prefix(self, seq: Sequence) -> list[tuple[int, tuple[int, ...], int | None]]:
+        """(hash, tokens, pool block or None where the tier holds it) of the longest prefix of the
+        sequence's blocks cached in the pool or the tier, block by block."""
+        found = []
+        for block_hash, block_tokens in self._prefix_blocks(seq):
+            block = self.cached.get(block_hash)
+            if block is not None and self.block_tokens[block] == block_tokens:
+                found.append((block_hash, block_tokens, block))
+            elif self.tier is not None and self.tier.contains(block_hash, block_tokens):
+                found.append((block_hash, block_tokens, None))
+            else:
                 break
-            hits.append(block)
-        return hits
+        return found
 
     def allocate(self, seq: Sequence) -> bool:
         """Gives a waiting sequence the blocks for all its tokens (prompt and any output to
         recompute), reusing its cached prefix; False (nothing taken) when the pool lacks room."""
         assert not seq.block_table, "sequence already holds blocks"
-        hits = self.cached_prefix(seq)
+        found = self.cached_prefix(seq)
+        hits = [b for _, _, b in found if b is not None]
         free_hits = sum(1 for b in hits if self.ref_counts[b] == 0)
         fresh = blocks_needed(seq.num_tokens, self.block_size) - len(hits)
         if fresh > self.num_free_blocks - free_hits:
@@ -79,11 +105,21 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free_queue[block]
             self.ref_counts[block] += 1
-        seq.block_table = hits + [self._take_free_block() for _ in range(fresh)]
-        seq.block_hashes = [self.block_hash[b] for b in hits]
-        seq.num_cached_tokens = len(hits) * self.block_size
+        loads = [(h, t) for h, t, b in found if b is None]
+        staged = self.tier.fetch([h for h, _ in loads]) if loads else None
+        fresh_blocks = [self._take_free_block() for _ in range(fresh)]
+        if loads:
+            self.tier.restore(staged, fresh_blocks[:len(loads)])
+            for block, (block_hash, block_tokens) in zip(fresh_blocks, loads):
+                self._register(block, block_hash, block_tokens)
+        table, rest = [], iter(fresh_blocks)
+        for _, _, block in found:
+            table.append(block if block is not None else next(rest))
+        seq.block_table = table + list(rest)
+        seq.block_hashes = [h for h, _, _ in found]
+        seq.num_cached_tokens = len(found) * self.block_size
         self.query_tokens += seq.num_tokens
-        self.hit_tokens += seq.num_cached_tokens
+        self.hit_tokens += len(hits) * self.block_size
         return True
 
     def _take_free_block(self) -> int:
@@ -96,7 +132,9 @@ class BlockManager:
         block_hash = self.block_hash.pop(block, None)
         if block_hash is None:
             return
-        del self.block_tokens[block]
+        block_tokens = self.block_tokens.pop(block)
+        if self.tier is not None:
+            self.tier.save(block, block_hash, block_tokens)
         if self.cached.get(block_hash) == block:
             del self.cached[block_hash]
             if self.events is not None:
@@ -129,11 +167,14 @@ class BlockManager:
             block = seq.block_table[i]
             if block_hash in self.cached or block in self.block_hash:
                 continue   # the same content is cached in another block already: this one stays private
-            self.cached[block_hash] = block
-            self.block_hash[block] = block_hash
-            self.block_tokens[block] = block_tokens
-            if self.events is not None:
-                self.events.stored(block_hash)
+            self._register(block, block_hash, block_tokens)
+
+    def _register(self, block: int, block_hash: int, block_tokens: tuple[int, ...]) -> None:
+        self.cached[block_hash] = block
+        self.block_hash[block] = block_hash
+        self.block_tokens[block] = block_tokens
+        if self.events is not None:
+            self.events.stored(block_hash)
 
     # ---- release -----------------------------------------------------------------------------
     def free(self, seq: Sequence) -> None:

@@ -24,6 +24,9 @@ class EngineConfig:
     # Full KV blocks stay cached by content after their request ends (LRU), and a new prompt
     # reuses its longest cached block prefix.
     enable_prefix_caching: bool = True
+    # GiB of host memory for KV blocks the pool evicts, reused from there by later prompts
+    # (engine/kv_offload.py); 0: none. cpu engines only for now.
+    kv_offload_host_gb: float = 0.0
     seed: int = 0
     max_queue_len: int = 1024         # waiting requests past which new ones get RESOURCE_EXHAUSTED
     # An idle engine that gets a request keeps taking the requests that follow within this long

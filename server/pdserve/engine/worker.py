@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict
 
 import grpc
 
@@ -378,7 +379,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
             num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
             stored_block_hashes=events.stored, removed_block_hashes=events.removed,
-            num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds)
+            num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds,
+            kv_tiers=[engine_pb2.StatsResponse.KVTier(**asdict(t)) for t in s.kv_tiers])
 
 
 async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:

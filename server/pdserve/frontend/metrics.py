@@ -90,6 +90,19 @@ class EngineCollector:
                                       "started (0 before its first lookup)", labels=["model", "role", "instance"])
         cached_blocks = GaugeMetricFamily("pdserve_kv_cache_cached_blocks", "KV blocks holding reusable prefix KV "
                                           "(in use or free)", labels=["model", "role", "instance"])
+        tier_labels = ["model", "role", "instance", "tier"]
+        tier_hits = Metric("pdserve_kv_offload_hits", "Prompt tokens whose KV came from an offload tier instead of "
+                           "being computed", "counter")
+        tier_saved = Metric("pdserve_kv_offload_saved_bytes", "KV bytes the pool evicted into an offload tier",
+                            "counter")
+        tier_loaded = Metric("pdserve_kv_offload_loaded_bytes", "KV bytes loaded back into the pool from an offload "
+                             "tier", "counter")
+        tier_seconds = Metric("pdserve_kv_offload_copy_seconds", "Time spent copying KV to and from an offload tier",
+                              "counter")
+        tier_used = GaugeMetricFamily("pdserve_kv_offload_used_bytes", "KV bytes an offload tier holds",
+                                      labels=tier_labels)
+        tier_capacity = GaugeMetricFamily("pdserve_kv_offload_capacity_bytes", "KV bytes an offload tier can hold",
+                                          labels=tier_labels)
         instances = GaugeMetricFamily("pdserve_instances", "Live engine instances on this node", labels=["model", "role"])
         cluster = GaugeMetricFamily("pdserve_cluster_instances", "Engine instances in the etcd view, by state",
                                     labels=["model", "role", "state"])
@@ -122,6 +135,14 @@ class EngineCollector:
                 queried = stats.prefix_cache_queries
                 hit_ratio.add_metric(labels, stats.prefix_cache_hits / queried if queried else 0.0)
                 cached_blocks.add_metric(labels, stats.num_cached_blocks)
+                for t in stats.kv_tiers:
+                    per_tier = {**named, "tier": t.tier}
+                    tier_hits.add_sample("pdserve_kv_offload_hits_total", per_tier, t.hit_tokens)
+                    tier_saved.add_sample("pdserve_kv_offload_saved_bytes_total", per_tier, t.saved_bytes)
+                    tier_loaded.add_sample("pdserve_kv_offload_loaded_bytes_total", per_tier, t.loaded_bytes)
+                    tier_seconds.add_sample("pdserve_kv_offload_copy_seconds_total", per_tier, t.copy_seconds)
+                    tier_used.add_metric([*labels, t.tier], t.used_bytes)
+                    tier_capacity.add_metric([*labels, t.tier], t.capacity_bytes)
                 if engine.role == "PREFILL" or stats.kv_transfers:
                     buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, stats.kv_transfer_bucket_counts)]
                     transfer.add_metric(labels, buckets + [("+Inf", stats.kv_transfers)], stats.kv_transfer_seconds)
@@ -145,7 +166,8 @@ class EngineCollector:
                 cluster.add_metric(list(labels), n)
             outages.add_sample("pdserve_etcd_outages_total", {}, self.registry.outages)
         yield from (running, waiting, kv, preempt, transfer, transfer_bytes, transfer_failures, keepalive,
-                    cache_queries, cache_hits, hit_ratio, cached_blocks, instances, cluster, outages, states,
+                    cache_queries, cache_hits, hit_ratio, cached_blocks, tier_hits, tier_saved, tier_loaded,
+                    tier_seconds, tier_used, tier_capacity, instances, cluster, outages, states,
                     roles, switches, abandoned)
 
 

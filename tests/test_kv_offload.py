@@ -1,0 +1,232 @@
+"""The host offload tier under the prefix cache (engine/kv_offload.py): the block manager's rules
+with a stand-in tier (pure logic), the tier's own bounds, then whole engines in this process: a
+prompt the pool evicted is served from the tier, with the same greedy text as without it."""
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pdserve.common.block_hash import block_hashes
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.kv_offload import HostKVTier
+from pdserve.engine.sequence import SamplingParams, Sequence
+
+
+def seq(request_id: str, tokens) -> Sequence:
+    return Sequence(request_id, list(tokens), SamplingParams())
+
+
+def compute(bm: BlockManager, s: Sequence, pool: list) -> None:
+    """A step: every token computed (each block's 'KV' is its tokens), full blocks shared."""
+    bs = bm.block_size
+    for i, block in enumerate(s.block_table):
+        pool[block] = tuple(s.all_token_ids[i * bs:(i + 1) * bs])
+    s.num_cached_tokens = s.num_tokens
+    bm.commit(s)
+
+
+class ListTier:
+    """A tier over a list standing in for the pool tensor, each block's 'KV' a value."""
+
+    def __init__(self, pool: list, capacity: int):
+        self.pool, self.capacity = pool, capacity
+        self.entries: dict[int, tuple] = {}    # hash -> (tokens, kv), oldest first
+
+    def contains(self, block_hash, tokens):
+        return block_hash in self.entries and self.entries[block_hash][0] == tokens
+
+    def save(self, block, block_hash, tokens):
+        self.entries.pop(block_hash, None)
+        if len(self.entries) == self.capacity:
+            del self.entries[next(iter(self.entries))]
+        self.entries[block_hash] = (tokens, self.pool[block])
+
+    def fetch(self, hashes):
+        return [self.entries[h][1] for h in hashes]
+
+    def restore(self, staged, blocks):
+        for block, kv in zip(blocks, staged):
+            self.pool[block] = kv
+
+
+# ---- block manager ------------------------------------------------------------------------------
+def test_evicted_blocks_go_to_the_tier_and_a_later_prompt_loads_them_back_into_fresh_blocks():
+    pool = [None] * 6
+    tier = ListTier(pool, capacity=16)
+    bm = BlockManager(num_blocks=6, block_size=2, tier=tier)
+    a = seq("a", range(7))                      # blocks [0 1] [2 3] [4 5] [6]
+    assert bm.allocate(a)
+    compute(bm, a, pool)
+    bm.free(a)
+    b = seq("b", range(100, 111))               # needs all 6 blocks: a's 3 cached ones are evicted
+    assert bm.allocate(b) and b.num_cached_tokens == 0
+    assert bm.num_cached_blocks == 0 and len(tier.entries) == 3
+    compute(bm, b, pool)
+    bm.free(b)
+    again = seq("a2", list(range(6)) + [9, 9])
+    assert bm.allocate(again)
+    assert again.num_cached_tokens == 6 and bm.hit_tokens == 0          # all from the tier, none from the pool
+    assert [pool[block] for block in again.block_table[:3]] == [(0, 1), (2, 3), (4, 5)]
+    assert again.block_hashes == block_hashes(list(range(6)), 2)
+    assert bm.num_cached_blocks == 2 + 3        # two of b's, and the loaded blocks, cached in the pool again
+    # the blocks of b evicted to make room were saved before a's KV was written over them
+    assert {kv for _, kv in tier.entries.values()} == {(0, 1), (2, 3), (4, 5), (104, 105), (106, 107), (108, 109)}
+
+
+def test_the_prefix_continues_in_the_tier_where_the_pool_ends_and_a_collision_is_a_miss():
+    pool = [None] * 8
+    tier = ListTier(pool, capacity=16)
+    bm = BlockManager(num_blocks=8, block_size=2, tier=tier)
+    a = seq("a", range(9))
+    bm.allocate(a)
+    compute(bm, a, pool)
+    bm.free(a)                                  # tail first: blocks [6 7], [4 5], ... go first
+    b = seq("b", range(100, 112))
+    bm.allocate(b)                              # six blocks: the four plain ones, then [6 7] and [4 5]
+    assert len(tier.entries) == 2
+    compute(bm, b, pool)
+    bm.free(b)
+    c = seq("c", range(9))
+    assert bm.allocate(c) and c.num_cached_tokens == 8
+    assert bm.hit_tokens == 4                   # [0 1] [2 3] from the pool, [4 5] [6 7] from the tier
+    assert pool[c.block_table[2]] == (4, 5) and pool[c.block_table[3]] == (6, 7)
+    bm.free(c)
+    # a hash found with other tokens (a collision) is not a hit
+    h = next(iter(tier.entries))
+    tier.entries[h] = ((42, 42), tier.entries[h][1])
+    assert not tier.contains(h, (4, 5))
+
+
+def test_no_tier_or_no_room_changes_nothing():
+    pool = [None] * 4
+    tier = ListTier(pool, capacity=16)
+    bm = BlockManager(num_blocks=4, block_size=2, tier=tier)
+    a = seq("a", range(7))
+    bm.allocate(a)
+    compute(bm, a, pool)
+    bm.free(a)
+    big = seq("big", range(100, 109))           # 5 blocks: never fits
+    assert not bm.allocate(big)
+    assert not tier.entries and bm.num_free_blocks == 4 and bm.num_cached_blocks == 3
+    assert BlockManager(4, 2, enable_prefix_caching=False, tier=tier).tier is None
+
+
+# ---- the host tier ------------------------------------------------------------------------------
+def test_host_tier_is_bounded_lru_and_copies_all_layers_of_a_block():
+    layers, blocks = 3, 4
+    # the pool's layout: stored layer-major, seen block-major
+    pool = torch.arange(layers * blocks * 2 * 2 * 1 * 2, dtype=torch.float32).reshape(layers, blocks, 2, 2, 1, 2)
+    pool = pool.transpose(0, 1)
+    block_bytes = pool[0].numel() * 4
+    tier = HostKVTier(pool, capacity_bytes=2 * block_bytes + 1, block_size=2, clock=lambda: 0.0)
+    assert tier.num_slots == 2
+    expected = {b: pool[b].clone() for b in range(3)}
+    for b in range(3):
+        tier.save(b, 10 + b, (b, b))
+    assert not tier.contains(10, (0, 0)) and tier.contains(11, (1, 1)) and tier.contains(12, (2, 2))
+    assert not tier.contains(12, (9, 9))        # same hash, other tokens: a miss
+    staged = tier.fetch([11, 12])
+    tier.save(3, 13, (3, 3))                    # evicts 11, the least recently used... after the fetch
+    tier.restore(staged, [0, 3])
+    assert torch.equal(pool[0], expected[1]) and torch.equal(pool[3], expected[2])
+    s = tier.stats()
+    assert (s.hit_tokens, s.saved_bytes, s.loaded_bytes, s.used_bytes, s.capacity_bytes) == (
+        4, 4 * block_bytes, 2 * block_bytes, 2 * block_bytes, 2 * block_bytes)
+
+
+# ---- whole engines ------------------------------------------------------------------------------
+from pdserve.engine.config import EngineConfig  # noqa: E402
+from pdserve.engine.llm_engine import LLMEngine  # noqa: E402
+
+
+def engine(path: str, host_gb: float = 0.0) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_path=path, dtype="float32", kv_cache_blocks=24, kv_block_size=16,
+                                  max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256,
+                                  admission_window_ms=0, kv_offload_host_gb=host_gb))
+
+
+def generate(e: LLMEngine, request_id: str, tokens: list[int]) -> list[int]:
+    """The greedy tokens of one request run alone."""
+    e.add_request(request_id, tokens, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    out = []
+    while e.has_work():
+        for o in e.step():
+            assert o.error is None, o.error
+            out += o.token_ids
+    return out
+
+
+def counting(e: LLMEngine) -> dict:
+    """{request id: the prompt tokens its steps computed}, filled as the engine steps."""
+    computed = {}
+    run = e.runner.run
+
+    def counted(step):
+        for s, n in step.prefills:
+            computed[s.request_id] = computed.get(s.request_id, 0) + n
+        return run(step)
+    e.runner.run = counted
+    return computed
+
+
+def conversation(e: LLMEngine, prompts: dict[str, list[int]]) -> tuple[dict, dict]:
+    computed = counting(e)
+    return {rid: generate(e, rid, tokens) for rid, tokens in prompts.items()}, computed
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    first = [rng.randrange(1, 1000) for _ in range(150)]
+    others = [{f"other{i}": [rng.randrange(1, 1000) for _ in range(150)]} for i in range(6)]
+    # three other prompts between each use of the first evict it from the pool (24 blocks)
+    return {"first": first, **others[0], **others[1], **others[2], "again": first, **others[3], **others[4],
+            **others[5], "next turn": first + [rng.randrange(1, 1000) for _ in range(40)]}
+
+
+def test_a_prompt_the_pool_evicted_is_served_from_the_host_tier_with_the_same_text(small_model, prompts):
+    plain = engine(small_model)
+    expected, plain_computed = conversation(plain, prompts)
+    tiered = engine(small_model, host_gb=0.01)
+    got, computed = conversation(tiered, prompts)
+    assert got == expected
+    tier = tiered.stats().kv_tiers[0]
+    assert tier.tier == "host" and tier.hit_tokens == 2 * 144 and tier.saved_bytes > 0
+    # 150 tokens: 9 full blocks (144 tokens) come back from the tier, 6 are computed
+    assert plain_computed["again"] == 150 and computed["again"] == 150 - 144
+    assert plain_computed["next turn"] == 190 and computed["next turn"] == 190 - 144
+    assert tiered.block_manager.hit_tokens == plain.block_manager.hit_tokens     # no pool hits: all from the tier
+    assert tier.loaded_bytes == tier.hit_tokens // 16 * tiered.host_tier.block_bytes
+    assert 0 < tier.used_bytes <= tier.capacity_bytes
+
+
+def test_without_the_parameter_nothing_changes(small_model):
+    e = engine(small_model)
+    assert e.host_tier is None and e.block_manager.tier is None and e.stats().kv_tiers == ()
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def test_tier_figures_are_exported_per_engine_and_tier():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pdserve._proto import engine_pb2
+    from pdserve.frontend.metrics import EngineCollector
+
+    stats = engine_pb2.StatsResponse(num_total_blocks=4, kv_tiers=[engine_pb2.StatsResponse.KVTier(
+        tier="host", hit_tokens=144, saved_bytes=4096, loaded_bytes=2048, copy_seconds=0.5, used_bytes=1024,
+        capacity_bytes=8192)])
+    live = SimpleNamespace(role="BOTH", instance_id="i0", address="a")
+    dep = SimpleNamespace(name="m", version=1, live_engines=lambda: [live])
+    manager = SimpleNamespace(all_deployments=lambda: [dep], index=lambda: [])
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(manager, plane=SimpleNamespace(last_stats=lambda address: stats)))
+    text = generate_latest(registry).decode()
+    labels = 'instance="i0",model="m",role="BOTH",tier="host"'
+    for line in (f"pdserve_kv_offload_hits_total{{{labels}}} 144.0",
+                 f"pdserve_kv_offload_loaded_bytes_total{{{labels}}} 2048.0",
+                 f"pdserve_kv_offload_saved_bytes_total{{{labels}}} 4096.0",
+                 f"pdserve_kv_offload_copy_seconds_total{{{labels}}} 0.5",
+                 f"pdserve_kv_offload_used_bytes{{{labels}}} 1024.0",
+                 f"pdserve_kv_offload_capacity_bytes{{{labels}}} 8192.0"):
+        assert line in text, line
