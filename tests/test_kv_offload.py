@@ -51,14 +51,20 @@ class ListTier:
 
 
 # ---- block manager ------------------------------------------------------------------------------
-def test_evicted_blocks_go_to_the_tier_and_a_later_prompt_loads_them_back_into_fresh_blocks():
-    pool = [None] * 6
+def cached_then_freed(num_blocks: int, tokens) -> tuple[list, ListTier, BlockManager]:
+    """A block manager (block size 2) with a tier, after a prompt of these tokens was computed and let go."""
+    pool = [None] * num_blocks
     tier = ListTier(pool, capacity=16)
-    bm = BlockManager(num_blocks=6, block_size=2, tier=tier)
-    a = seq("a", range(7))                      # blocks [0 1] [2 3] [4 5] [6]
+    bm = BlockManager(num_blocks=num_blocks, block_size=2, tier=tier)
+    a = seq("a", tokens)
     assert bm.allocate(a)
     compute(bm, a, pool)
-    bm.free(a)
+    bm.free(a)                                  # tail first: its last full block is evicted first
+    return pool, tier, bm
+
+
+def test_evicted_blocks_go_to_the_tier_and_a_later_prompt_loads_them_back_into_fresh_blocks():
+    pool, tier, bm = cached_then_freed(6, range(7))     # blocks [0 1] [2 3] [4 5] [6]
     b = seq("b", range(100, 111))               # needs all 6 blocks: a's 3 cached ones are evicted
     assert bm.allocate(b) and b.num_cached_tokens == 0
     assert bm.num_cached_blocks == 0 and len(tier.entries) == 3
@@ -74,38 +80,26 @@ def test_evicted_blocks_go_to_the_tier_and_a_later_prompt_loads_them_back_into_f
     assert {kv for _, kv in tier.entries.values()} == {(0, 1), (2, 3), (4, 5), (104, 105), (106, 107), (108, 109)}
 
 
-def test_the_prefix_continues_in_the_tier_where_the_pool_ends_and_a_collision_is_a_miss():
-    pool = [None] * 8
-    tier = ListTier(pool, capacity=16)
-    bm = BlockManager(num_blocks=8, block_size=2, tier=tier)
-    a = seq("a", range(9))
-    bm.allocate(a)
-    compute(bm, a, pool)
-    bm.free(a)                                  # tail first: blocks [6 7], [4 5], ... go first
+@pytest.mark.parametrize("collision", [False, True])
+def test_the_prefix_continues_in_the_tier_where_the_pool_ends_and_a_collision_is_a_miss(collision):
+    pool, tier, bm = cached_then_freed(8, range(9))
     b = seq("b", range(100, 112))
     bm.allocate(b)                              # six blocks: the four plain ones, then [6 7] and [4 5]
     assert len(tier.entries) == 2
     compute(bm, b, pool)
     bm.free(b)
+    if collision:                               # the hash of [4 5] found with other tokens
+        h = block_hashes(list(range(6)), 2)[-1]
+        tier.entries[h] = ((42, 42), tier.entries[h][1])
     c = seq("c", range(9))
-    assert bm.allocate(c) and c.num_cached_tokens == 8
+    assert bm.allocate(c) and c.num_cached_tokens == (4 if collision else 8)
     assert bm.hit_tokens == 4                   # [0 1] [2 3] from the pool, [4 5] [6 7] from the tier
-    assert pool[c.block_table[2]] == (4, 5) and pool[c.block_table[3]] == (6, 7)
-    bm.free(c)
-    # a hash found with other tokens (a collision) is not a hit
-    h = next(iter(tier.entries))
-    tier.entries[h] = ((42, 42), tier.entries[h][1])
-    assert not tier.contains(h, (4, 5))
+    if not collision:
+        assert pool[c.block_table[2]] == (4, 5) and pool[c.block_table[3]] == (6, 7)
 
 
-def test_no_tier_or_no_room_changes_nothing():
-    pool = [None] * 4
-    tier = ListTier(pool, capacity=16)
-    bm = BlockManager(num_blocks=4, block_size=2, tier=tier)
-    a = seq("a", range(7))
-    bm.allocate(a)
-    compute(bm, a, pool)
-    bm.free(a)
+def test_no_room_or_no_prefix_caching_changes_nothing():
+    pool, tier, bm = cached_then_freed(4, range(7))
     big = seq("big", range(100, 109))           # 5 blocks: never fits
     assert not bm.allocate(big)
     assert not tier.entries and bm.num_free_blocks == 4 and bm.num_cached_blocks == 3
