@@ -9,6 +9,7 @@ computes prompts whose KV it writes into those blocks (add_prefill_request).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from pdserve.common.errors import Cause, ServeError
@@ -96,6 +97,8 @@ class LLMEngine:
         self.runner.sampler.constrain = self.structured.apply
 
     def _host_tier(self, cfg: EngineConfig) -> HostKVTier | None:
+        if not math.isfinite(cfg.kv_offload_host_gb):
+            raise ValueError(f"kv_offload_host_gb is {cfg.kv_offload_host_gb}; give GiB of host memory (0: no tier)")
         if cfg.kv_offload_host_gb <= 0 or not cfg.enable_prefix_caching:
             return None
         if self.runner.device.type != "cpu":
