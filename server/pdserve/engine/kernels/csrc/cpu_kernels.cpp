@@ -64,6 +64,16 @@ static inline __m256 exp8(__m256 x) {
 
 // Vectors as wide as the build allows (16 floats with AVX-512, else 8); bf16 rounds to nearest
 // even, as at::BFloat16 (and so torch) does.
+// the plain arithmetic of vf, by the intrinsics' prefix
+#define PDSERVE_VEC_OPS(P) \
+  static inline vf vset1(float x) { return P##_set1_ps(x); } \
+  static inline vf vadd(vf a, vf b) { return P##_add_ps(a, b); } \
+  static inline vf vsub(vf a, vf b) { return P##_sub_ps(a, b); } \
+  static inline vf vmul(vf a, vf b) { return P##_mul_ps(a, b); } \
+  static inline vf vmin(vf a, vf b) { return P##_min_ps(a, b); } \
+  static inline vf vmax(vf a, vf b) { return P##_max_ps(a, b); } \
+  static inline vf vfmadd(vf a, vf b, vf c) { return P##_fmadd_ps(a, b, c); } \
+  static inline vf vfnmadd(vf a, vf b, vf c) { return P##_fnmadd_ps(a, b, c); }
 #if defined(__AVX512F__)
 using vf = __m512;
 constexpr int VW = 16;
@@ -81,20 +91,13 @@ static inline void vstore(at::BFloat16* p, vf v) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
 }
 static inline vf vround_bf16(vf v) { return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(v), _mm512_set1_epi32(int(0xffff0000u)))); }
-static inline vf vset1(float x) { return _mm512_set1_ps(x); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+PDSERVE_VEC_OPS(_mm512)
 // a / b by the reciprocal estimate and one Newton step (about float32's precision; a divide
 // instruction is several times slower)
 static inline vf vdiv(vf a, vf b) {
   const vf r = _mm512_rcp14_ps(b);
   return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
 }
-static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vfnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline vf vfloor_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vexp2i(vf fx) {
@@ -117,15 +120,8 @@ static inline void vstore(at::BFloat16* p, vf v) {
   _mm_storeu_si128((__m128i*)p, packed);
 }
 static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_and_si256(bf16_bits(v), _mm256_set1_epi32(int(0xffff0000u)))); }
-static inline vf vset1(float x) { return _mm256_set1_ps(x); }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+PDSERVE_VEC_OPS(_mm256)
 static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
-static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf vfnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline float vsum(vf v) { return hsum8(v); }
 static inline vf vfloor_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vexp2i(vf fx) {
@@ -153,6 +149,26 @@ static inline vf vexp(vf x) {
   return vmul(y, vexp2i(fx));
 }
 
+// One decode-attention call: the pool seen through its strides, the queries, and the work
+// split (one task per sequence, or per sequence and KV head when there are too few sequences to
+// keep every thread busy).
+template <typename T>
+struct DecodeShape {
+  int64_t B, H, BS, KVH, G, s_block, s_kv, s_tok, s_head, tab_stride, qs_b, qs_h, splits, per;
+  const T* base;
+  const int64_t* tab;
+  const int64_t* len;
+  const T* qp;
+  T* op;
+  DecodeShape(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
+              const at::Tensor& lens)
+      : B(q.size(0)), H(q.size(1)), BS(kv.size(3)), KVH(kv.size(4)), G(H / KVH), s_block(kv.stride(0)),
+        s_kv(kv.stride(2)), s_tok(kv.stride(3)), s_head(kv.stride(4)), tab_stride(tables.stride(0)),
+        qs_b(q.stride(0)), qs_h(q.stride(1)), splits(B >= 2 * at::get_num_threads() ? 1 : KVH), per(KVH / splits),
+        base(kv.data_ptr<T>() + layer * kv.stride(1)), tab(tables.data_ptr<int64_t>()), len(lens.data_ptr<int64_t>()),
+        qp(q.data_ptr<T>()), op(out.data_ptr<T>()) {}
+};
+
 // out[b, h, :] = softmax(q[b, h] . K[b]^T * scale) V[b], K and V read in place from the pool
 // [num_blocks, layers, 2, block_size, kv_heads, dim] through block_tables[b] for context_lens[b] tokens,
 // in one pass over the context (online softmax, block by block): each block's keys and values
@@ -163,52 +179,40 @@ static inline vf vexp(vf x) {
 template <typename T, int D>
 static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                           const at::Tensor& tables, const at::Tensor& lens, float scale) {
-  const int64_t B = q.size(0), H = q.size(1);
-  const int64_t BS = kv.size(3), KVH = kv.size(4);
-  const int64_t G = H / KVH;
-  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
-  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
-  const int64_t* tab = tables.data_ptr<int64_t>();
-  const int64_t tab_stride = tables.stride(0);
-  const int64_t* len = lens.data_ptr<int64_t>();
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
-  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
-  const int64_t per = KVH / splits;
-  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    const int64_t nh = per * G;
-    std::vector<float> qf(nh * D), acc(nh * D), sc(nh * BS), mx(nh), sum(nh);
+  const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
+  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = dv.per * dv.G;
+    std::vector<float> qf(nh * D), acc(nh * D), sc(nh * dv.BS), mx(nh), sum(nh);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
       for (int64_t h = 0; h < nh; ++h) {
-        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(qp[b * qs_b + (g0 * G + h) * qs_h + d]) * scale;
+        for (int d = 0; d < D; ++d) qf[h * D + d] = to_float(dv.qp[b * dv.qs_b + (g0 * dv.G + h) * dv.qs_h + d]) * scale;
         mx[h] = -INFINITY;
         sum[h] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < n; t0 += BS) {
-        const T* kb = base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head;
-        const T* vb = kb + s_kv;
-        const int64_t m = std::min(BS, n - t0);
+      for (int64_t t0 = 0; t0 < n; t0 += dv.BS) {
+        const T* kb = dv.base + dv.tab[b * dv.tab_stride + t0 / dv.BS] * dv.s_block + g0 * dv.s_head;
+        const T* vb = kb + dv.s_kv;
+        const int64_t m = std::min(dv.BS, n - t0);
         // the next block's rows are fetched a row per token, spread over this block's work
-        const T* nb = t0 + BS < n ? base + tab[b * tab_stride + t0 / BS + 1] * s_block + g0 * s_head : nullptr;
+        const T* nb = t0 + dv.BS < n ? dv.base + dv.tab[b * dv.tab_stride + t0 / dv.BS + 1] * dv.s_block + g0 * dv.s_head : nullptr;
         for (int64_t j = 0; j < m; ++j) {
-          if (nb) prefetch_row(nb + j * s_tok, per * s_head);
-          for (int64_t g = 0; g < per; ++g) {
-            const T* kp = kb + j * s_tok + g * s_head;
+          if (nb) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
+          for (int64_t g = 0; g < dv.per; ++g) {
+            const T* kp = kb + j * dv.s_tok + g * dv.s_head;
             __m256 k[D / 8];
             for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
-            for (int64_t i = 0; i < G; ++i) {
-              const float* qh = &qf[(g * G + i) * D];
+            for (int64_t i = 0; i < dv.G; ++i) {
+              const float* qh = &qf[(g * dv.G + i) * D];
               __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
               for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
-              sc[(g * G + i) * BS + j] = hsum8(a);
+              sc[(g * dv.G + i) * dv.BS + j] = hsum8(a);
             }
           }
         }
         for (int64_t h = 0; h < nh; ++h) {
-          float* s = &sc[h * BS];
+          float* s = &sc[h * dv.BS];
           float bm = mx[h];
           for (int64_t j = 0; j < m; ++j) bm = std::max(bm, s[j]);
           if (bm > mx[h]) {
@@ -232,14 +236,14 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
           sum[h] += total;
         }
         for (int64_t j = 0; j < m; ++j) {
-          if (nb) prefetch_row(nb + s_kv + j * s_tok, per * s_head);
-          for (int64_t g = 0; g < per; ++g) {
-            const T* vp = vb + j * s_tok + g * s_head;
+          if (nb) prefetch_row(nb + dv.s_kv + j * dv.s_tok, dv.per * dv.s_head);
+          for (int64_t g = 0; g < dv.per; ++g) {
+            const T* vp = vb + j * dv.s_tok + g * dv.s_head;
             __m256 v[D / 8];
             for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
-            for (int64_t i = 0; i < G; ++i) {
-              const __m256 p = _mm256_set1_ps(sc[(g * G + i) * BS + j]);
-              float* ah = &acc[(g * G + i) * D];
+            for (int64_t i = 0; i < dv.G; ++i) {
+              const __m256 p = _mm256_set1_ps(sc[(g * dv.G + i) * dv.BS + j]);
+              float* ah = &acc[(g * dv.G + i) * D];
               for (int c = 0; c < D / 8; ++c)
                 _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
             }
@@ -248,7 +252,7 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
       }
       for (int64_t h = 0; h < nh; ++h) {
         const float inv = 1.f / sum[h];
-        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, &op[(b * H + g0 * G + h) * D + d]);
+        for (int d = 0; d < D; ++d) from_float(acc[h * D + d] * inv, &dv.op[(b * dv.H + g0 * dv.G + h) * D + d]);
       }
     }
   });
@@ -293,66 +297,55 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
   static_assert(D % 32 == 0, "rows are whole 32-dim chunks");
   using T = at::BFloat16;
   constexpr int P = D / 2, C = D / 32;   // dim pairs (one dword each); 32-dim chunks (one zmm)
-  const int64_t B = q.size(0), H = q.size(1);
-  const int64_t BS = kv.size(3), KVH = kv.size(4);
-  const int64_t G = H / KVH, G4 = (G + 3) / 4 * 4;
-  const int64_t s_block = kv.stride(0), s_kv = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
-  const T* base = kv.data_ptr<T>() + layer * kv.stride(1);
-  const int64_t* tab = tables.data_ptr<int64_t>();
-  const int64_t tab_stride = tables.stride(0);
-  const int64_t* len = lens.data_ptr<int64_t>();
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t qs_b = q.stride(0), qs_h = q.stride(1);
-  const int64_t splits = (B >= 2 * at::get_num_threads()) ? 1 : KVH;
-  const int64_t per = KVH / splits;
+  const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
+  const int64_t G4 = (dv.G + 3) / 4 * 4;
   // The context in chunks of whole blocks, about 256 keys: a chunk's scores are computed for
   // all its keys first, then one softmax pass (a max and a rescale per head per chunk, not per
   // tile), then its values; the scores stay in L1.
-  const int64_t CH = std::max<int64_t>(256 / BS, 1) * BS, CHP = (CH + 16 + 15) / 16 * 16;
-  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    const int64_t nh = per * G;
-    std::vector<uint32_t> qd(per * G4 * P);
+  const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 16 + 15) / 16 * 16;
+  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t nh = dv.per * dv.G;
+    std::vector<uint32_t> qd(dv.per * G4 * P);
     std::vector<float> acc(nh * D), mx(nh), sum(nh), sc(nh * CHP);
     std::vector<uint16_t> pb(nh * CHP);
     alignas(64) int32_t kt[P][16];
     alignas(64) int32_t vi[8][2 * C][16];
     alignas(64) float s4[4][16];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / splits, g0 = (task % splits) * per, n = len[b];
+      const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
       std::fill(qd.begin(), qd.end(), 0u);   // the padding heads of each group score zeros
-      for (int64_t g = 0; g < per; ++g)
-        for (int64_t i = 0; i < G; ++i)
-          std::memcpy(&qd[(g * G4 + i) * P], qp + b * qs_b + ((g0 + g) * G + i) * qs_h, D * sizeof(T));
+      for (int64_t g = 0; g < dv.per; ++g)
+        for (int64_t i = 0; i < dv.G; ++i)
+          std::memcpy(&qd[(g * G4 + i) * P], dv.qp + b * dv.qs_b + ((g0 + g) * dv.G + i) * dv.qs_h, D * sizeof(T));
       std::fill(mx.begin(), mx.end(), -INFINITY);
       std::fill(sum.begin(), sum.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      auto block = [&](int64_t t0) { return base + tab[b * tab_stride + t0 / BS] * s_block + g0 * s_head; };
+      auto block = [&](int64_t t0) { return dv.base + dv.tab[b * dv.tab_stride + t0 / dv.BS] * dv.s_block + g0 * dv.s_head; };
       auto prefetch_block = [&](int64_t t0, int64_t part) {   // a block's rows of these heads: keys or values
         if (t0 >= n) return;
-        const T* nb = block(t0) + part * s_kv;
-        for (int64_t j = 0; j < std::min(BS, n - t0); ++j) prefetch_row(nb + j * s_tok, per * s_head);
+        const T* nb = block(t0) + part * dv.s_kv;
+        for (int64_t j = 0; j < std::min(dv.BS, n - t0); ++j) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
       };
       for (int64_t c0 = 0; c0 < n; c0 += CH) {
         const int64_t cn = std::min(CH, n - c0);
         // scores: sc[h][key - c0], scaled
-        for (int64_t t0 = c0; t0 < c0 + cn; t0 += BS) {
+        for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
           const T* blk = block(t0);
-          const int64_t m = std::min(BS, n - t0);
-          prefetch_block(t0 + BS < c0 + cn ? t0 + BS : c0, t0 + BS < c0 + cn ? 0 : 1);   // then this chunk's values
+          const int64_t m = std::min(dv.BS, n - t0);
+          prefetch_block(t0 + dv.BS < c0 + cn ? t0 + dv.BS : c0, t0 + dv.BS < c0 + cn ? 0 : 1);   // then this chunk's values
           for (int64_t j0 = 0; j0 < m; j0 += 16) {
             const int mt = (int)std::min<int64_t>(16, m - j0);
             const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
-            for (int64_t g = 0; g < per; ++g) {
-              const T* kb = blk + g * s_head + j0 * s_tok;
+            for (int64_t g = 0; g < dv.per; ++g) {
+              const T* kb = blk + g * dv.s_head + j0 * dv.s_tok;
               for (int c = 0; c < C; ++c) {   // kt[p][j]: key j's dims 2p, 2p+1
                 __m512i r[16];
                 for (int j = 0; j < 16; ++j)
-                  r[j] = j < mt ? _mm512_loadu_si512(kb + j * s_tok + 32 * c) : _mm512_setzero_si512();
+                  r[j] = j < mt ? _mm512_loadu_si512(kb + j * dv.s_tok + 32 * c) : _mm512_setzero_si512();
                 transpose16x16(r);
                 for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[16 * c + i], r[i]);
               }
-              for (int64_t i0 = 0; i0 < G; i0 += 4) {
+              for (int64_t i0 = 0; i0 < dv.G; i0 += 4) {
                 const uint32_t* q0 = &qd[(g * G4 + i0) * P];
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int p = 0; p < P; ++p) {
@@ -366,8 +359,8 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
                 _mm512_store_ps(s4[1], a1);
                 _mm512_store_ps(s4[2], a2);
                 _mm512_store_ps(s4[3], a3);
-                for (int64_t x = 0; x < 4 && i0 + x < G; ++x)
-                  _mm512_mask_storeu_ps(&sc[(g * G + i0 + x) * CHP + t0 - c0 + j0], valid,
+                for (int64_t x = 0; x < 4 && i0 + x < dv.G; ++x)
+                  _mm512_mask_storeu_ps(&sc[(g * dv.G + i0 + x) * CHP + t0 - c0 + j0], valid,
                                         _mm512_mul_ps(_mm512_load_ps(s4[x]), _mm512_set1_ps(scale)));
               }
             }
@@ -401,25 +394,25 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
           sum[h] += _mm512_reduce_add_ps(vs);
         }
         // values: acc[h] += P V, value rows interleaved by key pairs
-        for (int64_t t0 = c0; t0 < c0 + cn; t0 += BS) {
-          const T* blk = block(t0) + s_kv;
-          const int64_t m = std::min(BS, n - t0);
-          if (t0 + BS < c0 + cn) prefetch_block(t0 + BS, 1);
+        for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
+          const T* blk = block(t0) + dv.s_kv;
+          const int64_t m = std::min(dv.BS, n - t0);
+          if (t0 + dv.BS < c0 + cn) prefetch_block(t0 + dv.BS, 1);
           else prefetch_block(c0 + cn, 0);   // the next chunk's first keys
           for (int64_t j0 = 0; j0 < m; j0 += 16) {
             const int mt = (int)std::min<int64_t>(16, m - j0);
             const int pairs = (mt + 1) / 2;
-            for (int64_t g = 0; g < per; ++g) {
-              const T* vb = blk + g * s_head + j0 * s_tok;
+            for (int64_t g = 0; g < dv.per; ++g) {
+              const T* vb = blk + g * dv.s_head + j0 * dv.s_tok;
               for (int t = 0; t < pairs; ++t)
                 for (int c = 0; c < C; ++c) {
-                  const __m512i lo = _mm512_loadu_si512(vb + 2 * t * s_tok + 32 * c);
-                  const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * s_tok + 32 * c) : _mm512_setzero_si512();
+                  const __m512i lo = _mm512_loadu_si512(vb + 2 * t * dv.s_tok + 32 * c);
+                  const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * dv.s_tok + 32 * c) : _mm512_setzero_si512();
                   _mm512_store_si512(vi[t][2 * c], _mm512_unpacklo_epi16(lo, hi));
                   _mm512_store_si512(vi[t][2 * c + 1], _mm512_unpackhi_epi16(lo, hi));
                 }
-              for (int64_t i = 0; i < G; ++i) {
-                const int64_t h = g * G + i;
+              for (int64_t i = 0; i < dv.G; ++i) {
+                const int64_t h = g * dv.G + i;
                 const uint16_t* ph = &pb[h * CHP + t0 - c0 + j0];
                 float* ah = &acc[h * D];
                 __m512 o[2 * C];
@@ -438,7 +431,7 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
       for (int64_t h = 0; h < nh; ++h) {   // accumulator lane k of chunk c's lo / hi: dim 32c + 8(k/4) + k%4 (+4)
         const float inv = 1.f / sum[h];
         const float* ah = &acc[h * D];
-        T* oh = op + (b * H + g0 * G + h) * D;
+        T* oh = dv.op + (b * dv.H + g0 * dv.G + h) * D;
         for (int c = 0; c < C; ++c)
           for (int k = 0; k < 16; ++k) {
             const int d = 32 * c + 8 * (k / 4) + k % 4;
