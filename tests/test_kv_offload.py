@@ -224,3 +224,37 @@ def test_tier_figures_are_exported_per_engine_and_tier():
                  f"pdserve_kv_offload_used_bytes{{{labels}}} 1024.0",
                  f"pdserve_kv_offload_capacity_bytes{{{labels}}} 8192.0"):
         assert line in text, line
+
+
+# ---- served -------------------------------------------------------------------------------------
+def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(repo, small_model):
+    """config.pbtxt's kv_offload_host_gb reaches the engine; a prompt evicted from a small pool
+    and asked again has the same greedy text, and the tier metrics count its hit."""
+    from transformers import AutoTokenizer
+
+    from pdserve_clients import LLMClient
+    from pdserve_testing.harness import PdServer, add_model, config_text
+
+    tokenizer = AutoTokenizer.from_pretrained(small_model)
+    rng = random.Random(1)
+
+    def text(n_tokens: int) -> str:
+        ids = tokenizer.encode(tokenizer.decode([rng.randrange(100, 1000) for _ in range(n_tokens + 32)]))
+        return tokenizer.decode(ids[:n_tokens])
+
+    add_model(repo, "small", small_model, config_text(kv_cache_blocks=40, kv_offload_host_gb=0.01))
+    server = PdServer(repo).start()
+    client = LLMClient(server.url, model="small")
+    try:
+        server.wait_ready("small")
+        first = text(200)
+        expected = client.generate(first, max_tokens=8, temperature=0, ignore_eos=True).text
+        for _ in range(3):                      # 3 x 250 tokens evict the first prompt from a 640-token pool
+            client.generate(text(250), max_tokens=8, temperature=0, ignore_eos=True)
+        assert client.generate(first, max_tokens=8, temperature=0, ignore_eos=True).text == expected
+        hits = lambda: server.metric_value("pdserve_kv_offload_hits_total", model="small", tier="host")  # noqa: E731
+        server.wait_for(lambda: hits() >= 160, "the host tier's hits in the metrics", timeout=30)
+        assert server.metric_value("pdserve_kv_offload_capacity_bytes", model="small", tier="host") > 0
+    finally:
+        client.close()
+        server.stop()
