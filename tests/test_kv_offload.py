@@ -258,3 +258,29 @@ def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(
     finally:
         client.close()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def f64_model(tmp_path_factory):
+    from pdserve_testing.harness import make_model
+    return make_model(str(tmp_path_factory.mktemp("offload") / "weights"), layers=2, hidden=128, intermediate=256)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_traffic_with_a_tier_equals_no_caching_at_all(f64_model, seed):
+    """test_prefix_cache's workload (shared prefixes, preemption, aborts, chunked prefill) on a
+    pool of 40 blocks with a host tier of 64, in float64: the same tokens as with no caching."""
+    from test_prefix_cache import assert_pool_clean, drive, engine as cache_engine, workload
+
+    model = f64_model
+    plain = cache_engine(model, features=False, blocks=512)
+    requests = workload(plain.tokenizer, seed)
+    expected = drive(plain, requests)
+    block_bytes = 2 * 2 * 4 * 2 * 32 * 8          # layers x K/V x block_size x kv_heads x head_dim x float64
+    tiered = LLMEngine(EngineConfig(model_path=model, dtype="float64", kv_cache_blocks=40, max_model_len=512,
+                                    kv_block_size=4, max_num_seqs=8, max_num_batched_tokens=16,
+                                    kv_offload_host_gb=64 * block_bytes / 2**30))
+    assert tiered.host_tier.num_slots == 64
+    assert drive(tiered, requests) == expected
+    assert tiered.scheduler.num_preemptions > 0 and tiered.host_tier.hit_tokens > 0
+    assert_pool_clean(tiered)
