@@ -266,6 +266,29 @@ def f64_model(tmp_path_factory):
     return make_model(str(tmp_path_factory.mktemp("offload") / "weights"), layers=2, hidden=128, intermediate=256)
 
 
+def tiered_f64_engine(model: str, transport=None) -> LLMEngine:
+    """test_prefix_cache's engine with both features, a pool of 40 blocks and a host tier of 64."""
+    block_bytes = 2 * 2 * 4 * 2 * 32 * 8          # layers x K/V x block_size x kv_heads x head_dim x float64
+    e = LLMEngine(EngineConfig(model_path=model, dtype="float64", kv_cache_blocks=40, max_model_len=512,
+                               kv_block_size=4, max_num_seqs=8, max_num_batched_tokens=16,
+                               kv_offload_host_gb=64 * block_bytes / 2**30), transport)
+    assert e.host_tier.num_slots == 64
+    return e
+
+
+def test_pd_with_a_tier_on_both_engines_equals_aggregated(f64_model, monkeypatch):
+    import test_prefix_cache as pc
+
+    plain_engine = pc.engine
+    monkeypatch.setattr(pc, "engine", lambda path, features, transport=None, **kw: (
+        tiered_f64_engine(path, transport) if features else plain_engine(path, features, transport, **kw)))
+    _, expected, got, prefill, decode, _ = pc.pd_run(f64_model, 3, ("P-tier", "D-tier"))
+    assert got == expected
+    assert prefill.host_tier.hit_tokens + decode.host_tier.hit_tokens > 0
+    pc.assert_pool_clean(prefill)
+    pc.assert_pool_clean(decode)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_traffic_with_a_tier_equals_no_caching_at_all(f64_model, seed):
     """test_prefix_cache's workload (shared prefixes, preemption, aborts, chunked prefill) on a
@@ -276,11 +299,7 @@ def test_random_traffic_with_a_tier_equals_no_caching_at_all(f64_model, seed):
     plain = cache_engine(model, features=False, blocks=512)
     requests = workload(plain.tokenizer, seed)
     expected = drive(plain, requests)
-    block_bytes = 2 * 2 * 4 * 2 * 32 * 8          # layers x K/V x block_size x kv_heads x head_dim x float64
-    tiered = LLMEngine(EngineConfig(model_path=model, dtype="float64", kv_cache_blocks=40, max_model_len=512,
-                                    kv_block_size=4, max_num_seqs=8, max_num_batched_tokens=16,
-                                    kv_offload_host_gb=64 * block_bytes / 2**30))
-    assert tiered.host_tier.num_slots == 64
+    tiered = tiered_f64_engine(model)
     assert drive(tiered, requests) == expected
     assert tiered.scheduler.num_preemptions > 0 and tiered.host_tier.hit_tokens > 0
     assert_pool_clean(tiered)
