@@ -44,23 +44,6 @@ static inline float hsum8(__m256 v) {
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
 }
-// exp for x <= 0 (scores minus their maximum): Cephes' expf polynomial, about 1 ulp.
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 // Vectors as wide as the build allows (16 floats with AVX-512, else 8); bf16 rounds to nearest
 // even, as at::BFloat16 (and so torch) does.
@@ -133,7 +116,7 @@ static inline vf vround(vf v, const float*) { return v; }
 static inline vf vround(vf v, const at::BFloat16*) { return vround_bf16(v); }
 static inline float round_to(float x, const float*) { return x; }
 static inline float round_to(float x, const at::BFloat16*) { return to_float(at::BFloat16(x)); }
-// exp for x <= 0, exp8's polynomial at the build's width
+// exp for x <= 0 (scores minus their maximum): Cephes' expf polynomial, about 1 ulp
 static inline vf vexp(vf x) {
   x = vmax(x, vset1(-87.0f));
   const vf fx = vfloor_round(vmul(x, vset1(1.44269504088896341f)));
@@ -224,14 +207,14 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
             mx[h] = bm;
           }
           int64_t j = 0;
-          __m256 vs = _mm256_setzero_ps();
-          const __m256 vm = _mm256_set1_ps(bm);
-          for (; j + 8 <= m; j += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-            _mm256_storeu_ps(s + j, e);
-            vs = _mm256_add_ps(vs, e);
+          vf vs = vset1(0.f);
+          const vf vm = vset1(bm);
+          for (; j + VW <= m; j += VW) {
+            const vf e = vexp(vsub(vload(s + j), vm));
+            vstore(s + j, e);
+            vs = vadd(vs, e);
           }
-          float total = hsum8(vs);
+          float total = vsum(vs);
           for (; j < m; ++j) { s[j] = std::exp(s[j] - bm); total += s[j]; }
           sum[h] += total;
         }
