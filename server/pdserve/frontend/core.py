@@ -17,6 +17,7 @@ frees the request's blocks in the engine.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -103,6 +104,14 @@ class Request:
         self.last = 0.0
         self.output_s = 0.0          # time the door spent between pieces
         self.n_in = self.n_out = 0
+        # prompt text -> its tokenization: the sibling sequences of n/best_of share one
+        self._prompts: dict[str, asyncio.Future] = {}
+
+    async def _tokenized(self, prompt: str) -> PromptTokens:
+        future = self._prompts.get(prompt)
+        if future is None:
+            future = self._prompts[prompt] = asyncio.ensure_future(self.core.tokenize(self.dep, prompt))
+        return await asyncio.shield(future)
 
     async def generate(self, gen: GenerationRequest, deadline: float | None = None) -> AsyncIterator[Piece]:
         """Routes to a decode engine (with a prefill engine in PD) and yields its pieces.
@@ -120,7 +129,7 @@ class Request:
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
         max_local_prefill = dep.spec.engine_parameters.get("max_local_prefill_tokens", DEFAULT_MAX_LOCAL_PREFILL_TOKENS)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
-        prompt = await core.tokenize(dep, gen.prompt)
+        prompt = await self._tokenized(gen.prompt)
         request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt.token_ids,
                                              prompt_block_hashes=prompt.block_hashes, block_size=prompt.block_size,
                                              sampling=gen.sampling.to_proto())
