@@ -50,9 +50,9 @@ def read_tokenizer_files(folder: str) -> dict[str, bytes]:
     return out
 
 
-def blob_entries(cluster: str, data: bytes) -> dict[str, bytes]:
-    """The etcd keys and values that hold data."""
-    prefix = files_prefix(cluster, digest_of(data))
+def blob_entries(cluster: str, digest: str, data: bytes) -> dict[str, bytes]:
+    """The etcd keys and values that hold data, whose digest_of is digest."""
+    prefix = files_prefix(cluster, digest)
     return {f"{prefix}{i // CHUNK_BYTES:04d}": data[i:i + CHUNK_BYTES]
             for i in range(0, max(len(data), 1), CHUNK_BYTES)}
 

@@ -48,10 +48,10 @@ class ModelPublisher:
         blobs: dict[str, bytes] = {}
         for version, config in configs.items():
             version_files = (files or {}).get(version, {})
-            for data in version_files.values():
-                blobs.update(blob_entries(self.cluster, data))
-            record = ModelRecord(model, str(version), self.node, config,
-                                 files={name: digest_of(data) for name, data in version_files.items()})
+            digests = {name: digest_of(data) for name, data in version_files.items()}
+            for name, data in version_files.items():
+                blobs.update(blob_entries(self.cluster, digests[name], data))
+            record = ModelRecord(model, str(version), self.node, config, files=digests)
             self._records[model_key(self.cluster, model, str(version), self.node)] = record.signed_json(self.token)
         self._blobs[model] = blobs
         self.wanted = {key: value for chunks in self._blobs.values() for key, value in chunks.items()}

@@ -52,6 +52,12 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def prefilled_where_decoded(self) -> bool:
+        """Whether the engine that decodes the request must also compute its prompt: it reports
+        log-probabilities of the logits it computes, or constrains the first token by a grammar."""
+        return self.logprobs is not None or self.prompt_logprobs is not None or bool(self.structured_kind)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes or reports the logits: argmax alone picks the token."""
         return self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None

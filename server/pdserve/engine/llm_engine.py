@@ -153,11 +153,7 @@ class LLMEngine:
         if len(token_ids) + len(resume_token_ids) >= self.max_model_len:
             raise ServeError(Cause.INVALID_ARGUMENT, f"the prompt and the tokens to resume from ("
                                                      f"{len(token_ids) + len(resume_token_ids)}) reach max_model_len")
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            # Log-probabilities come from the engine that computes the logits: the first token's
-            # and the prompt's would be a prefill engine's, so such requests are prefilled here.
-            prefill_address = ""
-        if params.structured_kind:   # the first token too must follow the grammar, so it is sampled here
+        if params.prefilled_where_decoded:   # the front end routes these so; a caller that did not is overruled
             prefill_address = ""
         matcher = self.structured.new_matcher(params)
         seq = self._admit(request_id, token_ids, params, prompt_block_hashes)

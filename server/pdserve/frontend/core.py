@@ -135,6 +135,8 @@ class Request:
                                              sampling=gen.sampling.to_proto())
         prompt_tokens = len(prompt.token_ids)
         prompt_hashes = prompt.block_hashes if core.router.uses_prefix else []
+        if gen.sampling.prefilled_where_decoded:   # no handoff: load and metrics count it where it runs
+            max_local_prefill = prompt_tokens
         while True:
             try:
                 route = core.router.choose(dep.name, str(dep.version), frozenset(failed),
