@@ -1,0 +1,130 @@
+"""Tensor parallelism's arithmetic (engine/parallel.py): which heads and rows each rank holds, and
+which prefill rank writes which KV heads into which decode rank. No processes."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pdserve.engine.parallel import (check_divisible, copies_from, handoff_plan, rank_config, shard_of,
+                                     shard_state_dict, split)
+
+
+def config(heads=8, kv_heads=4, hidden=64, intermediate=96, vocab=100, head_dim=None):
+    return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=hidden,
+                           intermediate_size=intermediate, vocab_size=vocab, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("total,size", [(8, 1), (8, 2), (8, 4), (100, 3), (1408, 4), (7, 4)])
+def test_split_covers_every_row_once_in_rank_order(total, size):
+    ranges = [split(total, size, r) for r in range(size)]
+    assert [i for r in ranges for i in r] == list(range(total))
+    assert max(len(r) for r in ranges) - min(len(r) for r in ranges) <= -(-total // size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_each_rank_holds_consecutive_heads_and_the_kv_heads_its_query_heads_read(size):
+    c = config(heads=8, kv_heads=4)      # GQA: two query heads per KV head
+    shards = [shard_of(r, size, c) for r in range(size)]
+    assert [h for s in shards for h in s.heads] == list(range(8))
+    assert [h for s in shards for h in s.kv_heads] == list(range(4))
+    for s in shards:
+        assert len(s.heads) == 8 // size and len(s.kv_heads) == 4 // size
+        # query head q reads KV head q // 2: every one of this rank's query heads finds its KV head here
+        assert {q // 2 for q in s.heads} == set(s.kv_heads)
+        assert s.head_dim == 64 // 8
+
+
+def test_vocab_rows_are_padded_to_one_width_for_the_gather():
+    shards = [shard_of(r, 4, config(vocab=10)) for r in range(4)]
+    assert [(s.vocab_rows.start, s.vocab_rows.stop) for s in shards] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert {s.vocab_per_rank for s in shards} == {3}
+
+
+@pytest.mark.parametrize("size,heads,kv_heads,word", [(3, 8, 4, "num_attention_heads"),
+                                                       (4, 8, 2, "num_key_value_heads"),
+                                                       (0, 8, 4, "at least 1")])
+def test_sizes_the_heads_do_not_allow_are_refused_naming_the_field(size, heads, kv_heads, word):
+    why = check_divisible(size, heads, kv_heads)
+    assert word in why and ("tensor_parallel_size" in why)
+    with pytest.raises(ValueError, match=word):
+        shard_of(0, size, config(heads=heads, kv_heads=kv_heads))
+
+
+def test_a_rank_config_describes_the_ranks_modules_and_keeps_the_head_dim():
+    c = config(heads=8, kv_heads=4, hidden=64, intermediate=96, vocab=100)
+    mine = rank_config(c, shard_of(1, 2, c))
+    assert (mine.num_attention_heads, mine.num_key_value_heads, mine.head_dim) == (4, 2, 8)
+    assert (mine.intermediate_size, mine.vocab_size, mine.hidden_size) == (48, 50, 64)
+    assert c.num_attention_heads == 8     # the model's own config is untouched
+
+
+def _checkpoint(c, layers=1):
+    d = c.hidden_size // c.num_attention_heads
+    state = {"model.embed_tokens.weight": torch.randn(c.vocab_size, c.hidden_size),
+             "lm_head.weight": torch.randn(c.vocab_size, c.hidden_size), "model.norm.weight": torch.randn(c.hidden_size)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state |= {p + "self_attn.q_proj.weight": torch.randn(c.num_attention_heads * d, c.hidden_size),
+                  p + "self_attn.q_proj.bias": torch.randn(c.num_attention_heads * d),
+                  p + "self_attn.k_proj.weight": torch.randn(c.num_key_value_heads * d, c.hidden_size),
+                  p + "self_attn.v_proj.weight": torch.randn(c.num_key_value_heads * d, c.hidden_size),
+                  p + "self_attn.o_proj.weight": torch.randn(c.hidden_size, c.num_attention_heads * d),
+                  p + "mlp.gate_proj.weight": torch.randn(c.intermediate_size, c.hidden_size),
+                  p + "mlp.up_proj.weight": torch.randn(c.intermediate_size, c.hidden_size),
+                  p + "mlp.down_proj.weight": torch.randn(c.hidden_size, c.intermediate_size),
+                  p + "input_layernorm.weight": torch.randn(c.hidden_size)}
+    return state
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_the_shards_of_a_checkpoint_compute_the_whole_layer(size):
+    """Column-parallel pieces concatenate to the whole output; row-parallel pieces sum to it:
+    the algebra the all-reduces and the vocabulary gather rely on."""
+    c = config()
+    state = _checkpoint(c)
+    parts = [shard_state_dict(state, shard_of(r, size, c)) for r in range(size)]
+    x = torch.randn(3, c.hidden_size)
+    p = "model.layers.0."
+    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.gate_proj.weight"):
+        whole = x @ state[p + name].T
+        assert torch.allclose(torch.cat([x @ part[p + name].T for part in parts], dim=1), whole)
+    assert torch.equal(torch.cat([part[p + "self_attn.q_proj.bias"] for part in parts]), state[p + "self_attn.q_proj.bias"])
+    for name, inner in (("self_attn.o_proj.weight", c.num_attention_heads * 8), ("mlp.down_proj.weight", c.intermediate_size)):
+        y = torch.randn(3, inner)
+        pieces = [y[:, split(inner, size, r)] for r in range(size)]
+        assert torch.allclose(sum(piece @ part[p + name].T for piece, part in zip(pieces, parts)),
+                              y @ state[p + name].T, atol=1e-4)
+    assert torch.equal(torch.cat([part["lm_head.weight"] for part in parts]), state["lm_head.weight"])
+    assert all(part["model.norm.weight"] is state["model.norm.weight"] for part in parts)
+
+
+def test_a_row_parallel_bias_is_refused():
+    c = config()
+    state = _checkpoint(c) | {"model.layers.0.mlp.down_proj.bias": torch.zeros(c.hidden_size)}
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        shard_state_dict(state, shard_of(0, 2, c))
+
+
+@pytest.mark.parametrize("kv_heads,p,d", [(4, 1, 1), (4, 2, 1), (4, 1, 2), (4, 2, 4), (4, 4, 2), (8, 4, 2), (8, 2, 8)])
+def test_a_handoff_writes_every_kv_head_once_from_the_rank_that_holds_it_to_the_rank_that_owns_it(kv_heads, p, d):
+    plan = handoff_plan(kv_heads, p, d)
+    assert sorted(h for c in plan for h in c.heads) == list(range(kv_heads))
+    for c in plan:
+        src, dst = split(kv_heads, p, c.src_rank), split(kv_heads, d, c.dst_rank)
+        assert set(c.heads) <= set(src) and set(c.heads) <= set(dst)
+        assert c.src_first == c.heads.start - src.start and c.dst_first == c.heads.start - dst.start
+    assert sum(len(copies_from(plan, r)) for r in range(p)) == len(plan)
+
+
+def test_the_handoff_of_a_wide_prefill_into_a_narrow_decode():
+    plan = handoff_plan(4, 2, 1)     # two prefill ranks, each writing its two heads into the one decode rank
+    assert [(c.src_rank, c.dst_rank, list(c.heads), c.src_first, c.dst_first) for c in plan] == [
+        (0, 0, [0, 1], 0, 0), (1, 0, [2, 3], 0, 2)]
+    plan = handoff_plan(4, 1, 2)     # one prefill rank writing half its heads into each decode rank
+    assert [(c.src_rank, c.dst_rank, list(c.heads), c.src_first, c.dst_first) for c in plan] == [
+        (0, 0, [0, 1], 0, 0), (0, 1, [2, 3], 2, 0)]
+
+
+def test_a_handoff_size_that_does_not_divide_the_kv_heads_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        handoff_plan(4, 3, 1)
