@@ -1,12 +1,16 @@
 """Tensor parallelism's arithmetic (engine/parallel.py): which heads and rows each rank holds, and
 which prefill rank writes which KV heads into which decode rank. No processes."""
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from pdserve_testing.harness import write_config
+
 from pdserve.engine.parallel import (check_divisible, copies_from, handoff_plan, rank_config, shard_of,
                                      shard_state_dict, split)
+from pdserve.repository.config import ConfigError, config_to_json, load_model_spec
 
 
 def config(heads=8, kv_heads=4, hidden=64, intermediate=96, vocab=100, head_dim=None):
@@ -128,3 +132,51 @@ def test_the_handoff_of_a_wide_prefill_into_a_narrow_decode():
 def test_a_handoff_size_that_does_not_divide_the_kv_heads_is_refused():
     with pytest.raises(ValueError, match="does not divide"):
         handoff_plan(4, 3, 1)
+
+
+# ---- config.pbtxt: instance_group { tensor_parallel_size } ------------------------------------
+
+def tp_model(tmp_path, group: str, hf: dict | None = None) -> str:
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "config.json").write_text(json.dumps(hf or {"model_type": "qwen2", "num_attention_heads": 8,
+                                                                "num_key_value_heads": 4}))
+    write_config(str(folder), f"instance_group [ {group} ]\n")
+    return str(folder)
+
+
+def test_each_size_consecutive_devices_form_one_instance_and_count_multiplies(tmp_path):
+    group = '{ role: DECODE devices: [ "npu:0", "npu:1", "npu:2", "npu:3" ] tensor_parallel_size: 2 count: 2 }'
+    spec = load_model_spec(tp_model(tmp_path, group))
+    assert [i.ranks for i in spec.instances] == [("npu:0", "npu:1"), ("npu:0", "npu:1"), ("npu:2", "npu:3"), ("npu:2", "npu:3")]
+    assert [i.device for i in spec.instances] == ["npu:0", "npu:0", "npu:2", "npu:2"]
+    assert len({i.name for i in spec.instances}) == 4
+    assert config_to_json(spec.config)["instance_group"][0]["tensor_parallel_size"] == 2
+
+
+def test_the_default_size_is_one_device_per_instance_and_shows_in_the_config(tmp_path):
+    spec = load_model_spec(tp_model(tmp_path, '{ devices: [ "cpu:0", "cpu:1" ] }'))
+    assert [(i.device, i.ranks) for i in spec.instances] == [("cpu:0", ("cpu:0",)), ("cpu:1", ("cpu:1",))]
+    assert spec.config.instance_group[0].tensor_parallel_size == 1
+
+
+@pytest.mark.parametrize("group,hf,words", [
+    ('{ devices: [ "cpu:0", "cpu:1", "cpu:0" ] tensor_parallel_size: 2 }', None,
+     ["instance_group[0].tensor_parallel_size is 2", "devices lists 3", "multiple of 2"]),
+    ('{ devices: [ "cpu:0", "cuda:0" ] tensor_parallel_size: 2 }', None, ["mixes cpu and cuda", "one kind"]),
+    ('{ devices: [ "cpu:0" ] tensor_parallel_size: -1 }', None, ["tensor_parallel_size is -1"]),
+    ('{ devices: [ "cpu:0", "cpu:1", "cpu:2" ] tensor_parallel_size: 3 }', None,
+     ["tensor_parallel_size is 3", "num_attention_heads 8 is not divisible", "divides"]),
+    ('{ devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }',
+     {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 1},
+     ["num_key_value_heads 1 is not divisible by tensor_parallel_size 2"]),
+    ('{ devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }',
+     {"model_type": "mixtral", "num_attention_heads": 8, "num_key_value_heads": 8},
+     ["model_type 'mixtral'", "use tensor_parallel_size 1"]),
+])
+def test_sizes_that_cannot_work_are_config_errors_naming_the_field_and_the_fix(tmp_path, group, hf, words):
+    with pytest.raises(ConfigError) as info:
+        load_model_spec(tp_model(tmp_path, group, hf))
+    assert "config.pbtxt" in str(info.value)
+    for word in words:
+        assert word in str(info.value)

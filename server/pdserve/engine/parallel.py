@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # torch-free at run time: the front end validates configs with check_divisible
+    import torch
 
+# The families whose modules shard (engine/models/llama.py); others serve with size 1.
+SHARDED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SIZES_HINT = "a tensor_parallel_size that divides num_attention_heads and num_key_value_heads"
 
 

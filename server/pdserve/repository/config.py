@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from google.protobuf import json_format, text_format
 from pdserve._proto import model_config_pb2 as mc
 from pdserve.engine.config import DTYPES, EngineConfig
 from pdserve.common.devices import DeviceError, parse_device
+from pdserve.engine.parallel import SHARDED_MODEL_TYPES, check_divisible
 from pdserve.repository.planner import PlannerSettings
 
 CONFIG_FILE = "config.pbtxt"
@@ -59,11 +61,16 @@ class InstanceSpec:
     group: str
     index: int
     role: str
-    device: str
+    device: str                     # rank 0's device
+    devices: tuple[str, ...] = ()   # tensor parallelism: every rank's device, rank 0's first (): device alone
 
     @property
     def name(self) -> str:
         return f"{self.group}_{self.index}"
+
+    @property
+    def ranks(self) -> tuple[str, ...]:
+        return self.devices or (self.device,)
 
 
 @dataclass
@@ -157,6 +164,44 @@ def _group_devices(path: str, i: int, group: mc.ModelInstanceGroup) -> list[str]
     return devices
 
 
+def _tensor_parallel_runs(path: str, i: int, group: mc.ModelInstanceGroup, devices: list[str]) -> list[tuple[str, ...]]:
+    """The group's instances' devices: each tensor_parallel_size consecutive devices form one."""
+    where = f"{path}: instance_group[{i}]"
+    size = group.tensor_parallel_size or 1
+    if size < 1:
+        raise ConfigError(f"{where}.tensor_parallel_size is {size}; use 1 (one device per instance) or more")
+    if len(devices) % size:
+        raise ConfigError(f"{where}.tensor_parallel_size is {size} but devices lists {len(devices)}; list a multiple "
+                          f"of {size} devices (each {size} consecutive devices form one instance) or change the size")
+    kinds = sorted({parse_device(d).kind for d in devices})
+    if size > 1 and len(kinds) > 1:
+        raise ConfigError(f"{where}.devices mixes {' and '.join(kinds)}; the ranks of a tensor_parallel_size {size} "
+                          "instance must be devices of one kind: put each kind in its own instance_group")
+    return [tuple(devices[start:start + size]) for start in range(0, len(devices), size)]
+
+
+def _check_tensor_parallel(path: str, config: mc.ModelConfig, versions: list[int]) -> None:
+    """A size > 1 needs a family that shards and heads it divides (each version's config.json;
+    one that cannot be read is left to the engine, which names what is wrong with it)."""
+    sizes = {i: g.tensor_parallel_size for i, g in enumerate(config.instance_group) if g.tensor_parallel_size > 1}
+    for version in versions if sizes else ():
+        try:
+            with open(os.path.join(os.path.dirname(path), str(version), "config.json")) as f:
+                hf = json.load(f)
+        except (OSError, ValueError):
+            continue
+        model_type = hf.get("model_type", "")
+        for i, size in sizes.items():
+            where = f"{path}: instance_group[{i}].tensor_parallel_size is {size}"
+            if model_type not in SHARDED_MODEL_TYPES:
+                raise ConfigError(f"{where} but version {version} is model_type '{model_type}'; tensor parallelism "
+                                  f"shards {', '.join(SHARDED_MODEL_TYPES)}: use tensor_parallel_size 1")
+            heads = hf.get("num_attention_heads", 0)
+            why = check_divisible(size, heads, hf.get("num_key_value_heads") or heads)
+            if why:
+                raise ConfigError(f"{where} (version {version}): {why}")
+
+
 def _group_name(config: mc.ModelConfig, i: int, group: mc.ModelInstanceGroup) -> str:
     return f"{config.name}_{mc.ModelInstanceGroup.Role.Name(group.role).lower()}_{i}"
 
@@ -167,9 +212,10 @@ def _instances(path: str, config: mc.ModelConfig) -> list[InstanceSpec]:
     for i, group in enumerate(groups):
         role = mc.ModelInstanceGroup.Role.Name(group.role)
         name = group.name or _group_name(config, i, group)
-        for device in _group_devices(path, i, group):
+        for ranks in _tensor_parallel_runs(path, i, group, _group_devices(path, i, group)):
             for _ in range(group.count or 1):
-                instances.append(InstanceSpec(name, len([s for s in instances if s.group == name]), role, device))
+                instances.append(InstanceSpec(name, len([s for s in instances if s.group == name]), role, ranks[0],
+                                              ranks if len(ranks) > 1 else ()))
     # A node may host only PREFILL instances: their DECODE partners can run on other nodes.
     return instances
 
@@ -242,6 +288,7 @@ def complete_config(config: mc.ModelConfig) -> None:
     for i, group in enumerate(config.instance_group):
         group.name = group.name or _group_name(config, i, group)
         group.count = group.count or 1
+        group.tensor_parallel_size = group.tensor_parallel_size or 1
         if group.kind == mc.ModelInstanceGroup.KIND_AUTO and group.devices:
             group.kind = kinds[parse_device(group.devices[0]).kind]
 
@@ -259,6 +306,7 @@ def load_model_spec(model_dir: str) -> ModelSpec:
         raise ConfigError(f"{path}: backend '{config.backend}' is not served here; use backend: \"pdserve\"")
     versions = _select_versions(path, config, version_folders(model_dir))
     instances = _instances(path, config)
+    _check_tensor_parallel(path, config, versions)
     params = _engine_parameters(path, config)
     _check_auto(path, instances, params)
     complete_config(config)
