@@ -8,6 +8,7 @@ computes prompts whose KV it writes into those blocks (add_prefill_request).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -70,9 +71,16 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, transport: KVTransport | None = None,
-                 handoff_timeout_s: float = DEFAULT_TIMEOUT_S, handoff_grace_s: float = DEFAULT_GRACE_S):
+                 handoff_timeout_s: float = DEFAULT_TIMEOUT_S, handoff_grace_s: float = DEFAULT_GRACE_S, tp=None):
+        """tp: the instance's RankGroup (engine/ranks.py) when it spans several devices; this is rank 0."""
+        if tp is not None:   # an offload tier would keep rank 0's share of each block only
+            tiers = {f.name: 0.0 for f in dataclasses.fields(cfg)
+                     if f.name.startswith("kv_offload_") and f.name.endswith("_gb") and getattr(cfg, f.name)}
+            if tiers:
+                log.warning("KV offload tiers are not implemented with tensor parallelism yet; %s off", ", ".join(tiers))
+                cfg = dataclasses.replace(cfg, **tiers)
         self.cfg = cfg
-        self.runner = ModelRunner(cfg)
+        self.runner = ModelRunner(cfg, tp)
         self.tokenizer = self.runner.tokenizer
         self.max_model_len = self.runner.max_model_len
         self.kv_events = KVEventLog()
@@ -234,6 +242,14 @@ class LLMEngine:
     # ---- steps -----------------------------------------------------------------------------
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def keep_ranks_alive(self) -> float | None:
+        """Between steps: a tensor-parallel instance's heartbeat to its other ranks, due every
+        returned seconds (None: a single device, nothing to keep alive)."""
+        if self.runner.tp is None:
+            return None
+        self.runner.tp.heartbeat()
+        return self.runner.tp.heartbeat_s
 
     @property
     def num_open_handoffs(self) -> int:

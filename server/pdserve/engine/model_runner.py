@@ -17,6 +17,8 @@ from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.kernels import kernels_for
 from pdserve.engine.models import build_model
+from pdserve.engine.parallel import rank_config, shard_of, shard_state_dict
+from pdserve.engine.ranks import parallelize, step_payload
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
@@ -69,8 +71,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     PREFILL_GROUP_TOKENS = 512
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, tp=None):
         self.cfg = cfg
+        self.tp = tp    # the instance's RankGroup (engine/ranks.py) when it spans several devices
         self.device = open_device(parse_device(cfg.device))
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
@@ -78,7 +81,10 @@ class ModelRunner:
         state = load_state_dict(cfg.model_path)
         if "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        self.model = build_model(self.hf_config, state.keys())
+        shard = shard_of(tp.rank, tp.size, self.hf_config) if tp is not None else None
+        if shard is not None:   # this rank's share only, cut before anything moves to the device
+            state = shard_state_dict(state, shard)
+        self.model = build_model(rank_config(self.hf_config, shard) if shard else self.hf_config, state.keys())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -86,6 +92,8 @@ class ModelRunner:
         self.model.inv_freq.data = self.model.inv_freq.data.float()
         self.kernels = kernels_for(self.device, self.dtype)
         self.model.prepare(self.kernels)
+        if shard is not None:
+            parallelize(self.model, self.hf_config, shard, tp)
         log.info("%s", self.kernels.describe())
         self.eos_ids = eos_token_ids(cfg.model_path, self.hf_config, self.tokenizer)
         self.max_model_len = cfg.max_model_len or self.hf_config.max_position_embeddings
@@ -118,7 +126,7 @@ class ModelRunner:
     def _kv_block_shape(self) -> tuple[int, ...]:
         c = self.hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        kv_heads = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) // (self.tp.size if self.tp else 1)
         return (c.num_hidden_layers, 2, self.block_size, kv_heads, head_dim)
 
     @property
@@ -138,6 +146,8 @@ class ModelRunner:
             num_blocks = min(useful, int(free_memory_bytes(self.device) * fraction) // self.block_bytes)
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache; lower max_num_seqs or set kv_cache_blocks")
+        if self.tp is not None:   # every rank's pool must hold the block ids rank 0 hands out
+            num_blocks = self.tp.agree_min(num_blocks, self.device)
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                  num_blocks * self.block_bytes / 2**20)
         # Stored layer-major, [layers, blocks, 2, block_size, kv_heads, dim], so one layer of a run
@@ -227,6 +237,8 @@ class ModelRunner:
         if self.layer_push is not None and prefills:
             meta.after_layer = self.layer_push([(seq.request_id, seq.block_table, seq.num_cached_tokens + n)
                                                 for seq, n in prefills])
+        if self.tp is not None:   # the other ranks run the same forward over their shards
+            self.tp.send_step(step_payload(input_ids, positions, meta))
         logits = self.model(input_ids, positions, self.kv_cache, meta)
         if scored:
             self._score_prompts(logits[len(sampled):], scored)

@@ -38,6 +38,8 @@ class WorkerSpec:
     lease_ttl: int = DEFAULT_TTL_S
     cluster_token_file: str = ""    # the cluster secret's file ("": none); the secret never travels in the spec
     etcd_security: EtcdSecurity = EtcdSecurity()   # file paths only
+    # tensor parallelism: every rank's device, rank 0's (engine.device) first; (): one device
+    devices: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return _ADAPTER.dump_json(self).decode()

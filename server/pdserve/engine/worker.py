@@ -34,12 +34,14 @@ from pdserve.common.cluster_auth import TokenInterceptor, call_metadata, read_to
 from pdserve.common.constants import GRPC_MESSAGE_OPTIONS
 from pdserve.common.errors import Cause, ServeError, cause_of, channel_closed_under_call, trailing_cause
 from pdserve.common.etcd import EtcdClient
+from pdserve.common.devices import parse_device
 from pdserve.common.process import die_with_parent
 from pdserve.common.records import EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
 from pdserve.engine.kv_connector import DEFAULT_GRACE_S, Handoff
 from pdserve.engine.kv_transport import KVDestination, make_transport
 from pdserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from pdserve.engine import ranks
 from pdserve.engine.registration import EngineRegistration
 from pdserve.engine.sequence import SamplingParams, Sequence
 from pdserve.engine.spec import ReadyPipe, WorkerSpec
@@ -73,6 +75,7 @@ class EngineLoop:
         self.heartbeat = time.monotonic()
         self.max_admission_window_s = engine.cfg.admission_window_ms / 1000
         self.step_seconds = 0.0                    # EWMA of steps that decoded: the time per output token
+        self.heartbeat_s: float | None = None      # tensor parallelism: the longest an idle engine may wait
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.handlers = {
@@ -123,7 +126,7 @@ class EngineLoop:
                 return self.inbox.get(timeout=STALLED_POLL_S) if stalled else self.inbox.get_nowait()
             if self.engine.num_open_handoffs:
                 return self.inbox.get(timeout=IDLE_POLL_S)
-            return self.inbox.get()
+            return self.inbox.get(timeout=self.heartbeat_s)
         except queue.Empty:
             return None
 
@@ -152,6 +155,7 @@ class EngineLoop:
         cpu_priority.as_compute_thread()   # before its first op: its OpenMP team inherits normal priority
         stalled = False
         while not self.stopped:
+            self.heartbeat_s = self.engine.keep_ranks_alive()
             outputs: list[RequestOutput] = []
             idle = not self.engine.has_work()
             command = self._next_command(stalled)
@@ -384,11 +388,19 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
 
 async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
+    followers, group = [], None
+    if len(spec.devices) > 1:   # tensor parallelism: this is rank 0; the others start before it pins itself
+        store = ranks.store_for(0, len(spec.devices), spec.host)
+        followers = ranks.start_followers(spec, store)
+        ranks.watch_followers(followers, lambda: group)
     log.info("threads beside the engine thread: %s", cpu_priority.lower_engine_worker())
     cfg = spec.engine
     token = read_token(spec.cluster_token_file) if spec.cluster_token_file else ""
     transport = make_transport(spec.kv_transport, spec.host)
-    engine = LLMEngine(cfg, transport, handoff_timeout_s=KV_HANDOFF_TIMEOUT_S)
+    if followers:
+        group = ranks.RankGroup(0, len(spec.devices), parse_device(cfg.device).kind, store)
+        log.info("tensor parallelism: %d ranks on %s", group.size, ", ".join(spec.devices))
+    engine = LLMEngine(cfg, transport, handoff_timeout_s=KV_HANDOFF_TIMEOUT_S, tp=group)
     loop = asyncio.get_running_loop()
     engine_loop = EngineLoop(engine, loop, on_dispatch=lambda calls: peers.dispatch(calls))
     peers = PrefillPeers(engine_loop, token)
@@ -403,7 +415,8 @@ async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
             instance_id=spec.instance_id, model=spec.model, version=spec.version, role=spec.role,
             device=cfg.device, node=spec.node, address=address, pid=os.getpid(),
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
-                      "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs})
+                      "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs,
+                      "tensor_parallel_size": max(1, len(spec.devices))})
         etcd = EtcdClient(list(spec.etcd_endpoints), spec.etcd_security)
         registration = EngineRegistration(etcd, spec.cluster, record, ttl=spec.lease_ttl, token=token)
     engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, registration), server)
@@ -421,6 +434,7 @@ async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
     await server.stop(grace=2)     # requests in flight get 2 s, then end with an error
     engine_loop.stop()
     await asyncio.get_running_loop().run_in_executor(None, engine_loop.thread.join, 10)
+    ranks.stop_followers(followers, group)
     await peers.close()
 
 

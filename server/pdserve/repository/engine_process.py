@@ -124,7 +124,7 @@ class EngineProcess:
             engine=spec.engine_config(version, instance.device), kv_transport=spec.kv_transport(instance.role),
             etcd_endpoints=tuple(cluster.etcd_endpoints), cluster=cluster.cluster, node=cluster.node,
             lease_ttl=cluster.lease_ttl, cluster_token_file=cluster.token_file,
-            etcd_security=EtcdSecurity.from_spec(cluster.etcd_security))
+            etcd_security=EtcdSecurity.from_spec(cluster.etcd_security), devices=instance.devices)
         self.cluster = cluster
         self.clients = clients
         self.log_file = os.path.join(run_dir, f"{self.instance_id}.log")
@@ -154,7 +154,7 @@ class EngineProcess:
             return ""
 
     async def start(self) -> None:
-        where = f"instance {self.instance.name} on {self.instance.device}"
+        where = f"instance {self.instance.name} on {', '.join(self.instance.ranks)}"
         # off the event loop: the first start compiles the bind shim, and a host name is resolved
         env = await asyncio.get_running_loop().run_in_executor(None, engine_environment, self.spec.host)
         read_end, write_end = os.pipe()

@@ -1,0 +1,105 @@
+"""Tensor parallelism served: one instance over cpu:0 and cpu:1 (two processes joined with gloo)
+gives one device's greedy text through tritonclient, and a rank killed takes its instance down
+and back up whole."""
+import os
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def tp_config(size: int = 2, role: str = "BOTH", **params) -> str:
+    """One instance of `size` ranks on cpu:0.. (size 1: one device, the reference)."""
+    devices = ", ".join(f'"cpu:{i}"' for i in range(size))
+    return config_text(role_groups=((role, "cpu:0"),), **params).replace(
+        'devices: [ "cpu:0" ]', f"devices: [ {devices} ] tensor_parallel_size: {size}")
+
+
+def stream(server: PdServer, model: str, prompt: str, max_tokens: int, timeout: float = 60) -> tuple[str, Exception | None]:
+    """A greedy request streamed through tritonclient: its text, and the error it ended with."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(model, inputs(prompt, True, {**GREEDY, "max_tokens": max_tokens},
+                                            exclude_input_in_output=True), enable_empty_final_response=True)
+    text, error = "", None
+    try:
+        while True:
+            result, error = responses.get(timeout=timeout)
+            if error is not None:
+                return text, error
+            text += "".join(t.decode() for t in result.as_numpy("text_output") or ())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return text, None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def followers(pid: int) -> list[int]:
+    """The ranks rank 0 started (its child processes)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+PROMPTS = [("x = 1", 24), ("def handler(event, context):\n    " * 12, 24)]   # one block; many (chunked)
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory, small_model):
+    """'one' on cpu:0 and 'tp2' on cpu:0 + cpu:1, the same weights."""
+    repo = str(tmp_path_factory.mktemp("tp-repo"))
+    add_model(repo, "one", small_model, config_text(role_groups=(("BOTH", "cpu:0"),), max_num_batched_tokens=64))
+    add_model(repo, "tp2", small_model, tp_config(2, max_num_batched_tokens=64))
+    server = PdServer(repo).start()
+    server.wait_ready("one")
+    server.wait_ready("tp2")
+    yield server
+    server.stop()
+
+
+def test_size_2_streams_one_devices_greedy_text(tp_server):
+    for prompt, max_tokens in PROMPTS * 2:   # the second round reuses the prefix cache
+        expected, error = stream(tp_server, "one", prompt, max_tokens)
+        assert error is None and expected
+        assert stream(tp_server, "tp2", prompt, max_tokens) == (expected, None)
+    # a batch of concurrent requests: one step carries several sequences over both ranks
+    outcomes: dict = {}
+    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, stream(tp_server, "tp2", f"def f{i}(x):", 16)))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [outcomes[i] for i in range(4)] == [stream(tp_server, "one", f"def f{i}(x):", 16) for i in range(4)]
+    # one instance: one record, its rank 0's, with its size
+    records = [r for r in tp_server.engines() if r["model"] == "tp2"]
+    assert len(records) == 1 and records[0]["capacity"]["tensor_parallel_size"] == 2
+    assert len(followers(records[0]["pid"])) == 1
+
+
+def test_kill_9_of_a_rank_restarts_its_instance_and_fails_its_streams(tp_server):
+    expected, _ = stream(tp_server, "one", "import os", 16)
+    record = next(r for r in tp_server.engines() if r["model"] == "tp2")
+    outcome: list = []
+    t = threading.Thread(target=lambda: outcome.append(stream(tp_server, "tp2", "def f(x):", 480)))
+    t.start()
+    tp_server.wait_for(lambda: tp_server.metric_value("pdserve_requests_running", model="tp2") == 1, "a stream", 30)
+    os.kill(followers(record["pid"])[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    t.join(60)
+    assert not t.is_alive(), "a stream hangs after its instance lost a rank"
+    text, error = outcome[0]
+    assert error is not None, f"the stream ended without an error after {len(text)} characters"
+    # the instance comes back whole (a new rank 0, a new follower) and serves the same text
+    tp_server.wait_for(lambda: any(r["model"] == "tp2" and r["instance_id"] != record["instance_id"]
+                                   and r["state"] == "ready" for r in tp_server.engines()), "the restarted instance", 120)
+    assert stream(tp_server, "tp2", "import os", 16) == (expected, None)
+    assert time.monotonic() - killed_at < 120
