@@ -17,6 +17,7 @@ from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.kernels import kernels_for
 from pdserve.engine.models import build_model
+from pdserve.engine import quantization
 from pdserve.engine.parallel import rank_config, shard_of, shard_state_dict
 from pdserve.engine.ranks import parallelize, step_payload
 from pdserve.engine.sampler import Sampler
@@ -79,6 +80,8 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         state = load_state_dict(cfg.model_path)
+        self.quant = quantization.plan(self.hf_config, cfg.quantization, self.device)
+        state = self.quant.bundle(state)   # a compressed checkpoint's tensors, one QuantizedWeight per linear
         if "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         shard = shard_of(tp.rank, tp.size, self.hf_config) if tp is not None else None
@@ -90,6 +93,7 @@ class ModelRunner:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq.data = self.model.inv_freq.data.float()
+        log.info("%s", quantization.attach(self.model, self.quant, self.device))
         self.kernels = kernels_for(self.device, self.dtype)
         self.model.prepare(self.kernels)
         if shard is not None:
@@ -124,6 +128,8 @@ class ModelRunner:
 
     # ---- the KV pool -------------------------------------------------------------------
     def _kv_block_shape(self) -> tuple[int, ...]:
+        if hasattr(self.model, "kv_block_shape"):   # a pool of other rows than per-head K and V (MLA's latents)
+            return self.model.kv_block_shape(self.block_size)
         c = self.hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) // (self.tp.size if self.tp else 1)
@@ -148,8 +154,8 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache; lower max_num_seqs or set kv_cache_blocks")
         if self.tp is not None:   # every rank's pool must hold the block ids rank 0 hands out
             num_blocks = self.tp.agree_min(num_blocks, self.device)
-        log.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
-                 num_blocks * self.block_bytes / 2**20)
+        log.info("KV pool: %d blocks of %d tokens, %d bytes per token (%.1f MiB)", num_blocks, self.block_size,
+                 self.block_bytes // self.block_size, num_blocks * self.block_bytes / 2**20)
         # Stored layer-major, [layers, blocks, 2, block_size, kv_heads, dim], so one layer of a run
         # of consecutive blocks is one contiguous region (a KV transport pushes it in one piece
         # as soon as the layer is computed); seen block-major, [blocks, layers, ...] (attention.py).
