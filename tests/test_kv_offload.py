@@ -1,7 +1,12 @@
 """The host offload tier under the prefix cache (engine/kv_offload.py): the block manager's rules
 with a stand-in tier (pure logic), the tier's own bounds, then whole engines in this process: a
 prompt the pool evicted is served from the tier, with the same greedy text as without it."""
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +14,8 @@ import torch
 
 from pdserve.common.block_hash import block_hashes
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.kv_offload import HostKVTier
+from pdserve.engine.kv_disk import DiskKVTier
+from pdserve.engine.kv_offload import HostKVTier, KVTiers
 from pdserve.engine.sequence import SamplingParams, Sequence
 
 
@@ -27,23 +33,34 @@ def compute(bm: BlockManager, s: Sequence, pool: list) -> None:
 
 
 class ListTier:
-    """A tier over a list standing in for the pool tensor, each block's 'KV' a value."""
+    """Tiers over a list standing in for the pool tensor, each block's 'KV' a value; a block
+    whose hash is in `lost` cannot be given back (a corrupt file)."""
 
     def __init__(self, pool: list, capacity: int):
         self.pool, self.capacity = pool, capacity
         self.entries: dict[int, tuple] = {}    # hash -> (tokens, kv), oldest first
+        self.lost: set[int] = set()
 
     def contains(self, block_hash, tokens):
         return block_hash in self.entries and self.entries[block_hash][0] == tokens
 
-    def save(self, block, block_hash, tokens):
+    def put(self, block_hash, tokens, kv):
         self.entries.pop(block_hash, None)
         if len(self.entries) == self.capacity:
             del self.entries[next(iter(self.entries))]
-        self.entries[block_hash] = (tokens, self.pool[block])
+        self.entries[block_hash] = (tokens, kv.clone() if isinstance(kv, torch.Tensor) else kv)
+
+    def save(self, block, block_hash, tokens):
+        self.put(block_hash, tokens, self.pool[block])
 
     def fetch(self, hashes):
-        return [self.entries[h][1] for h in hashes]
+        staged = []
+        for h in hashes:
+            if h in self.lost:
+                del self.entries[h]
+                break
+            staged.append(self.entries[h][1])
+        return staged
 
     def restore(self, staged, blocks):
         for block, kv in zip(blocks, staged):
@@ -98,6 +115,19 @@ def test_the_prefix_continues_in_the_tier_where_the_pool_ends_and_a_collision_is
         assert pool[c.block_table[2]] == (4, 5) and pool[c.block_table[3]] == (6, 7)
 
 
+def test_a_block_a_tier_cannot_give_back_ends_the_prefix_there():
+    pool, tier, bm = cached_then_freed(6, range(7))
+    b = seq("b", range(100, 111))
+    bm.allocate(b)                              # a's three blocks go to the tier
+    compute(bm, b, pool)
+    bm.free(b)
+    tier.lost.add(block_hashes(list(range(6)), 2)[1])     # [2 3] is lost: [0 1] loads, the rest is computed
+    again = seq("a2", range(7))
+    assert bm.allocate(again) and again.num_cached_tokens == 2
+    assert pool[again.block_table[0]] == (0, 1) and len(again.block_table) == 4
+    assert bm.num_free_blocks == 2 and sum(bm.ref_counts) == 4
+
+
 def test_no_room_or_no_prefix_caching_changes_nothing():
     pool, tier, bm = cached_then_freed(4, range(7))
     big = seq("big", range(100, 109))           # 5 blocks: never fits
@@ -107,26 +137,102 @@ def test_no_room_or_no_prefix_caching_changes_nothing():
 
 
 # ---- the host tier ------------------------------------------------------------------------------
-def test_host_tier_is_bounded_lru_and_copies_all_layers_of_a_block():
-    layers, blocks = 3, 4
-    # the pool's layout: stored layer-major, seen block-major
+def layer_major_pool(layers: int = 3, blocks: int = 4) -> torch.Tensor:
+    """A pool in the engine's layout: stored layer-major, seen block-major."""
     pool = torch.arange(layers * blocks * 2 * 2 * 1 * 2, dtype=torch.float32).reshape(layers, blocks, 2, 2, 1, 2)
-    pool = pool.transpose(0, 1)
+    return pool.transpose(0, 1)
+
+
+def test_host_tier_is_bounded_lru_copies_all_layers_of_a_block_and_passes_what_it_lets_go_below():
+    pool = layer_major_pool()
     block_bytes = pool[0].numel() * 4
-    tier = HostKVTier(pool, capacity_bytes=2 * block_bytes + 1, block_size=2, clock=lambda: 0.0)
-    assert tier.num_slots == 2
+    below = ListTier([], capacity=16)
+    host = HostKVTier(pool.shape[1:], pool.dtype, capacity_bytes=2 * block_bytes + 1, block_size=2, below=below,
+                      clock=lambda: 0.0)
+    tiers = KVTiers(pool, [host], block_size=2, clock=lambda: 0.0)
+    assert host.num_slots == 2
     expected = {b: pool[b].clone() for b in range(3)}
     for b in range(3):
-        tier.save(b, 10 + b, (b, b))
-    assert not tier.contains(10, (0, 0)) and tier.contains(11, (1, 1)) and tier.contains(12, (2, 2))
-    assert not tier.contains(12, (9, 9))        # same hash, other tokens: a miss
-    staged = tier.fetch([11, 12])
-    tier.save(3, 13, (3, 3))                    # evicts 11, the least recently used... after the fetch
-    tier.restore(staged, [0, 3])
+        tiers.save(b, 10 + b, (b, b))
+    assert not host.contains(10, (0, 0)) and host.contains(11, (1, 1)) and host.contains(12, (2, 2))
+    assert torch.equal(below.entries[10][1], expected[0])      # the least recently used went below
+    assert not tiers.contains(12, (9, 9))       # same hash, other tokens: a miss
+    staged = tiers.fetch([11, 12])
+    tiers.save(3, 13, (3, 3))                   # evicts 11, the least recently used... after the fetch
+    tiers.restore(staged, [0, 3])
     assert torch.equal(pool[0], expected[1]) and torch.equal(pool[3], expected[2])
-    s = tier.stats()
+    s = host.stats()
     assert (s.hit_tokens, s.saved_bytes, s.loaded_bytes, s.used_bytes, s.capacity_bytes) == (
         4, 4 * block_bytes, 2 * block_bytes, 2 * block_bytes, 2 * block_bytes)
+
+
+# ---- the disk tier ------------------------------------------------------------------------------
+def disk_tier(path, pool: torch.Tensor, blocks: int) -> DiskKVTier:
+    block_bytes = pool[0].numel() * pool.element_size()
+    return DiskKVTier(str(path), blocks * block_bytes, pool.shape[1:], pool.dtype, block_size=2)
+
+
+def test_disk_tier_writes_block_files_bounded_lru_and_reads_them_back(tmp_path):
+    pool = layer_major_pool()
+    disk = disk_tier(tmp_path, pool, blocks=2)
+    try:
+        for b in range(3):
+            disk.put(100 + b, (b, b), pool[b])
+        disk.flush()
+        assert not disk.contains(100, (0, 0)) and disk.contains(101, (1, 1)) and disk.contains(102, (2, 2))
+        assert sorted(os.listdir(disk.directory)) == [disk.file(h).rsplit("/", 1)[1] for h in (101, 102)]
+        assert torch.equal(disk.get(102), pool[2]) and torch.equal(disk.get(101), pool[1])
+        assert disk.stats().used_bytes == disk.stats().capacity_bytes == 2 * disk.block_bytes
+    finally:
+        disk.close()
+    assert not os.path.exists(disk.directory)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "removed"])
+def test_a_damaged_block_file_is_a_miss_and_leaves_the_index(tmp_path, damage):
+    pool = layer_major_pool()
+    disk = disk_tier(tmp_path, pool, blocks=4)
+    try:
+        disk.put(7, (1, 2), pool[1])
+        disk.flush()
+        path = disk.file(7)
+        data = bytearray(open(path, "rb").read())
+        if damage == "removed":
+            os.unlink(path)
+        else:
+            if damage == "flipped byte":
+                data[-5] ^= 0x40
+            open(path, "wb").write(data if damage == "flipped byte" else data[:-4])
+        assert disk.get(7) is None and not disk.contains(7, (1, 2)) and disk.bad_reads == 1
+    finally:
+        disk.close()
+
+
+def test_failed_writes_lose_only_their_blocks(tmp_path):
+    pool = layer_major_pool()
+    disk = disk_tier(tmp_path, pool, blocks=4)
+    shutil.rmtree(disk.directory)               # the folder went away under the engine: every write fails
+    try:
+        disk.put(7, (1, 2), pool[1])
+        disk.flush()
+        assert not disk.contains(7, (1, 2)) and disk.write_failures == 1 and disk.stats().used_bytes == 0
+    finally:
+        disk.close()
+
+
+def test_an_engine_folder_is_private_and_a_dead_engines_folder_is_removed(tmp_path):
+    pool = layer_major_pool()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"pdserve-kv-{socket.gethostname()}-{int(dead.stdout)}-abc"
+    orphan.mkdir()
+    unrelated = tmp_path / "keep-me"
+    unrelated.mkdir()
+    a, b = disk_tier(tmp_path, pool, 2), disk_tier(tmp_path, pool, 2)
+    try:
+        assert a.directory != b.directory and not orphan.exists() and unrelated.exists()
+    finally:
+        a.close()
+        b.close()
 
 
 # ---- whole engines ------------------------------------------------------------------------------
@@ -134,14 +240,16 @@ from pdserve.engine.config import EngineConfig  # noqa: E402
 from pdserve.engine.llm_engine import LLMEngine  # noqa: E402
 
 
-def engine(path: str, host_gb: float = 0.0) -> LLMEngine:
+def engine(path: str, host_gb: float = 0.0, **disk) -> LLMEngine:
     return LLMEngine(EngineConfig(model_path=path, dtype="float32", kv_cache_blocks=24, kv_block_size=16,
                                   max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256,
-                                  admission_window_ms=0, kv_offload_host_gb=host_gb))
+                                  admission_window_ms=0, kv_offload_host_gb=host_gb, **disk))
 
 
 def generate(e: LLMEngine, request_id: str, tokens: list[int]) -> list[int]:
     """The greedy tokens of one request run alone."""
+    if e.disk_tier is not None:
+        e.disk_tier.flush()      # the blocks evicted so far are on disk before this prompt looks for them
     e.add_request(request_id, tokens, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     out = []
     while e.has_work():
@@ -195,9 +303,80 @@ def test_a_prompt_the_pool_evicted_is_served_from_the_host_tier_with_the_same_te
     assert 0 < tier.used_bytes <= tier.capacity_bytes
 
 
+@pytest.fixture(scope="module")
+def plain_run(small_model, prompts):
+    return conversation(engine(small_model), prompts)
+
+
+SMALL_BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4     # the small model's block: layers x K/V x tokens x kv heads x dim
+
+
+@pytest.mark.parametrize("host_blocks", [0, 4])
+def test_a_prompt_the_pool_evicted_comes_back_from_disk_with_the_same_text(small_model, prompts, plain_run,
+                                                                          tmp_path, host_blocks):
+    """The disk tier alone, and under a host tier of four blocks that passes it what it lets go."""
+    expected, _ = plain_run
+    tiered = engine(small_model, host_blocks * SMALL_BLOCK_BYTES / 2**30, kv_offload_disk_path=str(tmp_path),
+                    kv_offload_disk_gb=0.01)
+    try:
+        got, computed = conversation(tiered, prompts)
+        assert got == expected
+        assert computed["again"] == 150 - 144 and computed["next turn"] == 190 - 144
+        tiers = {t.tier: t for t in tiered.stats().kv_tiers}
+        assert sum(t.hit_tokens for t in tiers.values()) == 2 * 144 and tiers["disk"].hit_tokens >= 144
+        assert tiers["disk"].loaded_bytes == tiers["disk"].hit_tokens // 16 * SMALL_BLOCK_BYTES
+        assert 0 < tiers["disk"].used_bytes <= tiers["disk"].capacity_bytes and tiers["disk"].copy_seconds > 0
+        assert len(os.listdir(tiered.disk_tier.directory)) == tiers["disk"].used_bytes // SMALL_BLOCK_BYTES
+    finally:
+        tiered.kv_tiers.close()
+
+
+def test_a_corrupted_block_file_is_computed_again_with_the_same_text(small_model, prompts, plain_run, tmp_path):
+    expected, _ = plain_run
+    tiered = engine(small_model, kv_offload_disk_path=str(tmp_path), kv_offload_disk_gb=0.01)
+    try:
+        before = dict(list(prompts.items())[:4])             # the first prompt, then three that evict it
+        got, _ = conversation(tiered, before)
+        tiered.disk_tier.flush()
+        path = tiered.disk_tier.file(block_hashes(prompts["first"], 16)[3])
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0x01                          # one bit of the fourth block's KV
+        open(path, "wb").write(data)
+        got_again, computed = conversation(tiered, {"again": prompts["again"]})
+        assert {**got, **got_again} == {k: expected[k] for k in [*before, "again"]}
+        assert computed["again"] == 150 - 3 * 16 and tiered.disk_tier.bad_reads == 1
+    finally:
+        tiered.kv_tiers.close()
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: a disk that fills after a few blocks."""
+    path = tmp_path / "full"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield str(path)
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_costs_no_request(small_model, prompts, plain_run, tiny_filesystem):
+    expected, _ = plain_run
+    tiered = engine(small_model, kv_offload_disk_path=tiny_filesystem, kv_offload_disk_gb=1)
+    try:
+        got, _ = conversation(tiered, prompts)
+        assert got == expected
+        assert tiered.disk_tier.write_failures > 0 and tiered.disk_tier.stats().used_bytes > 0
+    finally:
+        tiered.kv_tiers.close()
+
+
 def test_without_the_parameter_nothing_changes(small_model):
     e = engine(small_model)
-    assert e.host_tier is None and e.block_manager.tier is None and e.stats().kv_tiers == ()
+    assert e.kv_tiers is None and e.block_manager.tier is None and e.stats().kv_tiers == ()
+    with pytest.raises(ValueError, match="kv_offload_disk_path"):
+        engine(small_model, kv_offload_disk_gb=1)
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -227,9 +406,11 @@ def test_tier_figures_are_exported_per_engine_and_tier():
 
 
 # ---- served -------------------------------------------------------------------------------------
-def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(repo, small_model):
-    """config.pbtxt's kv_offload_host_gb reaches the engine; a prompt evicted from a small pool
-    and asked again has the same greedy text, and the tier metrics count its hit."""
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(repo, small_model, tier, tmp_path):
+    """config.pbtxt's kv_offload_host_gb (or kv_offload_disk_*) reaches the engine; a prompt
+    evicted from a small pool and asked again has the same greedy text, and the tier metrics
+    count its hit."""
     from transformers import AutoTokenizer
 
     from pdserve_clients import LLMClient
@@ -242,7 +423,9 @@ def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(
         ids = tokenizer.encode(tokenizer.decode([rng.randrange(100, 1000) for _ in range(n_tokens + 32)]))
         return tokenizer.decode(ids[:n_tokens])
 
-    add_model(repo, "small", small_model, config_text(kv_cache_blocks=40, kv_offload_host_gb=0.01))
+    tiers = ({"kv_offload_host_gb": 0.01} if tier == "host" else
+             {"kv_offload_disk_path": str(tmp_path / "kv"), "kv_offload_disk_gb": 0.01})
+    add_model(repo, "small", small_model, config_text(kv_cache_blocks=40, **tiers))
     server = PdServer(repo).start()
     client = LLMClient(server.url, model="small")
     try:
@@ -252,9 +435,9 @@ def test_a_served_engine_takes_the_parameter_and_its_metrics_show_the_tier_hits(
         for _ in range(3):                      # 3 x 250 tokens evict the first prompt from a 640-token pool
             client.generate(text(250), max_tokens=8, temperature=0, ignore_eos=True)
         assert client.generate(first, max_tokens=8, temperature=0, ignore_eos=True).text == expected
-        hits = lambda: server.metric_value("pdserve_kv_offload_hits_total", model="small", tier="host")  # noqa: E731
-        server.wait_for(lambda: hits() >= 160, "the host tier's hits in the metrics", timeout=30)
-        assert server.metric_value("pdserve_kv_offload_capacity_bytes", model="small", tier="host") > 0
+        hits = lambda: server.metric_value("pdserve_kv_offload_hits_total", model="small", tier=tier)  # noqa: E731
+        server.wait_for(lambda: hits() >= 160, f"the {tier} tier's hits in the metrics", timeout=30)
+        assert server.metric_value("pdserve_kv_offload_capacity_bytes", model="small", tier=tier) > 0
     finally:
         client.close()
         server.stop()

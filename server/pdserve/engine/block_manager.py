@@ -13,9 +13,10 @@ so the block a sequence writes next is always its own: no step ever writes into 
 A block's hash is registered only after its KV is computed (or has arrived from a prefill
 engine), so a half-written block, or one written by a failed handoff, is never shared.
 
-With an offload tier (kv_offload.py), a cached block's KV is handed to the tier when the block
-is reused, and a prompt's prefix may continue in the tier where the pool's ends: those blocks
-get fresh pool blocks, their KV is copied back at once, and they count as cached from then on.
+With offload tiers (kv_offload.py), a cached block's KV is handed to them when the block is
+reused, and a prompt's prefix may continue in the tiers where the pool's ends: those blocks get
+fresh pool blocks, their KV is copied back at once, and they count as cached from then on. A
+block a tier cannot give back (a corrupt file) ends the prefix there: it is computed.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from pdserve.engine.sequence import Sequence
 
 
 class OffloadTier(Protocol):
-    """What the block manager asks of a tier below the pool (kv_offload.HostKVTier)."""
+    """What the block manager asks of the tiers below the pool (kv_offload.KVTiers)."""
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
     def save(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None: ...
-    def fetch(self, hashes: list[int]): ...
+    def fetch(self, hashes: list[int]): ...   # the first blocks' KV, all of them unless one was lost
     def restore(self, staged, blocks: list[int]) -> None: ...
 
 
@@ -101,12 +102,14 @@ class BlockManager:
         fresh = blocks_needed(seq.num_tokens, self.block_size) - len(hits)
         if fresh > self.num_free_blocks - free_hits:
             return False
+        loads = [(h, t) for h, t, b in found if b is None]
+        staged = self.tier.fetch([h for h, _ in loads]) if loads else None
+        if loads and len(staged) < len(loads):   # a tier lost a block (and forgot it): the prefix ends there
+            return self.allocate(seq)
         for block in hits:
             if self.ref_counts[block] == 0:
                 del self.free_queue[block]
             self.ref_counts[block] += 1
-        loads = [(h, t) for h, t, b in found if b is None]
-        staged = self.tier.fetch([h for h, _ in loads]) if loads else None
         fresh_blocks = [self._take_free_block() for _ in range(fresh)]
         if loads:
             self.tier.restore(staged, fresh_blocks[:len(loads)])

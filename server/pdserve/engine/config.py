@@ -27,6 +27,10 @@ class EngineConfig:
     # GiB of host memory for KV blocks the pool evicts, reused from there by later prompts
     # (engine/kv_offload.py); 0: none. cpu engines only for now.
     kv_offload_host_gb: float = 0.0
+    # A disk tier below it (or below the pool): GiB of block files in a private folder under
+    # kv_offload_disk_path (engine/kv_disk.py); 0: none.
+    kv_offload_disk_path: str = ""
+    kv_offload_disk_gb: float = 0.0
     seed: int = 0
     max_queue_len: int = 1024         # waiting requests past which new ones get RESOURCE_EXHAUSTED
     # An idle engine that gets a request keeps taking the requests that follow within this long

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 
 from pdserve.common.errors import Cause, ServeError
@@ -21,7 +20,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_connector import (Action, Decision, DecodeKVConnector, Handoff, PrefillKVConnector,
                                          DEFAULT_GRACE_S, DEFAULT_TIMEOUT_S)
 from pdserve.engine.kv_events import KVEventLog
-from pdserve.engine.kv_offload import HostKVTier, KVTierStats
+from pdserve.engine.kv_offload import KVTierStats, build_tiers
 from pdserve.engine.kv_transport import KVDestination, KVTransport
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler
@@ -84,9 +83,11 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.max_model_len = self.runner.max_model_len
         self.kv_events = KVEventLog()
-        self.host_tier = self._host_tier(cfg)
+        self.kv_tiers = build_tiers(cfg, self.runner.kv_cache, self.runner.block_size)
+        self.host_tier = self.kv_tiers.tier("host") if self.kv_tiers else None
+        self.disk_tier = self.kv_tiers.tier("disk") if self.kv_tiers else None
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
-                                          cfg.enable_prefix_caching, self.kv_events, self.host_tier)
+                                          cfg.enable_prefix_caching, self.kv_events, self.kv_tiers)
         self.transport = transport
         self.decode_kv = DecodeKVConnector(handoff_timeout_s, handoff_grace_s) if transport else None
         self.prefill_kv = PrefillKVConnector(transport, self.runner.block_size) if transport else None
@@ -103,19 +104,6 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.vocab_size, self.runner.eos_ids)
         self.runner.sampler.constrain = self.structured.apply
-
-    def _host_tier(self, cfg: EngineConfig) -> HostKVTier | None:
-        if not math.isfinite(cfg.kv_offload_host_gb):
-            raise ValueError(f"kv_offload_host_gb is {cfg.kv_offload_host_gb}; give GiB of host memory (0: no tier)")
-        if cfg.kv_offload_host_gb <= 0 or not cfg.enable_prefix_caching:
-            return None
-        if self.runner.device.type != "cpu":
-            log.warning("kv_offload_host_gb is implemented for cpu engines only so far; %s runs without it",
-                        self.runner.device)
-            return None
-        tier = HostKVTier(self.runner.kv_cache, int(cfg.kv_offload_host_gb * 2**30), self.runner.block_size)
-        log.info("KV host tier: %d blocks (%.1f MiB)", tier.num_slots, tier.num_slots * tier.block_bytes / 2**20)
-        return tier
 
     # ---- requests in ------------------------------------------------------------------------
     def _admit(self, request_id: str, token_ids: list[int], params: SamplingParams,
@@ -353,4 +341,4 @@ class LLMEngine:
             kv_transfer_bucket_counts=tuple(t.buckets) if t else (),
             prefix_cache_queries=self.block_manager.query_tokens, prefix_cache_hits=self.block_manager.hit_tokens,
             num_cached_blocks=self.block_manager.num_cached_blocks,
-            kv_tiers=(self.host_tier.stats(),) if self.host_tier else ())
+            kv_tiers=self.kv_tiers.stats() if self.kv_tiers else ())

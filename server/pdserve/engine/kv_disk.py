@@ -1,0 +1,233 @@
+"""The disk tier under the host tier (or the pool): evicted KV blocks as files, one per block hash.
+
+Each engine writes into a private folder under kv_offload_disk_path (block hashes name token
+contents, not the model, so two engines or two runs must never read each other's files); a
+folder left by an engine process that died is removed by the next engine that starts there.
+
+A block handed to the tier is copied at once (the pool reuses its memory next) and written by a
+writer thread, so no step waits on the disk; it becomes visible to lookups only once its file is
+complete. When writes fall behind (more than MAX_PENDING_BYTES queued), new blocks are dropped:
+the tier is a cache, a dropped block is a later miss. A file is written whole under a temporary
+name, then renamed. Space is bounded in bytes, least recently used files removed first; a failed
+write (a full disk, a removed folder) loses that block only.
+
+A read is checked against its header (magic, hash, token ids, length) and a CRC-32 of tokens
+and payload; a block that fails, or whose file is gone, is a miss and leaves the index.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+import weakref
+import zlib
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from pdserve.engine.kv_offload import KVTierStats
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"PDKV"
+HEADER = struct.Struct("<4sqIQI")    # magic, block hash, number of tokens, payload bytes, CRC-32
+TOKEN = struct.Struct("<i")
+MAX_PENDING_BYTES = 64 * 2**20
+
+
+class DiskKVTier:
+    name = "disk"
+
+    def __init__(self, path: str, capacity_bytes: int, block_shape: torch.Size, dtype: torch.dtype,
+                 block_size: int, clock: Callable[[], float] = time.perf_counter):
+        self.block_shape, self.dtype, self.block_size = tuple(block_shape), dtype, block_size
+        self.block_bytes = math.prod(block_shape) * dtype.itemsize
+        self.capacity_bytes = capacity_bytes // self.block_bytes * self.block_bytes
+        os.makedirs(path, exist_ok=True)
+        _remove_orphans(path)
+        self.directory = tempfile.mkdtemp(prefix=f"{_prefix()}{os.getpid()}-", dir=path)
+        self.clock = clock
+        self.lock = threading.Lock()    # the index and figures, shared with the writer thread
+        self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()   # hash -> tokens, files written
+        self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
+        self.copy_seconds = 0.0
+        self.dropped = self.write_failures = self.bad_reads = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, MAX_PENDING_BYTES // self.block_bytes))
+        self.writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
+        self.writer.start()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+
+    def file(self, block_hash: int) -> str:
+        return os.path.join(self.directory, f"{block_hash & 0xFFFFFFFFFFFFFFFF:016x}.kv")
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool:
+        return self.entries.get(block_hash) == tokens
+
+    def holds(self, block_hash: int) -> bool:
+        return block_hash in self.entries
+
+    def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
+        """Copies the block out now and queues its write; drops it when the writer is behind."""
+        if self.capacity_bytes == 0:
+            return
+        with self.lock:
+            if self.entries.get(block_hash) == tokens:
+                self.entries.move_to_end(block_hash)
+                return
+        start = self.clock()
+        copy = torch.empty(self.block_shape, dtype=self.dtype).copy_(kv)
+        self.copy_seconds += self.clock() - start
+        try:
+            self.queue.put_nowait((block_hash, tokens, copy))
+        except queue.Full:
+            self.dropped += 1
+
+    def get(self, block_hash: int) -> torch.Tensor | None:
+        """The block's KV read back and checked; None (and the entry gone) when it is not intact."""
+        with self.lock:
+            tokens = self.entries.get(block_hash)
+            if tokens is None:
+                return None
+            self.entries.move_to_end(block_hash)
+        start = self.clock()
+        kv = self._read(block_hash, tokens)
+        self.copy_seconds += self.clock() - start
+        if kv is None:
+            self.bad_reads += 1
+            log.warning("KV disk tier: block %016x is missing or corrupt; computing it instead",
+                        block_hash & 0xFFFFFFFFFFFFFFFF)
+            with self.lock:
+                if self.entries.get(block_hash) == tokens:
+                    del self.entries[block_hash]
+            _unlink(self.file(block_hash))
+        return kv
+
+    def _read(self, block_hash: int, tokens: tuple[int, ...]) -> torch.Tensor | None:
+        expected = HEADER.size + TOKEN.size * len(tokens) + self.block_bytes
+        data = bytearray(expected + 1)     # one byte more: a longer file is caught too
+        try:
+            with open(self.file(block_hash), "rb", buffering=0) as f:
+                size = f.readinto(data)
+        except OSError:
+            return None
+        if size != expected:
+            return None
+        magic, stored_hash, num_tokens, payload, crc = HEADER.unpack_from(data)
+        body = memoryview(data)[HEADER.size:expected]
+        if (magic, stored_hash, num_tokens, payload) != (MAGIC, block_hash, len(tokens), self.block_bytes):
+            return None
+        if _token_bytes(tokens) != body[:TOKEN.size * len(tokens)] or zlib.crc32(body) != crc:
+            return None
+        kv = torch.frombuffer(data, dtype=torch.uint8, offset=expected - self.block_bytes, count=self.block_bytes)
+        return kv.view(self.dtype).view(self.block_shape)
+
+    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
+        with self.lock:
+            self.hit_tokens += num_tokens
+            self.loaded_bytes += num_bytes
+            self.copy_seconds += seconds
+
+    def stats(self):
+        with self.lock:
+            return KVTierStats(self.name, hit_tokens=self.hit_tokens, saved_bytes=self.saved_bytes,
+                               loaded_bytes=self.loaded_bytes, copy_seconds=self.copy_seconds,
+                               used_bytes=len(self.entries) * self.block_bytes, capacity_bytes=self.capacity_bytes)
+
+    def close(self) -> None:
+        """Stops the writer (after the queued writes) and removes the folder."""
+        self.queue.put(None)
+        self.writer.join()
+        self._cleanup()
+
+    def flush(self) -> None:
+        """Waits until every queued block is written (or failed): for tests and benchmarks."""
+        self.queue.join()
+
+    # ---- writer thread ---------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            finally:
+                self.queue.task_done()
+
+    def _write(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
+        with self.lock:
+            if self.entries.get(block_hash) == tokens:
+                self.entries.move_to_end(block_hash)
+                return
+            self.entries.pop(block_hash, None)      # a collision: the newer content replaces the file
+            victims = []
+            while self.entries and (len(self.entries) + 1) * self.block_bytes > self.capacity_bytes:
+                victims.append(self.entries.popitem(last=False)[0])
+        for victim in victims:
+            _unlink(self.file(victim))
+        start = self.clock()
+        body = _token_bytes(tokens) + kv.view(-1).view(torch.uint8).numpy().tobytes()
+        path = self.file(block_hash)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(HEADER.pack(MAGIC, block_hash, len(tokens), self.block_bytes, zlib.crc32(body)))
+                f.write(body)
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            _unlink(path + ".tmp")
+            self.write_failures += 1
+            if self.write_failures == 1 or self.write_failures % 1000 == 0:
+                log.warning("KV disk tier: writing a block to %s failed (%s; %d failures so far); the block "
+                            "is not kept", self.directory, exc, self.write_failures)
+            return
+        finally:
+            seconds = self.clock() - start
+            with self.lock:
+                self.copy_seconds += seconds
+        with self.lock:
+            self.entries[block_hash] = tokens
+            self.saved_bytes += self.block_bytes
+
+
+def _token_bytes(tokens: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<{len(tokens)}i", *tokens)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _prefix() -> str:
+    return f"pdserve-kv-{socket.gethostname()}-"
+
+
+def _remove_orphans(path: str) -> None:
+    """Removes the folders of this host's engine processes that are gone."""
+    pattern = re.compile(re.escape(_prefix()) + r"(\d+)-\w+")
+    for name in os.listdir(path):
+        match = pattern.fullmatch(name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
