@@ -146,7 +146,7 @@ def tp_model(tmp_path, group: str, hf: dict | None = None) -> str:
 
 
 def test_each_size_consecutive_devices_form_one_instance_and_count_multiplies(tmp_path):
-    group = '{ role: DECODE devices: [ "npu:0", "npu:1", "npu:2", "npu:3" ] tensor_parallel_size: 2 count: 2 }'
+    group = '{ devices: [ "npu:0", "npu:1", "npu:2", "npu:3" ] tensor_parallel_size: 2 count: 2 }'
     spec = load_model_spec(tp_model(tmp_path, group))
     assert [i.ranks for i in spec.instances] == [("npu:0", "npu:1"), ("npu:0", "npu:1"), ("npu:2", "npu:3"), ("npu:2", "npu:3")]
     assert [i.device for i in spec.instances] == ["npu:0", "npu:0", "npu:2", "npu:2"]
@@ -165,6 +165,8 @@ def test_the_default_size_is_one_device_per_instance_and_shows_in_the_config(tmp
      ["instance_group[0].tensor_parallel_size is 2", "devices lists 3", "multiple of 2"]),
     ('{ devices: [ "cpu:0", "cuda:0" ] tensor_parallel_size: 2 }', None, ["mixes cpu and cuda", "one kind"]),
     ('{ devices: [ "cpu:0" ] tensor_parallel_size: -1 }', None, ["tensor_parallel_size is -1"]),
+    ('{ role: PREFILL devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }', None,
+     ["tensor_parallel_size is 2 with role PREFILL", "use role BOTH"]),
     ('{ devices: [ "cpu:0", "cpu:1", "cpu:2" ] tensor_parallel_size: 3 }', None,
      ["tensor_parallel_size is 3", "num_attention_heads 8 is not divisible", "divides"]),
     ('{ devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }',

@@ -72,6 +72,9 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, transport: KVTransport | None = None,
                  handoff_timeout_s: float = DEFAULT_TIMEOUT_S, handoff_grace_s: float = DEFAULT_GRACE_S, tp=None):
         """tp: the instance's RankGroup (engine/ranks.py) when it spans several devices; this is rank 0."""
+        if tp is not None and transport is not None:
+            raise ValueError("a KV handoff from or to a tensor-parallel instance is not implemented yet; serve "
+                             "tensor_parallel_size > 1 with role BOTH and kv_transport none")
         if tp is not None:   # an offload tier would keep rank 0's share of each block only
             tiers = {f.name: 0.0 for f in dataclasses.fields(cfg)
                      if f.name.startswith("kv_offload_") and f.name.endswith("_gb") and getattr(cfg, f.name)}
