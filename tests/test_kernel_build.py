@@ -21,7 +21,9 @@ AVX512 = AVX2 | {"avx512f", "avx512cd", "avx512bw", "avx512vl", "avx512dq"}
     (AVX2, "avx2"),                                                   # Haswell .. Zen 3
     (AVX512, "avx512"),                                               # Skylake-SP, Ice Lake
     (AVX512 | {"avx512_bf16", "avx512_vnni"}, "avx512_bf16"),         # Cooper Lake, Zen 4 (no AMX)
-    (AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"}, "avx512_bf16"),  # Sapphire Rapids
+    (AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"}, "amx_bf16"),  # Sapphire Rapids
+    (AVX512 | {"avx512_bf16", "amx_tile", "amx_int8"}, "avx512_bf16"),  # AMX tiles without their bf16 product
+    (AVX512 | {"amx_tile", "amx_bf16"}, "avx512"),                     # AMX without avx512_bf16's converts
     (AVX2 | {"avx512f", "avx512cd", "avx512er"}, "avx2"),             # Knights Landing: AVX-512 without BW/VL
     (AVX2 | {"avx512_bf16"}, "avx2"),                                 # bf16 alone is no AVX-512 build
     (AVX2 | {"avx_vnni", "avx_ne_convert"}, "avx2"),                  # AVX2-only cores with bf16 converts
@@ -38,7 +40,8 @@ def test_each_variant_is_compiled_for_exactly_the_flags_it_needs():
     """-m flags, never -march=native (the build machine need not be the serving one), and what
     the compiler may use is what the choice requires of the CPU."""
     cpuinfo = {"-mavx2": "avx2", "-mfma": "fma", "-mf16c": "f16c", "-mavx512f": "avx512f", "-mavx512bw": "avx512bw",
-               "-mavx512vl": "avx512vl", "-mavx512dq": "avx512dq", "-mavx512bf16": "avx512_bf16"}
+               "-mavx512vl": "avx512vl", "-mavx512dq": "avx512dq", "-mavx512bf16": "avx512_bf16",
+               "-mamx-tile": "amx_tile", "-mamx-bf16": "amx_bf16"}
     for v in variants.VARIANTS:
         assert {cpuinfo[f] for f in v.cflags} == v.needs, v.name
         assert not any(f.startswith("-march") for f in (*v.cflags, *variants.COMMON_CFLAGS))

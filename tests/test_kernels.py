@@ -153,6 +153,20 @@ def test_decode_attention_matches_reference(dtype, dim, heads, lens, variant):
                                    **TOL[dtype])
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 8])
+def test_decode_attention_over_several_chunks_and_block_sizes(block_size, variant):
+    """Contexts of several ~256-key chunks (the online softmax across chunks), partial 32-key
+    tiles, and blocks of 8 slots (the AMX kernel needs whole 16-key tiles per block: the
+    avx512_bf16 one runs there)."""
+    ref, cpu = pair(torch.bfloat16, variant)
+    lens = [300, 513, 31, 32, 33]
+    pool = random_pool(torch.bfloat16, blocks=sum(n // block_size + 1 for n in lens) + 4, block_size=block_size)
+    meta = decode_meta(lens, pool.shape[0], block_size=block_size)
+    q = torch.randn(len(lens), 14, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    torch.testing.assert_close(cpu.decode_attention(q, pool, 1, meta), ref.decode_attention(q, pool, 1, meta),
+                               **TOL[torch.bfloat16])
+
+
 def test_the_compiled_kernels_run_here():
     """The compiled kernels are what the CPU fast path is: every x86 CPU with AVX2 runs a build."""
     if variants.choose(cpu_flags()) is None:

@@ -39,10 +39,13 @@ def _variant(name: str, *sets: tuple[tuple[str, ...], tuple[str, ...]]) -> Varia
     return Variant(name, frozenset(f for flags, _ in sets for f in flags), tuple(m for _, ms in sets for m in ms))
 
 
-# Best first. AMX flags are left out while no kernel uses AMX tiles (oneDNN's GEMMs use them on
-# their own); an AMX variant is one more row here, needing amx_tile and amx_bf16.
+_BF16 = (("avx512_bf16",), ("-mavx512bf16",))
+
+# Best first. The AMX build runs the bf16 decode attention on tiles (oneDNN's GEMMs use AMX on
+# their own in every build).
 VARIANTS = (
-    _variant("avx512_bf16", _AVX2, _AVX512, (("avx512_bf16",), ("-mavx512bf16",))),
+    _variant("amx_bf16", _AVX2, _AVX512, _BF16, (("amx_tile", "amx_bf16"), ("-mamx-tile", "-mamx-bf16"))),
+    _variant("avx512_bf16", _AVX2, _AVX512, _BF16),
     _variant("avx512", _AVX2, _AVX512),
     _variant("avx2", _AVX2),
 )

@@ -251,6 +251,35 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
 // The accumulators hold the dims in the unpack's lane order, put back in order at the end.
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
+// One chunk of a head's scores sh[0, cn) through the softmax, online across chunks: the
+// probabilities exp(s - max) go to ph[0, span) in bf16 (zeros past cn) and into sum. Returns the
+// factor the head's earlier sum (done here) and accumulators (the caller's) are scaled by: below
+// 1 where this chunk raised the maximum, 0 on the first chunk, else 1.
+static inline float chunk_softmax(const float* sh, int64_t cn, int64_t span, float& mx, float& sum, uint16_t* ph) {
+  const int64_t full = cn / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (cn - full)) - 1);
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < full; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sh + j));
+  if (tail) vm = _mm512_mask_max_ps(vm, tail, vm, _mm512_maskz_loadu_ps(tail, sh + full));
+  const float bm = std::max(mx, _mm512_reduce_max_ps(vm));
+  float corr = 1.f;
+  if (bm > mx) {
+    corr = std::exp(mx - bm);
+    sum *= corr;
+    mx = bm;
+  }
+  const __m512 vb = _mm512_set1_ps(bm);
+  __m512 vs = _mm512_setzero_ps();
+  for (int64_t j = 0; j < span; j += 16) {
+    const __mmask16 mk = j < full ? (__mmask16)0xffff : j == full ? tail : (__mmask16)0;
+    const __m512 e = _mm512_maskz_mov_ps(mk, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + j), vb)));
+    vs = _mm512_add_ps(vs, e);
+    _mm256_storeu_si256((__m256i*)(ph + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  sum += _mm512_reduce_add_ps(vs);
+  return corr;
+}
+
 // r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i
 static inline void transpose16x16(__m512i* r) {
   __m512i t[16], u[16];
@@ -350,31 +379,12 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
           }
         }
         // softmax over the chunk, online across chunks; probabilities in bf16, zero past the chunk
-        const int64_t full = cn / 16 * 16;
-        const __mmask16 tail = (__mmask16)((1u << (cn - full)) - 1);
         for (int64_t h = 0; h < nh; ++h) {
-          float* sh = &sc[h * CHP];
-          __m512 vm = _mm512_set1_ps(-INFINITY);
-          for (int64_t j = 0; j < full; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sh + j));
-          if (tail) vm = _mm512_mask_max_ps(vm, tail, vm, _mm512_maskz_loadu_ps(tail, sh + full));
-          const float bm = std::max(mx[h], _mm512_reduce_max_ps(vm));
-          if (bm > mx[h]) {
-            const float corr = std::exp(mx[h] - bm);   // 0 for the first chunk
-            sum[h] *= corr;
+          const float corr = chunk_softmax(&sc[h * CHP], cn, cn / 16 * 16 + 16, mx[h], sum[h], &pb[h * CHP]);
+          if (corr != 1.f) {
             float* ah = &acc[h * D];
             for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ah + d, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(ah + d)));
-            mx[h] = bm;
           }
-          const __m512 vb = _mm512_set1_ps(bm);
-          __m512 vs = _mm512_setzero_ps();
-          uint16_t* ph = &pb[h * CHP];
-          for (int64_t j = 0; j < full + 16; j += 16) {
-            const __mmask16 mk = j < full ? (__mmask16)0xffff : tail;
-            const __m512 e = _mm512_maskz_mov_ps(mk, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + j), vb)));
-            vs = _mm512_add_ps(vs, e);
-            _mm256_storeu_si256((__m256i*)(ph + j), (__m256i)_mm512_cvtneps_pbh(e));
-          }
-          sum[h] += _mm512_reduce_add_ps(vs);
         }
         // values: acc[h] += P V, value rows interleaved by key pairs
         for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
@@ -425,21 +435,192 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
     }
   });
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// bf16 KV with AMX: both products as tile multiplies (tdpbf16ps: 16 x 16 x 32 products a step).
+// QK^T as K times Q^T: the A tile is 16 key rows of one KV head read straight from the pool (a
+// strided tile load, no transpose), the B tile the group's queries in pairs of dims (packed
+// once per sequence), so a tile's result is scores[key][head], read back per head. PV: the A
+// tile is the chunk's probabilities, [head][32 keys] in bf16 (rounded as torch's bf16 attention
+// rounds them), the B tiles the value rows interleaved by key pairs, as the avx512_bf16 kernel
+// builds them; the accumulator tiles (16 heads x 16 dims each, dims in the unpack's lane order)
+// stay in memory across chunks, where the online softmax rescales them. Linux hands out the
+// tile registers on request (arch_prctl), once per process.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) { colsb[t] = 64; rows[t] = 16; }   // every tile 16 rows of 64 bytes
+  }
+};
+
+static bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+template <int D>
+static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
+                              const at::Tensor& tables, const at::Tensor& lens, float scale) {
+  static_assert(D % 32 == 0, "rows are whole 32-dim chunks");
+  using T = at::BFloat16;
+  constexpr int C = D / 32, XT = 2 * C;   // 32-dim chunks; 16-dim accumulator tiles
+  const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
+  const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 32 + 31) / 32 * 32;
+  const int64_t kstride = dv.s_tok * (int64_t)sizeof(T);
+  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+    const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    const int64_t nh = dv.per * dv.G;
+    std::vector<uint32_t> qb(dv.per * C * 256);   // per KV head: C tiles [dim pair][head]
+    std::vector<float> acc(dv.per * XT * 256 + 16), mx(nh), sum(nh), sc(nh * CHP);
+    std::vector<uint16_t> pb((nh + 16) * CHP);   // 16 rows past the last head: a tile's spare rows
+    alignas(64) float st[16][16];
+    alignas(64) uint32_t vb[4][16][16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
+      std::fill(qb.begin(), qb.end(), 0u);   // heads past the group score zeros
+      for (int64_t g = 0; g < dv.per; ++g)
+        for (int64_t i = 0; i < dv.G; ++i) {
+          const uint32_t* qh = reinterpret_cast<const uint32_t*>(dv.qp + b * dv.qs_b + ((g0 + g) * dv.G + i) * dv.qs_h);
+          for (int c = 0; c < C; ++c)
+            for (int p = 0; p < 16; ++p) qb[((g * C + c) * 16 + p) * 16 + i] = qh[16 * c + p];
+        }
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      std::fill(sum.begin(), sum.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      auto block = [&](int64_t t0) { return dv.base + dv.tab[b * dv.tab_stride + t0 / dv.BS] * dv.s_block + g0 * dv.s_head; };
+      for (int64_t c0 = 0; c0 < n; c0 += CH) {
+        const int64_t cn = std::min(CH, n - c0);
+        // scores: sc[h][key - c0], scaled
+        for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
+          const T* blk = block(t0);
+          const int64_t m = std::min(dv.BS, n - t0);
+          if (t0 + dv.BS < c0 + cn) {
+            const T* nb = block(t0 + dv.BS);
+            for (int64_t j = 0; j < std::min(dv.BS, n - t0 - dv.BS); ++j) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
+          }
+          for (int64_t j0 = 0; j0 < m; j0 += 16) {   // rows past m: the block's own slots, scores unused
+            const int mt = (int)std::min<int64_t>(16, m - j0);
+            const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
+            for (int64_t g = 0; g < dv.per; ++g) {
+              const T* kb = blk + g * dv.s_head + j0 * dv.s_tok;
+              _tile_zero(0);
+              for (int c = 0; c < C; ++c) {
+                _tile_loadd(1, kb + 32 * c, kstride);
+                _tile_loadd(2, &qb[(g * C + c) * 256], 64);
+                _tile_dpbf16ps(0, 1, 2);
+              }
+              _tile_stored(0, st, 64);
+              const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                      _mm512_set1_epi32(16));
+              for (int64_t i = 0; i < dv.G; ++i) {
+                const __m512 s = _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32((int)i)), &st[0][0], 4);
+                _mm512_mask_storeu_ps(&sc[(g * dv.G + i) * CHP + t0 - c0 + j0], valid, _mm512_mul_ps(s, _mm512_set1_ps(scale)));
+              }
+            }
+          }
+        }
+        // softmax over the chunk, online across chunks; probabilities in bf16, zero past the
+        // chunk up to a whole 32-key tile
+        for (int64_t h = 0; h < nh; ++h) {
+          const float corr = chunk_softmax(&sc[h * CHP], cn, (cn + 31) / 32 * 32, mx[h], sum[h], &pb[h * CHP]);
+          if (corr != 1.f) {
+            const int64_t g = h / dv.G, i = h % dv.G;
+            for (int x = 0; x < XT; ++x) {
+              float* row = &acc[((g * XT + x) * 16 + i) * 16];
+              _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(row)));
+            }
+          }
+        }
+        // values: acc[g] += P V, up to 4 accumulator tiles (two 32-dim chunks) at a time
+        for (int64_t g = 0; g < dv.per; ++g)
+          for (int c0d = 0; c0d < C; c0d += 2) {
+            const int cs = std::min(2, C - c0d), xs = 2 * cs;
+            float* ag = &acc[(g * XT + 2 * c0d) * 256];
+            if (xs > 0) _tile_loadd(4, ag, 64);
+            if (xs > 1) _tile_loadd(5, ag + 256, 64);
+            if (xs > 2) _tile_loadd(6, ag + 512, 64);
+            if (xs > 3) _tile_loadd(7, ag + 768, 64);
+            for (int64_t k0 = 0; k0 < cn; k0 += 32) {
+              for (int p = 0; p < 16; ++p) {
+                const int64_t ka = c0 + k0 + 2 * p, kb2 = ka + 1;   // absolute positions
+                for (int c = 0; c < cs; ++c) {
+                  const int64_t dim = 32 * (c0d + c);
+                  const __m512i lo = ka < c0 + cn ? _mm512_loadu_si512(block(ka) + dv.s_kv + g * dv.s_head + (ka % dv.BS) * dv.s_tok + dim)
+                                                  : _mm512_setzero_si512();
+                  const __m512i hi = kb2 < c0 + cn ? _mm512_loadu_si512(block(kb2) + dv.s_kv + g * dv.s_head + (kb2 % dv.BS) * dv.s_tok + dim)
+                                                   : _mm512_setzero_si512();
+                  _mm512_store_si512(vb[2 * c][p], _mm512_unpacklo_epi16(lo, hi));
+                  _mm512_store_si512(vb[2 * c + 1][p], _mm512_unpackhi_epi16(lo, hi));
+                }
+              }
+              _tile_loadd(0, &pb[g * dv.G * CHP + k0], CHP * (int64_t)sizeof(uint16_t));
+              _tile_loadd(1, vb[0], 64);
+              _tile_dpbf16ps(4, 0, 1);
+              _tile_loadd(2, vb[1], 64);
+              _tile_dpbf16ps(5, 0, 2);
+              if (xs > 2) {
+                _tile_loadd(1, vb[2], 64);
+                _tile_dpbf16ps(6, 0, 1);
+                _tile_loadd(2, vb[3], 64);
+                _tile_dpbf16ps(7, 0, 2);
+              }
+            }
+            if (xs > 0) _tile_stored(4, ag, 64);
+            if (xs > 1) _tile_stored(5, ag + 256, 64);
+            if (xs > 2) _tile_stored(6, ag + 512, 64);
+            if (xs > 3) _tile_stored(7, ag + 768, 64);
+          }
+      }
+      for (int64_t h = 0; h < nh; ++h) {   // tile 2c / 2c + 1, lane k: dim 32c + 8(k/4) + k%4 (+4)
+        const float inv = 1.f / sum[h];
+        const int64_t g = h / dv.G, i = h % dv.G;
+        T* oh = dv.op + (b * dv.H + g0 * dv.G + h) * D;
+        for (int c = 0; c < C; ++c)
+          for (int k = 0; k < 16; ++k) {
+            const int d = 32 * c + 8 * (k / 4) + k % 4;
+            from_float(acc[((g * XT + 2 * c) * 16 + i) * 16 + k] * inv, &oh[d]);
+            from_float(acc[((g * XT + 2 * c + 1) * 16 + i) * 16 + k] * inv, &oh[d + 4]);
+          }
+      }
+    }
+    _tile_release();
+  });
+}
 #endif
+#endif
+
+// The head sizes the bf16 tile kernels are instantiated for (whole 32-dim chunks); any other
+// falls through to the next kernel.
+#define PDSERVE_BF16_HEAD_SIZES(kernel)                                   \
+  switch (q.size(2)) {                                                    \
+    case 64: return kernel<64>(out, q, kv, layer, tables, lens, scale);   \
+    case 128: return kernel<128>(out, q, kv, layer, tables, lens, scale); \
+    case 256: return kernel<256>(out, q, kv, layer, tables, lens, scale); \
+    case 32: return kernel<32>(out, q, kv, layer, tables, lens, scale);   \
+    case 96: return kernel<96>(out, q, kv, layer, tables, lens, scale);   \
+    default: break;                                                       \
+  }
 
 template <typename T>
 static void dispatch_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                          const at::Tensor& tables, const at::Tensor& lens, float scale) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  // whole 16-key tiles inside each block, a group's heads in one tile's 16 columns
+  if constexpr (std::is_same<T, at::BFloat16>::value) {
+    if (kv.size(3) % 16 == 0 && q.size(1) / kv.size(4) <= 16 && amx_permitted()) {
+      PDSERVE_BF16_HEAD_SIZES(decode_kernel_amx)
+    }
+  }
+#endif
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<T, at::BFloat16>::value) {
-    switch (q.size(2)) {
-      case 64: return decode_kernel_dpbf16<64>(out, q, kv, layer, tables, lens, scale);
-      case 128: return decode_kernel_dpbf16<128>(out, q, kv, layer, tables, lens, scale);
-      case 256: return decode_kernel_dpbf16<256>(out, q, kv, layer, tables, lens, scale);
-      case 32: return decode_kernel_dpbf16<32>(out, q, kv, layer, tables, lens, scale);
-      case 96: return decode_kernel_dpbf16<96>(out, q, kv, layer, tables, lens, scale);
-      default: break;
-    }
+    PDSERVE_BF16_HEAD_SIZES(decode_kernel_dpbf16)
   }
 #endif
   switch (q.size(2)) {
