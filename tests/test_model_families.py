@@ -3,14 +3,20 @@
 Every model is written by transformers from a tiny config with seeded random weights (nothing
 downloaded) and the demo model's tokenizer, then run by an in-process engine next to
 transformers' generate. The prompts cross KV blocks and sliding windows, and a small token
-budget splits the long ones into pieces (chunked prefill over cached blocks)."""
+budget splits the long ones into pieces (chunked prefill over cached blocks). Then one served
+repository holds a model of every family, streamed through tritonclient, with an MoE and an MLA
+model also served by a PREFILL and a DECODE engine (the KV handed over)."""
+import json
 import os
+import queue
 import random
+import re
 import shutil
 
 import pytest
 import torch
 import transformers
+import tritonclient.grpc as grpcclient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdserve_testing.harness import DEMO_MODEL, PdServer, add_model, config_text, inputs
@@ -26,8 +32,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               # wider than the usual 0.02: peaked next-token distributions, no near-ties for rounding to flip
               initializer_range=0.08)
 MOE = dict(intermediate_size=96, num_experts_per_tok=2)
+# multi-head latent attention: a latent of 32 + 8 rotary values per token and layer in the pool;
+# 8 routed experts in 4 groups of which 2 are searched, one shared expert, layer 0 dense
+MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=24, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
+           n_group=4, topk_group=2)
 
 CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, intermediate_size=96),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
         **COMMON, **MOE, moe_intermediate_size=32, shared_expert_intermediate_size=80, num_experts=8,
         norm_topk_prob=False, mlp_only_layers=[1]),
@@ -44,6 +56,14 @@ CONFIGS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}),
     "phi3": lambda: transformers.Phi3Config(**COMMON, intermediate_size=96),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**COMMON, **MOE, **MLA}, routed_scaling_factor=2.5, norm_topk_prob=True),
+    # V2-Lite's shape (no query compression), group-limited greedy routing, and YaRN (its mscale
+    # in the softmax scale)
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **{**COMMON, **MOE, **MLA, "q_lora_rank": None}, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+                         "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}),
     # LongRoPE with a short original length, so the generation crosses from short to long factors
     "phi3_longrope": lambda: transformers.Phi3Config(
         **COMMON, intermediate_size=96, original_max_position_embeddings=48, sliding_window=40,
@@ -59,6 +79,9 @@ TOKEN_BUDGET = {"phi3_longrope": 256}
 def write_model(config, out_dir: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):   # zero at init: random, so the routing depends on it
+            buffer.normal_(0.0, 0.3)
     model.save_pretrained(out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(DEMO_MODEL, name), out_dir)
@@ -101,28 +124,106 @@ def test_an_unsupported_model_type_is_a_config_error_naming_what_runs():
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported") as err:
         build_model(config, [])
-    for model_type in ("llama", "qwen3_moe", "mixtral", "gemma3_text", "phi3"):
+    for model_type in ("llama", "qwen3_moe", "mixtral", "gemma3_text", "phi3", "deepseek_v3"):
         assert model_type in str(err.value)
     assert set(SUPPORTED_MODEL_TYPES) >= {"qwen2", "qwen2_moe", "gemma2"}
 
 
-def test_moe_model_through_a_pd_handoff_equals_transformers(tmp_path, demo_model, repo):
-    """A Qwen3-MoE model served by a PREFILL and a DECODE engine (real processes, KV handed
-    over) streams transformers' greedy text."""
-    path = write_model(CONFIGS["qwen3_moe"](), str(tmp_path / "qwen3_moe"))
-    add_model(repo, "moe", path, config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu"))))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+# one repository, one server: a model of each family (aggregated), and the MoE and MLA ones again
+# on a PREFILL and a DECODE engine
+SERVED = ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "deepseek_v2", "gemma3_text", "phi3")
+HANDED_OFF = ("qwen3_moe", "deepseek_v3")
+PROMPT = "class Parser(object):\n    \"\"\"Reads the tokens of a file.\"\"\"\n    def __init__(self, path):"
+SMALL = dict(max_model_len=256, kv_cache_blocks=64, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, demo_model):
+    root = tmp_path_factory.mktemp("families")
+    repo = str(root / "repository")
+    paths = {family: write_model(CONFIGS[family](), str(root / family)) for family in SERVED}
+    for family in SERVED:
+        add_model(repo, family, paths[family], config_text(**SMALL))
+    for family in HANDED_OFF:
+        add_model(repo, f"{family}-pd", paths[family],
+                  config_text(role_groups=(("PREFILL", "cpu"), ("DECODE", "cpu")), **SMALL))
     server = PdServer(repo).start()
     try:
-        server.wait_ready("moe")
-        for prompt in ("def fibonacci(n):", "class Parser(object):\n    \"\"\"" * 4):
-            expected = tokenizer.decode(hf_greedy(hf, tokenizer(prompt).input_ids, 20), skip_special_tokens=True)
-            result = server.client.infer("moe", inputs(prompt, False, {"max_tokens": 20, "temperature": 0,
-                                                                       "ignore_eos": True},
-                                                       exclude_input_in_output=True))
-            assert result.as_numpy("text_output")[0].decode() == expected, prompt
-        server.wait_for(lambda: server.metric_value("pdserve_kv_transfer_seconds_count", model="moe") >= 2,
-                        "the prefill engine's two handoffs in the metrics", 10)
+        for name in SERVED + tuple(f"{f}-pd" for f in HANDED_OFF):
+            server.wait_ready(name, timeout=240)
+        yield server, paths
     finally:
         server.stop()
+
+
+def streamed_tokens(server: PdServer, model: str, prompt: str, n: int) -> tuple[list[int], str]:
+    """A greedy request streamed through tritonclient: the token ids (from the logprobs output) and the text."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: responses.put(error or result))
+    client.async_stream_infer(model, inputs(prompt, True, {"max_tokens": n, "temperature": 0, "ignore_eos": True,
+                                                           "logprobs": 0},
+                                            exclude_input_in_output=True, return_logprobs=True))
+    client.stop_stream()
+    client.close()
+    tokens, text = [], ""
+    while not responses.empty():
+        result = responses.get()
+        assert not isinstance(result, Exception), result
+        text += "".join(t.decode() for t in result.as_numpy("text_output") or ())
+        if result.as_numpy("logprobs") is not None:
+            tokens += [t["token_id"] for t in json.loads(result.as_numpy("logprobs")[0])["tokens"]]
+    return tokens, text
+
+
+def test_one_repository_serves_every_family_with_transformers_greedy_tokens(families):
+    server, paths = families
+    for family in SERVED:
+        tokenizer = AutoTokenizer.from_pretrained(paths[family])
+        hf = AutoModelForCausalLM.from_pretrained(paths[family], dtype=torch.float32).eval()
+        expected = hf_greedy(hf, tokenizer(PROMPT).input_ids, 24)
+        tokens, text = streamed_tokens(server, family, PROMPT, 24)
+        assert tokens == expected, family
+        assert text == tokenizer.decode(expected, skip_special_tokens=True), family
+
+
+def engine_log(record: dict) -> str:
+    """An engine's own log: its stdout is the file the supervisor opened for it."""
+    with open(os.readlink(f"/proc/{record['pid']}/fd/1"), errors="replace") as f:
+        return f.read()
+
+
+def test_mla_pool_holds_the_latent_and_the_load_log_says_its_bytes_per_token(families):
+    """(kv_lora_rank + qk_rope_head_dim) x layers x 4 bytes (float32) per token, on every DeepSeek
+    engine (PREFILL and DECODE ones too), where full K and V would be 2 x heads x (qk_nope +
+    qk_rope) x layers x 4 = 1152; next to a Llama-family engine's full K and V."""
+    server, _ = families
+    latent = (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * COMMON["num_hidden_layers"] * 4
+    full = 2 * COMMON["num_key_value_heads"] * (COMMON["hidden_size"] // COMMON["num_attention_heads"]) \
+        * COMMON["num_hidden_layers"] * 4
+    expected = {"deepseek_v2": latent, "deepseek_v3": latent, "deepseek_v3-pd": latent, "llama": full}
+    logged = {}
+    for record in server.engines():
+        if record["model"] in expected:
+            found = re.findall(r"KV pool: \d+ blocks of \d+ tokens, (\d+) bytes per token", engine_log(record))
+            logged.setdefault(record["model"], set()).update(int(n) for n in found)
+    assert logged == {model: {n} for model, n in expected.items()}
+
+
+def test_moe_and_mla_models_give_the_aggregated_text_through_a_pd_handoff(families):
+    """The Qwen3-MoE and DeepSeek-V3 models, served by a PREFILL and a DECODE engine (real
+    processes, the KV handed over: full K/V blocks, and MLA's latent blocks), stream the text of
+    the same model served aggregated, which is transformers' greedy text."""
+    server, paths = families
+    params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    prompts = ("def fibonacci(n):", PROMPT * 2)
+    for family in HANDED_OFF:
+        tokenizer = AutoTokenizer.from_pretrained(paths[family])
+        hf = AutoModelForCausalLM.from_pretrained(paths[family], dtype=torch.float32).eval()
+        for prompt in prompts:
+            texts = [server.client.infer(model, inputs(prompt, False, params, exclude_input_in_output=True))
+                     .as_numpy("text_output")[0].decode() for model in (family, f"{family}-pd")]
+            expected = tokenizer.decode(hf_greedy(hf, tokenizer(prompt).input_ids, 20), skip_special_tokens=True)
+            assert texts == [expected, expected], (family, prompt)
+        server.wait_for(lambda: server.metric_value("pdserve_kv_transfer_seconds_count", model=f"{family}-pd")
+                        >= len(prompts), f"{family}-pd's handoffs in the metrics", 10)
