@@ -182,3 +182,66 @@ def test_sizes_that_cannot_work_are_config_errors_naming_the_field_and_the_fix(t
     assert "config.pbtxt" in str(info.value)
     for word in words:
         assert word in str(info.value)
+
+
+# ---- the sharded model: two ranks as two threads of this process ------------------------------
+
+class ThreadGroup:
+    """RankGroup's collectives between threads (engine/ranks.py has the torch.distributed ones):
+    enough to run each rank's shard of a model side by side without processes."""
+
+    def __init__(self, rank: int, size: int, shared: dict):
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def _exchange(self, value):
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = value
+        barrier.wait()
+        everyone = list(slots)
+        barrier.wait()
+        return everyone
+
+    def all_reduce(self, x):
+        x.copy_(sum(self._exchange(x.clone())))
+        return x
+
+    def gather_columns(self, x, width, total):
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+        return torch.cat(self._exchange(x), dim=-1)[..., :total]
+
+    def agree_min(self, value, device):
+        return min(self._exchange(value))
+
+
+def test_the_ranks_shards_compute_one_devices_logits(small_model):
+    import threading
+
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.model_runner import ModelRunner
+    from pdserve.engine.sequence import SamplingParams, Sequence
+
+    cfg = EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=8, max_model_len=128)
+    prompt = list(range(3, 40))
+
+    def logits(runner) -> torch.Tensor:
+        seq = Sequence("r", prompt, SamplingParams(), block_table=[1, 2, 3])
+        input_ids, positions, meta, _, _ = runner._prepare([(seq, len(prompt))], [])
+        with torch.inference_mode():
+            return runner.model(input_ids, positions, runner.kv_cache, meta)
+
+    whole = logits(ModelRunner(cfg))
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=60)}
+    results: dict = {}
+
+    def rank(r: int) -> None:
+        runner = ModelRunner(cfg, ThreadGroup(r, 2, shared))
+        results[r] = (runner.kv_cache.shape, logits(runner))
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0][0][-2] == 1      # the small model's 2 KV heads: one in each rank's pool
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.allclose(results[0][1], whole, atol=1e-4)
+    assert torch.equal(results[0][1].argmax(-1), whole.argmax(-1))
