@@ -120,6 +120,23 @@ def test_family_greedy_equals_transformers(family, tmp_path, demo_model):
         assert tokens == hf_greedy(hf, prompt, new_tokens), (family, len(prompt))
 
 
+def test_mla_latent_blocks_come_back_from_the_host_tier_with_transformers_tokens(tmp_path):
+    """MLA's latent pool under the prefix cache and a host KV tier: a prompt the pool evicted is
+    served again from blocks copied back out of the tier, with transformers' greedy tokens."""
+    path = write_model(CONFIGS["deepseek_v3"](), str(tmp_path / "deepseek_v3"))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rng = random.Random(2)
+    first, *others = [[rng.randrange(3, VOCAB) for _ in range(70)] for _ in range(4)]
+    # 12 blocks of 16 tokens: the three other prompts (5 blocks each) evict the first one's
+    engine = LLMEngine(EngineConfig(model_path=path, dtype="float32", kv_cache_blocks=12, max_model_len=256,
+                                    max_num_seqs=2, kv_offload_host_gb=0.001))
+    for prompt in (first, *others, first):
+        assert engine_greedy(engine, [prompt], 8) == [hf_greedy(hf, prompt, 8)]
+    tier = engine.stats().kv_tiers[0]
+    assert tier.hit_tokens == 64      # the first prompt's 4 full blocks
+    assert tier.loaded_bytes == 4 * 16 * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * COMMON["num_hidden_layers"] * 4
+
+
 def test_an_unsupported_model_type_is_a_config_error_naming_what_runs():
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported") as err:
