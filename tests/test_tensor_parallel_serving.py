@@ -103,3 +103,21 @@ def test_kill_9_of_a_rank_restarts_its_instance_and_fails_its_streams(tp_server)
                                    and r["state"] == "ready" for r in tp_server.engines()), "the restarted instance", 120)
     assert stream(tp_server, "tp2", "import os", 16) == (expected, None)
     assert time.monotonic() - killed_at < 120
+
+
+def test_a_stalled_rank_takes_its_instance_down_and_no_stream_hangs(tp_server):
+    """SIGSTOP of a follower: rank 0 waits in a collective, makes no progress, and the watchdog
+    (PDSERVE_ENGINE_STALL_TIMEOUT) kills it; the follower dies with it and the instance restarts."""
+    record = next(r for r in tp_server.engines() if r["model"] == "tp2" and r["state"] == "ready")
+    outcome: list = []
+    t = threading.Thread(target=lambda: outcome.append(stream(tp_server, "tp2", "def g(x):", 480)))
+    t.start()
+    tp_server.wait_for(lambda: tp_server.metric_value("pdserve_requests_running", model="tp2") == 1, "a stream", 30)
+    [follower] = followers(record["pid"])
+    os.kill(follower, signal.SIGSTOP)
+    t.join(60)
+    assert not t.is_alive(), "a stream hangs behind a stalled rank"
+    assert outcome[0][1] is not None
+    tp_server.wait_for(lambda: not os.path.exists(f"/proc/{follower}"), "the stalled rank to be gone", 30)
+    tp_server.wait_for(lambda: any(r["model"] == "tp2" and r["instance_id"] != record["instance_id"]
+                                   and r["state"] == "ready" for r in tp_server.engines()), "the restarted instance", 120)
