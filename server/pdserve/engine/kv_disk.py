@@ -176,12 +176,14 @@ class DiskKVTier:
         for victim in victims:
             _unlink(self.file(victim))
         start = self.clock()
-        body = _token_bytes(tokens) + kv.view(-1).view(torch.uint8).numpy().tobytes()
+        token_bytes, payload = _token_bytes(tokens), kv.view(-1).view(torch.uint8).numpy()
+        crc = zlib.crc32(payload, zlib.crc32(token_bytes))
         path = self.file(block_hash)
         try:
             with open(path + ".tmp", "wb") as f:
-                f.write(HEADER.pack(MAGIC, block_hash, len(tokens), self.block_bytes, zlib.crc32(body)))
-                f.write(body)
+                f.write(HEADER.pack(MAGIC, block_hash, len(tokens), self.block_bytes, crc))
+                f.write(token_bytes)
+                f.write(payload)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             _unlink(path + ".tmp")
