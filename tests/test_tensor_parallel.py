@@ -245,3 +245,10 @@ def test_the_ranks_shards_compute_one_devices_logits(small_model):
     assert torch.equal(results[0][1], results[1][1])
     assert torch.allclose(results[0][1], whole, atol=1e-4)
     assert torch.equal(results[0][1].argmax(-1), whole.argmax(-1))
+
+
+def test_a_weight_that_is_not_a_tensor_is_refused_naming_the_fix():
+    c = config()
+    state = _checkpoint(c) | {"model.layers.0.mlp.up_proj.weight": object()}
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        shard_state_dict(state, shard_of(0, 2, c))

@@ -89,6 +89,9 @@ def rank_config(config, shard: Shard):
 
 
 def _rows(tensor: torch.Tensor, rows: range, unit: int = 1, dim: int = 0) -> torch.Tensor:
+    if not hasattr(tensor, "narrow"):   # a pre-quantized checkpoint's bundle (engine/quantization.py)
+        raise ValueError(f"a {type(tensor).__name__} weight does not shard yet; serve a pre-quantized checkpoint "
+                         "with tensor_parallel_size 1")
     return tensor.narrow(dim, rows.start * unit, len(rows) * unit).clone()
 
 
