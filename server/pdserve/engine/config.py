@@ -5,6 +5,9 @@ from dataclasses import asdict, dataclass
 
 # auto: bfloat16 where the hardware computes it natively, float32 otherwise (model_runner.resolve_dtype)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+# Linear weights quantized at load (engine/quantization.py): int8 on any device, fp8 on sm89+ GPUs;
+# "" or none: as the checkpoint is (a compressed-tensors checkpoint runs its own scheme).
+QUANTIZATIONS = ("", "none", "int8", "fp8")
 
 
 @dataclass
@@ -12,6 +15,7 @@ class EngineConfig:
     model_path: str
     device: str = "cpu"
     dtype: str = "auto"
+    quantization: str = ""
     max_model_len: int = 0            # 0: the model's max_position_embeddings
     kv_block_size: int = 16
     kv_cache_blocks: int = 0          # 0: sized from kv_cache_memory_fraction

@@ -17,6 +17,7 @@ from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.kernels import kernels_for
 from pdserve.engine.models import build_model
+from pdserve.engine import quantization
 from pdserve.engine.parallel import rank_config, shard_of, shard_state_dict
 from pdserve.engine.ranks import parallelize, step_payload
 from pdserve.engine.sampler import Sampler
@@ -79,6 +80,8 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         state = load_state_dict(cfg.model_path)
+        self.quant = quantization.plan(self.hf_config, cfg.quantization, self.device)
+        state = self.quant.bundle(state)   # a compressed checkpoint's tensors, one QuantizedWeight per linear
         if "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         shard = shard_of(tp.rank, tp.size, self.hf_config) if tp is not None else None
@@ -90,6 +93,7 @@ class ModelRunner:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq.data = self.model.inv_freq.data.float()
+        log.info("%s", quantization.attach(self.model, self.quant, self.device))
         self.kernels = kernels_for(self.device, self.dtype)
         self.model.prepare(self.kernels)
         if shard is not None:

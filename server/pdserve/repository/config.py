@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format, text_format
 
 from pdserve._proto import model_config_pb2 as mc
-from pdserve.engine.config import DTYPES, EngineConfig
+from pdserve.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
 from pdserve.common.devices import DeviceError, parse_device
 from pdserve.engine.parallel import SHARDED_MODEL_TYPES, check_divisible
 from pdserve.repository.planner import PlannerSettings
@@ -250,6 +250,9 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
             raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative")
     if params.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{path}: parameters 'dtype' is '{params['dtype']}'; use one of {', '.join(DTYPES)}")
+    if params.get("quantization", "").lower() not in QUANTIZATIONS:
+        raise ConfigError(f"{path}: parameters 'quantization' is '{params['quantization']}'; use int8, fp8 (GPUs of "
+                          "compute capability 8.9+) or none")
     for key in ("kv_block_size", "max_num_batched_tokens", "max_num_seqs", "stream_interval"):
         if params.get(key, 1) < 1:
             raise ConfigError(f"{path}: parameters '{key}' must be at least 1")

@@ -36,8 +36,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.kernels import variants
+from pdserve.engine.kernels import quant, variants
 from pdserve.engine.kernels.reference import BlockGather, Linear, TorchKernels
+from pdserve.engine.quantization import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,18 @@ class CpuKernels(TorchKernels):
             return Linear(weight, bias)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        if isinstance(weight, QuantizedWeight):
+            return self.quantized_linear(weight, bias)
         if weight.dtype == torch.bfloat16 and not self.bf16_native:
             inner = self._packed(weight.float(), None if bias is None else bias.float())
             return UpcastLinear(weight, bias, inner)
         return self._packed(weight, bias)
+
+    def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
+        """int8 activations: oneDNN's int8 GEMM (VNNI / AMX-INT8; kernels/quant.py)."""
+        if weight.activations == "int8" and self.onednn:
+            return quant.checked(quant.OneDnnInt8Linear, weight, bias)
+        return super().quantized_linear(weight, bias)
 
     # ---- the layer body -----------------------------------------------------------------------
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

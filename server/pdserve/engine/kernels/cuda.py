@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.kernels.reference import BlockGather, TorchKernels
+from pdserve.engine.kernels import quant
+from pdserve.engine.kernels.reference import BlockGather, Linear, TorchKernels
+from pdserve.engine.quantization import QuantizedWeight
 
 
 class CudaKernels(TorchKernels):
@@ -29,6 +31,13 @@ class CudaKernels(TorchKernels):
 
     def describe(self) -> str:
         return f"cuda kernels ({self.dtype}): cuBLAS linears, SDPA prefill, SDPA decode over reused gather buffers"
+
+    def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
+        """int8 activations on the int8 tensor cores (torch._int_mm), fp8 on sm89+ (torch._scaled_mm)."""
+        fast = {"int8": quant.IntMmLinear, "fp8": quant.ScaledMmLinear}.get(weight.activations)
+        if fast is not None:
+            return quant.checked(fast, weight, bias)
+        return super().quantized_linear(weight, bias)
 
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
         keys, values = self.gather(kv_cache, layer, meta.block_tables)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.quantization import QuantizedWeight
+
 if TYPE_CHECKING:
     from pdserve.engine.attention import AttentionMetadata
 
@@ -69,7 +71,19 @@ class TorchKernels:
 
     # ---- linears and the layer body -------------------------------------------------------
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """The linear of a weight prepared at load; a QuantizedWeight (engine/quantization.py)
+        gets a quantized linear (quantized_linear)."""
+        if isinstance(weight, QuantizedWeight):
+            return self.quantized_linear(weight, bias)
         return Linear(weight, bias)
+
+    def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
+        """Weights with 16-bit activations run dense, dequantized; quantized activations run the
+        reference (kernels/quant.py). Device kernel sets override this with their fast GEMMs."""
+        if weight.activations == "none":
+            return self.linear(weight.dequantize(self.dtype), bias)
+        from pdserve.engine.kernels.quant import FakeQuantLinear
+        return FakeQuantLinear(weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Computed in float32 like transformers, so low-precision outputs match it.
