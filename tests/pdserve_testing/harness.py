@@ -94,6 +94,8 @@ def config_text(role_groups=(("BOTH", "cpu"),), **params) -> str:
     lines = [f"instance_group [\n{groups}\n]"]
     # float32: the equality tests compare tokens exactly (dtype auto would pick bf16 on some CPUs)
     defaults = {"dtype": "float32", "max_model_len": 512, "kv_cache_blocks": 256, "max_num_seqs": 32}
+    if any(role != "BOTH" for role, _ in role_groups):   # PD tests exercise the handoff: short prompts too
+        defaults["max_local_prefill_tokens"] = 0
     for key, value in {**defaults, **params}.items():
         lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"

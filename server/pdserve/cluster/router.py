@@ -143,9 +143,10 @@ class KVAwarePolicy(LeastLoadPolicy):
         return i
 
 
-# The model parameter's default: hand off every prompt the DECODE engine does not cache whole, as
-# before the parameter existed, until a measured default replaces it (docs/cluster.md).
-DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 0
+# The model parameter's default, measured by bench/local_prefill.py on the demo PD: the longest
+# uncached length whose local prefill beats the handoff's TTFT while the decodes it shares steps
+# with keep their p99 inter-token gap within the TPOT SLO (docs/cluster.md).
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 32
 
 
 def prefill_locally(uncached_tokens: int, max_local_prefill_tokens: int) -> bool:
