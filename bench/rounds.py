@@ -176,9 +176,11 @@ class ServerRounds:
 
 class DecodeSteps:
     """An engine holding `batch` sequences of `context` prompt tokens, prefilled; measure(n)
-    times its next n decode steps of the whole batch (median ms)."""
+    times its next n decode steps of the whole batch (median ms). options: more EngineConfig
+    fields (quantization, ...)."""
 
-    def __init__(self, model: str, dtype: str, device: str, context: int, batch: int = 32, max_steps: int = 128):
+    def __init__(self, model: str, dtype: str, device: str, context: int, batch: int = 32, max_steps: int = 128,
+                 **options):
         from pdserve.engine.config import EngineConfig
         from pdserve.engine.llm_engine import LLMEngine
         from pdserve.engine.sequence import SamplingParams
@@ -188,7 +190,8 @@ class DecodeSteps:
         self.batch = batch
         self.engine = LLMEngine(EngineConfig(model_path=model, dtype=dtype, device=device,
                                              kv_cache_blocks=batch * (length // block + 1), max_model_len=length,
-                                             max_num_seqs=batch, max_num_batched_tokens=max(8192, context)))
+                                             max_num_seqs=batch, max_num_batched_tokens=max(8192, context),
+                                             **options))
         params = SamplingParams(max_tokens=max_steps + 2, temperature=0.0, ignore_eos=True)
         for i, p in enumerate(make_prompts(self.engine.tokenizer, batch, context, seed=1)):
             self.engine.add_request(f"c{i}", p, params)
