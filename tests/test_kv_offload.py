@@ -53,9 +53,9 @@ class ListTier:
     def save(self, block, block_hash, tokens):
         self.put(block_hash, tokens, self.pool[block])
 
-    def fetch(self, hashes):
+    def fetch(self, blocks):
         staged = []
-        for h in hashes:
+        for h, _ in blocks:
             if h in self.lost:
                 del self.entries[h]
                 break
@@ -157,7 +157,7 @@ def test_host_tier_is_bounded_lru_copies_all_layers_of_a_block_and_passes_what_i
     assert not host.contains(10, (0, 0)) and host.contains(11, (1, 1)) and host.contains(12, (2, 2))
     assert torch.equal(below.entries[10][1], expected[0])      # the least recently used went below
     assert not tiers.contains(12, (9, 9))       # same hash, other tokens: a miss
-    staged = tiers.fetch([11, 12])
+    staged = tiers.fetch([(11, (1, 1)), (12, (2, 2))])
     tiers.save(3, 13, (3, 3))                   # evicts 11, the least recently used... after the fetch
     tiers.restore(staged, [0, 3])
     assert torch.equal(pool[0], expected[1]) and torch.equal(pool[3], expected[2])
@@ -186,6 +186,23 @@ def test_disk_tier_writes_block_files_bounded_lru_and_reads_them_back(tmp_path):
     finally:
         disk.close()
     assert not os.path.exists(disk.directory)
+
+
+def test_a_hash_the_host_tier_holds_for_other_tokens_is_loaded_from_the_disk_tier_that_matches(tmp_path):
+    pool = layer_major_pool()
+    disk = disk_tier(tmp_path, pool, blocks=4)
+    host = HostKVTier(pool.shape[1:], pool.dtype, capacity_bytes=4 * disk.block_bytes, block_size=2)
+    tiers = KVTiers(pool, [host, disk], block_size=2)
+    expected = pool[1].clone()
+    try:
+        disk.put(5, (1, 1), pool[1])
+        disk.flush()
+        host.put(5, (9, 9), pool[2])            # a collision: the same hash, other tokens
+        staged = tiers.fetch([(5, (1, 1))])
+        tiers.restore(staged, [0])
+        assert torch.equal(pool[0], expected) and disk.stats().hit_tokens == 2 and host.stats().hit_tokens == 0
+    finally:
+        disk.close()
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "removed"])

@@ -31,7 +31,7 @@ class OffloadTier(Protocol):
     """What the block manager asks of the tiers below the pool (kv_offload.KVTiers)."""
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
     def save(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None: ...
-    def fetch(self, hashes: list[int]): ...   # the first blocks' KV, all of them unless one was lost
+    def fetch(self, blocks: list[tuple[int, tuple[int, ...]]]): ...   # (hash, tokens): KV of a prefix of them
     def restore(self, staged, blocks: list[int]) -> None: ...
 
 
@@ -103,7 +103,7 @@ class BlockManager:
         if fresh > self.num_free_blocks - free_hits:
             return False
         loads = [(h, t) for h, t, b in found if b is None]
-        staged = self.tier.fetch([h for h, _ in loads]) if loads else None
+        staged = self.tier.fetch(loads) if loads else None
         if loads and len(staged) < len(loads):   # a tier lost a block (and forgot it): the prefix ends there
             return self.allocate(seq)
         for block in hits:

@@ -73,9 +73,6 @@ class DiskKVTier:
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool:
         return self.entries.get(block_hash) == tokens
 
-    def holds(self, block_hash: int) -> bool:
-        return block_hash in self.entries
-
     def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         """Copies the block out now and queues its write; drops it when the writer is behind."""
         if self.capacity_bytes == 0:

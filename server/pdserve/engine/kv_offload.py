@@ -47,7 +47,6 @@ class Tier(Protocol):
     name: str
 
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
-    def holds(self, block_hash: int) -> bool: ...
     def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None: ...
     def get(self, block_hash: int) -> torch.Tensor | None: ...
     def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None: ...
@@ -81,9 +80,6 @@ class HostKVTier:
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool:
         entry = self.entries.get(block_hash)
         return entry is not None and entry[1] == tokens
-
-    def holds(self, block_hash: int) -> bool:
-        return block_hash in self.entries
 
     def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         """Keeps a block (kv is read now: the caller may reuse its memory right after)."""
@@ -150,12 +146,12 @@ class KVTiers:
         """The pool is about to reuse this block (its KV is still there)."""
         self.tiers[0].put(block_hash, tokens, self.pool[block])
 
-    def fetch(self, hashes: list[int]) -> list[tuple[Tier, torch.Tensor]]:
-        """The KV of these blocks (all found by contains), read out of their tiers, up to the
-        first a tier could not give back: a shorter answer means the prefix ends there."""
+    def fetch(self, blocks: list[tuple[int, tuple[int, ...]]]) -> list[tuple[Tier, torch.Tensor]]:
+        """The KV of these blocks ((hash, tokens), all found by contains), read out of their tiers,
+        up to the first a tier could not give back: a shorter answer means the prefix ends there."""
         staged = []
-        for block_hash in hashes:
-            tier = next((t for t in self.tiers if t.holds(block_hash)), None)
+        for block_hash, tokens in blocks:
+            tier = next((t for t in self.tiers if t.contains(block_hash, tokens)), None)
             kv = tier.get(block_hash) if tier is not None else None
             if kv is None:
                 break
