@@ -81,6 +81,10 @@ def torch_paged_attention(kernels, q, k, v, kv_cache: torch.Tensor, layer: int, 
         span = max_blocks * block_size
         keys = kv_cache[:, layer, 0].index_select(0, blocks).view(seqs, span, kv_heads, dim)
         values = kv_cache[:, layer, 1].index_select(0, blocks).view(seqs, span, kv_heads, dim)
+        # slots past a sequence's end may never have been written (the pool is torch.empty): a
+        # NaN value there would survive its zero probability, so the gathered copy's are zeroed
+        past_end = torch.arange(span, device=device)[None, :] >= meta.context_lens[:, None]
+        values.masked_fill_(past_end[:, :, None, None], 0.0)
         qpos = (meta.context_lens - 1)[:, None, None]
         mask = _visible(qpos, torch.arange(span, device=device)[None, None, :], shape.window)
         out[p:] = _attend(q[p:, None], keys, values, mask, shape)[:, 0]

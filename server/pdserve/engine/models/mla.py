@@ -72,8 +72,11 @@ def decode_mla(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     query = torch.cat((q_latent, q_pe.transpose(0, 1)), dim=-1).transpose(0, 1)    # [S, H, rank + rope]
     rows = kv_cache[:, layer].index_select(0, meta.block_tables.reshape(-1))
     rows = rows.view(seqs, max_blocks * kv_cache.shape[2], -1)                     # [S, span, rank + rope]
-    scores = torch.matmul(query, rows.transpose(1, 2)) * scale                     # [S, H, span]
     pad = torch.arange(rows.shape[1], device=q_nope.device)[None, :] >= meta.context_lens[:, None]
+    # slots past a sequence's end may never have been written (the pool is torch.empty): a NaN
+    # there would survive a zero probability, so the gathered copy's padding is zeroed
+    rows.masked_fill_(pad[:, :, None], 0.0)
+    scores = torch.matmul(query, rows.transpose(1, 2)) * scale                     # [S, H, span]
     scores.masked_fill_(pad[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
     out_latent = torch.matmul(probs, rows[..., :rank])                              # [S, H, rank]
