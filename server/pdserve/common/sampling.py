@@ -28,6 +28,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
     min_p: float = 0.0
+    # vLLM's bad_words: the words (read by the front end), then their token sequences (the
+    # front end tokenizes them; the engine bans each one's last token after the rest of it)
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # Log-probabilities: None: none; k: the chosen token's and the k most likely alternatives'
     # (0: the chosen token's only). prompt_logprobs: the same for every prompt token but the first.
     logprobs: int | None = None
@@ -60,7 +64,8 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes or reports the logits: argmax alone picks the token."""
-        return self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None
+        return (self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None
+                and not self.bad_words_token_ids)
 
     def to_proto(self) -> engine_pb2.SamplingParams:
         return engine_pb2.SamplingParams(
@@ -70,7 +75,8 @@ class SamplingParams:
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias), min_p=self.min_p,
             logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
-            structured_kind=self.structured_kind, structured_spec=self.structured_spec)
+            structured_kind=self.structured_kind, structured_spec=self.structured_spec,
+            bad_words=[engine_pb2.TokenIds(ids=ids) for ids in self.bad_words_token_ids])
 
     @classmethod
     def from_proto(cls, msg: engine_pb2.SamplingParams) -> "SamplingParams":
@@ -82,7 +88,8 @@ class SamplingParams:
                    logit_bias=tuple(sorted(msg.logit_bias.items())), min_p=msg.min_p,
                    logprobs=msg.logprobs if msg.HasField("logprobs") else None,
                    prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
-                   structured_kind=msg.structured_kind, structured_spec=msg.structured_spec)
+                   structured_kind=msg.structured_kind, structured_spec=msg.structured_spec,
+                   bad_words_token_ids=tuple(tuple(w.ids) for w in msg.bad_words))
 
 
 @dataclass(frozen=True)

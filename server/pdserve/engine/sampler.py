@@ -1,11 +1,11 @@
 """Batched sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds,
-penalties, logit bias, and the log-probabilities requests ask for.
+penalties, logit bias, bad words, and the log-probabilities requests ask for.
 
 Sampled rows use the exponential-race form of categorical sampling (argmax of p / E with
 E ~ Exp(1)); each seeded request draws its noise from its own generator, so a seed gives
 the same tokens whatever else shares the batch.
 
-The order is vLLM's: min_tokens and logit_bias, then the penalties, then temperature, min_p,
+The order is vLLM's: min_tokens, bad_words and logit_bias, then the penalties, then temperature, min_p,
 top-k and top-p. Log-probabilities are those of the model's raw logits (log_softmax before any
 of these; vLLM's default `raw_logprobs`), so they score the model, not the request's settings.
 
@@ -83,6 +83,19 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int
             for r, n in enumerate(num_top)]
 
 
+def bad_word_bans(seqs: list[Sequence]) -> list[tuple[int, int]]:
+    """(row, token) pairs that bad_words forbid now: a word's last token, where the output ends
+    with the tokens before it (vLLM's rule; a one-token word always)."""
+    bans = []
+    for row, seq in enumerate(seqs):
+        out = seq.output_token_ids
+        for word in seq.params.bad_words_token_ids:
+            prefix = list(word[:-1])
+            if len(prefix) <= len(out) and out[len(out) - len(prefix):] == prefix:
+                bans.append((row, word[-1]))
+    return bans
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -106,6 +119,10 @@ class Sampler:
         logprob_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
         self._suppress_early_stops(logits, seqs, eos_ids)
+        banned = bad_word_bans(seqs)
+        if banned:
+            rows, ids = zip(*banned)
+            logits[self._tensor(rows, torch.long), self._tensor(ids, torch.long)] = float("-inf")
         logits = self._apply_bias_and_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]

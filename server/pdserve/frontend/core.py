@@ -18,6 +18,7 @@ frees the request's blocks in the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -130,9 +131,13 @@ class Request:
         max_local_prefill = dep.spec.engine_parameters.get("max_local_prefill_tokens", DEFAULT_MAX_LOCAL_PREFILL_TOKENS)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
         prompt = await self._tokenized(gen.prompt)
+        sampling = gen.sampling
+        if sampling.bad_words:   # the engine bans token ids
+            ids = await core.tokenizers.bad_words(await core.model_folder(dep), sampling.bad_words)
+            sampling = dataclasses.replace(sampling, bad_words_token_ids=ids)
         request = engine_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt.token_ids,
                                              prompt_block_hashes=prompt.block_hashes, block_size=prompt.block_size,
-                                             sampling=gen.sampling.to_proto())
+                                             sampling=sampling.to_proto())
         prompt_tokens = len(prompt.token_ids)
         prompt_hashes = prompt.block_hashes if core.router.uses_prefix else []
         if gen.sampling.prefilled_where_decoded:   # no handoff: load and metrics count it where it runs

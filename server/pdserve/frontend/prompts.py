@@ -128,6 +128,20 @@ def encode(loaded: LoadedTokenizer, text: str, max_model_len: int = 0, block_siz
     return PromptTokens(ids, block_hashes(ids, block_size) if block_size else [], block_size)
 
 
+def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words: each word as it would start the text, and as it would
+    follow a space when that is a different token sequence of the same length (a word in the
+    middle of a sentence)."""
+    out = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False).ids
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False).ids
+        out += [tuple(alone)] if alone else []
+        if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(tuple(spaced))
+    return tuple(out)
+
+
 class PromptTokenizers:
     def __init__(self, workers: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdserve-tokenize")
@@ -155,6 +169,11 @@ class PromptTokenizers:
         encoded = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: loaded.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens))
         return encoded[0].ids
+
+    async def bad_words(self, folder: str, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        loaded = await self.tokenizer(folder)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, bad_words_token_ids, loaded.tokenizer,
+                                                                words)
 
     async def text(self, folder: str, token_ids: list[int]) -> str:
         """The token ids' text, special tokens included (the /detokenize endpoint)."""

@@ -114,6 +114,18 @@ def _stop(value):
     return tuple(stop)
 
 
+def _bad_words(value):
+    """A list of strings (a KServe request parameter: as JSON text)."""
+    value = _object_text(value)
+    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+        raise _refuse("must be a list of strings")
+    words = tuple(w for w in value if w.strip())
+    if len(words) > MAX_STOP_STRINGS or any(len(w) > MAX_STOP_STRING_CHARS for w in words):
+        raise _refuse(f"has {len(words)} words of up to {max(map(len, words))} characters; the limits are "
+                      f"{MAX_STOP_STRINGS} words of {MAX_STOP_STRING_CHARS} characters")
+    return words
+
+
 def _token_ids(value):
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT32_MAX
                                               for i in value):
@@ -229,6 +241,7 @@ Seed = Annotated[int | None, BeforeValidator(_integer), Field(ge=0, le=2**63 - 1
 MinTokens = Annotated[int, BeforeValidator(_integer), Field(ge=0)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 Stop = Annotated[tuple[str, ...], BeforeValidator(_stop)]
+BadWords = Annotated[tuple[str, ...], BeforeValidator(_bad_words)]
 StopTokenIds = Annotated[tuple[int, ...], BeforeValidator(_token_ids)]
 StreamInterval = Annotated[int, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)]
 Penalty = Annotated[float, BeforeValidator(_float32), Field(ge=-2.0, le=2.0)]
@@ -307,6 +320,7 @@ class SamplingFields(Schema):
     repetition_penalty: RepetitionPenalty = SamplingParams.repetition_penalty
     logit_bias: LogitBias = ()
     min_p: MinP = SamplingParams.min_p
+    bad_words: BadWords = ()   # tokenized by the front end (frontend/prompts.py), banned by the engine
     logprobs: Logprobs = None
     prompt_logprobs: Logprobs = None
     # n sequences returned out of best_of generated (the n with the highest log-probability)
@@ -386,7 +400,6 @@ class OpenAIRequest(SamplingFields):
     stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] = StreamOptions()
     # not implemented by pdserve: only their neutral values
     suffix: Annotated[Neutral, _only("")] = None
-    bad_words: Annotated[Neutral, _only([])] = None
     tools: Annotated[Neutral, _only([])] = None
     use_beam_search: Annotated[Neutral, _only(False)] = None
 

@@ -41,7 +41,7 @@ INPUTS = {
     "end_id": (INTEGER, "stop_token_ids"),
     "stop_words": (("BYTES",), "stop"),
     "pad_id": (INTEGER, None),
-    "bad_words": (("BYTES",), None),
+    "bad_words": (("BYTES",), "bad_words"),
     "beam_width": (INTEGER, None),
     "num_return_sequences": (INTEGER, None),
     "repetition_penalty": (NUMBER, None),
@@ -101,16 +101,12 @@ def sampling_from_tensors(values: dict[str, list]) -> dict:
                                "(no beam search, one sequence per request, no penalties or logits); "
                                "drop the input or send that value")
             continue
-        if name == "bad_words":
-            if any(w for w in elements):
-                raise InvalidInput("input 'bad_words' is not supported by pdserve; drop it or send empty strings")
-            continue
         if key is None:  # pad_id, length_penalty: no effect here
             continue
-        if key == "stop":
+        if key in ("stop", "bad_words"):
             words = [w.decode("utf-8", errors="replace") for w in elements if w]
             if words:
-                out["stop"] = words
+                out[key] = words
         elif key == "stop_token_ids":
             out["stop_token_ids"] = [int(v) for v in elements]
         elif key == "top_p" and elements[0] == 0:
