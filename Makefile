@@ -57,8 +57,8 @@ proto: $(VENV)/.installed
 	$(PY) protos/generate.py
 
 demo-model: $(DEMO)/model.safetensors
-$(DEMO)/model.safetensors: tools/make_demo_model.py $(VENV)/.installed
-	$(PY) tools/make_demo_model.py $(DEMO)
+$(DEMO)/model.safetensors: tools/make_demo_model.py tools/train_demo_model.py $(VENV)/.installed
+	$(PY) tools/make_demo_model.py $(DEMO) --train-steps 190
 
 bench: setup demo-model
 	$(PY) bench/engine_throughput.py

@@ -169,3 +169,71 @@ def test_refusals_name_the_field(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="small", prompt=PROMPT, logit_bias={"999999": 5})
     assert "logit_bias" in str(info.value)
+
+
+def test_bad_words_ban_their_last_token_after_the_rest():
+    """vLLM's rule, on the engine's token ids: a one-token word always, a longer one when the
+    output ends with the tokens before its last."""
+    from pdserve.common.sampling import SamplingParams
+    from pdserve.engine.sampler import bad_word_bans
+    from pdserve.engine.sequence import Sequence
+    params = SamplingParams(bad_words_token_ids=((5,), (7, 8, 9)))
+    seqs = [Sequence("a", [1], params, output_token_ids=[]), Sequence("b", [1], params, output_token_ids=[7, 8]),
+            Sequence("c", [1], params, output_token_ids=[8, 7]), Sequence("d", [1], SamplingParams())]
+    assert bad_word_bans(seqs) == [(0, 5), (1, 5), (1, 9), (2, 5)]
+
+
+def test_bad_words_are_tokenized_as_vllm_does(small_model):
+    """Each word as it starts a text, and after a space where that is another token sequence of the same length."""
+    from tokenizers import Tokenizer
+    from pdserve.frontend.prompts import bad_words_token_ids
+    tok = Tokenizer.from_file(f"{small_model}/tokenizer.json")
+    ids = bad_words_token_ids(tok, ("return", " self"))
+    alone, spaced = tok.encode("return").ids, tok.encode(" return").ids
+    assert ids[0] == tuple(alone)
+    assert (tuple(spaced) in ids) == (len(spaced) == len(alone) and spaced[0] != alone[0])
+    assert tuple(tok.encode("self").ids) in ids
+
+
+def test_bad_words_change_greedy_output_on_both_doors(server, client):
+    """Banning the greedy first token makes the best other alternative first, on the OpenAI and KServe doors."""
+    plain = _greedy(client)
+    first = plain.logprobs.tokens[0]
+    word = first.strip()
+    assert word, "the prompt's greedy continuation should start with a word"
+    banned = _greedy(client, extra={"bad_words": [word]})
+    assert banned.logprobs.tokens[0] not in (first, word, " " + word)
+    top = plain.logprobs.top_logprobs[0]
+    assert banned.logprobs.tokens[0] == max((t for t in top if t not in (word, " " + word)), key=top.get)
+    settings = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "bad_words": [word]}
+    result = server.client.infer("small", inputs(PROMPT, False, settings, exclude_input_in_output=True))
+    assert result.as_numpy("text_output")[0].decode() == banned.text
+
+
+def test_the_demo_model_scores_a_held_out_standard_library_file(demo_model, repo):
+    """The served demo model (`make demo-model` trains it on the standard library) scored as
+    lm-evaluation-harness scores (echo, logprobs, max_tokens 0) on a file it was not trained on:
+    a mean log-probability per token of at least -4.0 (random weights give about -9)."""
+    import os
+    import sys
+    from transformers import AutoTokenizer
+    from pdserve_testing.harness import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from train_demo_model import HELD_OUT, STDLIB
+    name = "queue.py"
+    assert name in HELD_OUT
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    lines = (STDLIB / name).read_text().splitlines(keepends=True)
+    while len(tokenizer("".join(lines))["input_ids"]) > 2000:   # within max_model_len 2048
+        lines = lines[:len(lines) * 9 // 10]
+    add_model(repo, "demo", demo_model, config_text(max_model_len=2048))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("demo")
+        with openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=300) as client:
+            scored = client.completions.create(model="demo", prompt="".join(lines), echo=True, logprobs=1,
+                                               max_tokens=0)
+    finally:
+        server.stop()
+    logprobs = scored.choices[0].logprobs.token_logprobs[1:]
+    assert len(logprobs) > 1000 and np.mean(logprobs) >= -4.0, np.mean(logprobs)

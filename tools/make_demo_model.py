@@ -1,10 +1,11 @@
-"""Writes a transformers-format causal LM with seeded random weights and a BPE tokenizer.
+"""Writes a transformers-format causal LM and its byte-level BPE tokenizer.
 
-Nothing is downloaded: the byte-level BPE tokenizer is trained on this Python's own
-standard-library sources, and the weights come from a fixed seed, so the same command
-gives the same model on every machine with the same Python and package versions.
+Nothing is downloaded: the tokenizer is trained on this Python's own standard-library sources,
+and the weights are seeded random ones or, with --train-steps, trained on the same sources
+(tools/train_demo_model.py: `make demo-model`, minutes on two cores). Tests and benchmarks that
+need a model of a given size fast take the random weights.
 
-    python tools/make_demo_model.py OUT_DIR [--layers 8 --hidden 512 ...]
+    python tools/make_demo_model.py OUT_DIR [--layers 8 --hidden 512 ...] [--train-steps 250]
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--max-positions", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    ap.add_argument("--train-steps", type=int, default=0, help="train this many steps (0: random weights)")
+    ap.add_argument("--train-hidden", type=int, default=256, help="the residual width trained, then widened")
     args = ap.parse_args()
 
     import torch
@@ -87,7 +90,12 @@ def main() -> None:
     # transformers loads a qwen2 folder with its Qwen2 tokenizer class, which brings its own
     # pre-tokenizer and normalizer; write those into tokenizer.json so that every reader of the
     # file (the front end's `tokenizers`, for cache-aware routing) splits text the same way.
-    transformers.AutoTokenizer.from_pretrained(args.out).backend_tokenizer.save(str(args.out / "tokenizer.json"))
+    served = transformers.AutoTokenizer.from_pretrained(args.out)
+    served.backend_tokenizer.save(str(args.out / "tokenizer.json"))
+    if args.train_steps:   # on text split as the server splits it
+        import train_demo_model
+        train_demo_model.train_into(model, served, args.train_hidden, args.train_steps, seed=args.seed)
+        model.save_pretrained(args.out, safe_serialization=True)
     print(f"wrote {args.arch} model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {args.out}")
 
 
