@@ -108,16 +108,28 @@ def test_tool_choice_required_or_named_returns_a_tool_call(client, tool_choice):
         _check_weather_call(call)
 
 
-def test_tool_calls_stream_as_deltas(client):
-    chunks = list(client.chat.completions.create(
-        model="small", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], tool_choice="required",
-        max_tokens=MAX_TOKENS, temperature=0.0, stream=True))
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert calls and [tc.index for tc in calls] == list(range(len(calls)))
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_call_arguments_stream_in_pieces(client, tool_choice):
+    """As OpenAI streams them: a call's id and name first, then its arguments' text in deltas
+    that join into the arguments the same request gives unstreamed."""
+    kwargs = dict(model="small", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                  tool_choice=tool_choice, max_tokens=MAX_TOKENS, temperature=0.0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
-    for tc in calls:
-        _check_weather_call(tc)
+    calls = {}
+    for tc in pieces:
+        if tc.id:   # a call opens with its id and name, before any of its arguments
+            assert tc.index not in calls and tc.function.name and not tc.function.arguments
+            calls[tc.index] = {"name": tc.function.name, "arguments": ""}
+        calls[tc.index]["arguments"] += tc.function.arguments or ""
+    assert sorted(calls) == list(range(len(whole)))
+    assert len(pieces) > 2 * len(calls)
+    for i, call in enumerate(whole):
+        assert calls[i]["name"] == call.function.name
+        assert json.loads(calls[i]["arguments"]) == json.loads(call.function.arguments)
+        _check_weather_call(call)
 
 
 def test_tool_choice_refusals(client):
@@ -139,3 +151,32 @@ def test_kserve_sampling_parameters_json_schema(server):
         result = server.client.infer("small", inputs("A person as JSON: ", False, settings,
                                                      exclude_input_in_output=True))
         assert valid_person(result.as_numpy("text_output")[0].decode())
+
+
+@pytest.mark.parametrize("choice, text, content", [
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Pa\\"ris {x}", "days": 2}}, '
+                 '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 1}}]', ""),
+    ("function", '{"city": "Oslo", "days": 1}', ""),
+    ("auto", 'Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n</tool_call>',
+     "Let me look. "),
+    ("auto", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome", "days": 3}}', ""),
+    ("auto", "No call here, only a < sign and <tool", "No call here, only a < sign and <tool")])
+def test_call_stream_joins_into_the_calls_parse_reads(choice, text, content):
+    """Fed a few characters at a time, CallStream's deltas join into the content and calls that
+    parse() reads from the whole text."""
+    from pdserve.frontend.tool_calls import CallStream, ToolChoice, parse
+    mode = ToolChoice("function", "get_weather") if choice == "function" else ToolChoice(choice)
+    stream, deltas = CallStream((WEATHER,), mode), []
+    for start in range(0, len(text), 3):
+        deltas += stream.feed(text[start:start + 3])
+    last, called = stream.finish()
+    joined, calls = "", {}
+    for delta in deltas + last:
+        joined += delta.get("content", "")
+        for tc in delta.get("tool_calls", []):
+            call = calls.setdefault(tc["index"], {"name": tc["function"].get("name"), "arguments": ""})
+            call["arguments"] += tc["function"]["arguments"]
+    want_content, want_calls = parse(text, (WEATHER,), mode)
+    assert joined == content and called == bool(want_calls)
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want_calls]

@@ -22,6 +22,7 @@ class Choice:
     n_out: int = 0
     offset: int = 0      # completions' text_offset of the next token
     started: bool = False
+    calls: object = None  # streaming chat read for tool calls: its tool_calls.CallStream
 
     def add(self, piece: Piece, score_only: bool = False) -> tuple[str, list[Scored], list[Scored]]:
         """Takes in a piece; returns its shown text, tokens and prompt tokens. Scoring a prompt

@@ -256,7 +256,7 @@ class _Shape:
         """The chunks' choices one piece gives: the echo first (completions), its text, its end."""
         text, tokens, prompt = choice.add(piece, self.score_only)
         if self.tools is not None:
-            return self._tool_stream_parts(index, choice, piece)
+            return self._tool_stream_parts(index, choice, piece, text)
         parts = []
         if not self.chat and not choice.started and (self.echo or prompt):
             parts.append({"index": index, "text": self.echo, "logprobs": self._logprobs([], prompt, choice),
@@ -272,15 +272,18 @@ class _Shape:
                          {"index": index, "text": "", "logprobs": None, "finish_reason": reason})
         return parts
 
-    def _tool_stream_parts(self, index: int, choice: Choice, piece: Piece) -> list[dict]:
-        """Output read for tool calls is sent when it is whole: each call in a delta of its own
-        (id, name, arguments), or the text as content, then the finish reason."""
-        if not piece.finish_reason:
-            return []
-        message, reason = self._message(choice)
-        calls = message.get("tool_calls")
-        deltas = tool_calls.stream_deltas(calls) if calls else ([{"content": message["content"]}] if choice.text else [])
-        return [self.delta(index, d, None, None) for d in deltas] + [self.delta(index, {}, None, reason)]
+    def _tool_stream_parts(self, index: int, choice: Choice, piece: Piece, text: str) -> list[dict]:
+        """Output read for tool calls, as OpenAI streams it (tool_calls.CallStream): each call's id
+        and name, then its arguments in pieces; or content; then the finish reason."""
+        if choice.calls is None:
+            choice.calls = tool_calls.CallStream(self.tools.tools, self.tools.tool_choice)
+        deltas = choice.calls.feed(text)
+        parts = [self.delta(index, d, None, None) for d in deltas]
+        if piece.finish_reason:
+            last, called = choice.calls.finish()
+            parts += [self.delta(index, d, None, None) for d in last]
+            parts.append(self.delta(index, {}, None, "tool_calls" if called else choice.finish_reason))
+        return parts
 
 
 class _Reported(ServeError):
