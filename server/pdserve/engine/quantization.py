@@ -40,6 +40,9 @@ TAG = "_pdserve_quantized"         # the attribute a float parameter carries its
 # Left in the model's dtype by on-the-fly quantization, as vLLM does: the LM head (its logits
 # pick the tokens) and the MoE routers (tiny, and their top-k is sensitive).
 UNQUANTIZED = re.compile(r"(^|\.)(lm_head|gate|shared_expert_gate)$")
+# Families whose prepare() edits float weights in place (DeepSeek's MLA reorders rotary rows and
+# splits kv_b_proj into absorbed weights): not quantized yet.
+UNQUANTIZABLE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 class QuantizationError(ValueError):
@@ -350,6 +353,10 @@ def plan(hf_config, quantization: str, device: torch.device) -> QuantPlan:
     qc = getattr(hf_config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
+    model_type = getattr(hf_config, "model_type", "")
+    if (method or qc) and model_type in UNQUANTIZABLE_MODEL_TYPES:
+        raise QuantizationError(f"quantized {model_type} models are not supported yet; serve it unquantized "
+                                f"(drop `quantization`) or use another family")
     if qc:
         kind = qc.get("quant_method")
         if kind != "compressed-tensors":
