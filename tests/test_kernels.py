@@ -167,6 +167,27 @@ def test_decode_attention_over_several_chunks_and_block_sizes(block_size, varian
                                **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_ignores_slots_never_written(dtype, variant):
+    """Pool slots no sequence wrote hold whatever the memory held, NaN included (the pool is
+    torch.empty; a GPU allocator hands back used memory): every decode path gives the clean
+    pool's result, since 0 x NaN in a masked-out slot would still poison the output."""
+    ref, cpu = pair(dtype, variant)
+    lens = [1, 17, 100, 33]
+    clean = random_pool(dtype)
+    meta = decode_meta(lens, clean.shape[0])
+    written = torch.zeros(clean.shape[0], clean.shape[3], dtype=torch.bool)
+    for table, n in zip(meta.block_tables.tolist(), lens):
+        for p in range(n):
+            written[table[p // 16], p % 16] = True
+    poisoned = clean.masked_fill(~written[:, None, None, :, None, None], float("nan"))
+    q = torch.randn(len(lens), 8, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    expected = ref.decode_attention(q, clean, 0, meta)
+    for got in (ref.decode_attention(q, poisoned, 0, meta), cpu.decode_attention(q, poisoned, 0, meta),
+                cpu._decode_gather_matmul(q, poisoned, 0, meta, 64 ** -0.5)):
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
 def test_the_compiled_kernels_run_here():
     """The compiled kernels are what the CPU fast path is: every x86 CPU with AVX2 runs a build."""
     if variants.choose(cpu_flags()) is None:

@@ -257,7 +257,7 @@ class CpuKernels(TorchKernels):
     def _decode_gather_matmul(self, q, kv_cache, layer: int, meta, scale: float):
         """No compiler: gather into buffers reused across steps, then grouped matmuls (GQA heads
         of one KV head share its keys) with a masked softmax."""
-        keys, values = self.gather(kv_cache, layer, meta.block_tables)     # [S, span, KVH, D]
+        keys, values = self.gather(kv_cache, layer, meta.block_tables, meta.context_lens)     # [S, span, KVH, D]
         seqs, span, kv_heads, dim = keys.shape
         heads = q.shape[1]
         group = heads // kv_heads

@@ -40,7 +40,7 @@ class CudaKernels(TorchKernels):
         return super().quantized_linear(weight, bias)
 
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
-        keys, values = self.gather(kv_cache, layer, meta.block_tables)
+        keys, values = self.gather(kv_cache, layer, meta.block_tables, meta.context_lens)
         span = keys.shape[1]
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         mask = (torch.arange(span, device=q.device)[None, :] < meta.context_lens[:, None])[:, None, None, :]

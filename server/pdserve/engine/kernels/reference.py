@@ -51,7 +51,7 @@ class BlockGather:
             self._buffers[name] = buf
         return buf[:n].view(shape)
 
-    def __call__(self, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor):
+    def __call__(self, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor):
         seqs, max_blocks = block_tables.shape
         _, _, _, block_size, kv_heads, dim = kv_cache.shape
         blocks = block_tables.reshape(-1)
@@ -60,7 +60,16 @@ class BlockGather:
         torch.index_select(kv_cache[:, layer, 0], 0, blocks, out=keys)
         torch.index_select(kv_cache[:, layer, 1], 0, blocks, out=values)
         span = max_blocks * block_size
-        return keys.view(seqs, span, kv_heads, dim), values.view(seqs, span, kv_heads, dim)
+        return zero_padding(keys.view(seqs, span, kv_heads, dim), values.view(seqs, span, kv_heads, dim), context_lens)
+
+
+def zero_padding(keys: torch.Tensor, values: torch.Tensor, context_lens: torch.Tensor):
+    """Zeroes the gathered slots past each sequence's context, in place. Slots never written hold
+    whatever the pool's memory held (NaN included), and a masked-out NaN still poisons the output
+    (0 x NaN), so masking the scores alone is not enough."""
+    span = keys.shape[1]
+    pad = (torch.arange(span, device=keys.device)[None, :] >= context_lens[:, None])[:, :, None, None]
+    return keys.masked_fill_(pad, 0), values.masked_fill_(pad, 0)
 
 
 class TorchKernels:
@@ -152,8 +161,10 @@ class TorchKernels:
         seqs, max_blocks = meta.block_tables.shape
         _, _, _, block_size, kv_heads, dim = kv_cache.shape
         blocks = meta.block_tables.reshape(-1)
-        keys = kv_cache[:, layer, 0].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
-        values = kv_cache[:, layer, 1].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim)
+        keys, values = zero_padding(
+            kv_cache[:, layer, 0].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim),
+            kv_cache[:, layer, 1].index_select(0, blocks).view(seqs, max_blocks * block_size, kv_heads, dim),
+            meta.context_lens)
         span = torch.arange(max_blocks * block_size, device=q.device)
         mask = (span[None, :] < meta.context_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(
