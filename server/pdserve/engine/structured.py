@@ -39,13 +39,17 @@ SCHEMA_GRAMMARS = 256   # JSON schemas whose grammar text is kept (the compiled 
 # parsers such as Python's json. Its unbounded strings exclude them, as every string should.
 _LOOSE_CHARACTER = r'[^\"\\\r\n]'
 _JSON_CHARACTER = r'[^\0-\x1f\"\\\r\n]'
+# An integer (or a number's integer part) of unbounded digits lets a greedy model that repeats a
+# digit never leave it; 19 digits hold any 64-bit integer, which is what JSON readers keep.
+_ANY_DIGITS = "[1-9] [0-9]*"
+_INT64_DIGITS = "[1-9] [0-9]{0, 18}"
 
 
 @functools.lru_cache(maxsize=SCHEMA_GRAMMARS)
 def json_grammar(schema: str) -> str:
     """The EBNF grammar of compact JSON that validates against the schema."""
     text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
-    return text.replace(_LOOSE_CHARACTER, _JSON_CHARACTER)
+    return text.replace(_LOOSE_CHARACTER, _JSON_CHARACTER).replace(_ANY_DIGITS, _INT64_DIGITS)
 
 
 def choice_grammar(choices: list[str]) -> str:
