@@ -61,7 +61,7 @@ def fit_bigram(model, data: torch.Tensor, steps: int, lr: float = 0.03) -> None:
         opt.zero_grad()
 
 
-def train(model, data: torch.Tensor, steps: int, batch: int = 16, length: int = 256, lr: float = 3e-3,
+def train(model, data: torch.Tensor, steps: int, batch: int = 16, length: int = 256, lr: float = 2e-3,
           seed: int = 0, log=print) -> None:
     """AdamW on random windows of the corpus, warm-up then cosine decay."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
