@@ -69,18 +69,11 @@ def child(options: dict) -> None:
 def greedy(options: dict, prompts: list[list[int]], n: int) -> list[list[int]]:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.engine.sequence import SamplingParams
+    from pdserve_testing.engines import greedy_tokens
 
     engine = LLMEngine(EngineConfig(model_path=MODEL, dtype="bfloat16", kv_cache_blocks=256, max_model_len=512,
                                     **options))
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    out = {str(i): [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    while engine.has_work():
-        for o in engine.step():
-            out[o.request_id] += list(o.token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
+    return greedy_tokens(engine, prompts, n)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:

@@ -19,12 +19,12 @@ import transformers
 import tritonclient.grpc as grpcclient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pdserve_testing.engines import greedy_tokens
 from pdserve_testing.harness import DEMO_MODEL, PdServer, add_model, config_text, inputs
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.models import SUPPORTED_MODEL_TYPES, build_model
-from pdserve.engine.sequence import SamplingParams
 
 VOCAB = 8192   # the demo tokenizer's
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -94,17 +94,6 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def engine_greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    outputs = {str(i): [] for i in range(len(prompts))}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    while engine.has_work():
-        for out in engine.step():
-            outputs[out.request_id] += list(out.token_ids)
-    return [outputs[str(i)] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_family_greedy_equals_transformers(family, tmp_path, demo_model):
     path = write_model(CONFIGS[family](), str(tmp_path / family))
@@ -117,7 +106,7 @@ def test_family_greedy_equals_transformers(family, tmp_path, demo_model):
                                     max_num_batched_tokens=TOKEN_BUDGET.get(family, 32)))
     # slots no token has written hold whatever the memory held: none may reach an output
     engine.runner.kv_cache.fill_(float("nan"))
-    got = engine_greedy(engine, prompts, new_tokens)
+    got = greedy_tokens(engine, prompts, new_tokens)
     for prompt, tokens in zip(prompts, got):
         assert tokens == hf_greedy(hf, prompt, new_tokens), (family, len(prompt))
 
@@ -133,7 +122,7 @@ def test_mla_latent_blocks_come_back_from_the_host_tier_with_transformers_tokens
     engine = LLMEngine(EngineConfig(model_path=path, dtype="float32", kv_cache_blocks=12, max_model_len=256,
                                     max_num_seqs=2, kv_offload_host_gb=0.001))
     for prompt in (first, *others, first):
-        assert engine_greedy(engine, [prompt], 8) == [hf_greedy(hf, prompt, 8)]
+        assert greedy_tokens(engine, [prompt], 8) == [hf_greedy(hf, prompt, 8)]
     tier = engine.stats().kv_tiers[0]
     assert tier.hit_tokens == 64      # the first prompt's 4 full blocks
     assert tier.loaded_bytes == 4 * 16 * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * COMMON["num_hidden_layers"] * 4

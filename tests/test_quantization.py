@@ -14,6 +14,7 @@ import transformers
 import tritonclient.grpc as grpcclient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pdserve_testing.engines import greedy_tokens
 from pdserve_testing.harness import DEMO_MODEL, PdServer, add_model, config_text, inputs
 
 from pdserve.engine.attention import AttentionMetadata
@@ -24,7 +25,6 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner, load_state_dict
 from pdserve.engine.quantization import (QuantizationError, QuantizedWeight, pack_int32, plan,
                                          quantize_int8_per_channel, quantize_int8_per_token, unpack_int32)
-from pdserve.engine.sequence import SamplingParams
 from pdserve.repository.config import ConfigError, load_model_spec
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors writes the test checkpoints")
@@ -254,11 +254,7 @@ def streamed_text(server: PdServer, model: str, prompt: str, n: int) -> str:
 
 def engine_greedy(path: str, tokens: list[int], n: int, **cfg) -> list[int]:
     engine = LLMEngine(EngineConfig(model_path=path, dtype="float32", kv_cache_blocks=32, max_model_len=256, **cfg))
-    engine.add_request("r", tokens, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    out = []
-    while engine.has_work():
-        out += [t for o in engine.step() for t in o.token_ids]
-    return out
+    return greedy_tokens(engine, [tokens], n)[0]
 
 
 def test_quantized_models_serve_through_tritonclient(checkpoints, repo):
