@@ -87,7 +87,9 @@ class ModelRunner:
         shard = shard_of(tp.rank, tp.size, self.hf_config) if tp is not None else None
         if shard is not None:   # this rank's share only, cut before anything moves to the device
             state = shard_state_dict(state, shard)
-        self.model = build_model(rank_config(self.hf_config, shard) if shard else self.hf_config, state.keys())
+        # the config of the model this process holds: a rank's share of heads, rows and vocabulary
+        self.model_config = rank_config(self.hf_config, shard) if shard else self.hf_config
+        self.model = build_model(self.model_config, state.keys())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -130,9 +132,9 @@ class ModelRunner:
     def _kv_block_shape(self) -> tuple[int, ...]:
         if hasattr(self.model, "kv_block_shape"):   # a pool of other rows than per-head K and V (MLA's latents)
             return self.model.kv_block_shape(self.block_size)
-        c = self.hf_config
+        c = self.model_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) // (self.tp.size if self.tp else 1)
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         return (c.num_hidden_layers, 2, self.block_size, kv_heads, head_dim)
 
     @property
