@@ -9,7 +9,7 @@ from tritonclient.grpc import service_pb2 as pb   # pdserve's own KServe protos 
 
 from pdserve.common.sampling import SamplingParams
 from pdserve.frontend.protocol import (MAX_TOKENS_UNSET, ChatCompletionRequest, CompletionRequest, InvalidInput,
-                                       SamplingParameters, sibling_params)
+                                       SamplingParameters, TokenizeRequest, sibling_params)
 from pdserve.frontend.tensors import parse_request, parse_sampling_parameters, serialize_bytes
 
 SETTINGS = {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["\n\n", "END"],
@@ -133,6 +133,15 @@ def test_chat_messages():
                             ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content may hold only text")]:
         error = refusal(ChatCompletionRequest, {"model": "m", "messages": messages})
         assert error.param == "messages" and words in error.message, error.message
+
+
+def test_special_tokens_are_added_to_a_prompt_but_not_to_a_chat_templates_text():
+    """vLLM's defaults: a chat template writes BOS itself, so the tokenizer must not add another."""
+    assert CompletionRequest.parse({"model": "m", "prompt": "x"}).add_special_tokens is True
+    assert ChatCompletionRequest.parse({"model": "m", "messages": CHAT}).add_special_tokens is False
+    assert ChatCompletionRequest.parse({"model": "m", "messages": CHAT, "add_special_tokens": True}).add_special_tokens
+    assert TokenizeRequest.parse({"model": "m", "prompt": "x"}).add_special_tokens is True
+    assert TokenizeRequest.parse({"model": "m", "messages": CHAT}).add_special_tokens is False
 
 
 def test_chat_max_completion_tokens_supersedes_max_tokens():

@@ -293,3 +293,18 @@ def test_auto_front_end_priority_goes_idle_only_beside_one_engine_on_every_core(
     assert cpu_priority.idle_is_safe(["cpu"])
     for devices in ([], ["cpu:0"], ["cpu", "cpu"], ["cpu:0", "cpu:1"], ["cuda:0"], ["cpu", "cuda:0"]):
         assert not cpu_priority.idle_is_safe(devices), devices
+
+
+def test_a_chat_templates_bos_is_not_doubled():
+    """A tokenizer whose post-processor adds BOS (Llama's) and a template text that starts with it:
+    the chat door encodes without special tokens (one BOS), a raw prompt with them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from pdserve.frontend.prompts import LoadedTokenizer, encode
+    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(["<s>"])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    loaded = LoadedTokenizer(tokenizer, None)
+    assert encode(loaded, "<s>hi", add_special_tokens=False).token_ids == [0, 1]
+    assert encode(loaded, "hi").token_ids == [0, 1]

@@ -105,13 +105,15 @@ class Request:
         self.last = 0.0
         self.output_s = 0.0          # time the door spent between pieces
         self.n_in = self.n_out = 0
-        # prompt text -> its tokenization: the sibling sequences of n/best_of share one
-        self._prompts: dict[str, asyncio.Future] = {}
+        # (prompt text, add special tokens) -> its tokenization: the sibling sequences of n/best_of share one
+        self._prompts: dict[tuple[str, bool], asyncio.Future] = {}
 
-    async def _tokenized(self, prompt: str) -> PromptTokens:
-        future = self._prompts.get(prompt)
+    async def _tokenized(self, prompt: str, add_special_tokens: bool) -> PromptTokens:
+        key = (prompt, add_special_tokens)
+        future = self._prompts.get(key)
         if future is None:
-            future = self._prompts[prompt] = asyncio.ensure_future(self.core.tokenize(self.dep, prompt))
+            future = self._prompts[key] = asyncio.ensure_future(self.core.tokenize(self.dep, prompt,
+                                                                                   add_special_tokens))
         return await asyncio.shield(future)
 
     async def generate(self, gen: GenerationRequest, deadline: float | None = None) -> AsyncIterator[Piece]:
@@ -130,7 +132,7 @@ class Request:
         migration_limit = dep.spec.engine_parameters.get("migration_limit", 0)
         max_local_prefill = dep.spec.engine_parameters.get("max_local_prefill_tokens", DEFAULT_MAX_LOCAL_PREFILL_TOKENS)
         stream_interval = max(dep.spec.engine_parameters.get("stream_interval", 1), gen.sampling.stream_interval)
-        prompt = await self._tokenized(gen.prompt)
+        prompt = await self._tokenized(gen.prompt, gen.add_special_tokens)
         sampling = gen.sampling
         if sampling.bad_words:   # the engine bans token ids
             ids = await core.tokenizers.bad_words(await core.model_folder(dep), sampling.bad_words)
@@ -272,13 +274,13 @@ class InferenceCore:
     def request(self, dep: Deployment) -> _RequestScope:
         return _RequestScope(Request(self, dep))
 
-    async def tokenize(self, dep: Deployment, prompt: str) -> PromptTokens:
+    async def tokenize(self, dep: Deployment, prompt: str, add_special_tokens: bool = True) -> PromptTokens:
         """The prompt's token ids and block hashes (at the engines' block size), tokenized off the
         event loop (frontend/prompts.py); ServeError when it is empty or too long for the engines."""
         name, version = dep.name, str(dep.version)
         return await self.tokenizers.encode(await self.model_folder(dep), prompt,
                                             self.router.max_model_len(name, version) or 0,
-                                            self.router.block_size(name, version) or 0)
+                                            self.router.block_size(name, version) or 0, add_special_tokens)
 
     def max_model_len(self, dep: Deployment) -> int | None:
         """The longest sequence the version's ready engines take (None: no engine says)."""

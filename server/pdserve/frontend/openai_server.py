@@ -167,8 +167,8 @@ class OpenAIServer:
             shape = _Shape(chat, "" if chat or not call.echo else prompt, texts,
                            score_only=not chat and call.max_tokens == 0,
                            tools=call if chat and call.calls_tools else None)
-            gens = [GenerationRequest(prompt=prompt, sampling=p, stream=call.stream, exclude_input_in_output=True)
-                    for p in siblings]
+            gens = [GenerationRequest(prompt=prompt, sampling=p, stream=call.stream, exclude_input_in_output=True,
+                                      add_special_tokens=call.add_special_tokens) for p in siblings]
             head = {"id": request_id, "created": created, "model": call.model}
             if not call.stream:
                 choices = await gather(req, gens, shape.score_only)

@@ -109,7 +109,8 @@ def too_long(n_tokens: int, max_model_len: int) -> ServeError:
                                               f"shorten the prompt to at most {max_model_len - 1} tokens")
 
 
-def encode(loaded: LoadedTokenizer, text: str, max_model_len: int = 0, block_size: int = 0) -> PromptTokens:
+def encode(loaded: LoadedTokenizer, text: str, max_model_len: int = 0, block_size: int = 0,
+           add_special_tokens: bool = True) -> PromptTokens:
     """The prompt's token ids (and block hashes at block_size); ServeError when it is empty or has
     max_model_len tokens or more (0: no limit known here; the engine still checks)."""
     if max_model_len and loaded.bytes_per_token:
@@ -120,7 +121,7 @@ def encode(loaded: LoadedTokenizer, text: str, max_model_len: int = 0, block_siz
                              f"hold with this tokenizer (at most {loaded.bytes_per_token} bytes a token); shorten the "
                              f"prompt to under {max_model_len} tokens")
     # encode_batch, not encode: only the batch call lets go of the GIL while it works
-    ids = loaded.tokenizer.encode_batch([text], add_special_tokens=True)[0].ids
+    ids = loaded.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     if not ids:
         raise ServeError(Cause.INVALID_ARGUMENT, "the prompt is empty; send at least one token of text in 'text_input'")
     if max_model_len and len(ids) >= max_model_len:
@@ -158,10 +159,11 @@ class PromptTokenizers:
             self._tokenizers.move_to_end(folder)
         return await asyncio.shield(future)
 
-    async def encode(self, folder: str, text: str, max_model_len: int = 0, block_size: int = 0) -> PromptTokens:
+    async def encode(self, folder: str, text: str, max_model_len: int = 0, block_size: int = 0,
+                     add_special_tokens: bool = True) -> PromptTokens:
         loaded = await self.tokenizer(folder)
         return await asyncio.get_running_loop().run_in_executor(self._pool, encode, loaded, text, max_model_len,
-                                                                block_size)
+                                                                block_size, add_special_tokens)
 
     async def token_ids(self, folder: str, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's token ids, unchecked (the /tokenize endpoint)."""

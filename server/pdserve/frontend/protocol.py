@@ -424,6 +424,7 @@ class CompletionRequest(OpenAIRequest):
     prompt: Annotated[str, BeforeValidator(_one_prompt)] = Field(None, validate_default=True)
     echo: Truthy = False
     max_tokens: Annotated[int, BeforeValidator(_integer), Field(ge=0, le=INT32_MAX)] = SamplingParams.max_tokens
+    add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _nothing_to_generate_only_with_echo(self):
@@ -504,6 +505,8 @@ class ChatCompletionRequest(OpenAIRequest):
     max_tokens: MaxTokens = MAX_TOKENS_UNSET
     max_completion_tokens: Annotated[int | None, BeforeValidator(_integer), Field(ge=1, le=INT32_MAX)] = None
     add_generation_prompt: Annotated[bool, BeforeValidator(lambda v: v is not False)] = True
+    # vLLM's default: the chat template writes the special tokens (BOS) itself
+    add_special_tokens: bool = False
     tools: Annotated[tuple[dict, ...], BeforeValidator(_tools)] = ()
     tool_choice: Annotated[ToolChoice | None, BeforeValidator(_tool_choice)] = None
 
@@ -560,13 +563,15 @@ class TokenizeRequest(Schema):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None   # vLLM's default: yes for a prompt, no for messages (the template writes them)
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _prompt_or_messages(self):
         if (self.prompt is None) == (self.messages is None):
             raise _refuse("send either 'prompt' or 'messages'", "prompt")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.messages is None
         return self
 
     def chat(self) -> list[dict]:

@@ -34,6 +34,7 @@ class GenerationRequest:
     prompt: str
     sampling: SamplingParams
     stream: bool = False
+    add_special_tokens: bool = True   # False for a chat template's text, which has them already
     exclude_input_in_output: bool | None = None
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
