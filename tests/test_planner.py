@@ -66,9 +66,37 @@ def test_decode_pressure_turns_a_prefill_engine_into_decode():
     assert "decode pressure" in switches[0][1].reason and "20.0 running sequences" in switches[0][1].reason
 
 
+def test_an_idle_prefill_engine_takes_decodes_as_both():
+    # xLLM's P->D flip: prompts rarely queue while the decoder runs streams -> the PREFILL engine
+    # becomes BOTH (it also computes its own prompts), below the decode-pressure mark
+    idle = [load("p0", PREFILL, queue=100), load("d0", DECODE, running=3)]
+    switches, _ = run([idle] * 5)
+    assert [(i, s.instance_id, s.from_role, s.to_role) for i, s in switches] == [(4, "p0", PREFILL, BOTH)]
+    assert "idle prefill" in switches[0][1].reason and "3.0 sequences" in switches[0][1].reason
+    assert not switches[0][1].drains, "it keeps serving what it holds: nothing to drain"
+    # not while the decoders idle, nor while prompts queue, nor with the flip off
+    assert run([[load("p0", PREFILL), load("d0", DECODE)]] * 10)[0] == []
+    assert run([[load("p0", PREFILL, queue=600), load("d0", DECODE, running=3)]] * 10)[0] == []
+    assert run([idle] * 10, settings=PlannerSettings(**{**S.__dict__, "flip_decode_seqs": 0}))[0] == []
+    # decoders at their limit: the stronger rule makes it a DECODE engine instead
+    assert [s.to_role for _, s in run([decode_heavy()] * 5)[0]] == [DECODE]
+
+
+def test_both_engines_are_decoders_and_prefill_pressure_takes_one_back():
+    # after the flip: no PREFILL engine, and a light load leaves the split alone
+    flipped = [load("b0", BOTH, running=2), load("d0", DECODE, running=2)]
+    assert run([flipped] * 20)[0] == []
+    # prompts pile up on both while decoding is light: one becomes PREFILL again (after a drain)
+    heavy = [load("b0", BOTH, queue=3000, running=1), load("d0", DECODE, queue=3000, running=2)]
+    switches, _ = run([heavy] * 5)
+    assert [(s.instance_id, s.from_role, s.to_role, s.drains) for _, s in switches] == [("b0", BOTH, PREFILL, True)]
+    # never the last engine that generates
+    assert run([[load("b0", BOTH, queue=9000)]] * 10)[0] == []
+
+
 def test_slow_decode_steps_are_decode_pressure_when_a_tpot_limit_is_set():
     slow = [load("p0", PREFILL), load("p1", PREFILL), load("d0", DECODE, running=3, step_seconds=0.2)]
-    assert run([slow] * 5)[0] == []
+    assert run([slow] * 5, settings=PlannerSettings(**{**S.__dict__, "flip_decode_seqs": 0}))[0] == []
     switches, _ = run([slow] * 5, settings=PlannerSettings(**{**S.__dict__, "tpot_high_s": 0.1}))
     assert [s.to_role for _, s in switches] == [DECODE] and "decode steps of 200.0 ms" in switches[0][1].reason
     # slow decoding also vetoes prefill pressure: taking a decoder would make it slower
@@ -127,7 +155,7 @@ def test_no_flapping_on_a_signal_that_swings_between_both_pressures():
         if switch:
             roles[switch.instance_id] = switch.to_role
             done.append((i, switch))
-            assert sum(r == DECODE for r in roles.values()) >= 1
+            assert sum(r in (DECODE, BOTH) for r in roles.values()) >= 1
     times = [i for i, _ in done]
     assert all(b - a >= S.cooldown_s for a, b in zip(times, times[1:])), times
     assert len(done) <= 600 / S.cooldown_s
@@ -266,6 +294,15 @@ def test_a_switch_that_does_not_drain_in_time_is_abandoned_in_the_old_role():
     assert not asyncio.run(planner.switch(Switch("p0", PREFILL, DECODE, "test")))
     assert engines.states == [("draining", ""), ("ready", PREFILL)] and engines.role == PREFILL
     assert engines.counts == {("p0", PREFILL, DECODE, False): 1}
+
+
+def test_a_flip_to_both_publishes_without_a_drain():
+    # the engine holds prefill calls the whole time: as BOTH it finishes them, so nothing waits
+    engines = FakeEngines("p0", PREFILL, busy_polls=10**6)
+    planner = Planner(engines, PlannerSettings(drain_timeout_s=0.3))
+    assert asyncio.run(planner.switch(Switch("p0", PREFILL, BOTH, "test")))
+    assert engines.states == [("ready", BOTH)] and engines.role == BOTH
+    assert engines.counts == {("p0", PREFILL, BOTH, True): 1}
 
 
 def test_a_switch_of_an_engine_not_owned_does_nothing():

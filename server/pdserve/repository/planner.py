@@ -1,4 +1,4 @@
-"""Elastic roles: the planner that switches AUTO engines between PREFILL and DECODE from measured load.
+"""Elastic roles: the planner that switches AUTO engines between PREFILL, DECODE and BOTH from measured load.
 
 Every engine with a KV transport can act as either side of PD: its role is what its etcd record
 says, and routers route by the record. An instance group with `role: AUTO` starts its engines with
@@ -10,11 +10,16 @@ load, their roles, the thresholds and the history of earlier polls:
 - prefill pressure: queued prompt tokens per prefilling engine at or above
   `planner_prefill_queue_high`, while the decoders are light enough that one fewer still runs
   fewer than `planner_decode_seqs_high` sequences each (and, with `planner_tpot_high_s`, decode
-  steps are faster than that): one DECODE engine becomes PREFILL;
+  steps are faster than that): one DECODE (or BOTH) engine becomes PREFILL;
 - decode pressure: running sequences per decoding engine at or above `planner_decode_seqs_high`
   (or decode steps slower than `planner_tpot_high_s`), while queued prompt tokens per prefilling
   engine are at most `planner_prefill_queue_low` and stay under the high mark with one prefill
-  engine fewer: one PREFILL engine becomes DECODE (with none left, decoders prefill locally).
+  engine fewer: one PREFILL engine becomes DECODE (with none left, decoders prefill locally);
+- an idle prefill side (xLLM's P->D flip): the same short prefill queue while the decoders run
+  at least `planner_flip_decode_seqs` sequences each, below decode pressure: one PREFILL engine
+  becomes BOTH, taking decodes and computing its own prompts, so a split never leaves a core idle
+  that aggregated serving would use. A BOTH engine counts as a decoder: prefill pressure may make
+  it PREFILL again.
 
 Hysteresis: each figure is the median of the last `planner_window_polls` polls (a full window), a
 condition must hold on `planner_hold_polls` polls in a row, at most one engine switches at a time, nothing is
@@ -26,8 +31,10 @@ A switch never drops a request: the engine is set `draining` (routers stop choos
 planner waits until it holds no request at all (nothing running, waiting, awaiting KV or open in
 its RPC), then publishes the new role with state `ready` in one record update (same key, lease
 and incarnation). If it is not idle within `planner_drain_timeout_s` the switch is abandoned and
-the engine made ready again in its old role. Switches are logged with the figures that caused
-them and counted (`pdserve_role_switches_total`).
+the engine made ready again in its old role. A flip to BOTH skips the drain: the engine keeps
+serving every kind of work it held (a prefill call in flight finishes as before) and only starts
+taking more. Switches are logged with the figures that caused them and counted
+(`pdserve_role_switches_total`).
 """
 from __future__ import annotations
 
@@ -68,6 +75,7 @@ class PlannerSettings:
     prefill_queue_low: int = 512
     decode_seqs_high: int = 32       # running sequences per decoding engine
     tpot_high_s: float = 0.0         # decode step time (time per output token); 0: not used
+    flip_decode_seqs: int = 1        # running sequences per decoding engine for an idle PREFILL to go BOTH; 0: never
     window_polls: int = 3
     hold_polls: int = 3
     cooldown_s: float = 10.0
@@ -110,7 +118,7 @@ def engine_load(record: EngineRecord, stats: engine_pb2.StatsResponse, own: bool
     """An engine as its record and a Stats answer show it; `own`: an AUTO engine of this planner's node."""
     return EngineLoad(record.instance_id, record.role, stats.waiting_prefill_tokens, stats.num_running,
                       stats.num_waiting, stats.num_awaiting_kv, stats.step_seconds,
-                      switchable=own and record.state == READY and record.role in (PREFILL, DECODE),
+                      switchable=own and record.state == READY and record.role in (PREFILL, DECODE, BOTH),
                       draining=record.state == DRAINING)
 
 
@@ -167,6 +175,7 @@ class History:
     prefill_streak: int = 0           # polls in a row with prefill pressure
     decode_streak: int = 0
     last_switch: float = -math.inf    # when the last switch ended (time.monotonic())
+    flip_streak: int = 0              # polls in a row with an idle prefill side (idle_prefill)
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,12 @@ class Switch:
     from_role: str
     to_role: str
     reason: str
+
+    @property
+    def drains(self) -> bool:
+        """Whether the engine must hold nothing before its new role: not when it becomes BOTH,
+        which serves whatever it holds."""
+        return self.to_role != BOTH
 
 
 def prefill_pressure(f: Figures, s: PlannerSettings) -> str:
@@ -191,12 +206,17 @@ def prefill_pressure(f: Figures, s: PlannerSettings) -> str:
             f"engine with one fewer, < {s.decode_seqs_high})")
 
 
+def prefill_side_idle(f: Figures, s: PlannerSettings) -> bool:
+    """The prefill queue is short, and stays under the high mark with one PREFILL engine fewer."""
+    if f.prefill_engines < 1 or f.queue_per_prefill > s.prefill_queue_low:
+        return False
+    remaining = f.prefill_engines - 1 or f.decode_engines + 1
+    return f.queued_prompt_tokens / remaining < s.prefill_queue_high
+
+
 def decode_pressure(f: Figures, s: PlannerSettings) -> str:
     """Why one PREFILL engine should decode ("" when it should not)."""
-    if f.prefill_engines < 1 or f.queue_per_prefill > s.prefill_queue_low:
-        return ""
-    remaining = f.prefill_engines - 1 or f.decode_engines + 1
-    if f.queued_prompt_tokens / remaining >= s.prefill_queue_high:
+    if not prefill_side_idle(f, s):
         return ""
     busy = f.seqs_per_decode >= s.decode_seqs_high
     slow = bool(s.tpot_high_s) and f.decode_step_s >= s.tpot_high_s
@@ -206,6 +226,16 @@ def decode_pressure(f: Figures, s: PlannerSettings) -> str:
            f"decode steps of {f.decode_step_s * 1000:.1f} ms (>= {s.tpot_high_s * 1000:.1f} ms)")
     return (f"decode pressure: {why} while the prefill queue is short ({f.queue_per_prefill:.0f} tokens per "
             f"prefilling engine, <= {s.prefill_queue_low})")
+
+
+def idle_prefill(f: Figures, s: PlannerSettings) -> str:
+    """Why one PREFILL engine should also decode, as BOTH ("" when it should not): its core idles
+    between prompts while the decoders carry every stream."""
+    if not s.flip_decode_seqs or not prefill_side_idle(f, s) or f.seqs_per_decode < s.flip_decode_seqs:
+        return ""
+    return (f"idle prefill: {f.queue_per_prefill:.0f} queued prompt tokens per prefilling engine "
+            f"(<= {s.prefill_queue_low}) while the decoders run {f.seqs_per_decode:.1f} sequences each "
+            f"(>= {s.flip_decode_seqs})")
 
 
 def decide(loads: list[EngineLoad], settings: PlannerSettings, history: History,
@@ -223,19 +253,24 @@ def decide(loads: list[EngineLoad], settings: PlannerSettings, history: History,
     full = len(window) == settings.window_polls   # no judgement on a partial window
     prefill_why = prefill_pressure(smooth, settings) if full else ""
     decode_why = decode_pressure(smooth, settings) if full else ""
-    candidates = {role: sorted((e for e in loads if e.switchable and e.role == role),
+    flip_why = idle_prefill(smooth, settings) if full else ""
+    # the engines each switch may take, the least busy first; a decoder is a DECODE or BOTH engine
+    candidates = {side: sorted((e for e in loads if e.switchable and e.role in roles),
                                key=lambda e: (e.running + e.waiting + e.awaiting_kv, e.queued_prompt_tokens,
                                               e.instance_id))
-                  for role in (PREFILL, DECODE)}
+                  for side, roles in ((PREFILL, (PREFILL,)), (DECODE, (DECODE, BOTH)))}
     prefill_streak = history.prefill_streak + 1 if prefill_why and candidates[DECODE] else 0
     decode_streak = history.decode_streak + 1 if decode_why and candidates[PREFILL] else 0
-    kept = History(window, prefill_streak, decode_streak, history.last_switch)
+    flip_streak = history.flip_streak + 1 if flip_why and candidates[PREFILL] else 0
+    kept = History(window, prefill_streak, decode_streak, history.last_switch, flip_streak)
     if now - history.last_switch < settings.cooldown_s:
         return None, kept
     if prefill_streak >= settings.hold_polls:
         engine, to_role, why = candidates[DECODE][0], PREFILL, prefill_why
-    elif decode_streak >= settings.hold_polls:
+    elif decode_streak >= settings.hold_polls:   # the stronger need first: decoders at their limit
         engine, to_role, why = candidates[PREFILL][0], DECODE, decode_why
+    elif flip_streak >= settings.hold_polls:
+        engine, to_role, why = candidates[PREFILL][0], BOTH, flip_why
     else:
         return None, kept
     reason = f"{why}, median of {len(window)} polls ({smooth.describe()})"
@@ -297,8 +332,9 @@ class Planner:
                 loads = await self.engines.loads()
                 switch, self.history = decide(loads, self.settings, self.history, time.monotonic())
                 if log.isEnabledFor(logging.DEBUG) and loads:
-                    log.debug("planner of %s: %s (streaks: prefill %d, decode %d)", self.what,
-                              measure(loads).describe(), self.history.prefill_streak, self.history.decode_streak)
+                    log.debug("planner of %s: %s (streaks: prefill %d, decode %d, flip %d)", self.what,
+                              measure(loads).describe(), self.history.prefill_streak, self.history.decode_streak,
+                              self.history.flip_streak)
                 if switch is not None:
                     await self.switch(switch)
                     self.history = replace(self.history, last_switch=time.monotonic())
@@ -317,11 +353,12 @@ class Planner:
                  switch.to_role, switch.reason)
         started = time.monotonic()
         try:
-            await engines.drain(instance_id)
-            if await self._wait_idle(instance_id, self.settings.drain_timeout_s):
+            if switch.drains:
+                await engines.drain(instance_id)
+            if not switch.drains or await self._wait_idle(instance_id, self.settings.drain_timeout_s):
                 await engines.publish(instance_id, switch.to_role)
                 engines.count(switch, switched=True)
-                log.info("planner of %s: %s is now %s (drained in %.1f s)", self.what, instance_id,
+                log.info("planner of %s: %s is now %s (in %.1f s)", self.what, instance_id,
                          switch.to_role, time.monotonic() - started)
                 return True
             log.warning("planner of %s: %s still had requests after %.0f s (planner_drain_timeout_s); switch to %s "
