@@ -1,6 +1,6 @@
 """Elastic roles with real processes: three AUTO engines, a load of long prompts moves the split
 toward PREFILL, a load of long outputs moves it back toward DECODE, and no request fails while
-the engines switch."""
+the engines switch; two AUTO engines, an idle PREFILL engine becomes BOTH under a decode load."""
 import random
 import threading
 
@@ -122,3 +122,35 @@ def test_auto_roles_follow_the_load_and_lose_no_request(auto_server):
     assert failures == {}, failures
     log = open(server.log_path, errors="replace").read()
     assert "prefill pressure" in log and "decode pressure" in log, "each switch is logged with its reason"
+
+
+@pytest.fixture
+def auto2_server(repo, small_model):
+    add_model(repo, "auto", small_model, config_text(role_groups=AUTO3[:2], kv_transport="mooncake",
+                                                     max_model_len=1024, kv_cache_blocks=512, max_num_seqs=32,
+                                                     **PLANNER))
+    server = PdServer(repo).start()
+    try:
+        server.wait_ready("auto")
+        yield server
+    finally:
+        server.stop()
+
+
+def test_an_idle_prefill_engine_flips_to_both_and_loses_no_request(auto2_server):
+    """Issue 30: two AUTO engines start PREFILL + DECODE; short prompts with outputs keep the
+    decoder busy and the prefill engine idle, so the planner makes it BOTH (xLLM's P->D flip)
+    while requests stream through it; every one of them gets all its tokens."""
+    server = auto2_server
+    assert roles(server) == ["DECODE", "PREFILL"]
+    with Load(server, clients=4, words=20, max_tokens=24, seed=3) as load:
+        server.wait_for(lambda: roles(server) == ["BOTH", "DECODE"], "the PREFILL engine became BOTH", 45)
+        served = len(load.outcomes)
+        server.wait_for(lambda: len(load.outcomes) >= served + 8, "requests served after the flip", 60)
+    assert [o for o in load.outcomes if o != "ok"] == [] and len(load.outcomes) >= 8
+    assert switches(server, "PREFILL", "BOTH") == 1
+    assert server.metric_value("pdserve_role_switches_abandoned_total", model="auto") == 0
+    failures = {s.labels["reason"]: s.value for s in server.metrics()["nv_inference_request_failure"]
+                if s.labels["model"] == "auto" and s.value and s.labels["reason"] != "cancelled"}
+    assert failures == {}, failures
+    assert "idle prefill" in open(server.log_path, errors="replace").read(), "the flip is logged with its reason"

@@ -337,3 +337,27 @@ def test_a_decode_engine_prefills_short_or_cached_prompts_itself():
     hold(router, "d", tokens)
     cached = choose(router, tokens, max_local_prefill_tokens=64)
     assert cached.prefill is None and cached.prefill_tokens == len(tokens) % BLOCK
+
+
+def test_a_decode_engine_prefills_itself_when_every_prefill_queue_is_slower():
+    """Issue 30: a prompt is handed off unless it would wait in every PREFILL engine's queue
+    (queued tokens / measured speed) longer than the DECODE engine takes to compute it after its
+    own queue; an unmeasured PREFILL engine is taken to be free."""
+    from pdserve.cluster.load import PrefillQueue as Q
+    from pdserve.cluster.router import prefill_locally
+    idle, busy = Q(0, 1000.0), Q(3000, 1000.0)   # 0 s and 3 s of queue
+    assert not prefill_locally(1000, 32, Q(0, 1000.0), [idle])     # the handoff spares the decodes
+    assert prefill_locally(1000, 32, Q(0, 500.0), [busy])          # 3 s of wait there > 2 s here
+    assert not prefill_locally(1000, 32, Q(1000, 500.0), [busy])   # 3 s > 4 s here: hand off
+    assert not prefill_locally(1000, 32, Q(0, 500.0), [busy, idle])   # one engine worth it is enough
+    assert prefill_locally(1000, 32, Q(0, 0.0), [busy, busy])      # unmeasured here: as fast as there
+    assert not prefill_locally(1000, 32, Q(0, 500.0), [Q(3000, 0.0)])   # unmeasured there: hand off
+    assert not prefill_locally(1000, 32, Q(0, 500.0), [])          # no PREFILL engine to compare
+    assert not prefill_locally(1000, -1, Q(0, 500.0), [busy])      # -1: always hand off
+    # through the router: the prefill engine's answer shows its queue and speed
+    router = make_router([record("d", "DECODE"), record("p", "PREFILL")],
+                         {"d": stats(prefill_tokens_per_second=500.0),
+                          "p": stats(prefill_tokens=3000, prefill_tokens_per_second=1000.0)})
+    assert choose(router, prompt_tokens=1000, max_local_prefill_tokens=0).prefill is None
+    router.plane.observe("p:1", stats(prefill_tokens=500, prefill_tokens_per_second=1000.0))
+    assert choose(router, prompt_tokens=1000, max_local_prefill_tokens=0).prefill.instance_id == "p"

@@ -102,6 +102,15 @@ class FreshLoad:
         self.answer_load = answer_load(stats)
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillQueue:
+    """An engine's prompt work as the load plane sees it: the prompt tokens it has yet to compute
+    (its last answer's, less those ended since, plus those sent since) and its recent prefill
+    speed (0: not measured yet)."""
+    queued_tokens: int
+    tokens_per_s: float
+
+
 @dataclass(slots=True, eq=False)
 class EngineFigures:
     """What the load plane knows of the engine at one address."""
@@ -158,6 +167,13 @@ class LoadPlane(EngineClients):
     def load_of(self, address: str) -> float:
         figures = self._figures.get(address)
         return figures.load if figures is not None else 0.0
+
+    def prefill_queue(self, address: str) -> PrefillQueue:
+        figures = self._figures.get(address)
+        if figures is None:
+            return PrefillQueue(0, 0.0)
+        fresh, stats = figures.fresh, figures.last_stats
+        return PrefillQueue(fresh.answer_waiting + fresh.fresh_tokens, stats.prefill_tokens_per_second if stats else 0.0)
 
     def last_stats(self, address: str) -> engine_pb2.StatsResponse | None:
         figures = self._figures.get(address)

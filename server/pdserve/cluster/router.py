@@ -24,12 +24,12 @@ import itertools
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pdserve.cluster.engine_client import EngineClient
-from pdserve.cluster.load import SUSPECT_PENALTY, LoadPlane
+from pdserve.cluster.load import SUSPECT_PENALTY, LoadPlane, PrefillQueue
 from pdserve.cluster.registry import RegistryView
 from pdserve.common.errors import Cause, ServeError
 from pdserve.common.records import READY, EngineRecord
@@ -149,11 +149,31 @@ class KVAwarePolicy(LeastLoadPolicy):
 DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 32
 
 
-def prefill_locally(uncached_tokens: int, max_local_prefill_tokens: int) -> bool:
+def prefill_locally(uncached_tokens: int, max_local_prefill_tokens: int, local: PrefillQueue | None = None,
+                    remote: Iterable[PrefillQueue] = ()) -> bool:
     """Disaggregation only where it pays: a DECODE engine computes a prompt itself when the part
     of it that the engine does not cache is this short, because a handoff (a Prefill call, a
-    wake-up of the prefill engine, the KV written across) then costs more than the compute."""
-    return uncached_tokens <= max_local_prefill_tokens
+    wake-up of the prefill engine, the KV written across) then costs more than the compute.
+
+    Or when the handoff is slower for the queue alone: the prompt would wait in every PREFILL
+    engine's queue (`remote`: queued tokens / speed) longer than the decode engine (`local`)
+    takes to compute its own queue and then the prompt. A handoff spares the decodes the
+    prompt's steps, so it keeps the prompt until that wait, not merely the TTFT, is lost. A
+    PREFILL engine whose speed is not measured yet is taken to be free (hand off); the decode
+    engine's, to be the prefill engine's. With max_local_prefill_tokens < 0 it always hands off."""
+    if uncached_tokens <= max_local_prefill_tokens:
+        return True
+    if max_local_prefill_tokens < 0 or local is None:
+        return False
+    local_s = None
+    for queue in remote:   # stops at the first engine worth the handoff
+        if not queue.tokens_per_s:
+            return False
+        if local_s is None:
+            local_s = (local.queued_tokens + uncached_tokens) / (local.tokens_per_s or queue.tokens_per_s)
+        if queue.queued_tokens / queue.tokens_per_s <= local_s:
+            return False
+    return local_s is not None
 
 
 POLICIES = {"kv_aware": KVAwarePolicy, "least_load": LeastLoadPolicy, "round_robin": RoundRobinPolicy}
@@ -284,10 +304,12 @@ class Router:
                              "(no DECODE or BOTH instance is ready in the cluster); check the engine logs "
                              "and the instance_group devices")
         decode = decoders.records[i]
-        prefills = None
-        if decode.role == "DECODE" and not prefill_locally(self._uncached(decode, decoders, prompt_tokens, matched),
-                                                           max_local_prefill_tokens):
-            prefills = self._group(model, version, PREFILL)
+        prefills = self._group(model, version, PREFILL) if decode.role == "DECODE" else None
+        if prefills is not None and prefill_locally(
+                self._uncached(decode, decoders, prompt_tokens, matched), max_local_prefill_tokens,
+                self.plane.prefill_queue(decode.address),
+                (self.plane.prefill_queue(r.address) for r in prefills.records if r.instance_id not in exclude)):
+            prefills = None
         j = self.prefill_policy.choose(prefills, prefills.loads(exclude), matched) if prefills else -1
         client = self.plane.get(decode.address)
         if j < 0:   # aggregated, or no prefill engine left: the decode engine prefills locally

@@ -252,8 +252,11 @@ class LLMEngine:
         return (s.waiting_prefill_tokens >= self.cfg.max_num_batched_tokens
                 or len(s.waiting) + len(s.running) >= self.cfg.max_num_seqs)
 
+    prefilled_tokens = 0   # prompt tokens the last step computed (the worker's prefill speed)
+
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.prefilled_tokens = sum(n for _, n in scheduled.prefills)
         if not scheduled:
             return []
         self.structured.begin_step([seq for seq, _ in scheduled.prefills] + scheduled.decodes)

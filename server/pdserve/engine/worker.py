@@ -75,6 +75,7 @@ class EngineLoop:
         self.heartbeat = time.monotonic()
         self.max_admission_window_s = engine.cfg.admission_window_ms / 1000
         self.step_seconds = 0.0                    # EWMA of steps that decoded: the time per output token
+        self.prefill_tokens_per_s = 0.0            # EWMA of steps that computed prompt tokens
         self.heartbeat_s: float | None = None      # tensor parallelism: the longest an idle engine may wait
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -174,9 +175,13 @@ class EngineLoop:
                 try:
                     started = time.monotonic()
                     step_outputs = self.engine.step()
+                    took = time.monotonic() - started
                     if self.stats.num_running:
-                        took = time.monotonic() - started
                         self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
+                    if self.engine.prefilled_tokens and took > 0:
+                        speed = self.engine.prefilled_tokens / took
+                        self.prefill_tokens_per_s = (0.8 * self.prefill_tokens_per_s + 0.2 * speed
+                                                     if self.prefill_tokens_per_s else speed)
                 except Exception as exc:  # a failed step must not leave streams hanging
                     log.exception("engine step failed")
                     step_outputs = self.engine.fail_all(ServeError(Cause.ENGINE_FAILURE, f"engine step failed: {exc}"))
@@ -384,7 +389,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
             stored_block_hashes=events.stored, removed_block_hashes=events.removed,
             num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds,
-            kv_tiers=[engine_pb2.StatsResponse.KVTier(**asdict(t)) for t in s.kv_tiers])
+            kv_tiers=[engine_pb2.StatsResponse.KVTier(**asdict(t)) for t in s.kv_tiers],
+            prefill_tokens_per_second=self.engine_loop.prefill_tokens_per_s)
 
 
 async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
