@@ -479,6 +479,7 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
     std::vector<uint32_t> qb(dv.per * C * 256);   // per KV head: C tiles [dim pair][head]
     std::vector<float> acc(dv.per * XT * 256 + 16), mx(nh), sum(nh), sc(nh * CHP);
     std::vector<uint16_t> pb((nh + 16) * CHP);   // 16 rows past the last head: a tile's spare rows
+    std::vector<const T*> vrow(CHP);              // the chunk's value rows (these heads), by key
     alignas(64) float st[16][16];
     alignas(64) uint32_t vb[4][16][16];
     for (int64_t task = begin; task < end; ++task) {
@@ -500,6 +501,12 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
         for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
           const T* blk = block(t0);
           const int64_t m = std::min(dv.BS, n - t0);
+          // the value rows' addresses once per key (the PV loop below would otherwise divide
+          // by the block size per key and dim chunk), and the rows fetched while the keys multiply
+          for (int64_t j = 0; j < m; ++j) {
+            vrow[t0 - c0 + j] = blk + dv.s_kv + j * dv.s_tok;
+            prefetch_row(vrow[t0 - c0 + j], dv.per * dv.s_head);
+          }
           if (t0 + dv.BS < c0 + cn) {
             const T* nb = block(t0 + dv.BS);
             for (int64_t j = 0; j < std::min(dv.BS, n - t0 - dv.BS); ++j) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
@@ -548,13 +555,12 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
             if (xs > 3) _tile_loadd(7, ag + 768, 64);
             for (int64_t k0 = 0; k0 < cn; k0 += 32) {
               for (int p = 0; p < 16; ++p) {
-                const int64_t ka = c0 + k0 + 2 * p, kb2 = ka + 1;   // absolute positions
+                const int64_t ka = k0 + 2 * p, kb2 = ka + 1;   // in the chunk
+                const T* ra = ka < cn ? vrow[ka] + g * dv.s_head + 32 * c0d : nullptr;
+                const T* rb = kb2 < cn ? vrow[kb2] + g * dv.s_head + 32 * c0d : nullptr;
                 for (int c = 0; c < cs; ++c) {
-                  const int64_t dim = 32 * (c0d + c);
-                  const __m512i lo = ka < c0 + cn ? _mm512_loadu_si512(block(ka) + dv.s_kv + g * dv.s_head + (ka % dv.BS) * dv.s_tok + dim)
-                                                  : _mm512_setzero_si512();
-                  const __m512i hi = kb2 < c0 + cn ? _mm512_loadu_si512(block(kb2) + dv.s_kv + g * dv.s_head + (kb2 % dv.BS) * dv.s_tok + dim)
-                                                   : _mm512_setzero_si512();
+                  const __m512i lo = ra ? _mm512_loadu_si512(ra + 32 * c) : _mm512_setzero_si512();
+                  const __m512i hi = rb ? _mm512_loadu_si512(rb + 32 * c) : _mm512_setzero_si512();
                   _mm512_store_si512(vb[2 * c][p], _mm512_unpacklo_epi16(lo, hi));
                   _mm512_store_si512(vb[2 * c + 1][p], _mm512_unpackhi_epi16(lo, hi));
                 }
