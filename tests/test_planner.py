@@ -13,8 +13,8 @@ from pdserve.repository.config import load_model_spec
 from pdserve.repository.planner import (BOTH, DECODE, PREFILL, EngineLoad, History, Planner, PlannerSettings, Switch,
                                         decide, initial_roles)
 
-S = PlannerSettings(prefill_queue_high=1000, prefill_queue_low=250, decode_seqs_high=8, window_polls=3,
-                    hold_polls=3, cooldown_s=10.0)
+S = PlannerSettings(prefill_queue_high=1000, prefill_queue_low=250, decode_seqs_high=8, flip_decode_seqs=2,
+                    window_polls=3, hold_polls=3, cooldown_s=10.0)
 
 
 def load(name, role, queue=0, running=0, **kw):
@@ -75,7 +75,7 @@ def test_an_idle_prefill_engine_takes_decodes_as_both():
     assert "idle prefill" in switches[0][1].reason and "3.0 sequences" in switches[0][1].reason
     assert not switches[0][1].drains, "it keeps serving what it holds: nothing to drain"
     # not while the decoders idle, nor while prompts queue, nor with the flip off
-    assert run([[load("p0", PREFILL), load("d0", DECODE)]] * 10)[0] == []
+    assert run([[load("p0", PREFILL), load("d0", DECODE, running=1)]] * 10)[0] == []   # < flip_decode_seqs
     assert run([[load("p0", PREFILL, queue=600), load("d0", DECODE, running=3)]] * 10)[0] == []
     assert run([idle] * 10, settings=PlannerSettings(**{**S.__dict__, "flip_decode_seqs": 0}))[0] == []
     # decoders at their limit: the stronger rule makes it a DECODE engine instead
@@ -183,10 +183,11 @@ def test_cooldown_spaces_switches_and_the_window_restarts():
 def test_settings_from_config_parameters():
     s = PlannerSettings.from_parameters({"max_num_seqs": 16, "planner_prefill_queue_high": 800,
                                          "planner_cooldown_s": 2.5, "planner_hold_polls": 0})
-    assert (s.prefill_queue_high, s.prefill_queue_low, s.decode_seqs_high, s.cooldown_s, s.hold_polls) == \
-        (800, 200, 8, 2.5, 1)
+    assert (s.prefill_queue_high, s.prefill_queue_low, s.decode_seqs_high, s.flip_decode_seqs, s.cooldown_s,
+            s.hold_polls) == (800, 200, 8, 4, 2.5, 1)
     d = PlannerSettings.from_parameters({})
-    assert (d.prefill_queue_high, d.prefill_queue_low, d.decode_seqs_high, d.interval_s) == (2048, 512, 32, 1.0)
+    assert (d.prefill_queue_high, d.prefill_queue_low, d.decode_seqs_high, d.flip_decode_seqs, d.interval_s) == \
+        (2048, 512, 32, 16, 1.0)
 
 
 def test_auto_in_config_pbtxt(tmp_path):
