@@ -8,8 +8,9 @@ import torch
 
 from pdserve_testing.harness import write_config
 
+from pdserve.engine.kv_transport import KVDestination, KVPool, TransferError, contiguous_runs
 from pdserve.engine.parallel import (check_divisible, copies_from, handoff_plan, rank_config, shard_of,
-                                     shard_state_dict, split)
+                                     shard_state_dict, slot_pieces, split)
 from pdserve.repository.config import ConfigError, config_to_json, load_model_spec
 
 
@@ -134,6 +135,106 @@ def test_a_handoff_size_that_does_not_divide_the_kv_heads_is_refused():
         handoff_plan(4, 3, 1)
 
 
+# ---- the bytes of a handoff between sizes: pools as torch tensors, pieces copied by hand ---------
+
+LAYERS, BLOCKS, BLOCK_SIZE, HEAD_DIM = 2, 6, 2, 3
+
+
+def rank_pools(full: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Each rank's pool of a model whose whole pool is `full` ([layers, blocks, 2, block_size,
+    kv_heads, head_dim], stored layer-major as model_runner.py does)."""
+    return [full[..., split(full.shape[-2], size, r), :].contiguous() for r in range(size)]
+
+
+def handed_off(full: torch.Tensor, p: int, d: int, src_blocks, dst_blocks) -> list[torch.Tensor]:
+    """The decode ranks' pools after every prefill rank wrote its pieces (slot_pieces), bytes
+    copied as a one-sided write would."""
+    heads = full.shape[-2]
+    src, dst = rank_pools(full, p), [torch.zeros_like(pool) for pool in rank_pools(full, d)]
+    block_bytes = [pool[0, 0].numel() * pool.element_size() for pool in src], [pool[0, 0].numel() * 4 for pool in dst]
+    for c in handoff_plan(heads, p, d):
+        src_bytes, dst_bytes = src[c.src_rank].view(-1).view(torch.uint8), dst[c.dst_rank].view(-1).view(torch.uint8)
+        for layer in range(LAYERS):
+            for run in contiguous_runs(src_blocks, dst_blocks):
+                sb, db = block_bytes[0][c.src_rank], block_bytes[1][c.dst_rank]
+                for s, t, n in slot_pieces(c, run, heads // p, heads // d, sb, db, 2 * BLOCK_SIZE):
+                    dst_bytes[layer * BLOCKS * db + t:][:n] = src_bytes[layer * BLOCKS * sb + s:][:n]
+    return dst
+
+
+@pytest.mark.parametrize("heads,p,d", [(2, 1, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2), (4, 2, 4), (4, 4, 2), (8, 2, 4)])
+def test_every_prefill_ranks_pieces_fill_each_decode_ranks_heads_of_the_destination_blocks(heads, p, d):
+    full = torch.randn(LAYERS, BLOCKS, 2, BLOCK_SIZE, heads, HEAD_DIM)
+    src_blocks, dst_blocks = [0, 1, 2, 4], [3, 4, 5, 0]     # runs of different lengths on both sides
+    pools = handed_off(full, p, d, src_blocks, dst_blocks)
+    for j, pool in enumerate(pools):
+        assert torch.equal(pool[:, dst_blocks], full[:, src_blocks][..., split(heads, d, j), :])
+        assert not pool[:, [1, 2]].any(), "a block outside the destination was written"
+
+
+def test_a_handoff_between_equal_splits_is_one_piece_per_run_and_between_others_one_per_slot():
+    same, wider = handoff_plan(4, 2, 2)[0], handoff_plan(4, 2, 1)[1]
+    assert slot_pieces(same, (0, 5, 3), 2, 2, 96, 96, 8) == [(0, 480, 288)]
+    pieces = slot_pieces(wider, (1, 0, 2), 2, 4, 96, 192, 8)   # heads 2-3: the back half of each 24-byte slot
+    assert len(pieces) == 16 and pieces[0] == (96, 12, 12) and pieces[1] == (108, 36, 12)
+
+
+# ---- the same through Mooncake: one transport per rank in this process ------------------------
+
+@pytest.fixture(scope="module")
+def mooncake_ranks():
+    from pdserve.engine.kv_transport import MooncakeTransport
+    made = [MooncakeTransport("127.0.0.1") for _ in range(4)]
+    yield made
+
+
+@pytest.mark.parametrize("p,d,blocks", [(2, 1, 4), (1, 2, 4), (2, 2, 4), (1, 2, 80)])
+def test_mooncake_writes_each_prefill_ranks_heads_into_the_decode_ranks_that_own_them(mooncake_ranks, p, d, blocks):
+    """Each rank registers its own pool; the destination lists the decode ranks' pools with their
+    heads. 80 blocks: more slices than one batch may carry (MAX_SLICES_IN_FLIGHT)."""
+    heads = 2
+    full = torch.randn(LAYERS, blocks + 1, 2, BLOCK_SIZE * 8, heads, HEAD_DIM)
+    src, dst = rank_pools(full, p), [torch.zeros_like(pool) for pool in rank_pools(full, d)]
+    senders, receivers = mooncake_ranks[:p], mooncake_ranks[2:2 + d]
+    for r, (transport, pool) in enumerate([*zip(senders, src), *zip(receivers, dst)]):
+        transport.register_pool(pool.transpose(0, 1))
+        size = p if r < p else d
+        transport.hold_heads(split(heads, size, r % size), heads)
+    handshakes = [t.handshake() for t in receivers]
+    pools = tuple(KVPool(h["session"], h["base_address"], h["block_bytes"], h["layer_stride"],
+                         (split(heads, d, j).start, split(heads, d, j).stop)) for j, h in enumerate(handshakes))
+    src_blocks, dst_blocks = list(range(blocks)), list(range(1, blocks + 1))
+    destination = KVDestination(**handshakes[0], block_ids=tuple(dst_blocks), pools=pools if d > 1 else ())
+    for sender in senders:
+        sender.check(destination)
+        sender.wait([sender.submit_layer(destination, layer, src_blocks, dst_blocks)[0] for layer in range(LAYERS)])
+    for j, pool in enumerate(dst):
+        assert torch.equal(pool[:, dst_blocks], full[:, src_blocks][..., split(heads, d, j), :])
+    for transport, pool in [*zip(senders, src), *zip(receivers, dst)]:
+        transport.engine.unregister_memory(pool.data_ptr())
+
+
+def test_a_destination_whose_pools_split_the_heads_otherwise_is_refused(mooncake_ranks):
+    transport = mooncake_ranks[0]
+    pool = torch.zeros(LAYERS, BLOCKS, 2, BLOCK_SIZE, 2, HEAD_DIM)
+    transport.register_pool(pool.transpose(0, 1))
+    h = transport.handshake()
+    wrong = tuple(KVPool(h["session"], 0, h["block_bytes"] // 2, 0, heads) for heads in ((0, 1), (0, 1)))
+    with pytest.raises(TransferError, match="same model"):
+        transport.check(KVDestination(**h, block_ids=(1,), pools=wrong))
+    other_dtype = tuple(KVPool(h["session"], 0, h["block_bytes"], 0, heads) for heads in ((0, 1), (1, 2)))
+    with pytest.raises(TransferError, match="block size differs"):
+        transport.check(KVDestination(**h, block_ids=(1,), pools=other_dtype))
+    transport.engine.unregister_memory(pool.data_ptr())
+
+
+def test_a_prefill_of_size_2_beside_a_decode_of_size_1_is_a_valid_config(tmp_path):
+    groups = ('{ role: PREFILL devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }, '
+              '{ role: DECODE devices: [ "cpu:0" ] }')
+    spec = load_model_spec(tp_model(tmp_path, groups))
+    assert [(i.role, i.ranks) for i in spec.instances] == [("PREFILL", ("cpu:0", "cpu:1")), ("DECODE", ("cpu:0",))]
+
+
 # ---- config.pbtxt: instance_group { tensor_parallel_size } ------------------------------------
 
 def tp_model(tmp_path, group: str, hf: dict | None = None) -> str:
@@ -165,8 +266,6 @@ def test_the_default_size_is_one_device_per_instance_and_shows_in_the_config(tmp
      ["instance_group[0].tensor_parallel_size is 2", "devices lists 3", "multiple of 2"]),
     ('{ devices: [ "cpu:0", "cuda:0" ] tensor_parallel_size: 2 }', None, ["mixes cpu and cuda", "one kind"]),
     ('{ devices: [ "cpu:0" ] tensor_parallel_size: -1 }', None, ["tensor_parallel_size is -1"]),
-    ('{ role: PREFILL devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }', None,
-     ["tensor_parallel_size is 2 with role PREFILL", "use role BOTH"]),
     ('{ devices: [ "cpu:0", "cpu:1", "cpu:2" ] tensor_parallel_size: 3 }', None,
      ["tensor_parallel_size is 3", "num_attention_heads 8 is not divisible", "divides"]),
     ('{ devices: [ "cpu:0", "cpu:1" ] tensor_parallel_size: 2 }',

@@ -1,6 +1,7 @@
 """Tensor parallelism served: one instance over cpu:0 and cpu:1 (two processes joined with gloo)
-gives one device's greedy text through tritonclient, and a rank killed takes its instance down
-and back up whole."""
+gives one device's greedy text through tritonclient, so does PD between instances of sizes 2
+and 1 either way round (each rank writing its KV heads through Mooncake), and a rank killed
+takes its instance down and back up whole."""
 import os
 import queue
 import signal
@@ -20,6 +21,16 @@ def tp_config(size: int = 2, role: str = "BOTH", **params) -> str:
     devices = ", ".join(f'"cpu:{i}"' for i in range(size))
     return config_text(role_groups=((role, "cpu:0"),), **params).replace(
         'devices: [ "cpu:0" ]', f"devices: [ {devices} ] tensor_parallel_size: {size}")
+
+
+def pd_config(prefill_size: int, decode_size: int, **params) -> str:
+    """A PREFILL and a DECODE instance of these sizes (ranks on cpu:0.., or cpu:1 for a size 1)."""
+    text = config_text(role_groups=(("PREFILL", "cpu:0"), ("DECODE", "cpu:0")), **params)
+    for role, size in (("PREFILL", prefill_size), ("DECODE", decode_size)):
+        devices = ", ".join(f'"cpu:{i}"' for i in range(size)) if size > 1 else '"cpu:1"'
+        text = text.replace(f'role: {role} devices: [ "cpu:0" ]',
+                            f"role: {role} devices: [ {devices} ] tensor_parallel_size: {size}")
+    return text
 
 
 def stream(server: PdServer, model: str, prompt: str, max_tokens: int, timeout: float = 60) -> tuple[str, Exception | None]:
@@ -54,13 +65,16 @@ PROMPTS = [("x = 1", 24), ("def handler(event, context):\n    " * 12, 24)]   # o
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory, small_model):
-    """'one' on cpu:0 and 'tp2' on cpu:0 + cpu:1, the same weights."""
+    """'one' on cpu:0 and 'tp2' on cpu:0 + cpu:1, the same weights; 'p2d1' (PREFILL of size 2,
+    DECODE of size 1) and 'p1d2' (the other way round)."""
     repo = str(tmp_path_factory.mktemp("tp-repo"))
     add_model(repo, "one", small_model, config_text(role_groups=(("BOTH", "cpu:0"),), max_num_batched_tokens=64))
     add_model(repo, "tp2", small_model, tp_config(2, max_num_batched_tokens=64))
+    add_model(repo, "p2d1", small_model, pd_config(2, 1, max_num_batched_tokens=64))
+    add_model(repo, "p1d2", small_model, pd_config(1, 2, max_num_batched_tokens=64))
     server = PdServer(repo).start()
-    server.wait_ready("one")
-    server.wait_ready("tp2")
+    for model in ("one", "tp2", "p2d1", "p1d2"):
+        server.wait_ready(model)
     yield server
     server.stop()
 
@@ -83,6 +97,31 @@ def test_size_2_streams_one_devices_greedy_text(tp_server):
     records = [r for r in tp_server.engines() if r["model"] == "tp2"]
     assert len(records) == 1 and records[0]["capacity"]["tensor_parallel_size"] == 2
     assert len(followers(records[0]["pid"])) == 1
+
+
+@pytest.mark.parametrize("model", ["p2d1", "p1d2"])
+def test_pd_between_sizes_streams_one_devices_greedy_text(tp_server, model):
+    """Each prefill rank writes the KV heads it holds into the decode rank(s) that own them,
+    strided where the sizes differ. A lone prompt is handed off (max_local_prefill_tokens 0);
+    of a burst, the router may prefill some on the decode engine."""
+    before = tp_server.metric_value("pdserve_kv_transfer_seconds_count", model=model)
+    for prompt, max_tokens in PROMPTS:
+        assert stream(tp_server, model, prompt, max_tokens) == stream(tp_server, "one", prompt, max_tokens)
+    # handed off, not prefilled by the decode engine after a failed handoff
+    tp_server.wait_for(lambda: tp_server.metric_value("pdserve_kv_transfer_seconds_count", model=model) >= before + 2,
+                       "the handoffs in the metrics", 10)
+    outcomes: dict = {}
+    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, stream(tp_server, model, f"def f{i}(x):", 16)))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [outcomes[i] for i in range(3)] == [stream(tp_server, "one", f"def f{i}(x):", 16) for i in range(3)]
+    assert tp_server.metric_value("pdserve_kv_transfer_failures_total", model=model) == 0
+    records = {r["role"]: r for r in tp_server.engines() if r["model"] == model}
+    sizes = {"p2d1": {"PREFILL": 2, "DECODE": 1}, "p1d2": {"PREFILL": 1, "DECODE": 2}}[model]
+    assert {role: r["capacity"]["tensor_parallel_size"] for role, r in records.items()} == sizes
 
 
 def test_kill_9_of_a_rank_restarts_its_instance_and_fails_its_streams(tp_server):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from pdserve.common.constants import KV_TRANSFER_BUCKETS
 from pdserve.common.errors import Cause, ServeError
-from pdserve.engine.kv_transport import KVDestination, KVTransport
+from pdserve.engine.kv_transport import KVDestination, KVTransport, TransferError
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_GRACE_S = 10.0
@@ -237,6 +237,32 @@ class LayerPush:
             pending.handles.append(handle)
             pending.bytes += nbytes
 
+    # ---- tensor parallelism: every rank pushes the heads it holds of the same blocks ------------
+    def plan(self) -> list[tuple[KVDestination, list[int], list[int]]]:
+        """What the other ranks push of this forward (rank 0 broadcasts it with the step)."""
+        return [(pending.destination, src, dst) for pending, src, dst in self.pieces]
+
+    def settle(self) -> list[tuple[str, int]]:
+        """Another rank, after the forward: waits for its writes; per piece, its error ("" if
+        none) and bytes, for rank 0 (merge)."""
+        out = []
+        for pending, _, _ in self.pieces:
+            try:
+                self.transport.wait(pending.handles)
+            except Exception as exc:
+                pending.error = pending.error or ServeError(Cause.KV_TRANSFER_ERROR, f"{type(exc).__name__}: {exc}")
+            out.append((pending.error.message if pending.error else "", pending.bytes))
+        return out
+
+    def merge(self, reports: list[list[tuple[str, int]]]) -> None:
+        """Rank 0: the other ranks' outcomes (settle) count as this request's: its handoff is
+        whole only when every rank's heads landed."""
+        for report in reports:
+            for (pending, _, _), (error, nbytes) in zip(self.pieces, report):
+                pending.bytes += nbytes
+                if error and pending.error is None:
+                    pending.error = ServeError(Cause.KV_TRANSFER_ERROR, f"another rank's write: {error}")
+
 
 class PrefillKVConnector:
     """The PREFILL engine's side: where each prompt's KV goes, and the layer-wise push."""
@@ -259,6 +285,10 @@ class PrefillKVConnector:
             raise ServeError(Cause.INVALID_ARGUMENT,
                              f"the destination holds {destination.held_blocks} blocks of a {num_prompt_tokens}-token "
                              "prompt already; at least its last token's block must be written")
+        try:
+            self.transport.check(destination)
+        except TransferError as exc:
+            raise ServeError(Cause.INVALID_ARGUMENT, str(exc)) from exc
         self.pending[request_id] = PendingSend(destination, deadline, next_block=destination.held_blocks)
 
     def sends(self, request_id: str) -> bool:

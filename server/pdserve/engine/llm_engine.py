@@ -23,6 +23,7 @@ from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.kv_offload import KVTierStats, build_tiers
 from pdserve.engine.kv_transport import KVDestination, KVTransport
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine import ranks
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence
 from pdserve.engine.structured import StructuredOutputs
@@ -72,9 +73,6 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, transport: KVTransport | None = None,
                  handoff_timeout_s: float = DEFAULT_TIMEOUT_S, handoff_grace_s: float = DEFAULT_GRACE_S, tp=None):
         """tp: the instance's RankGroup (engine/ranks.py) when it spans several devices; this is rank 0."""
-        if tp is not None and transport is not None:
-            raise ValueError("a KV handoff from or to a tensor-parallel instance is not implemented yet; serve "
-                             "tensor_parallel_size > 1 with role BOTH and kv_transport none")
         if tp is not None:   # an offload tier would keep rank 0's share of each block only
             tiers = {f.name: 0.0 for f in dataclasses.fields(cfg)
                      if f.name.startswith("kv_offload_") and f.name.endswith("_gb") and getattr(cfg, f.name)}
@@ -94,7 +92,11 @@ class LLMEngine:
         self.transport = transport
         self.decode_kv = DecodeKVConnector(handoff_timeout_s, handoff_grace_s) if transport else None
         self.prefill_kv = PrefillKVConnector(transport, self.runner.block_size) if transport else None
-        if transport is not None:
+        # every rank's pool (a tensor-parallel decode instance's destinations name each); (): this one
+        self.kv_pools = ()
+        if transport is not None and tp is not None:
+            self.kv_pools = ranks.share_pool(transport, self.runner, tp)
+        elif transport is not None:
             transport.register_pool(self.runner.kv_cache)
         if self.prefill_kv is not None:
             self.runner.layer_push = self.prefill_kv.layer_push

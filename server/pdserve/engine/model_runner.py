@@ -248,6 +248,8 @@ class ModelRunner:
         if self.tp is not None:   # the other ranks run the same forward over their shards
             self.tp.send_step(step_payload(input_ids, positions, meta))
         logits = self.model(input_ids, positions, self.kv_cache, meta)
+        if self.tp is not None and meta.after_layer is not None:   # the handoff is whole when every rank's heads landed
+            meta.after_layer.merge(self.tp.push_reports())
         if scored:
             self._score_prompts(logits[len(sampled):], scored)
             logits = logits[:len(sampled)]

@@ -157,3 +157,21 @@ def handoff_plan(num_kv_heads: int, prefill_size: int, decode_size: int) -> tupl
 def copies_from(plan: tuple[HeadCopy, ...], rank: int) -> tuple[HeadCopy, ...]:
     """The pieces a prefill rank writes."""
     return tuple(c for c in plan if c.src_rank == rank)
+
+
+def slot_pieces(copy: HeadCopy, run: tuple[int, int, int], src_heads: int, dst_heads: int,
+                src_block_bytes: int, dst_block_bytes: int, slots: int) -> list[tuple[int, int, int]]:
+    """One layer of a run of `run` = (src block, dst block, count) consecutive blocks, as byte
+    pieces (src offset, dst offset, length) from each pool's layer start, for the heads of
+    `copy`. A block is `slots` slots (K and V of each token), each holding its pool's heads side
+    by side: a copy of every head on both sides is the run's one region, a slice of them one
+    strided piece per slot."""
+    src, dst, count = run
+    if len(copy.heads) == src_heads == dst_heads:
+        return [(src * src_block_bytes, dst * dst_block_bytes, count * src_block_bytes)]
+    head_bytes = src_block_bytes // (slots * src_heads)
+    src_slot, dst_slot = src_block_bytes // slots, dst_block_bytes // slots
+    first_src = src * src_block_bytes + copy.src_first * head_bytes
+    first_dst = dst * dst_block_bytes + copy.dst_first * head_bytes
+    length = len(copy.heads) * head_bytes
+    return [(first_src + k * src_slot, first_dst + k * dst_slot, length) for k in range(count * slots)]

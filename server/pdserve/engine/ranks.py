@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -35,7 +36,9 @@ import torch.distributed as dist
 from pdserve.common import cpu_priority
 from pdserve.common.devices import parse_device
 from pdserve.engine.attention import AttentionMetadata
-from pdserve.engine.parallel import SHARDED_MODEL_TYPES, Shard
+from pdserve.engine.kv_connector import LayerPush, PendingSend
+from pdserve.engine.kv_transport import KVPool, make_transport
+from pdserve.engine.parallel import SHARDED_MODEL_TYPES, Shard, model_shape, split
 from pdserve.engine.spec import WorkerSpec
 
 log = logging.getLogger("pdserve.engine.ranks")
@@ -83,6 +86,18 @@ class RankGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self._fail_if(lambda: dist.all_gather(parts, x.contiguous()), "a gather of the logits")
         return torch.cat(parts, dim=-1)[..., :total]
+
+    def all_gather(self, value) -> list:
+        """Every rank's value (a picklable object), in rank order."""
+        parts = [None] * self.size
+        self._fail_if(lambda: dist.all_gather_object(parts, value), "exchanging the ranks' KV pools")
+        return parts
+
+    def push_reports(self, report=None) -> list:
+        """After a forward that pushed KV: the other ranks' outcomes (LayerPush.settle), for rank 0."""
+        parts = [None] * self.size
+        self._fail_if(lambda: dist.all_gather_object(parts, report), "gathering the ranks' KV writes")
+        return parts[1:]
 
     def agree_min(self, value: int, device: torch.device) -> int:
         """The smallest of every rank's value (the KV pool's blocks: each rank sized its own)."""
@@ -166,9 +181,24 @@ def parallelize(model, config, shard: Shard, group: RankGroup) -> None:
 
 def step_payload(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
     """What rank 0 broadcasts of a step: host tensors (a follower moves them to its own device),
-    the metadata without its callback."""
+    the metadata without its callback, and what the forward pushes to decode engines (each rank
+    writes the KV heads it holds of the same blocks)."""
     fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.name != "after_layer"}
-    return input_ids.cpu(), positions.cpu(), _moved(fields, torch.device("cpu"))
+    plan = meta.after_layer.plan() if meta.after_layer is not None else None
+    return input_ids.cpu(), positions.cpu(), _moved(fields, torch.device("cpu")), plan
+
+
+def share_pool(transport, runner, group: RankGroup) -> tuple[KVPool, ...]:
+    """Every rank registers its own KV pool (the heads it holds) with its own transport; every
+    rank learns all of them, so rank 0 can name each in a handoff's destination."""
+    transport.register_pool(runner.kv_cache)
+    num_kv_heads = model_shape(runner.hf_config)[1]
+    heads = split(num_kv_heads, group.size, group.rank)
+    transport.hold_heads(heads, num_kv_heads)
+    mine = transport.handshake()
+    pools = group.all_gather((mine["session"], mine["base_address"], mine["block_bytes"], mine["layer_stride"],
+                              (heads.start, heads.stop)))
+    return tuple(KVPool(*pool) for pool in pools)
 
 
 def _moved(value, device: torch.device):
@@ -233,15 +263,22 @@ def stop_followers(procs: list[subprocess.Popen], group: RankGroup | None) -> No
 
 # ---- a follower --------------------------------------------------------------------------------
 
-def follow(runner, group: RankGroup) -> None:
-    """Runs rank 0's steps over this rank's shard until rank 0 goes (its parent-death signal)."""
+def follow(runner, group: RankGroup, transport=None) -> None:
+    """Runs rank 0's steps over this rank's shard until rank 0 goes (its parent-death signal).
+    A PREFILL instance's step may push KV: this rank writes its heads of those blocks after each
+    layer, waits for them after the forward and reports to rank 0, which answers for all."""
     while True:
         payload = group.receive_step()
         if payload is None:
             continue
-        input_ids, positions, fields = _moved(payload, runner.device)
+        *step, plan = payload
+        input_ids, positions, fields = _moved(step, runner.device)
+        push = LayerPush(transport, [(PendingSend(dest, math.inf, 0), src, dst) for dest, src, dst in plan]) \
+            if plan else None
         with torch.inference_mode():
-            runner.model(input_ids, positions, runner.kv_cache, AttentionMetadata(**fields))
+            runner.model(input_ids, positions, runner.kv_cache, AttentionMetadata(**fields, after_layer=push))
+        if push is not None:
+            group.push_reports(push.settle())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                       store_for(args.rank, len(spec.devices), host, int(port)))
     runner = ModelRunner(dataclasses.replace(spec.engine, device=device), group)
     log.info("rank %d of %d on %s: %d KV heads in its pool", args.rank, group.size, device, runner.kv_cache.shape[-2])
-    follow(runner, group)
+    transport = make_transport(spec.kv_transport, spec.host)
+    if transport is not None:   # as rank 0 does in LLMEngine, in the same order of collectives
+        share_pool(transport, runner, group)
+    follow(runner, group, transport)
     return 0
 
 

@@ -39,7 +39,7 @@ from pdserve.common.process import die_with_parent
 from pdserve.common.records import EngineRecord
 from pdserve.engine.commands import Abort, AddPrefill, AddRequest, Command, CommandType, PrefillAnswer, Stop
 from pdserve.engine.kv_connector import DEFAULT_GRACE_S, Handoff
-from pdserve.engine.kv_transport import KVDestination, make_transport
+from pdserve.engine.kv_transport import KVDestination, KVPool, make_transport
 from pdserve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from pdserve.engine import ranks
 from pdserve.engine.registration import EngineRegistration
@@ -190,7 +190,8 @@ class EngineLoop:
             dispatch = self.engine.take_dispatch()  # always: a step can both decode and reserve
             if dispatch:
                 handshake = self.engine.transport.handshake()
-                self.loop.call_soon_threadsafe(self.on_dispatch, [prefill_call(h, s, handshake) for h, s in dispatch])
+                self.loop.call_soon_threadsafe(self.on_dispatch, [prefill_call(h, s, handshake, self.engine.kv_pools)
+                                                                  for h, s in dispatch])
             if outputs:  # one wake-up of the asyncio loop per step, not one per request
                 self.loop.call_soon_threadsafe(self._deliver, outputs)
             self.stats = self.engine.stats()
@@ -208,14 +209,19 @@ class EngineLoop:
         self.inbox.put(Stop())
 
 
-def prefill_call(handoff: Handoff, seq: Sequence, handshake: dict) -> tuple[str, engine_pb2.PrefillRequest]:
-    """The Prefill RPC of one handoff, and the prefill engine to send it to."""
+def prefill_call(handoff: Handoff, seq: Sequence, handshake: dict,
+                 pools: tuple[KVPool, ...] = ()) -> tuple[str, engine_pb2.PrefillRequest]:
+    """The Prefill RPC of one handoff, and the prefill engine to send it to; pools: every rank's
+    of a tensor-parallel instance."""
     return handoff.prefill_address, engine_pb2.PrefillRequest(
         request_id=handoff.request_id, token_ids=seq.prompt_token_ids, sampling=seq.params.to_proto(),
         deadline=handoff.deadline, destination=engine_pb2.KVDestination(
             transport=handshake["transport"], protocol=handshake["protocol"], session=handshake["session"],
             base_address=handshake["base_address"], block_bytes=handshake["block_bytes"], block_ids=handoff.block_ids,
-            held_blocks=handoff.held_blocks, layer_stride=handshake["layer_stride"]))
+            held_blocks=handoff.held_blocks, layer_stride=handshake["layer_stride"],
+            rank_pools=[engine_pb2.KVRankPool(session=p.session, base_address=p.base_address, block_bytes=p.block_bytes,
+                                              layer_stride=p.layer_stride, first_kv_head=p.kv_heads[0],
+                                              num_kv_heads=p.kv_heads[1] - p.kv_heads[0]) for p in pools]))
 
 
 class PrefillPeers:
@@ -354,7 +360,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         stream = self.engine_loop.open(AddPrefill(
             request.request_id, tuple(request.token_ids), SamplingParams.from_proto(request.sampling),
             KVDestination(d.transport, d.protocol, d.session, d.base_address, d.block_bytes, tuple(d.block_ids),
-                          d.held_blocks, d.layer_stride),
+                          d.held_blocks, d.layer_stride,
+                          tuple(KVPool(p.session, p.base_address, p.block_bytes, p.layer_stride,
+                                       (p.first_kv_head, p.first_kv_head + p.num_kv_heads)) for p in d.rank_pools)),
             request.deadline))
         answered = False
         try:
@@ -422,7 +430,8 @@ async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
             device=cfg.device, node=spec.node, address=address, pid=os.getpid(),
             capacity={"num_blocks": engine.block_manager.num_blocks, "block_size": engine.block_manager.block_size,
                       "max_model_len": engine.max_model_len, "max_num_seqs": cfg.max_num_seqs,
-                      "tensor_parallel_size": max(1, len(spec.devices))})
+                      "tensor_parallel_size": max(1, len(spec.devices)),
+                      "kv_head_ranges": [list(p.kv_heads) for p in engine.kv_pools]})
         etcd = EtcdClient(list(spec.etcd_endpoints), spec.etcd_security)
         registration = EngineRegistration(etcd, spec.cluster, record, ttl=spec.lease_ttl, token=token)
     engine_pb2_grpc.add_EngineServicer_to_server(EngineService(engine_loop, registration), server)

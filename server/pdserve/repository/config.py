@@ -173,11 +173,6 @@ def _tensor_parallel_runs(path: str, i: int, group: mc.ModelInstanceGroup, devic
     if len(devices) % size:
         raise ConfigError(f"{where}.tensor_parallel_size is {size} but devices lists {len(devices)}; list a multiple "
                           f"of {size} devices (each {size} consecutive devices form one instance) or change the size")
-    role = mc.ModelInstanceGroup.Role.Name(group.role)
-    if size > 1 and role != "BOTH":
-        raise ConfigError(f"{where}.tensor_parallel_size is {size} with role {role}: a KV handoff from or to a "
-                          "tensor-parallel instance is not implemented yet; use role BOTH for tensor_parallel_size > 1, "
-                          "or tensor_parallel_size 1 for PREFILL, DECODE and AUTO")
     kinds = sorted({parse_device(d).kind for d in devices})
     if size > 1 and len(kinds) > 1:
         raise ConfigError(f"{where}.devices mixes {' and '.join(kinds)}; the ranks of a tensor_parallel_size {size} "
