@@ -17,7 +17,7 @@ import pytest
 
 from pdserve_testing.harness import DEMO_MODEL, PdServer, add_model, make_model
 
-PROCESS_STARTERS = frozenset({"PdServer", "EtcdProcess"})
+PROCESS_STARTERS = frozenset({"PdServer", "EtcdProcess", "MooncakeMaster"})
 GPU_MODULES = frozenset({"test_cuda.py"})
 
 

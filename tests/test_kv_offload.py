@@ -53,6 +53,9 @@ class ListTier:
     def save(self, block, block_hash, tokens):
         self.put(block_hash, tokens, self.pool[block])
 
+    def computed(self, block, block_hash, tokens):
+        pass                                    # no write-through tier here
+
     def fetch(self, blocks):
         staged = []
         for h, _ in blocks:

@@ -21,6 +21,7 @@ from pdserve.common.records import engines_prefix
 from pdserve.common.etcd import (EtcdClient, EtcdConfigError, EtcdRefused, EtcdSecurity, EtcdUnavailable,
                                  parse_endpoints)
 from pdserve.common.etcd_server import EtcdProcess
+from pdserve.common.mooncake_master import KVStoreMasters
 from pdserve.cluster.model_files import ModelFiles
 from pdserve.cluster.publisher import ModelPublisher
 from pdserve.cluster.registry import RegistryView
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--etcd-endpoints", default="",
                     help="host:port,... of the cluster's etcd (https://host:port: over TLS); omitted: a private "
                          "local etcd (single node)")
+    ap.add_argument("--kv-store-endpoint", default="", metavar="HOST:PORT",
+                    help="the Mooncake master of the cluster's KV store (models with kv_store: mooncake); "
+                         "omitted: the one published in etcd, else a private one this node starts and publishes")
     ap.add_argument("--cluster", default="default", help="the cluster's name: the etcd key prefix /pdserve/NAME/")
     ap.add_argument("--node-name", default="", help="this node in the registry (default: hostname:grpc-port)")
     ap.add_argument("--lease-ttl", type=int, default=10, help="seconds an engine's record outlives its last keepalive")
@@ -207,9 +211,11 @@ async def run(args) -> None:
     node = args.node_name or f"{socket.gethostname()}:{args.grpc_port}"
     publisher = ModelPublisher(etcd, args.cluster, node, args.lease_ttl, token)   # the configs this node serves
     publisher.start()
+    kv_store = KVStoreMasters(etcd, args.cluster, node, args.advertise_host, run_dir, args.kv_store_endpoint, token,
+                              args.lease_ttl)
     supervisor = Supervisor(args.advertise_host, run_dir,
                             ClusterSettings(endpoints, args.cluster, node, args.lease_ttl, token_file,
-                                            security.to_spec()), plane, registry)
+                                            security.to_spec(), kv_store.endpoint), plane, registry)
     manager = ModelRepositoryManager(args.model_repository, supervisor, args.model_control_mode,
                                      args.repository_poll_secs, args.load_model, publisher)
     metrics = Metrics(manager, registry, plane)
@@ -274,6 +280,7 @@ async def run(args) -> None:
     plane.stop()
     await publisher.close()
     await manager.close()
+    await kv_store.close()
     await registry.close()
     await plane.close()
     await etcd.close()

@@ -5,6 +5,8 @@ Key layout (documented in docs/cluster.md):
                                                           engine's own lease
     /pdserve/<cluster>/models/<model>/<version>/<node> ->  JSON ModelRecord: the config of a model
                                                           version a node serves, on the node's lease
+    /pdserve/<cluster>/kv_store/mooncake             ->  JSON KVStoreRecord: the cluster's Mooncake
+                                                          master, on the lease of the node running it
 Engine records are written by engine/registration.py, model records by cluster/publisher.py;
 both are read by cluster/registry.py. Each start of an engine process has a fresh instance id
 (so a fresh key) and incarnation id: records of a former self are never taken for the new one.
@@ -34,6 +36,10 @@ def engines_prefix(cluster: str) -> str:
 
 def models_prefix(cluster: str) -> str:
     return f"{cluster_prefix(cluster)}models/"
+
+
+def kv_store_key(cluster: str) -> str:
+    return f"{cluster_prefix(cluster)}kv_store/mooncake"
 
 
 def engine_key(cluster: str, model: str, instance_id: str) -> str:
@@ -103,3 +109,12 @@ class ModelRecord(SignedRecord):
     def __post_init__(self):
         if not isinstance(self.config, dict) or not isinstance(self.files, dict):
             raise ValueError("a model record's config and files must be JSON objects")
+
+
+@dataclass
+class KVStoreRecord(SignedRecord):
+    """The cluster's KV store master (common/mooncake_master.py), as the node that runs it published it."""
+    kind: str                 # mooncake
+    master: str               # host:port of its RPC
+    node: str
+    signature: str = ""

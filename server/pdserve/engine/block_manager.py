@@ -31,6 +31,7 @@ class OffloadTier(Protocol):
     """What the block manager asks of the tiers below the pool (kv_offload.KVTiers)."""
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
     def save(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None: ...
+    def computed(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None: ...   # KV just cached
     def fetch(self, blocks: list[tuple[int, tuple[int, ...]]]): ...   # (hash, tokens): KV of a prefix of them
     def restore(self, staged, blocks: list[int]) -> None: ...
 
@@ -178,6 +179,8 @@ class BlockManager:
         self.block_tokens[block] = block_tokens
         if self.events is not None:
             self.events.stored(block_hash)
+        if self.tier is not None:
+            self.tier.computed(block, block_hash, block_tokens)
 
     # ---- release -----------------------------------------------------------------------------
     def free(self, seq: Sequence) -> None:

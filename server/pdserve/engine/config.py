@@ -35,6 +35,13 @@ class EngineConfig:
     # kv_offload_disk_path (engine/kv_disk.py); 0: none.
     kv_offload_disk_path: str = ""
     kv_offload_disk_gb: float = 0.0
+    # The cluster's KV store below the tiers (engine/kv_store.py): "mooncake" puts every computed
+    # block in Mooncake Store, where every engine of the cluster finds it; kv_store_gb of this
+    # engine's memory is lent to the store. kv_store_endpoint: the master (host:port); empty:
+    # the cluster's (pdserve's --kv-store-endpoint, or the master pdserve started).
+    kv_store: str = ""
+    kv_store_gb: float = 1.0
+    kv_store_endpoint: str = ""
     seed: int = 0
     max_queue_len: int = 1024         # waiting requests past which new ones get RESOURCE_EXHAUSTED
     # An idle engine that gets a request keeps taking the requests that follow within this long

@@ -110,23 +110,13 @@ class DiskKVTier:
         return kv
 
     def _read(self, block_hash: int, tokens: tuple[int, ...]) -> torch.Tensor | None:
-        expected = HEADER.size + TOKEN.size * len(tokens) + self.block_bytes
-        data = bytearray(expected + 1)     # one byte more: a longer file is caught too
+        data = bytearray(record_size(tokens, self.block_bytes) + 1)     # one byte more: a longer file is caught too
         try:
             with open(self.file(block_hash), "rb", buffering=0) as f:
                 size = f.readinto(data)
         except OSError:
             return None
-        if size != expected:
-            return None
-        magic, stored_hash, num_tokens, payload, crc = HEADER.unpack_from(data)
-        body = memoryview(data)[HEADER.size:expected]
-        if (magic, stored_hash, num_tokens, payload) != (MAGIC, block_hash, len(tokens), self.block_bytes):
-            return None
-        if _token_bytes(tokens) != body[:TOKEN.size * len(tokens)] or zlib.crc32(body) != crc:
-            return None
-        kv = torch.frombuffer(data, dtype=torch.uint8, offset=expected - self.block_bytes, count=self.block_bytes)
-        return kv.view(self.dtype).view(self.block_shape)
+        return unpack_record(memoryview(data)[:size], block_hash, tokens, self.block_shape, self.dtype)
 
     def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
         with self.lock:
@@ -173,14 +163,11 @@ class DiskKVTier:
         for victim in victims:
             _unlink(self.file(victim))
         start = self.clock()
-        token_bytes, payload = _token_bytes(tokens), kv.view(-1).view(torch.uint8).numpy()
-        crc = zlib.crc32(payload, zlib.crc32(token_bytes))
         path = self.file(block_hash)
         try:
             with open(path + ".tmp", "wb") as f:
-                f.write(HEADER.pack(MAGIC, block_hash, len(tokens), self.block_bytes, crc))
-                f.write(token_bytes)
-                f.write(payload)
+                for part in record_parts(block_hash, tokens, kv):
+                    f.write(part)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             _unlink(path + ".tmp")
@@ -200,6 +187,36 @@ class DiskKVTier:
 
 def _token_bytes(tokens: tuple[int, ...]) -> bytes:
     return struct.pack(f"<{len(tokens)}i", *tokens)
+
+
+# ---- the block record: the disk tier's file, the store tier's value (engine/kv_store.py) ---------
+def record_size(tokens: tuple[int, ...], block_bytes: int) -> int:
+    return HEADER.size + TOKEN.size * len(tokens) + block_bytes
+
+
+def record_parts(block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> tuple:
+    """A block's record, in pieces to write one after another: header, token ids, KV bytes."""
+    token_bytes, payload = _token_bytes(tokens), kv.reshape(-1).view(torch.uint8).numpy()
+    crc = zlib.crc32(payload, zlib.crc32(token_bytes))
+    return HEADER.pack(MAGIC, block_hash, len(tokens), payload.nbytes, crc), token_bytes, payload
+
+
+def unpack_record(data, block_hash: int, tokens: tuple[int, ...], block_shape: tuple,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """The KV of a record (a view of data, a writable buffer) checked against the block it should
+    be: its length, header, token ids and CRC-32; None when any of them differs."""
+    block_bytes = math.prod(block_shape) * dtype.itemsize
+    expected = record_size(tokens, block_bytes)
+    if len(data) != expected:
+        return None
+    magic, stored_hash, num_tokens, payload, crc = HEADER.unpack_from(data)
+    body = memoryview(data)[HEADER.size:expected]
+    if (magic, stored_hash, num_tokens, payload) != (MAGIC, block_hash, len(tokens), block_bytes):
+        return None
+    if _token_bytes(tokens) != body[:TOKEN.size * len(tokens)] or zlib.crc32(body) != crc:
+        return None
+    kv = torch.frombuffer(data, dtype=torch.uint8, offset=expected - block_bytes, count=block_bytes)
+    return kv.view(dtype).view(block_shape)
 
 
 def _unlink(path: str) -> None:

@@ -146,6 +146,13 @@ class KVTiers:
         """The pool is about to reuse this block (its KV is still there)."""
         self.tiers[0].put(block_hash, tokens, self.pool[block])
 
+    def computed(self, block: int, block_hash: int, tokens: tuple[int, ...]) -> None:
+        """The block's KV was just computed (or loaded): a write-through tier (the cluster's store,
+        engine/kv_store.py) takes it now, so that other engines find it before this pool evicts it."""
+        for t in self.tiers:
+            if getattr(t, "write_through", False):
+                t.put(block_hash, tokens, self.pool[block])
+
     def fetch(self, blocks: list[tuple[int, tuple[int, ...]]]) -> list[tuple[Tier, torch.Tensor]]:
         """The KV of these blocks ((hash, tokens), all found by contains), read out of their tiers,
         up to the first a tier could not give back: a shorter answer means the prefix ends there."""
@@ -177,14 +184,22 @@ def build_tiers(cfg: EngineConfig, pool: torch.Tensor, block_size: int) -> KVTie
     """The tiers the config asks for under this pool (None: none)."""
     from pdserve.engine.kv_disk import DiskKVTier   # here: kv_disk.py takes KVTierStats from this module
 
-    for key in ("kv_offload_host_gb", "kv_offload_disk_gb"):
+    from pdserve.engine import kv_store
+
+    for key in ("kv_offload_host_gb", "kv_offload_disk_gb", "kv_store_gb"):
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} is {value}; give GiB (0: no tier)")
     if cfg.kv_offload_disk_gb > 0 and not cfg.kv_offload_disk_path:
         raise ValueError("kv_offload_disk_gb is set but kv_offload_disk_path is not; name a directory for "
                          "the disk tier's block files")
-    wanted = cfg.kv_offload_host_gb > 0 or cfg.kv_offload_disk_gb > 0
+    if cfg.kv_store not in ("", "none", "mooncake"):
+        raise ValueError(f"kv_store is {cfg.kv_store!r}; use mooncake (or none)")
+    store_wanted = cfg.kv_store == "mooncake" and cfg.kv_store_gb > 0
+    if store_wanted and not cfg.kv_store_endpoint:
+        raise ValueError("kv_store is mooncake but no master is known: pdserve fills kv_store_endpoint (its own "
+                         "master, or --kv-store-endpoint); an engine outside pdserve names one")
+    wanted = cfg.kv_offload_host_gb > 0 or cfg.kv_offload_disk_gb > 0 or store_wanted
     if not wanted or not cfg.enable_prefix_caching:
         return None
     if pool.device.type != "cpu":
@@ -204,4 +219,12 @@ def build_tiers(cfg: EngineConfig, pool: torch.Tensor, block_size: int) -> KVTie
         tiers.append(host)
     if disk is not None:
         tiers.append(disk)
-    return KVTiers(pool, tiers, block_size)
+    if store_wanted:
+        segment = int(cfg.kv_store_gb * 2**30)
+        client = kv_store.connect(cfg.kv_store_endpoint, segment)
+        if client is not None:
+            namespace = kv_store.model_namespace(cfg.model_path, str(dtype), tuple(block_shape), block_size,
+                                                 cfg.quantization)
+            tiers.append(kv_store.StoreKVTier(client, namespace, block_shape, dtype, block_size, segment))
+            log.info("KV store tier: Mooncake master %s, %.1f GiB lent", cfg.kv_store_endpoint, cfg.kv_store_gb)
+    return KVTiers(pool, tiers, block_size) if tiers else None

@@ -79,6 +79,9 @@ class LLMEngine:
             if tiers:
                 log.warning("KV offload tiers are not implemented with tensor parallelism yet; %s off", ", ".join(tiers))
                 cfg = dataclasses.replace(cfg, **tiers)
+            if cfg.kv_store not in ("", "none"):
+                log.warning("the KV store is not implemented with tensor parallelism yet; kv_store off")
+                cfg = dataclasses.replace(cfg, kv_store="")
         self.cfg = cfg
         self.runner = ModelRunner(cfg, tp)
         self.tokenizer = self.runner.tokenizer

@@ -251,6 +251,8 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
     for key in ("kv_block_size", "max_num_batched_tokens", "max_num_seqs", "stream_interval"):
         if params.get(key, 1) < 1:
             raise ConfigError(f"{path}: parameters '{key}' must be at least 1")
+    if params.get("kv_store", "") not in ("", "none", "mooncake"):
+        raise ConfigError(f"{path}: parameters 'kv_store' is '{params['kv_store']}'; use mooncake (or none)")
     window = params.get("admission_window_ms", 0.0)
     if not 0.0 <= window <= 1000.0:   # also catches nan and inf
         raise ConfigError(f"{path}: parameters 'admission_window_ms' is {window}; use milliseconds from 0 to 1000")

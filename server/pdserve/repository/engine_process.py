@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from pdserve.cluster.engine_client import EngineClient
 from pdserve.cluster.load import LoadPlane
@@ -58,6 +58,8 @@ class ClusterSettings:
     lease_ttl: int = 10
     token_file: str = ""      # the cluster secret's file ("": no secret), handed to engines by path
     etcd_security: dict = field(default_factory=dict)   # EtcdSecurity.to_spec(): file paths, no secrets
+    # the Mooncake master of engines with kv_store (common/mooncake_master.py: KVStoreMasters.endpoint)
+    kv_store: Callable[[], Awaitable[str]] | None = None
 
 
 def engine_environment(host: str) -> dict[str, str]:
@@ -155,6 +157,9 @@ class EngineProcess:
 
     async def start(self) -> None:
         where = f"instance {self.instance.name} on {', '.join(self.instance.ranks)}"
+        engine = self.spec.engine
+        if engine.kv_store == "mooncake" and not engine.kv_store_endpoint and self.cluster.kv_store is not None:
+            engine.kv_store_endpoint = await self.cluster.kv_store()
         # off the event loop: the first start compiles the bind shim, and a host name is resolved
         env = await asyncio.get_running_loop().run_in_executor(None, engine_environment, self.spec.host)
         read_end, write_end = os.pipe()
