@@ -160,3 +160,47 @@ def test_a_stalled_rank_takes_its_instance_down_and_no_stream_hangs(tp_server):
     tp_server.wait_for(lambda: not os.path.exists(f"/proc/{follower}"), "the stalled rank to be gone", 30)
     tp_server.wait_for(lambda: any(r["model"] == "tp2" and r["instance_id"] != record["instance_id"]
                                    and r["state"] == "ready" for r in tp_server.engines()), "the restarted instance", 120)
+
+
+def pool_in_use(server: PdServer, model: str, role: str) -> float:
+    return server.metric_value("pdserve_kv_cache_usage_ratio", model=model, role=role)
+
+
+def restarted(server: PdServer, record: dict) -> bool:
+    return any(r["model"] == record["model"] and r["role"] == record["role"] and r["state"] == "ready"
+               and r["instance_id"] != record["instance_id"] for r in server.engines())
+
+
+LONG = "class Handler:\n    def run(self):\n        return 1\n" * 12    # many blocks, handed off
+
+
+@pytest.mark.parametrize("model,dies", [("p2d1", "PREFILL"), ("p1d2", "DECODE")])
+def test_a_rank_killed_mid_handoff_leaks_no_block_and_no_stream_hangs(tp_server, model, dies):
+    """The rank is stopped (SIGSTOP) before the handoff, so the handoff waits on it, then killed.
+    A prefill rank: its instance goes down, the decode engine prefills the prompt itself and
+    streams the same text. A decode rank: its instance goes down, the stream ends (an error, or
+    migrated), and the prefill engine, whose writes fail, frees the prompt's blocks."""
+    expected, _ = stream(tp_server, "one", LONG, 8)
+    record = next(r for r in tp_server.engines() if r["model"] == model and r["role"] == dies and r["state"] == "ready")
+    survivor = "DECODE" if dies == "PREFILL" else "PREFILL"
+    [rank] = followers(record["pid"])
+    os.kill(rank, signal.SIGSTOP)
+    outcome: list = []
+    t = threading.Thread(target=lambda: outcome.append(stream(tp_server, model, LONG, 8, timeout=90)))
+    t.start()
+    try:
+        tp_server.wait_for(lambda: sum(tp_server.metric_value(f"pdserve_requests_{state}", model=model, role="PREFILL")
+                                       for state in ("waiting", "running")) == 1,
+                           "the prefill engine to hold the prompt", 30)
+    finally:
+        os.kill(rank, signal.SIGKILL)
+    t.join(90)
+    assert not t.is_alive(), "a stream hangs after a rank died mid-handoff"
+    text, error = outcome[0]
+    if dies == "PREFILL":
+        assert (text, error) == (expected, None)
+    else:
+        assert error is not None or text == expected
+    tp_server.wait_for(lambda: restarted(tp_server, record), "the instance to restart", 120)
+    tp_server.wait_for(lambda: pool_in_use(tp_server, model, survivor) == 0, f"the {survivor} engine's pool all-free", 30)
+    assert stream(tp_server, model, LONG, 8) == (expected, None)
