@@ -25,16 +25,22 @@ def prompt(rng: random.Random, words: int) -> str:
     return " ".join(f"{rng.choice(WORDS)}{rng.randint(0, 99)}" for _ in range(words))
 
 
-@pytest.fixture
-def auto_server(repo, small_model):
-    add_model(repo, "auto", small_model, config_text(role_groups=AUTO3, kv_transport="mooncake", max_model_len=1024,
-                                                     kv_cache_blocks=512, max_num_seqs=32, **PLANNER))
+def serve_auto(repo, small_model, engines: int):
+    """A server whose model "auto" has this many AUTO engines, with the small planner settings."""
+    add_model(repo, "auto", small_model, config_text(role_groups=AUTO3[:engines], kv_transport="mooncake",
+                                                     max_model_len=1024, kv_cache_blocks=512, max_num_seqs=32,
+                                                     **PLANNER))
     server = PdServer(repo).start()
     try:
         server.wait_ready("auto")
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def auto_server(repo, small_model):
+    yield from serve_auto(repo, small_model, 3)
 
 
 def roles(server) -> list[str]:
@@ -126,15 +132,7 @@ def test_auto_roles_follow_the_load_and_lose_no_request(auto_server):
 
 @pytest.fixture
 def auto2_server(repo, small_model):
-    add_model(repo, "auto", small_model, config_text(role_groups=AUTO3[:2], kv_transport="mooncake",
-                                                     max_model_len=1024, kv_cache_blocks=512, max_num_seqs=32,
-                                                     **PLANNER))
-    server = PdServer(repo).start()
-    try:
-        server.wait_ready("auto")
-        yield server
-    finally:
-        server.stop()
+    yield from serve_auto(repo, small_model, 2)
 
 
 def test_an_idle_prefill_engine_flips_to_both_and_loses_no_request(auto2_server):

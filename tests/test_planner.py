@@ -184,10 +184,10 @@ def test_settings_from_config_parameters():
     s = PlannerSettings.from_parameters({"max_num_seqs": 16, "planner_prefill_queue_high": 800,
                                          "planner_cooldown_s": 2.5, "planner_hold_polls": 0})
     assert (s.prefill_queue_high, s.prefill_queue_low, s.decode_seqs_high, s.flip_decode_seqs, s.cooldown_s,
-            s.hold_polls) == (800, 200, 8, 4, 2.5, 1)
+            s.hold_polls) == (800, 200, 8, 1, 2.5, 1)
     d = PlannerSettings.from_parameters({})
     assert (d.prefill_queue_high, d.prefill_queue_low, d.decode_seqs_high, d.flip_decode_seqs, d.interval_s) == \
-        (2048, 512, 32, 16, 1.0)
+        (2048, 512, 32, 1, 1.0)
 
 
 def test_auto_in_config_pbtxt(tmp_path):

@@ -75,9 +75,9 @@ class PlannerSettings:
     prefill_queue_low: int = 512
     decode_seqs_high: int = 32       # running sequences per decoding engine
     tpot_high_s: float = 0.0         # decode step time (time per output token); 0: not used
-    # running sequences per decoding engine at which an idle PREFILL engine goes BOTH (0: never).
-    # Below it a handoff keeps long prompts' steps off a decode core that still has room.
-    flip_decode_seqs: int = 16
+    # running sequences per decoding engine at which an idle PREFILL engine goes BOTH (0: never):
+    # any decode load, since a PREFILL engine with a short queue leaves its core mostly idle
+    flip_decode_seqs: int = 1
     window_polls: int = 3
     hold_polls: int = 3
     cooldown_s: float = 10.0
@@ -92,13 +92,11 @@ class PlannerSettings:
     @classmethod
     def from_parameters(cls, params: dict) -> "PlannerSettings":
         """From config.pbtxt parameters `planner_<field>`; unset ones take their defaults, the low
-        prefill mark a quarter of the high one, the decode mark half of max_num_seqs and the flip
-        mark half the decode mark."""
+        prefill mark a quarter of the high one and the decode mark half of max_num_seqs."""
         given = {f.name: params[PARAMETER_PREFIX + f.name] for f in fields(cls) if PARAMETER_PREFIX + f.name in params}
         high = given.get("prefill_queue_high", cls.prefill_queue_high)
         given.setdefault("prefill_queue_low", high // 4)
         given.setdefault("decode_seqs_high", max(1, params.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS) // 2))
-        given.setdefault("flip_decode_seqs", max(1, given["decode_seqs_high"] // 2))
         settings = cls(**given)
         return replace(settings, interval_s=max(settings.interval_s, 0.05), window_polls=max(settings.window_polls, 1),
                        hold_polls=max(settings.hold_polls, 1))
