@@ -62,7 +62,7 @@ $(DEMO)/model.safetensors: tools/make_demo_model.py tools/train_demo_model.py $(
 
 bench: setup demo-model
 	$(PY) bench/engine_throughput.py
-	$(PY) bench/pd_vs_aggregated.py --rate 0.5 --requests 50
+	$(PY) bench/pd_vs_aggregated.py
 
 clean:
 	rm -rf $(VENV) server/pdserve/_proto $(DEMO) *.egg-info
