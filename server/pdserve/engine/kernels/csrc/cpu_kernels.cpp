@@ -184,13 +184,13 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
           if (nb) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
           for (int64_t g = 0; g < dv.per; ++g) {
             const T* kp = kb + j * dv.s_tok + g * dv.s_head;
-            __m256 k[D / 8];
-            for (int c = 0; c < D / 8; ++c) k[c] = load8(kp + 8 * c);
+            vf k[D / VW];
+            for (int c = 0; c < D / VW; ++c) k[c] = vload(kp + VW * c);
             for (int64_t i = 0; i < dv.G; ++i) {
               const float* qh = &qf[(g * dv.G + i) * D];
-              __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qh), k[0]);
-              for (int c = 1; c < D / 8; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), k[c], a);
-              sc[(g * dv.G + i) * dv.BS + j] = hsum8(a);
+              vf a = vmul(vload(qh), k[0]);
+              for (int c = 1; c < D / VW; ++c) a = vfmadd(vload(qh + VW * c), k[c], a);
+              sc[(g * dv.G + i) * dv.BS + j] = vsum(a);
             }
           }
         }
@@ -201,9 +201,9 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
           if (bm > mx[h]) {
             const float corr = std::exp(mx[h] - bm);   // 0 for the first block
             sum[h] *= corr;
-            const __m256 vc = _mm256_set1_ps(corr);
+            const vf vc = vset1(corr);
             float* ah = &acc[h * D];
-            for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(ah + 8 * c, _mm256_mul_ps(vc, _mm256_loadu_ps(ah + 8 * c)));
+            for (int c = 0; c < D / VW; ++c) vstore(ah + VW * c, vmul(vc, vload(ah + VW * c)));
             mx[h] = bm;
           }
           int64_t j = 0;
@@ -218,20 +218,23 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
           for (; j < m; ++j) { s[j] = std::exp(s[j] - bm); total += s[j]; }
           sum[h] += total;
         }
-        for (int64_t j = 0; j < m; ++j) {
-          if (nb) prefetch_row(nb + dv.s_kv + j * dv.s_tok, dv.per * dv.s_head);
-          for (int64_t g = 0; g < dv.per; ++g) {
-            const T* vp = vb + j * dv.s_tok + g * dv.s_head;
-            __m256 v[D / 8];
-            for (int c = 0; c < D / 8; ++c) v[c] = load8(vp + 8 * c);
-            for (int64_t i = 0; i < dv.G; ++i) {
-              const __m256 p = _mm256_set1_ps(sc[(g * dv.G + i) * dv.BS + j]);
-              float* ah = &acc[(g * dv.G + i) * D];
-              for (int c = 0; c < D / 8; ++c)
-                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(ah + 8 * c)));
+        if (nb)
+          for (int64_t j = 0; j < m; ++j) prefetch_row(nb + dv.s_kv + j * dv.s_tok, dv.per * dv.s_head);
+        // a head's accumulator stays in registers over the block's keys (the value rows, read
+        // once per head of the group, are in L1 after the first)
+        for (int64_t g = 0; g < dv.per; ++g)
+          for (int64_t i = 0; i < dv.G; ++i) {
+            const float* s = &sc[(g * dv.G + i) * dv.BS];
+            float* ah = &acc[(g * dv.G + i) * D];
+            vf o[D / VW];
+            for (int c = 0; c < D / VW; ++c) o[c] = vload(ah + VW * c);
+            for (int64_t j = 0; j < m; ++j) {
+              const T* vp = vb + j * dv.s_tok + g * dv.s_head;
+              const vf p = vset1(s[j]);
+              for (int c = 0; c < D / VW; ++c) o[c] = vfmadd(p, vload(vp + VW * c), o[c]);
             }
+            for (int c = 0; c < D / VW; ++c) vstore(ah + VW * c, o[c]);
           }
-        }
       }
       for (int64_t h = 0; h < nh; ++h) {
         const float inv = 1.f / sum[h];
