@@ -209,3 +209,22 @@ def test_two_nodes_share_one_store_and_a_killed_master_costs_no_request(tmp_path
         for n in nodes:
             n.stop()
         etcd.cleanup()
+
+
+# ---- the kv_aware router ------------------------------------------------------------------------
+@pytest.mark.parametrize("p1_queue, in_store, chosen", [(1000, False, "p1"), (1000, True, "p2"), (600, True, "p1")])
+def test_kv_aware_counts_blocks_in_the_store_as_cheap_not_free(p1_queue, in_store, chosen):
+    """p1 holds the prompt's 93 blocks in its pool, p2 nothing: 1488 cached tokens outweigh p1's
+    queue of 1000; once p1 has put them in the store p2 loads them (each worth half a pool block:
+    0 - 744 < 1000 - 1488), but not against a queue of 600 (600 - 1488 < -744)."""
+    from pdserve.common.block_hash import block_hashes
+    from test_router import BLOCK, choose, hold, make_router, prompt, record, stats
+
+    router = make_router([record("p1", "PREFILL"), record("p2", "PREFILL"), record("d", "DECODE")],
+                         {"p1": stats(prefill_tokens=p1_queue), "p2": stats(prefill_tokens=0)})
+    tokens = prompt(3)
+    hold(router, "p1", tokens)
+    if in_store:   # as p1's Stats answer reports its puts (engine/kv_store.py's events)
+        router.plane.observe("p1:1", stats(prefill_tokens=p1_queue, store_event_id=2,
+                                           store_stored_hashes=block_hashes(tokens, BLOCK)))
+    assert choose(router, tokens).prefill.instance_id == chosen

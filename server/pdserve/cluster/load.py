@@ -5,7 +5,8 @@ STATS_POLL_S, whether or not metrics are served. Each answer, whoever asked (thi
 planner, a drain), lands here through the clients' StatsWatcher hook (cluster/engine_client.py):
   - its load figures, plus what this front end sent the engine since the call went out, make
     the engine's `load` (FreshLoad), which the router reads and is told of (listen());
-  - its KV events (engine/kv_events.py) go into the node's KVIndex (cluster/kv_index.py);
+  - its KV events (engine/kv_events.py) go into the node's KVIndex (cluster/kv_index.py), and
+    the hashes it put in the cluster's KV store (engine/kv_store.py) into store_index;
   - the answer itself, and when it came, are kept for the metrics and the stall watchdog.
 
 A late answer (a newer call already answered) changes nothing; one that comes after the
@@ -121,6 +122,7 @@ class EngineFigures:
     last_stats: engine_pb2.StatsResponse | None = None
     last_stats_at: float = 0.0  # the plane's clock when last_stats came; 0: never
     kv_cursor: int = 0          # the newest KV event id applied (0: none, ask for the whole set)
+    store_cursor: int = 0       # the same for the engine's KV store events
     kv_epoch: int = 0           # bumped when the KV view starts over: late answers are not applied
     incarnation: object = UNSYNCED   # of the engine at this address, as the registry said
     answered: int = 0           # the newest Stats call applied
@@ -146,6 +148,7 @@ class LoadPlane(EngineClients):
         self.clock = clock
         self.poll_s = poll_s
         self.kv_index = KVIndex()
+        self.store_index = KVIndex()   # block hashes in the cluster's KV store, by the engine that put them
         self._figures: dict[str, EngineFigures] = {}
         self._listeners: list[LoadListener] = []
         self._calls = itertools.count(1)
@@ -207,6 +210,9 @@ class LoadPlane(EngineClients):
             self.kv_index.apply(address, stats.stored_block_hashes, stats.removed_block_hashes,
                                 stats.kv_events_reset)
             figures.kv_cursor = stats.kv_event_id
+            self.store_index.apply(address, stats.store_stored_hashes, stats.store_removed_hashes,
+                                   stats.store_events_reset)
+            figures.store_cursor = stats.store_event_id
         figures.suspect = False   # it answers again
         self._update(address, figures)
 
@@ -215,7 +221,7 @@ class LoadPlane(EngineClients):
         fresh = figures.fresh
         ask = _Ask(figures, next(self._calls), figures.kv_epoch, (fresh.sent_tokens, fresh.sent_requests),
                    self.clock())
-        return engine_pb2.StatsRequest(kv_events_after=figures.kv_cursor), ask
+        return engine_pb2.StatsRequest(kv_events_after=figures.kv_cursor, store_events_after=figures.store_cursor), ask
 
     def stats_answered(self, address: str, ask: _Ask, stats: engine_pb2.StatsResponse) -> None:
         figures = self._figures.get(address)
@@ -263,13 +269,15 @@ class LoadPlane(EngineClients):
     def _forget_kv(self, address: str, figures: EngineFigures) -> None:
         """Its blocks are forgotten and the next Stats call asks for the whole set."""
         self.kv_index.drop(address)
-        figures.kv_cursor = 0
+        self.store_index.drop(address)
+        figures.kv_cursor = figures.store_cursor = 0
         figures.kv_epoch += 1
 
     def forget(self, address: str) -> None:
         """The engine stopped: its figures and blocks go, its load reads 0."""
         if self._figures.pop(address, None) is not None:
             self.kv_index.drop(address)
+            self.store_index.drop(address)
             for listener in self._listeners:
                 listener(address, 0.0)
 

@@ -16,6 +16,9 @@ kv_aware (the default; the cost of Dynamo's KV router, in tokens): cost = load -
 the prompt's leading blocks the engine holds (cluster/kv_index.py), the least cost wins. With no
 block held anywhere it is least_load. It serves the prefill choice (where the prompt is
 computed) and the decode choice (a decode engine that holds the prefix receives less KV).
+Blocks in the cluster's KV store (kv_store: mooncake; LoadPlane.store_index, by the engines
+that put them) are cheap, not free: any engine of the group loads them, so beyond an engine's
+own blocks each counts STORE_BLOCK_WEIGHT of a block it holds.
 """
 from __future__ import annotations
 
@@ -114,6 +117,12 @@ class LeastLoadPolicy:
         return i
 
 
+# matched's keys for the KV store: STORE + the address of an engine that put the prompt's leading blocks there
+STORE = "store:"
+# A block an engine loads from the KV store instead of computing it, counted against one in its pool
+STORE_BLOCK_WEIGHT = 0.5
+
+
 class KVAwarePolicy(LeastLoadPolicy):
     """Least cost, cost = load - cached tokens of this prompt on the engine (overlap_weight
     per token); a holder wins a tie against an engine holding less. No block held anywhere, or
@@ -131,13 +140,19 @@ class KVAwarePolicy(LeastLoadPolicy):
             return i
         weight = self.overlap_weight * group.block_size
         by_address = group.by_address
+        # the store's leading blocks of the prompt, as engines of this group (this model) put them
+        stored = max((b for k, b in matched.items() if k.startswith(STORE) and k[len(STORE):] in by_address),
+                     default=0)
+
+        def credit(blocks: int) -> float:
+            return blocks + STORE_BLOCK_WEIGHT * max(stored - blocks, 0)
         best_blocks = matched.get(group.records[i].address, 0)
-        best_cost = load[i] - weight * best_blocks
+        best_cost = load[i] - weight * credit(best_blocks)
         for address, blocks in matched.items():
             j = by_address.get(address)
             if j is None or blocks <= 0:
                 continue
-            cost = load[j] - weight * blocks
+            cost = load[j] - weight * credit(blocks)
             if cost < best_cost or (cost == best_cost and blocks > best_blocks):
                 i, best_cost, best_blocks = j, cost, blocks
         return i
@@ -215,6 +230,8 @@ class Router:
         """Engine address -> leading blocks of the prompt it holds: what the engines reported
         (KVIndex), raised by what this router sent them lately."""
         matched = self.plane.kv_index.match(prompt_hashes)
+        for address, blocks in self.plane.store_index.match(prompt_hashes).items():
+            matched[STORE + address] = blocks
         recent = self._recent
         if recent:
             now = time.monotonic()

@@ -29,7 +29,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from pdserve.engine.kv_disk import record_parts, record_size, unpack_record
+from pdserve.engine.kv_disk import record_parts, unpack_record
+from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.kv_offload import KVTierStats
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class StoreKVTier:
         self.copy_seconds = 0.0
         self.dropped = self.failures = self.bad_reads = 0
         self.down_until, self.backoff = 0.0, BACKOFF_S
+        # the hashes this engine put (or found gone), for the kv_aware router's index of the store
+        self.events = KVEventLog()
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, MAX_PENDING_BYTES // self.block_bytes))
         self.writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
         self.writer.start()
@@ -142,6 +145,7 @@ class StoreKVTier:
                 self.bad_reads += 1
                 self.known.pop(block_hash, None)
                 self._remember(self.bad, block_hash, tokens)
+                self.events.removed(block_hash)
             else:
                 self._remember(self.known, block_hash, tokens)
         if kv is None:
@@ -197,6 +201,7 @@ class StoreKVTier:
             self._failed("a put", code)
         else:
             self._answered()
+            self.events.stored(block_hash)
 
 
 def model_namespace(model_path: str, *layout) -> str:

@@ -352,4 +352,8 @@ class LLMEngine:
             kv_transfer_bucket_counts=tuple(t.buckets) if t else (),
             prefix_cache_queries=self.block_manager.query_tokens, prefix_cache_hits=self.block_manager.hit_tokens,
             num_cached_blocks=self.block_manager.num_cached_blocks,
-            kv_tiers=self.kv_tiers.stats() if self.kv_tiers else ())
+            kv_tiers=self.tier_stats())
+
+    def tier_stats(self) -> tuple[KVTierStats, ...]:
+        """The offload tiers' figures now (any thread: each tier guards what its writer updates)."""
+        return self.kv_tiers.stats() if self.kv_tiers else ()

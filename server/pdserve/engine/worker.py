@@ -385,6 +385,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def Stats(self, request, context):
         s = self.engine_loop.stats
         events = self.engine_loop.engine.kv_events.since(request.kv_events_after)
+        store = self.engine_loop.engine.kv_tiers.tier("store") if self.engine_loop.engine.kv_tiers else None
+        stored = store.events.since(request.store_events_after) if store is not None else None
         return engine_pb2.StatsResponse(
             num_running=s.num_running, num_waiting=s.num_waiting, num_awaiting_kv=s.num_awaiting_kv,
             num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks, num_preemptions=s.num_preemptions,
@@ -397,8 +399,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             num_cached_blocks=s.num_cached_blocks, kv_event_id=events.event_id, kv_events_reset=events.reset,
             stored_block_hashes=events.stored, removed_block_hashes=events.removed,
             num_open_requests=len(self.engine_loop.streams), step_seconds=self.engine_loop.step_seconds,
-            kv_tiers=[engine_pb2.StatsResponse.KVTier(**asdict(t)) for t in s.kv_tiers],
-            prefill_tokens_per_second=self.engine_loop.prefill_tokens_per_s)
+            # read now, not at the last step: the disk and store tiers' writer threads go on between steps
+            kv_tiers=[engine_pb2.StatsResponse.KVTier(**asdict(t)) for t in self.engine_loop.engine.tier_stats()],
+            prefill_tokens_per_second=self.engine_loop.prefill_tokens_per_s,
+            **({"store_event_id": stored.event_id, "store_events_reset": stored.reset,
+                "store_stored_hashes": stored.stored, "store_removed_hashes": stored.removed} if stored else {}))
 
 
 async def serve(spec: WorkerSpec, ready: ReadyPipe) -> None:
