@@ -11,7 +11,7 @@ import time
 import pytest
 import tritonclient.grpc as grpcclient
 
-from pdserve_testing.harness import PdServer, add_model, config_text, inputs
+from pdserve_testing.harness import PdServer, add_model, config_text, inputs, write_config
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -23,13 +23,14 @@ def tp_config(size: int = 2, role: str = "BOTH", **params) -> str:
         'devices: [ "cpu:0" ]', f"devices: [ {devices} ] tensor_parallel_size: {size}")
 
 
-def pd_config(prefill_size: int, decode_size: int, **params) -> str:
-    """A PREFILL and a DECODE instance of these sizes (ranks on cpu:0.., or cpu:1 for a size 1)."""
-    text = config_text(role_groups=(("PREFILL", "cpu:0"), ("DECODE", "cpu:0")), **params)
-    for role, size in (("PREFILL", prefill_size), ("DECODE", decode_size)):
+def pd_config(prefill_size: int, decode_size: int, auto: bool = False, **params) -> str:
+    """A PREFILL and a DECODE instance of these sizes (ranks on cpu:0.., or cpu:1 for a size 1).
+    auto: both groups AUTO instead (the planner starts the first PREFILL, the second DECODE)."""
+    roles = ("AUTO", "AUTO") if auto else ("PREFILL", "DECODE")
+    text = config_text(role_groups=((roles[0], "cpu:0"), (roles[1], "cpu:2")), **params)
+    for device, size in (("cpu:0", prefill_size), ("cpu:2", decode_size)):
         devices = ", ".join(f'"cpu:{i}"' for i in range(size)) if size > 1 else '"cpu:1"'
-        text = text.replace(f'role: {role} devices: [ "cpu:0" ]',
-                            f"role: {role} devices: [ {devices} ] tensor_parallel_size: {size}")
+        text = text.replace(f'devices: [ "{device}" ]', f"devices: [ {devices} ] tensor_parallel_size: {size}")
     return text
 
 
@@ -72,8 +73,9 @@ def tp_server(tmp_path_factory, small_model):
     add_model(repo, "tp2", small_model, tp_config(2, max_num_batched_tokens=64))
     add_model(repo, "p2d1", small_model, pd_config(2, 1, max_num_batched_tokens=64))
     add_model(repo, "p1d2", small_model, pd_config(1, 2, max_num_batched_tokens=64))
+    add_model(repo, "auto21", small_model, pd_config(2, 1, auto=True, max_num_batched_tokens=64))
     server = PdServer(repo).start()
-    for model in ("one", "tp2", "p2d1", "p1d2"):
+    for model in ("one", "tp2", "p2d1", "p1d2", "auto21"):
         server.wait_ready(model)
     yield server
     server.stop()
@@ -99,17 +101,22 @@ def test_size_2_streams_one_devices_greedy_text(tp_server):
     assert len(followers(records[0]["pid"])) == 1
 
 
-@pytest.mark.parametrize("model", ["p2d1", "p1d2"])
+@pytest.mark.parametrize("model", ["p2d1", "p1d2", "auto21"])
 def test_pd_between_sizes_streams_one_devices_greedy_text(tp_server, model):
     """Each prefill rank writes the KV heads it holds into the decode rank(s) that own them,
     strided where the sizes differ. A lone prompt is handed off (max_local_prefill_tokens 0);
-    of a burst, the router may prefill some on the decode engine."""
+    of a burst, the router may prefill some on the decode engine. The long prompt is chunked
+    (max_num_batched_tokens 64: pushed piece by piece), and the second round finds it in both
+    engines' prefix caches (blocks the decode engine holds are not written). auto21: the same
+    with AUTO instances, started PREFILL (size 2) and DECODE (size 1)."""
     before = tp_server.metric_value("pdserve_kv_transfer_seconds_count", model=model)
-    for prompt, max_tokens in PROMPTS:
+    for prompt, max_tokens in PROMPTS * 2:
         assert stream(tp_server, model, prompt, max_tokens) == stream(tp_server, "one", prompt, max_tokens)
     # handed off, not prefilled by the decode engine after a failed handoff
     tp_server.wait_for(lambda: tp_server.metric_value("pdserve_kv_transfer_seconds_count", model=model) >= before + 2,
                        "the handoffs in the metrics", 10)
+    tp_server.wait_for(lambda: tp_server.metric_value("pdserve_prefix_cache_hits_total", model=model) > 0,
+                       "the second round's prefix-cache hits in the metrics", 10)
     outcomes: dict = {}
     threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, stream(tp_server, model, f"def f{i}(x):", 16)))
                for i in range(3)]
@@ -120,7 +127,8 @@ def test_pd_between_sizes_streams_one_devices_greedy_text(tp_server, model):
     assert [outcomes[i] for i in range(3)] == [stream(tp_server, "one", f"def f{i}(x):", 16) for i in range(3)]
     assert tp_server.metric_value("pdserve_kv_transfer_failures_total", model=model) == 0
     records = {r["role"]: r for r in tp_server.engines() if r["model"] == model}
-    sizes = {"p2d1": {"PREFILL": 2, "DECODE": 1}, "p1d2": {"PREFILL": 1, "DECODE": 2}}[model]
+    sizes = {"p2d1": {"PREFILL": 2, "DECODE": 1}, "p1d2": {"PREFILL": 1, "DECODE": 2},
+             "auto21": {"PREFILL": 2, "DECODE": 1}}[model]
     assert {role: r["capacity"]["tensor_parallel_size"] for role, r in records.items()} == sizes
 
 
@@ -204,3 +212,17 @@ def test_a_rank_killed_mid_handoff_leaks_no_block_and_no_stream_hangs(tp_server,
     tp_server.wait_for(lambda: restarted(tp_server, record), "the instance to restart", 120)
     tp_server.wait_for(lambda: pool_in_use(tp_server, model, survivor) == 0, f"the {survivor} engine's pool all-free", 30)
     assert stream(tp_server, model, LONG, 8) == (expected, None)
+
+
+def test_a_changed_config_reloads_a_tensor_parallel_model_beside_the_old_one(tp_server):
+    """Hot reload: tp2's new config loads (two ranks again) beside the old, then takes over."""
+    expected, _ = stream(tp_server, "one", "import os", 16)
+    repo = tp_server.repo
+    write_config(os.path.join(repo, "tp2"), tp_config(2, max_num_batched_tokens=64, max_num_seqs=8))
+    tp_server.wait_for(lambda: tp_server.client.get_model_config("tp2", as_json=True)["config"]["parameters"]
+                       ["max_num_seqs"]["string_value"] == "8", "the changed config to serve", 120)
+    assert stream(tp_server, "tp2", "import os", 16) == (expected, None)
+    tp_server.wait_for(lambda: len([r for r in tp_server.engines() if r["model"] == "tp2"]) == 1,
+                       "the old instance to go", 60)
+    [record] = [r for r in tp_server.engines() if r["model"] == "tp2"]
+    assert record["capacity"]["tensor_parallel_size"] == 2 and len(followers(record["pid"])) == 1

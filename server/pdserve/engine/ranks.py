@@ -10,6 +10,11 @@ on CPU, NCCL on CUDA, HCCL on NPU) through a TCPStore rank 0 serves. Every step 
 broadcasts the step's flat batch (the model's inputs and attention metadata) and every rank runs
 the same forward over its shard (engine/parallel.py says which); only rank 0 samples.
 
+PD: every rank registers its own KV pool with its own transport (share_pool). A PREFILL
+instance's step carries the blocks it pushes; each rank writes the KV heads it holds of them
+and reports to rank 0, which answers the decode engine once all have landed. A DECODE
+instance's ranks are written into directly; rank 0 names their pools in each destination.
+
 Faults take the whole instance down, never leave it hanging: every collective has a bounded
 timeout (PDSERVE_TP_TIMEOUT) and a rank whose collective fails exits at once; rank 0 exits when
 a follower process ends; followers die with rank 0 (parent-death signal) and notice a rank 0
