@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import time
 
-from pdserve.common.process import parent_death_command
+from pdserve.common import process
 
 
 class _PortTaken(Exception):
@@ -66,13 +66,11 @@ class EtcdProcess:
         if self.client_ca_file:
             tls += ["--trusted-ca-file", self.client_ca_file, "--client-cert-auth"]
         self.log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
-        command, preexec = parent_death_command(
+        self.proc = process.spawn(
             [self.binary, "--name", "pdserve", "--data-dir", os.path.join(self.data_dir, "data"),
              "--listen-client-urls", url, "--advertise-client-urls", url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"pdserve={peer}", *tls, *self.extra_args])
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=preexec)
+             "--initial-cluster", f"pdserve={peer}", *tls, *self.extra_args], self.log)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -89,13 +87,7 @@ class EtcdProcess:
         raise TimeoutError(f"etcd did not start on {self.endpoint}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.stop(self.proc)
 
     def cleanup(self) -> None:
         self.stop()

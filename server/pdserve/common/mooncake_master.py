@@ -22,7 +22,7 @@ import time
 
 from pdserve.common.etcd import EtcdClient, EtcdUnavailable
 from pdserve.common.etcd_server import _free_port
-from pdserve.common.process import parent_death_command
+from pdserve.common import process
 from pdserve.common.records import KVStoreRecord, kv_store_key
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,8 @@ class MooncakeMaster:
 
     def _start_once(self, timeout: float) -> bool:
         self.log = open(os.path.join(self.log_dir, "mooncake_master.log"), "ab")
-        command, preexec = parent_death_command(
-            [self.binary, f"--rpc_address={self.host}", f"--rpc_port={self.port}", f"--metrics_port={_free_port()}",
-             "--enable_metric_reporting=false"])
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=preexec)
+        self.proc = process.spawn([self.binary, f"--rpc_address={self.host}", f"--rpc_port={self.port}",
+                                   f"--metrics_port={_free_port()}", "--enable_metric_reporting=false"], self.log)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -84,13 +81,7 @@ class MooncakeMaster:
         raise TimeoutError(f"mooncake_master did not start on {self.endpoint}; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        process.stop(self.proc)
 
 
 class KVStoreMasters:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import signal
+import subprocess
 
 
 def die_with_parent() -> None:
@@ -24,3 +25,21 @@ def parent_death_command(command: list[str]) -> tuple[list[str], object]:
     if setpriv:
         return [setpriv, "--pdeathsig", "TERM", "--", *command], None
     return command, die_with_parent
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout (a child already gone: nothing)."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn(command: list[str], log) -> subprocess.Popen:
+    """A child (with parent_death_command) whose stdout and stderr go to the open file log."""
+    command, preexec = parent_death_command(command)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=preexec)

@@ -60,10 +60,8 @@ class DiskKVTier:
         self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()   # hash -> tokens, files written
         self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
         self.copy_seconds = 0.0
-        self.dropped = self.write_failures = self.bad_reads = 0
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, MAX_PENDING_BYTES // self.block_bytes))
-        self.writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
-        self.writer.start()
+        self.write_failures = self.bad_reads = 0
+        self.writer = BlockWriter(self._write, MAX_PENDING_BYTES // self.block_bytes, "kv-disk-writer", clock)
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
 
     def file(self, block_hash: int) -> str:
@@ -81,13 +79,7 @@ class DiskKVTier:
             if self.entries.get(block_hash) == tokens:
                 self.entries.move_to_end(block_hash)
                 return
-        start = self.clock()
-        copy = torch.empty(self.block_shape, dtype=self.dtype).copy_(kv)
-        self.copy_seconds += self.clock() - start
-        try:
-            self.queue.put_nowait((block_hash, tokens, copy))
-        except queue.Full:
-            self.dropped += 1
+        self.copy_seconds += self.writer.put(block_hash, tokens, kv)
 
     def get(self, block_hash: int) -> torch.Tensor | None:
         """The block's KV read back and checked; None (and the entry gone) when it is not intact."""
@@ -132,25 +124,14 @@ class DiskKVTier:
 
     def close(self) -> None:
         """Stops the writer (after the queued writes) and removes the folder."""
-        self.queue.put(None)
-        self.writer.join()
+        self.writer.close()
         self._cleanup()
 
     def flush(self) -> None:
         """Waits until every queued block is written (or failed): for tests and benchmarks."""
-        self.queue.join()
+        self.writer.flush()
 
     # ---- writer thread ---------------------------------------------------------------------------
-    def _write_loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
-                    return
-                self._write(*item)
-            finally:
-                self.queue.task_done()
-
     def _write(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         with self.lock:
             if self.entries.get(block_hash) == tokens:
@@ -183,6 +164,48 @@ class DiskKVTier:
         with self.lock:
             self.entries[block_hash] = tokens
             self.saved_bytes += self.block_bytes
+
+
+class BlockWriter:
+    """A writer thread over a bounded queue of (hash, tokens, KV copy), calling write(*item) for
+    each in order (the disk tier's and the store tier's, engine/kv_store.py)."""
+
+    def __init__(self, write: Callable, max_items: int, name: str, clock: Callable[[], float] = time.perf_counter):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, max_items))
+        self.clock = clock
+        self.dropped = 0          # blocks not queued: the writer was behind (a later miss)
+        self.thread = threading.Thread(target=self._loop, args=(write,), name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> float:
+        """Copies the block out now (the pool reuses its memory next) and queues it, unless the
+        writer is behind; returns the seconds the copy took."""
+        if self.queue.full():
+            self.dropped += 1
+            return 0.0
+        start = self.clock()
+        copy = kv.clone(memory_format=torch.contiguous_format)
+        seconds = self.clock() - start
+        self.queue.put_nowait((block_hash, tokens, copy))   # only this thread adds: room is left
+        return seconds
+
+    def flush(self) -> None:
+        self.queue.join()
+
+    def close(self) -> None:
+        """Returns after the queued items are written."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def _loop(self, write: Callable) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                write(*item)
+            finally:
+                self.queue.task_done()
 
 
 def _token_bytes(tokens: tuple[int, ...]) -> bytes:

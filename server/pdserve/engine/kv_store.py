@@ -20,7 +20,6 @@ import hashlib
 import logging
 import math
 import os
-import queue
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from pdserve.engine.kv_disk import record_parts, unpack_record
+from pdserve.engine.kv_disk import BlockWriter, record_parts, unpack_record
 from pdserve.engine.kv_events import KVEventLog
 from pdserve.engine.kv_offload import KVTierStats
 
@@ -64,13 +63,11 @@ class StoreKVTier:
         self.bad: OrderedDict[int, tuple[int, ...]] = OrderedDict()     # hash -> tokens it could not give back
         self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
         self.copy_seconds = 0.0
-        self.dropped = self.failures = self.bad_reads = 0
+        self.failures = self.bad_reads = 0
         self.down_until, self.backoff = 0.0, BACKOFF_S
         # the hashes this engine put (or found gone), for the kv_aware router's index of the store
         self.events = KVEventLog()
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, MAX_PENDING_BYTES // self.block_bytes))
-        self.writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
-        self.writer.start()
+        self.writer = BlockWriter(self._write, MAX_PENDING_BYTES // self.block_bytes, "kv-store-writer", clock)
 
     def key(self, block_hash: int) -> str:
         return f"pdserve/{self.namespace}/{block_hash & 0xFFFFFFFFFFFFFFFF:016x}"
@@ -121,13 +118,7 @@ class StoreKVTier:
         with self.lock:
             if self.known.get(block_hash) == tokens or self.clock() < self.down_until:
                 return
-        start = self.clock()
-        copy = torch.empty(self.block_shape, dtype=self.dtype).copy_(kv)
-        self.copy_seconds += self.clock() - start
-        try:
-            self.queue.put_nowait((block_hash, tokens, copy))
-        except queue.Full:
-            self.dropped += 1
+        self.copy_seconds += self.writer.put(block_hash, tokens, kv)
 
     def get(self, block_hash: int) -> torch.Tensor | None:
         """The block's KV read from the store and checked against the tokens contains() was asked
@@ -167,22 +158,12 @@ class StoreKVTier:
 
     def flush(self) -> None:
         """Waits until every queued block is put (or failed): for tests and benchmarks."""
-        self.queue.join()
+        self.writer.flush()
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.writer.join()
+        self.writer.close()
 
     # ---- writer thread ---------------------------------------------------------------------------
-    def _write_loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
-                    return
-                self._write(*item)
-            finally:
-                self.queue.task_done()
 
     def _write(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         with self.lock:
