@@ -25,11 +25,11 @@ def prompt(rng: random.Random, words: int) -> str:
     return " ".join(f"{rng.choice(WORDS)}{rng.randint(0, 99)}" for _ in range(words))
 
 
-def serve_auto(repo, small_model, engines: int):
+def serve_auto(repo, small_model, engines: int, **settings):
     """A server whose model "auto" has this many AUTO engines, with the small planner settings."""
     add_model(repo, "auto", small_model, config_text(role_groups=AUTO3[:engines], kv_transport="mooncake",
                                                      max_model_len=1024, kv_cache_blocks=512, max_num_seqs=32,
-                                                     **PLANNER))
+                                                     **{**PLANNER, **settings}))
     server = PdServer(repo).start()
     try:
         server.wait_ready("auto")
@@ -40,7 +40,9 @@ def serve_auto(repo, small_model, engines: int):
 
 @pytest.fixture
 def auto_server(repo, small_model):
-    yield from serve_auto(repo, small_model, 3)
+    # the switches between PREFILL and DECODE alone: no flip to BOTH, and every prompt handed off
+    # (the queue rule would let decoders take prompts a long prefill queue holds, easing the pressure)
+    yield from serve_auto(repo, small_model, 3, planner_flip_decode_seqs=0, max_local_prefill_tokens=-1)
 
 
 def roles(server) -> list[str]:

@@ -241,8 +241,9 @@ def _engine_parameters(path: str, config: mc.ModelConfig) -> dict:
             article = "an" if kind == "int" else "a"
             raise ConfigError(f"{path}: parameters '{key}' is '{text}'; it must be {article} {kind}"
                               + (" (true or false)" if kind == "bool" else "")) from exc
-        if kind in ("int", "float") and params[key] < 0:
-            raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative")
+        if kind in ("int", "float") and params[key] < 0 and (key, params[key]) != ("max_local_prefill_tokens", -1):
+            raise ConfigError(f"{path}: parameters '{key}' is {text}; it cannot be negative"
+                              + (" (-1: hand off every prompt)" if key == "max_local_prefill_tokens" else ""))
     if params.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"{path}: parameters 'dtype' is '{params['dtype']}'; use one of {', '.join(DTYPES)}")
     if params.get("quantization", "").lower() not in QUANTIZATIONS:
