@@ -87,19 +87,25 @@ def test_size_2_streams_one_devices_greedy_text(tp_server):
         assert error is None and expected
         assert stream(tp_server, "tp2", prompt, max_tokens) == (expected, None)
     # a batch of concurrent requests: one step carries several sequences over both ranks
-    outcomes: dict = {}
-    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, stream(tp_server, "tp2", f"def f{i}(x):", 16)))
-               for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [outcomes[i] for i in range(4)] == [stream(tp_server, "one", f"def f{i}(x):", 16) for i in range(4)]
+    burst = [f"def f{i}(x):" for i in range(4)]
+    assert streams_at_once(tp_server, "tp2", burst) == [stream(tp_server, "one", p, 16) for p in burst]
     # one instance: one record, its rank 0's, with its size
     records = [r for r in tp_server.engines() if r["model"] == "tp2"]
     assert len(records) == 1 and records[0]["capacity"]["tensor_parallel_size"] == 2
     assert len(followers(records[0]["pid"])) == 1
 
+
+
+def streams_at_once(server, model: str, prompts: list[str], max_tokens: int = 16) -> list:
+    """The prompts streamed concurrently (one step carries several sequences); outcomes in order."""
+    outcomes: dict = {}
+    threads = [threading.Thread(target=lambda i=i, p=p: outcomes.__setitem__(i, stream(server, model, p, max_tokens)))
+               for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [outcomes[i] for i in range(len(prompts))]
 
 @pytest.mark.parametrize("model", ["p2d1", "p1d2", "auto21"])
 def test_pd_between_sizes_streams_one_devices_greedy_text(tp_server, model):
@@ -117,14 +123,8 @@ def test_pd_between_sizes_streams_one_devices_greedy_text(tp_server, model):
                        "the handoffs in the metrics", 10)
     tp_server.wait_for(lambda: tp_server.metric_value("pdserve_prefix_cache_hits_total", model=model) > 0,
                        "the second round's prefix-cache hits in the metrics", 10)
-    outcomes: dict = {}
-    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, stream(tp_server, model, f"def f{i}(x):", 16)))
-               for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [outcomes[i] for i in range(3)] == [stream(tp_server, "one", f"def f{i}(x):", 16) for i in range(3)]
+    burst = [f"def f{i}(x):" for i in range(3)]
+    assert streams_at_once(tp_server, model, burst) == [stream(tp_server, "one", p, 16) for p in burst]
     assert tp_server.metric_value("pdserve_kv_transfer_failures_total", model=model) == 0
     records = {r["role"]: r for r in tp_server.engines() if r["model"] == model}
     sizes = {"p2d1": {"PREFILL": 2, "DECODE": 1}, "p1d2": {"PREFILL": 1, "DECODE": 2},
