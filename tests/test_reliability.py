@@ -569,6 +569,43 @@ def test_work_after_a_long_idle_spell_is_not_taken_for_a_frozen_engine(small_mod
     assert max(seen) < idle_s, f"the engine's quiet {idle_s} s counted as a stall: {max(seen):.2f} s"
 
 
+def test_a_long_prompt_step_shows_progress_layer_by_layer(small_model):
+    """One step that computes a long prompt can outlast the stall limit on a slow CPU (a 4096-token
+    float32 prefill of a 0.5B model did). seconds_since_progress counts from the last layer a
+    forward finished, so such a step never reads as a stall. Layers are slowed here to stand in
+    for that CPU: the step takes several times what any one layer does."""
+    from pdserve.engine.commands import AddRequest
+    from pdserve.engine.sequence import SamplingParams
+
+    layer_s = 0.4
+
+    def slowed(forward):
+        def slow_forward(*args, **kwargs):
+            time.sleep(layer_s)   # the slow CPU's layer
+            return forward(*args, **kwargs)
+        return slow_forward
+
+    async def one_long_step() -> tuple[list[float], float]:
+        async with running_engine_loop(small_model, max_num_batched_tokens=2048) as engine_loop:
+            layers = engine_loop.engine.runner.model.model.layers
+            for layer in layers:
+                layer.forward = slowed(layer.forward)
+            sink: asyncio.Queue = asyncio.Queue()
+            started = time.monotonic()
+            engine_loop.open(AddRequest("long", tuple(range(3, 1003)), SamplingParams(max_tokens=1, ignore_eos=True)),
+                             sink)
+            seen = []
+            while not (out := sink.get_nowait() if not sink.empty() else None) or not out.final:
+                assert time.monotonic() - started < 60, "the request did not finish within 60 s"
+                seen.append(engine_loop.seconds_since_progress())
+                await asyncio.sleep(0.002)
+            return seen, time.monotonic() - started
+
+    seen, took = asyncio.run(one_long_step())
+    assert took >= 2 * layer_s and len(seen) > 10   # the small model's two layers, in one step
+    assert max(seen) < 1.5 * layer_s, f"a {took:.2f} s step read as {max(seen):.2f} s without progress"
+
+
 def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -> list[int]:
     """An idle EngineLoop gets 6 requests 4 ms apart, as a front end forwards a burst; the
     num_output_tokens of the first 6 outputs that come out."""

@@ -7,10 +7,20 @@ contiguous region, which a KV transport writes in one transfer as soon as that l
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+class Progress:
+    """When a forward last finished a layer (time.monotonic()): a step that computes a long prompt
+    shows it is moving, layer by layer, to the stall watchdog (engine/worker.py)."""
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = 0.0
 
 
 @dataclass
@@ -30,6 +40,14 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None   # [seqs] int64
     # called with each layer's index once its KV is in the pool (a PREFILL engine pushes it out)
     after_layer: Callable[[int], None] | None = None
+    progress: Progress | None = None   # stamped after each layer (rank 0 only)
+
+    def layer_done(self, layer: int) -> None:
+        """The model calls this after each layer."""
+        if self.progress is not None:
+            self.progress.at = time.monotonic()
+        if self.after_layer is not None:
+            self.after_layer(layer)
 
     @property
     def num_prefill_tokens(self) -> int:

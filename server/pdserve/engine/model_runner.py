@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata, Progress
 from pdserve.engine.block_manager import blocks_needed
 from pdserve.engine.config import EngineConfig
 from pdserve.common.devices import parse_device
@@ -109,6 +109,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, cfg.seed)
         # PREFILL engines: builds, per forward, what to push after each layer (kv_connector.py)
         self.layer_push = None
+        self.progress = Progress()   # the last layer a forward finished, for the stall watchdog
         self.vocab_size = self.model.vocab_size
         self._warm_up()
 
@@ -242,6 +243,7 @@ class ModelRunner:
 
     def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
         input_ids, positions, meta, sampled, scored = self._prepare(prefills, decodes)
+        meta.progress = self.progress
         if self.layer_push is not None and prefills:
             meta.after_layer = self.layer_push([(seq.request_id, seq.block_table, seq.num_cached_tokens + n)
                                                 for seq, n in prefills])

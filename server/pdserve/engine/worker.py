@@ -199,10 +199,13 @@ class EngineLoop:
             stalled = not stepped and not dispatch
 
     def seconds_since_progress(self) -> float:
-        """How long the engine has held requests without finishing a loop (0 when it holds
-        none): the supervisor takes an engine past its stall limit for frozen."""
+        """How long the engine has held requests without finishing a loop or, within a step, a
+        layer (0 when it holds none): the supervisor takes an engine past its stall limit for
+        frozen. The layers count so that one long prompt's step is not taken for a stall."""
         s = self.stats
-        return time.monotonic() - self.heartbeat if s.num_running + s.num_waiting else 0.0
+        if not s.num_running + s.num_waiting:
+            return 0.0
+        return time.monotonic() - max(self.heartbeat, self.engine.runner.progress.at)
 
     def stop(self) -> None:
         self.stopped = True

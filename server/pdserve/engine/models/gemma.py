@@ -111,8 +111,7 @@ class GemmaForCausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.model.layers):
             h, residual = layer(kernels, h, residual, *rope[self.layer_rope[i]], kv_cache, meta)
-            if meta.after_layer is not None:
-                meta.after_layer(i)
+            meta.layer_done(i)
         last = meta.last_token_indices
         if last.numel() == 0:
             return h.new_empty((0, self.vocab_size))

@@ -168,8 +168,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.model.layers):
             h, residual = layer(kernels, h, residual, cos, sin, kv_cache, meta)
-            if meta.after_layer is not None:
-                meta.after_layer(i)
+            meta.layer_done(i)
         last = meta.last_token_indices
         if last.numel() == 0:          # a step of prompt pieces none of which ends its prompt
             return h.new_empty((0, self.vocab_size))
