@@ -40,9 +40,11 @@ def test_linear_matches_reference(dtype, variant):
     ref, cpu = pair(dtype, variant)
     g = torch.Generator().manual_seed(0)
     # rows: every remainder of the panels' 6-row tiles, the last panel row count and the first
-    # oneDNN one; outputs that do not fill the last 16-wide panel; x a strided view of a wider row
+    # oneDNN one; outputs that do not fill the last 16-wide panel, whole and partial groups of
+    # four panels (AVX-512 builds); K past one 128-wide chunk; x a strided view of a wider row
     cases = ((1, 64, 96, False), (32, 512, 1024, True), (300, 128, 64, False), (5, 64, 100, True),
-             (13, 96, 40, False), (PANEL_ROWS_MAX, 128, 48, True), (PANEL_ROWS_MAX + 1, 128, 48, True))
+             (13, 96, 40, False), (PANEL_ROWS_MAX, 128, 48, True), (PANEL_ROWS_MAX + 1, 128, 48, True),
+             (9, 200, 124, True), (20, 300, 84, False))
     for rows, k, n, bias in cases:
         w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
         b = torch.randn(n, generator=g).to(dtype) if bias else None

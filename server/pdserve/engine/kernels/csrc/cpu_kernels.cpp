@@ -829,7 +829,85 @@ void store_kv(at::Tensor kv, int64_t layer, at::Tensor k, at::Tensor v, at::Tens
 // At decode sizes the weights stream from memory once per step, where oneDNN's blocked weights
 // run well below their in-cache speed. Here each 16 outputs' weights are one contiguous panel
 // [K][16] read in order (pack_panels in Python lays them out), and while one panel is
-// multiplied the next one is prefetched.
+// multiplied the next one is prefetched. At 32 rows the multiply, not the memory, bounds it: the
+// AVX-512 builds take four panels (64 outputs) at a time, so each broadcast of x feeds four
+// 16-wide multiply-adds, and walk K in chunks that every row tile multiplies while the chunk is
+// in L1 (the partial sums wait in the output between chunks).
+#if defined(__AVX512F__)
+constexpr int PANEL_GROUP = 4;    // panels a tile multiplies at once
+constexpr int PANEL_ROWS = 6;     // rows a tile takes: 6 x 4 accumulators of the 32 registers
+constexpr int64_t PANEL_KC = 128; // k per chunk: 4 panels x 128 x 64 bytes, half of L1
+
+// rows R of x times NP panels over k in [k0, k1): R x NP accumulators of 16 outputs in registers,
+// started at zero on the first chunk, else from c; the bias added on the last. Every `every` k one
+// line of each of the NP streams in pf is prefetched.
+template <int NP, int R>
+static inline void panel_tile512(const float* a, int64_t lda, const float* b, int64_t K, int64_t k0, int64_t k1,
+                                 const float* bias, float* c, int64_t ldc, int cols, const char** pf, int every) {
+  __mmask16 mask[NP];
+  for (int j = 0; j < NP; ++j) mask[j] = (__mmask16)((1u << std::min(16, cols - 16 * j)) - 1);
+  __m512 acc[R][NP];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j)
+      acc[r][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[j], c + r * ldc + 16 * j);
+  int count = 0;
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 w[NP];
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) w[j] = _mm512_loadu_ps(b + j * K * 16 + k * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_fmadd_ps(x, w[j], acc[r][j]);
+    }
+    if (pf && ++count == every) {
+      count = 0;
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) { _mm_prefetch(pf[j], _MM_HINT_T0); pf[j] += 64; }
+    }
+  }
+  for (int j = 0; j < NP; ++j) {
+    const __m512 bv = bias && k1 == K ? _mm512_maskz_loadu_ps(mask[j], bias + 16 * j) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mask[j], _mm512_add_ps(acc[r][j], bv));
+  }
+}
+
+// all M rows times NP panels (b, the first of them), chunk by chunk of K; each chunk's tiles
+// prefetch the next chunk, the last one the panels at `next` (nullptr: nothing after)
+template <int NP>
+static void panel_group512(const float* a, int64_t lda, int64_t M, const float* b, int64_t K, const float* bias,
+                           float* c, int64_t ldc, int cols, const float* next) {
+  const int tiles = (int)((M + PANEL_ROWS - 1) / PANEL_ROWS);
+  for (int64_t k0 = 0; k0 < K; k0 += PANEL_KC) {
+    const int64_t k1 = std::min(K, k0 + PANEL_KC);
+    // One tile reads a chunk straight from memory, where the hardware prefetcher keeps up.
+    const char* ahead[NP];
+    const char** pf = nullptr;
+    if (tiles > 1 && (k1 < K || next)) {
+      for (int j = 0; j < NP; ++j)
+        ahead[j] = reinterpret_cast<const char*>(k1 < K ? b + j * K * 16 + k1 * 16 : next + j * K * 16);
+      pf = ahead;
+    }
+    for (int64_t m = 0, t = 0; t < tiles; ++t) {
+      const int rows = (int)((M - m + tiles - t - 1) / (tiles - t));
+      const float* at = a + m * lda;
+      float* ct = c + m * ldc;
+      switch (rows) {
+#define PDSERVE_TILE(r) case r: panel_tile512<NP, r>(at, lda, b, K, k0, k1, bias, ct, ldc, cols, pf, tiles); break;
+        PDSERVE_TILE(1) PDSERVE_TILE(2) PDSERVE_TILE(3) PDSERVE_TILE(4) PDSERVE_TILE(5) PDSERVE_TILE(6)
+#undef PDSERVE_TILE
+        default: break;
+      }
+      m += rows;
+    }
+  }
+}
+#endif
+
 // rows R (<= 6) of x times one panel: 2 x R accumulators of 8 outputs, kept in registers
 template <int R>
 static inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t K, const float* bias,
@@ -874,6 +952,23 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
   float* c = out.data_ptr<float>();
   const int64_t lda = x.stride(0);
   py::gil_scoped_release nogil;
+#if defined(__AVX512F__)
+  constexpr int NP = PANEL_GROUP;
+  at::parallel_for(0, (P + NP - 1) / NP, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p = g * NP;
+      if (p + NP <= P) {
+        const float* next = g + 1 < g1 && p + 2 * NP <= P ? b + (p + NP) * K * 16 : nullptr;
+        panel_group512<NP>(a, lda, M, b + p * K * 16, K, bs ? bs + p * 16 : nullptr, c + p * 16, N,
+                           (int)std::min<int64_t>(16 * NP, N - p * 16), next);
+      } else {
+        for (int64_t q = p; q < P; ++q)   // the last panels, fewer than a group
+          panel_group512<1>(a, lda, M, b + q * K * 16, K, bs ? bs + q * 16 : nullptr, c + q * 16, N,
+                            (int)std::min<int64_t>(16, N - q * 16), nullptr);
+      }
+    }
+  });
+#else
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     const int every = (int)std::max<int64_t>(1, (M + 5) / 6);   // tiles per panel share its prefetching
     for (int64_t p = p0; p < p1; ++p) {
@@ -894,6 +989,7 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
       }
     }
   });
+#endif
 }
 
 void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
