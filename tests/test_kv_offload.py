@@ -487,7 +487,7 @@ def test_pd_with_a_tier_on_both_engines_equals_aggregated(f64_model, monkeypatch
         tiered_f64_engine(path, transport) if features else plain_engine(path, features, transport, **kw)))
     _, expected, got, prefill, decode, _ = pc.pd_run(f64_model, 3, ("P-tier", "D-tier"))
     assert got == expected
-    assert prefill.host_tier.hit_tokens + decode.host_tier.hit_tokens > 0
+    assert prefill.host_tier.stats().hit_tokens + decode.host_tier.stats().hit_tokens > 0
     pc.assert_pool_clean(prefill)
     pc.assert_pool_clean(decode)
 
@@ -504,5 +504,5 @@ def test_random_traffic_with_a_tier_equals_no_caching_at_all(f64_model, seed):
     expected = drive(plain, requests)
     tiered = tiered_f64_engine(model)
     assert drive(tiered, requests) == expected
-    assert tiered.scheduler.num_preemptions > 0 and tiered.host_tier.hit_tokens > 0
+    assert tiered.scheduler.num_preemptions > 0 and tiered.host_tier.stats().hit_tokens > 0
     assert_pool_clean(tiered)

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from pdserve.engine.kv_offload import KVTierStats
+from pdserve.engine.kv_offload import KVTierStats, TierFigures
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ class DiskKVTier:
         _remove_orphans(path)
         self.directory = tempfile.mkdtemp(prefix=f"{_prefix()}{os.getpid()}-", dir=path)
         self.clock = clock
-        self.lock = threading.Lock()    # the index and figures, shared with the writer thread
+        self.lock = threading.Lock()    # the index, shared with the writer thread
         self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()   # hash -> tokens, files written
-        self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
-        self.copy_seconds = 0.0
+        self.figures = TierFigures()
         self.write_failures = self.bad_reads = 0
         self.writer = BlockWriter(self._write, MAX_PENDING_BYTES // self.block_bytes, "kv-disk-writer", clock)
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
@@ -79,7 +78,7 @@ class DiskKVTier:
             if self.entries.get(block_hash) == tokens:
                 self.entries.move_to_end(block_hash)
                 return
-        self.copy_seconds += self.writer.put(block_hash, tokens, kv)
+        self.figures.copied(self.writer.put(block_hash, tokens, kv))
 
     def get(self, block_hash: int) -> torch.Tensor | None:
         """The block's KV read back and checked; None (and the entry gone) when it is not intact."""
@@ -90,7 +89,7 @@ class DiskKVTier:
             self.entries.move_to_end(block_hash)
         start = self.clock()
         kv = self._read(block_hash, tokens)
-        self.copy_seconds += self.clock() - start
+        self.figures.copied(self.clock() - start)
         if kv is None:
             self.bad_reads += 1
             log.warning("KV disk tier: block %016x is missing or corrupt; computing it instead",
@@ -110,17 +109,8 @@ class DiskKVTier:
             return None
         return unpack_record(memoryview(data)[:size], block_hash, tokens, self.block_shape, self.dtype)
 
-    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
-        with self.lock:
-            self.hit_tokens += num_tokens
-            self.loaded_bytes += num_bytes
-            self.copy_seconds += seconds
-
-    def stats(self):
-        with self.lock:
-            return KVTierStats(self.name, hit_tokens=self.hit_tokens, saved_bytes=self.saved_bytes,
-                               loaded_bytes=self.loaded_bytes, copy_seconds=self.copy_seconds,
-                               used_bytes=len(self.entries) * self.block_bytes, capacity_bytes=self.capacity_bytes)
+    def stats(self) -> KVTierStats:
+        return self.figures.stats(self.name, len(self.entries) * self.block_bytes, self.capacity_bytes)
 
     def close(self) -> None:
         """Stops the writer (after the queued writes) and removes the folder."""
@@ -158,12 +148,10 @@ class DiskKVTier:
                             "is not kept", self.directory, exc, self.write_failures)
             return
         finally:
-            seconds = self.clock() - start
-            with self.lock:
-                self.copy_seconds += seconds
+            self.figures.copied(self.clock() - start)
         with self.lock:
             self.entries[block_hash] = tokens
-            self.saved_bytes += self.block_bytes
+        self.figures.copied(0.0, self.block_bytes)
 
 
 class BlockWriter:

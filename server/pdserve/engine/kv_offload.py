@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,14 +43,40 @@ class KVTierStats:
     capacity_bytes: int = 0
 
 
+class TierFigures:
+    """A tier's cumulative figures. The disk and store tiers' writer threads add to them beside
+    the engine thread, hence the lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
+        self.copy_seconds = 0.0
+
+    def copied(self, seconds: float, saved_bytes: int = 0) -> None:
+        with self.lock:
+            self.copy_seconds += seconds
+            self.saved_bytes += saved_bytes
+
+    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
+        with self.lock:
+            self.hit_tokens += num_tokens
+            self.loaded_bytes += num_bytes
+            self.copy_seconds += seconds
+
+    def stats(self, tier: str, used_bytes: int, capacity_bytes: int) -> KVTierStats:
+        with self.lock:
+            return KVTierStats(tier, self.hit_tokens, self.saved_bytes, self.loaded_bytes, self.copy_seconds,
+                               used_bytes, capacity_bytes)
+
+
 class Tier(Protocol):
     """One tier: blocks by hash, each the KV of all layers of one pool block."""
     name: str
+    figures: TierFigures
 
     def contains(self, block_hash: int, tokens: tuple[int, ...]) -> bool: ...
     def put(self, block_hash: int, tokens: tuple[int, ...], kv: torch.Tensor) -> None: ...
     def get(self, block_hash: int) -> torch.Tensor | None: ...
-    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None: ...
     def stats(self) -> KVTierStats: ...
 
 
@@ -70,8 +97,7 @@ class HostKVTier:
         self.entries: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()  # hash -> (slot, tokens)
         self.below = below
         self.clock = clock
-        self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
-        self.copy_seconds = 0.0
+        self.figures = TierFigures()
 
     @property
     def num_slots(self) -> int:
@@ -100,8 +126,7 @@ class HostKVTier:
             return
         start = self.clock()
         self.store[slot].copy_(kv)
-        self.copy_seconds += self.clock() - start
-        self.saved_bytes += self.block_bytes
+        self.figures.copied(self.clock() - start, self.block_bytes)
         self.entries[block_hash] = (slot, tokens)
 
     def get(self, block_hash: int) -> torch.Tensor:
@@ -110,19 +135,11 @@ class HostKVTier:
         self.entries.move_to_end(block_hash)
         start = self.clock()
         kv = self.store[self.entries[block_hash][0]].clone()
-        self.copy_seconds += self.clock() - start
+        self.figures.copied(self.clock() - start)
         return kv
 
-    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
-        self.hit_tokens += num_tokens
-        self.loaded_bytes += num_bytes
-        self.copy_seconds += seconds
-
     def stats(self) -> KVTierStats:
-        return KVTierStats(self.name, hit_tokens=self.hit_tokens, saved_bytes=self.saved_bytes,
-                           loaded_bytes=self.loaded_bytes, copy_seconds=self.copy_seconds,
-                           used_bytes=len(self.entries) * self.block_bytes,
-                           capacity_bytes=self.num_slots * self.block_bytes)
+        return self.figures.stats(self.name, len(self.entries) * self.block_bytes, self.num_slots * self.block_bytes)
 
 
 class KVTiers:
@@ -170,7 +187,7 @@ class KVTiers:
         for (tier, kv), block in zip(staged, blocks):
             start = self.clock()
             self.pool[block].copy_(kv)
-            tier.loaded(self.block_size, self.block_bytes, self.clock() - start)
+            tier.figures.loaded(self.block_size, self.block_bytes, self.clock() - start)
 
     def stats(self) -> tuple[KVTierStats, ...]:
         return tuple(t.stats() for t in self.tiers)

@@ -30,7 +30,7 @@ import torch
 
 from pdserve.engine.kv_disk import BlockWriter, record_parts, unpack_record
 from pdserve.engine.kv_events import KVEventLog
-from pdserve.engine.kv_offload import KVTierStats
+from pdserve.engine.kv_offload import KVTierStats, TierFigures
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,10 @@ class StoreKVTier:
         self.block_bytes = math.prod(block_shape) * dtype.itemsize
         self.capacity_bytes = capacity_bytes     # what this engine lends the store (the store is shared)
         self.clock = clock
-        self.lock = threading.Lock()    # known, the figures and the backoff, shared with the writer thread
+        self.lock = threading.Lock()    # known and the backoff, shared with the writer thread
         self.known: OrderedDict[int, tuple[int, ...]] = OrderedDict()   # hash -> tokens, in the store
         self.bad: OrderedDict[int, tuple[int, ...]] = OrderedDict()     # hash -> tokens it could not give back
-        self.hit_tokens = self.saved_bytes = self.loaded_bytes = 0
-        self.copy_seconds = 0.0
+        self.figures = TierFigures()
         self.failures = self.bad_reads = 0
         self.down_until, self.backoff = 0.0, BACKOFF_S
         # the hashes this engine put (or found gone), for the kv_aware router's index of the store
@@ -118,7 +117,7 @@ class StoreKVTier:
         with self.lock:
             if self.known.get(block_hash) == tokens or self.clock() < self.down_until:
                 return
-        self.copy_seconds += self.writer.put(block_hash, tokens, kv)
+        self.figures.copied(self.writer.put(block_hash, tokens, kv))
 
     def get(self, block_hash: int) -> torch.Tensor | None:
         """The block's KV read from the store and checked against the tokens contains() was asked
@@ -130,8 +129,8 @@ class StoreKVTier:
         start = self.clock()
         data = self.client.get(self.key(block_hash))
         kv = unpack_record(bytearray(data), block_hash, tokens, self.block_shape, self.dtype) if data else None
+        self.figures.copied(self.clock() - start)
         with self.lock:
-            self.copy_seconds += self.clock() - start
             if kv is None:
                 self.bad_reads += 1
                 self.known.pop(block_hash, None)
@@ -144,17 +143,8 @@ class StoreKVTier:
                         block_hash & 0xFFFFFFFFFFFFFFFF)
         return kv
 
-    def loaded(self, num_tokens: int, num_bytes: int, seconds: float) -> None:
-        with self.lock:
-            self.hit_tokens += num_tokens
-            self.loaded_bytes += num_bytes
-            self.copy_seconds += seconds
-
     def stats(self) -> KVTierStats:
-        with self.lock:
-            return KVTierStats(self.name, hit_tokens=self.hit_tokens, saved_bytes=self.saved_bytes,
-                               loaded_bytes=self.loaded_bytes, copy_seconds=self.copy_seconds,
-                               used_bytes=len(self.known) * self.block_bytes, capacity_bytes=self.capacity_bytes)
+        return self.figures.stats(self.name, len(self.known) * self.block_bytes, self.capacity_bytes)
 
     def flush(self) -> None:
         """Waits until every queued block is put (or failed): for tests and benchmarks."""
@@ -172,12 +162,11 @@ class StoreKVTier:
         start = self.clock()
         value = b"".join(record_parts(block_hash, tokens, kv))
         code = self.client.put(self.key(block_hash), value)
+        self.figures.copied(self.clock() - start, self.block_bytes if code == 0 else 0)
         with self.lock:
-            self.copy_seconds += self.clock() - start
             if code == 0:
                 self._remember(self.known, block_hash, tokens)
                 self.bad.pop(block_hash, None)
-                self.saved_bytes += self.block_bytes
         if code != 0:
             self._failed("a put", code)
         else:
