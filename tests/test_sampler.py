@@ -3,7 +3,7 @@ log-probabilities as log_softmax of the raw logits, and the greedy fast path as 
 import torch
 
 from pdserve.common.sampling import SamplingParams
-from pdserve.engine.sampler import Sampler, apply_min_p, apply_penalties, token_counts
+from pdserve.engine.sampler import Sampler, apply_min_p, apply_penalties, token_counts, top_k_top_p_sets, draw
 from pdserve.engine.sequence import Sequence
 
 VOCAB = 50
@@ -111,6 +111,61 @@ def test_seeded_rows_are_reproducible_with_min_p():
         sampler = Sampler(torch.device("cpu"))
         draws.append([sampler.sample(logits.clone(), [seq], set())[0] for _ in range(5)])
     assert draws[0] == draws[1]
+
+
+def _reference_sets(logits, top_k, top_p):
+    """Top-k then top-p by a full sort of each row: the set of token ids kept."""
+    out = []
+    for row, k, p in zip(logits, top_k, top_p):
+        values, ids = row.sort(descending=True)
+        values = values[:k] if k > 0 else values
+        probs = values.softmax(-1)
+        before = probs.cumsum(-1) - probs
+        out.append(set(ids[:len(values)][before < p].tolist()))
+    return out
+
+
+def test_top_k_top_p_sets_equal_a_full_sort_of_the_vocabulary():
+    """The sets are looked for among the largest logits first; flat rows, whose top-p set reaches
+    past those, widen the search until the set ends: every row's set is the full sort's."""
+    vocab = 5000
+    gen = torch.Generator().manual_seed(3)
+    peaked = torch.randn(4, vocab, generator=gen) * 4
+    flat = torch.randn(3, vocab, generator=gen) * 0.05
+    logits = torch.cat([peaked, flat])
+    top_k = [0, 5, 300, 0, 0, 0, 2000]
+    top_p = [0.9, 1.0, 0.95, 0.5, 0.9, 0.999, 0.7]
+    values, ids = top_k_top_p_sets(logits, torch.tensor(top_k), torch.tensor(top_p))
+    got = [set(i[torch.isfinite(v)].tolist()) for v, i in zip(values, ids)]
+    assert got == _reference_sets(logits, top_k, top_p)
+    assert len(got[5]) > 4000 and len(got[1]) == 5   # a flat row's set does reach far past the first candidates
+
+
+def test_draw_is_the_inverse_of_the_whole_rows_cumulative_distribution():
+    """draw() finds a chunk of the vocabulary, then the token in it: the same index as the first
+    one whose cumulative probability over the whole row reaches the uniform number."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(400, 3000, generator=gen) * 3      # 3 chunks, the last one partial
+    logits[:, 1500:1700] = float("-inf")                     # masked tokens are never drawn
+    uniform = 1.0 - torch.rand(400, generator=gen)
+    got = draw(logits, uniform)
+    cdf = logits.double().softmax(-1).cumsum(-1)
+    want = torch.searchsorted(cdf, uniform.double().unsqueeze(1)).squeeze(1)
+    differ = got != want
+    assert not ((got >= 1500) & (got < 1700)).any()
+    assert differ.sum() <= 2 and all(abs(cdf[r, want[r]] - uniform[r]) < 1e-6 for r in differ.nonzero().flatten())
+
+
+def test_sampled_tokens_follow_the_distribution_cut_by_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    rows = 40000
+    for top_p, kept in ((1.0, 5), (0.8, 2)):
+        seqs = [_seq([1], temperature=1.0, top_p=top_p) for _ in range(rows)]
+        tokens = torch.tensor(Sampler(torch.device("cpu")).sample(logits.repeat(rows, 1), seqs, set()))
+        want = logits[:kept].softmax(-1)
+        freq = torch.bincount(tokens, minlength=5).float() / rows
+        assert freq[kept:].sum() == 0, f"top_p {top_p}: a token outside the set was drawn"
+        torch.testing.assert_close(freq[:kept], want, atol=0.01, rtol=0)
 
 
 def test_prompt_logprobs_match_log_softmax():

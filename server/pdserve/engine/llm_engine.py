@@ -167,7 +167,7 @@ class LLMEngine:
             seq.output_token_ids = list(resume_token_ids)
             for token_id in resume_token_ids:     # the text of these was sent by the former engine
                 detok.add_token(token_id, check_stop=False)
-                self.runner.sampler.skip_draw(seq, self.runner.vocab_size)
+                self.runner.sampler.skip_draw(seq)
             detok.take_piece(final=False)
         elif prefill_address:
             self.decode_kv.expect(request_id, prefill_address)
@@ -227,7 +227,7 @@ class LLMEngine:
             return []
         if decision.action == Action.ADMIT:
             self.scheduler.kv_arrived(seq)
-            self.runner.sampler.skip_draw(seq, self.runner.vocab_size)  # the prefill engine drew the first token
+            self.runner.sampler.skip_draw(seq)  # the prefill engine drew the first token
             return [self._append_token(seq, first_token)]
         failed = [RequestOutput(request_id, error=decision.error)] if request_id in self.sequences and decision.error else []
         if decision.action in (Action.FAIL, Action.FREE):

@@ -1,9 +1,13 @@
 """Batched sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds,
 penalties, logit bias, bad words, and the log-probabilities requests ask for.
 
-Sampled rows use the exponential-race form of categorical sampling (argmax of p / E with
-E ~ Exp(1)); each seeded request draws its noise from its own generator, so a seed gives
-the same tokens whatever else shares the batch.
+A sampled row draws one uniform number per token and takes the token where it falls in the
+cumulative distribution of the tokens it may choose (inverse transform): in descending order of
+probability when top-k/top-p cut the row, in token order otherwise. Each seeded request draws
+from its own generator, so a seed gives the same tokens whatever else shares the batch. Top-k
+and top-p sets are looked for among each row's largest logits (torch.topk), widened only while a
+row's set reaches past them: a full sort of the vocabulary, and a draw per vocabulary entry, cost
+more than the decode step at a 150k vocabulary.
 
 The order is vLLM's: min_tokens, bad_words and logit_bias, then the penalties, then temperature, min_p,
 top-k and top-p. Log-probabilities are those of the model's raw logits (log_softmax before any
@@ -23,21 +27,57 @@ from pdserve.common.sampling import TokenLogprobs
 from pdserve.engine.sequence import Sequence
 
 PROMPT_LOGPROB_ROWS = 256   # prompt rows widened to float32 at a time (a row is a whole vocabulary)
+TOP_CANDIDATES = 256        # the largest logits a top-k/top-p set is first looked for among (x8 until it fits)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Masks logits outside each row's top-k and top-p sets (top_k 0 and top_p 1 mean off)."""
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+def top_k_top_p_sets(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Each row's top-k and top-p set (top_k 0 and top_p 1 mean off) as (logits, token ids) in
+    descending order, -inf past the set. Top-p's mass is over the top-k set when top-k is on,
+    over the whole row otherwise; a token is dropped once the tokens before it hold top_p."""
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
-    mask = ranks >= k
-    probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
-    # Drop a token once the tokens ranked before it already hold top_p of the mass.
-    cumulative_before = probs.cumsum(dim=-1) - probs
-    mask |= cumulative_before >= top_p.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    whole_row = torch.logsumexp(logits, dim=-1)
+    # every top-k set within the first candidates: its mass (top-p's whole) is then known
+    width = min(vocab, max(TOP_CANDIDATES, int(top_k.max()) if len(top_k) else 0))
+    while True:
+        values, ids = logits.topk(width, dim=-1)
+        mask = torch.arange(width, device=logits.device) >= k.unsqueeze(1)
+        top_k_set = torch.logsumexp(values.masked_fill(mask, float("-inf")), dim=-1)
+        probs = (values - torch.where(top_k > 0, top_k_set, whole_row).unsqueeze(1)).exp().masked_fill(mask, 0.0)
+        cumulative = probs.cumsum(dim=-1)
+        mask |= cumulative - probs >= top_p.unsqueeze(1)
+        # a row's set ends within the candidates: its top-k does, or its top-p mass is reached
+        ends = (k <= width) | ((top_p < 1) & (cumulative[:, -1] >= top_p))
+        if width == vocab or bool(ends.all()):
+            return values.masked_fill(mask, float("-inf")), ids
+        width = min(vocab, width * 8)
+
+
+CDF_CHUNK = 1024   # draw() finds the chunk of the vocabulary first, then the token within it
+
+
+def draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the index where uniform (in (0, 1]) falls in the cumulative distribution of
+    softmax(logits): the first index whose cumulative probability reaches it. Chunk sums first,
+    then one chunk's running sum, both in float64: a float64 running sum over a whole 150k
+    vocabulary costs several times the rest of the draw."""
+    rows, width = logits.shape
+    chunk = min(CDF_CHUNK, width)
+    chunks = -(-width // chunk)
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp().nan_to_num_(0.0)
+    if chunks * chunk != width:
+        weights = torch.nn.functional.pad(weights, (0, chunks * chunk - width))
+    weights = weights.view(rows, chunks, chunk)
+    chunk_cdf = weights.sum(dim=-1).double().cumsum_(dim=-1)
+    target = uniform.double() * chunk_cdf[:, -1]
+    c = torch.searchsorted(chunk_cdf, target.unsqueeze(1)).squeeze(1).clamp_(max=chunks - 1)
+    before = torch.where(c > 0, chunk_cdf.gather(1, (c - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    inner = weights[torch.arange(rows, device=logits.device), c].double().cumsum_(dim=-1)
+    # rounding between the chunk's sum and its running sum may leave the target past the end:
+    # the last token of the chunk with weight is taken then
+    inner_target = torch.minimum(target - before, inner[:, -1]).unsqueeze(1)
+    i = torch.searchsorted(inner, inner_target).squeeze(1)
+    return (c * chunk + i).clamp_(max=width - 1)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -124,8 +164,9 @@ class Sampler:
             rows, ids = zip(*banned)
             logits[self._tensor(rows, torch.long), self._tensor(ids, torch.long)] = float("-inf")
         logits = self._apply_bias_and_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        tokens = (logits.argmax(dim=-1) if len(sampled_rows) < len(seqs)
+                  else torch.empty(len(seqs), dtype=torch.long, device=self.device))
         if sampled_rows:
             tokens[self._tensor(sampled_rows, torch.long)] = self._sample_rows(logits, seqs, sampled_rows)
         if raw_logprobs is not None:
@@ -157,13 +198,27 @@ class Sampler:
         sub = logits[self._tensor(sampled_rows, torch.long)] / self._tensor([p.temperature for p in params]).unsqueeze(1)
         if any(p.min_p > 0 for p in params):
             sub = apply_min_p(sub, self._tensor([p.min_p for p in params]))
-        sub = apply_top_k_top_p(sub, self._tensor([p.top_k for p in params], torch.long),
-                                self._tensor([p.top_p for p in params]))
-        probs = sub.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        for row, i in enumerate(sampled_rows):
-            noise[row].exponential_(generator=self._generator(seqs[i]))
-        return (probs / noise).argmax(dim=-1)
+        uniform = self._uniforms([seqs[i] for i in sampled_rows])
+        tokens = torch.empty(len(sampled_rows), dtype=torch.long, device=self.device)
+        cut = [r for r, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
+        whole = [r for r, p in enumerate(params) if not (p.top_k > 0 or p.top_p < 1)]
+        if cut:
+            rows = self._tensor(cut, torch.long)
+            values, ids = top_k_top_p_sets(sub[rows], self._tensor([params[r].top_k for r in cut], torch.long),
+                                           self._tensor([params[r].top_p for r in cut]))
+            tokens[rows] = ids.gather(1, draw(values, uniform[rows]).unsqueeze(1)).squeeze(1)
+        if whole:
+            rows = self._tensor(whole, torch.long)
+            tokens[rows] = draw(sub[rows], uniform[rows])
+        return tokens
+
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One number in (0, 1] per row: a seeded request's from its own generator."""
+        out = 1.0 - torch.rand(len(seqs), generator=self.default_generator, device=self.device)
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                out[row] = 1.0 - torch.rand(1, generator=self._generator(seq), device=self.device)
+        return out
 
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], num_top: list[int]) -> list[TokenLogprobs]:
         """The log-probabilities of prompt tokens: row r of logits predicts targets[r]."""
@@ -174,11 +229,11 @@ class Sampler:
             out += top_logprobs(lp, self._tensor(targets[start:end], torch.long), num_top[start:end])
         return out
 
-    def skip_draw(self, seq: Sequence, vocab_size: int) -> None:
+    def skip_draw(self, seq: Sequence) -> None:
         """Advances a seeded request's generator past one token, drawn by another engine (PD),
         so the rest of its tokens match what one engine would have drawn."""
         if not seq.params.greedy and seq.params.seed is not None:
-            torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator(seq))
+            torch.rand(1, generator=self._generator(seq), device=self.device)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
