@@ -58,7 +58,7 @@ proto: $(VENV)/.installed
 
 demo-model: $(DEMO)/model.safetensors
 $(DEMO)/model.safetensors: tools/make_demo_model.py tools/train_demo_model.py $(VENV)/.installed
-	$(PY) tools/make_demo_model.py $(DEMO) --train-steps 380
+	$(PY) tools/make_demo_model.py $(DEMO) --train-steps 550 --train-hidden 128
 
 bench: setup demo-model
 	$(PY) bench/engine_throughput.py
