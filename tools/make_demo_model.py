@@ -5,7 +5,7 @@ and the weights are seeded random ones or, with --train-steps, trained on the sa
 (tools/train_demo_model.py: `make demo-model`, minutes on two cores). Tests and benchmarks that
 need a model of a given size fast take the random weights.
 
-    python tools/make_demo_model.py OUT_DIR [--layers 8 --hidden 512 ...] [--train-steps 380]
+    python tools/make_demo_model.py OUT_DIR [--layers 8 --hidden 512 ...] [--train-steps 550 --train-hidden 128]
 """
 from __future__ import annotations
 
