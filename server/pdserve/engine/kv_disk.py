@@ -135,11 +135,13 @@ class DiskKVTier:
             _unlink(self.file(victim))
         start = self.clock()
         path = self.file(block_hash)
+        saved = 0
         try:
             with open(path + ".tmp", "wb") as f:
                 for part in record_parts(block_hash, tokens, kv):
                     f.write(part)
             os.replace(path + ".tmp", path)
+            saved = self.block_bytes
         except OSError as exc:
             _unlink(path + ".tmp")
             self.write_failures += 1
@@ -148,10 +150,9 @@ class DiskKVTier:
                             "is not kept", self.directory, exc, self.write_failures)
             return
         finally:
-            self.figures.copied(self.clock() - start)
+            self.figures.copied(self.clock() - start, saved)
         with self.lock:
             self.entries[block_hash] = tokens
-        self.figures.copied(0.0, self.block_bytes)
 
 
 class BlockWriter:

@@ -36,14 +36,16 @@ def top_k_top_p_sets(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     over the whole row otherwise; a token is dropped once the tokens before it hold top_p."""
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    whole_row = torch.logsumexp(logits, dim=-1)
+    # top-p's whole when top-k is off (a pass over the vocabulary: only when some row needs it)
+    whole_row = torch.logsumexp(logits, dim=-1) if bool((top_k <= 0).any()) else None
     # every top-k set within the first candidates: its mass (top-p's whole) is then known
     width = min(vocab, max(TOP_CANDIDATES, int(top_k.max()) if len(top_k) else 0))
     while True:
         values, ids = logits.topk(width, dim=-1)
         mask = torch.arange(width, device=logits.device) >= k.unsqueeze(1)
         top_k_set = torch.logsumexp(values.masked_fill(mask, float("-inf")), dim=-1)
-        probs = (values - torch.where(top_k > 0, top_k_set, whole_row).unsqueeze(1)).exp().masked_fill(mask, 0.0)
+        mass = top_k_set if whole_row is None else torch.where(top_k > 0, top_k_set, whole_row)
+        probs = (values - mass.unsqueeze(1)).exp().masked_fill(mask, 0.0)
         cumulative = probs.cumsum(dim=-1)
         mask |= cumulative - probs >= top_p.unsqueeze(1)
         # a row's set ends within the candidates: its top-k does, or its top-p mass is reached
@@ -200,8 +202,9 @@ class Sampler:
             sub = apply_min_p(sub, self._tensor([p.min_p for p in params]))
         uniform = self._uniforms([seqs[i] for i in sampled_rows])
         tokens = torch.empty(len(sampled_rows), dtype=torch.long, device=self.device)
-        cut = [r for r, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
-        whole = [r for r, p in enumerate(params) if not (p.top_k > 0 or p.top_p < 1)]
+        cuts = [p.top_k > 0 or p.top_p < 1 for p in params]
+        cut = [r for r, c in enumerate(cuts) if c]
+        whole = [r for r, c in enumerate(cuts) if not c]
         if cut:
             rows = self._tensor(cut, torch.long)
             values, ids = top_k_top_p_sets(sub[rows], self._tensor([params[r].top_k for r in cut], torch.long),
