@@ -190,6 +190,27 @@ def test_decode_attention_ignores_slots_never_written(dtype, variant):
         torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_argmax_matches_torch_max(dtype, variant):
+    """Each row's first largest value, as torch's max(dim).indices picks it: ties, a NaN (it
+    wins, the first one), a row of -inf only, vocabularies that end inside a vector."""
+    ref, cpu = pair(dtype, variant)
+    g = torch.Generator().manual_seed(5)
+    for vocab in (1, 7, 16, 33, 1000, 8192, 151936):
+        logits = torch.randn(12, vocab, generator=g).to(dtype)
+        logits[1] = logits[1].round()                       # many ties at the maximum
+        logits[2] = float("-inf")
+        logits[3, vocab // 2] = float("nan")
+        logits[4, vocab - 1] = float("nan")                 # in the tail (past the last whole vector)
+        logits[4, vocab // 3] = float("nan")
+        logits[5, :] = 1.0                                  # every entry tied
+        logits[6, vocab - 1] = 100.0                        # the maximum in the tail
+        logits[7, 0] = float("inf")
+        assert cpu.argmax(logits).tolist() == ref.argmax(logits).tolist(), vocab
+        strided = torch.randn(3, vocab + 5, generator=g).to(dtype)[:, 2:vocab + 2]
+        assert cpu.argmax(strided).tolist() == ref.argmax(strided).tolist(), vocab
+
+
 def test_the_compiled_kernels_run_here():
     """The compiled kernels are what the CPU fast path is: every x86 CPU with AVX2 runs a build."""
     if variants.choose(cpu_flags()) is None:
@@ -220,6 +241,42 @@ def test_prefill_over_a_cached_prefix_equals_the_whole_prompt(dtype):
                              prefill_cached=[cached], prefill_block_tables=[table])
     got = kernels.prefill_attention(q[cached:], k[cached:], v[cached:], pool, 0, tail)
     torch.testing.assert_close(got, expected[cached:], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_of_many_prompts_equals_each_prompt_alone(dtype):
+    """Whole prompts of one length side by side run as one batched attention call; a batch
+    mixing lengths and a piece after a cached prefix gives every prompt what it gets alone."""
+    kernels = TorchKernels(CPU, dtype)
+    pool = torch.zeros(16, 1, 2, 4, 2, 32, dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    lengths, cached = [5, 5, 5, 7, 3, 5, 5], [0, 0, 0, 0, 4, 0, 0]
+    bounds, start = [], 0
+    for n in lengths:
+        bounds.append((start, start + n))
+        start += n
+    q = torch.randn(start, 4, 32, generator=g).to(dtype)
+    k, v = (torch.randn(start, 2, 32, generator=g).to(dtype) for _ in range(2))
+    # the piece after a cached prefix: its first 4 tokens' KV in blocks 9 and 3
+    prefix_k, prefix_v = (torch.randn(4, 2, 32, generator=g).to(dtype) for _ in range(2))
+    table = torch.tensor([9, 3])
+    prefix = AttentionMetadata(slot_blocks=torch.tensor([9] * 4), slot_offsets=torch.arange(4),
+                               last_token_indices=torch.tensor([3]), prefill_bounds=[(0, 4)])
+    kernels.store_kv(pool, 0, prefix_k, prefix_v, prefix)
+    s4, e4 = bounds[4]
+    piece = AttentionMetadata(slot_blocks=torch.tensor([3] * 3), slot_offsets=torch.arange(3),
+                              last_token_indices=torch.tensor([2]), prefill_bounds=[(0, 3)])
+    kernels.store_kv(pool, 0, k[s4:e4], v[s4:e4], piece)
+    meta = AttentionMetadata(slot_blocks=torch.zeros(start, dtype=torch.long), slot_offsets=torch.zeros(start, dtype=torch.long),
+                             last_token_indices=torch.tensor([e - 1 for _, e in bounds]), prefill_bounds=bounds,
+                             prefill_cached=cached, prefill_block_tables=[table if c else None for c in cached])
+    got = kernels.prefill_attention(q, k, v, pool, 0, meta)
+    for (s, e), c in zip(bounds, cached):
+        alone = AttentionMetadata(slot_blocks=meta.slot_blocks[s:e], slot_offsets=meta.slot_offsets[s:e],
+                                  last_token_indices=torch.tensor([e - s - 1]), prefill_bounds=[(0, e - s)],
+                                  prefill_cached=[c], prefill_block_tables=[table if c else None])
+        torch.testing.assert_close(got[s:e], kernels.prefill_attention(q[s:e], k[s:e], v[s:e], pool, 0, alone),
+                                   rtol=0, atol=0)
 
 
 def test_dtype_auto_follows_the_cpu():

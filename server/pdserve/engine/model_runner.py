@@ -106,7 +106,7 @@ class ModelRunner:
         self.block_size = cfg.kv_block_size
         self.kv_cache = self._allocate_kv_cache()
         self.num_blocks = self.kv_cache.shape[0]
-        self.sampler = Sampler(self.device, cfg.seed)
+        self.sampler = Sampler(self.device, cfg.seed, self.kernels.argmax)
         # PREFILL engines: builds, per forward, what to push after each layer (kv_connector.py)
         self.layer_push = None
         self.progress = Progress()   # the last layer a forward finished, for the stall watchdog

@@ -14,10 +14,9 @@ top-k and top-p. Log-probabilities are those of the model's raw logits (log_soft
 of these; vLLM's default `raw_logprobs`), so they score the model, not the request's settings.
 
 A batch of plain greedy rows (no penalties, bias or log-probabilities) is one max over the
-logits in the model's dtype: widening to float32 first would cost a copy of the whole
-[batch, vocab] block and change nothing, since every bfloat16/float16 value is exact in float32
-(both pick the first of tied maxima). max(dim).indices, not argmax: on CPU, argmax over bfloat16
-is the slower kernel of the two (bench/RESULTS.md).
+logits in the model's dtype, by the device's kernel set (its `argmax`): widening to float32
+first would cost a copy of the whole [batch, vocab] block and change nothing, since every
+bfloat16/float16 value is exact in float32 (both pick the first of tied maxima).
 """
 from __future__ import annotations
 
@@ -139,8 +138,10 @@ def bad_word_bans(seqs: list[Sequence]) -> list[tuple[int, int]]:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, argmax=None):
         self.device = device
+        # greedy rows' tokens: the kernel set's argmax (engine/kernels/), torch's max by default
+        self.argmax = argmax or (lambda logits: logits.max(dim=-1).indices)
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         # Constrained decoding's hook (engine/structured.py): masks rows of the logits in place
@@ -156,7 +157,7 @@ class Sampler:
             self.constrain(logits, seqs)
         if all(seq.params.plain_greedy for seq in seqs):
             self._suppress_early_stops(logits, seqs, eos_ids)
-            return logits.max(dim=-1).indices.tolist()
+            return self.argmax(logits).tolist()
         logits = logits.float()
         logprob_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
@@ -167,7 +168,7 @@ class Sampler:
             logits[self._tensor(rows, torch.long), self._tensor(ids, torch.long)] = float("-inf")
         logits = self._apply_bias_and_penalties(logits, seqs)
         sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
-        tokens = (logits.argmax(dim=-1) if len(sampled_rows) < len(seqs)
+        tokens = (self.argmax(logits) if len(sampled_rows) < len(seqs)
                   else torch.empty(len(seqs), dtype=torch.long, device=self.device))
         if sampled_rows:
             tokens[self._tensor(sampled_rows, torch.long)] = self._sample_rows(logits, seqs, sampled_rows)

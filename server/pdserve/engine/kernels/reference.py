@@ -94,6 +94,11 @@ class TorchKernels:
         from pdserve.engine.kernels.quant import FakeQuantLinear
         return FakeQuantLinear(weight, bias)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens: each row's first largest logit. max(dim).indices, not argmax: on CPU,
+        argmax over bfloat16 is the slower kernel of the two (bench/RESULTS.md)."""
+        return logits.max(dim=-1).indices
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Computed in float32 like transformers, so low-precision outputs match it.
         dtype = x.dtype
@@ -136,23 +141,36 @@ class TorchKernels:
         sequence's new tokens over its whole context: the new tokens and, where a prefix was
         already cached (prefix cache, chunked prefill), the cached ones read from the pool."""
         out = torch.empty_like(q)
-        for i, (start, end) in enumerate(meta.prefill_bounds):
-            cached = meta.prefill_cached[i] if meta.prefill_cached else 0
-            qs = q[start:end].transpose(0, 1).unsqueeze(0)            # [1, H, n, D]: 4-D, the fast SDPA path
-            if cached == 0:
-                ks = k[start:end].transpose(0, 1).unsqueeze(0)
-                vs = v[start:end].transpose(0, 1).unsqueeze(0)
+        bounds = meta.prefill_bounds
+        cached_of = meta.prefill_cached or [0] * len(bounds)
+        i = 0
+        while i < len(bounds):
+            start, end = bounds[i]
+            if cached_of[i] == 0:
+                # a run of whole prompts of one length, side by side in the batch: one SDPA call
+                # with a batch dimension (a call per prompt costs more than the attention of a
+                # few hundred tokens)
+                n, j = end - start, i + 1
+                while j < len(bounds) and cached_of[j] == 0 and bounds[j] == (bounds[j - 1][1], bounds[j - 1][1] + n):
+                    j += 1
+                rows = slice(start, start + (j - i) * n)
+                # [prompts, heads, n, D]: 4-D, the fast SDPA path
+                qs, ks, vs = (t[rows].view(j - i, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:
-                total = cached + (end - start)
-                keys, values = self.gather_context(kv_cache, layer, meta.prefill_block_tables[i], total)
-                ks = keys.transpose(0, 1).unsqueeze(0)
-                vs = values.transpose(0, 1).unsqueeze(0)
-                # query j (position cached + j) sees keys 0 .. cached + j
-                qpos = torch.arange(cached, total, device=q.device)[:, None]
-                mask = torch.arange(total, device=q.device)[None, :] <= qpos
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+                out[rows] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+                i = j
+                continue
+            cached, total = cached_of[i], cached_of[i] + (end - start)
+            keys, values = self.gather_context(kv_cache, layer, meta.prefill_block_tables[i], total)
+            qs = q[start:end].transpose(0, 1).unsqueeze(0)
+            ks = keys.transpose(0, 1).unsqueeze(0)
+            vs = values.transpose(0, 1).unsqueeze(0)
+            # query j (position cached + j) sees keys 0 .. cached + j
+            qpos = torch.arange(cached, total, device=q.device)[:, None]
+            mask = torch.arange(total, device=q.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[start:end] = o.squeeze(0).transpose(0, 1)
+            i += 1
         return out
 
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta: "AttentionMetadata"):

@@ -82,6 +82,13 @@ static inline vf vdiv(vf a, vf b) {
   return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
 }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
+// NaN lanes by their bits: -ffast-math lets the compiler drop a float compare's NaN cases
+static inline uint32_t vnan_lanes(vf v) {
+  return _mm512_cmpgt_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)),
+                                 _mm512_set1_epi32(0x7f800000));
+}
+static inline uint32_t veq_lanes(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 static inline vf vfloor_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vexp2i(vf fx) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23));
@@ -106,6 +113,16 @@ static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_and_si256
 PDSERVE_VEC_OPS(_mm256)
 static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline float vsum(vf v) { return hsum8(v); }
+static inline float vhmax(vf v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+static inline uint32_t vnan_lanes(vf v) {
+  return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(
+      _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000))));
+}
+static inline uint32_t veq_lanes(vf a, vf b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
 static inline vf vfloor_round(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vexp2i(vf fx) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23));
@@ -1004,6 +1021,54 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
   else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
 }
 
+// ---- greedy sampling -------------------------------------------------------------------------------
+// The index of each row's largest value, as torch's max(dim).indices: the first of tied maxima,
+// and a NaN wins over every number (the first NaN). Two reads of the row (its maximum, then
+// where it first is): the second comes from cache, a row being one vocabulary.
+template <typename T>
+static int64_t row_argmax(const T* x, int64_t n) {
+  vf best = vset1(-INFINITY);
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf v = vload(x + i);
+    const uint32_t nan = vnan_lanes(v);
+    if (nan) return i + __builtin_ctz(nan);
+    best = vmax(best, v);
+  }
+  float m = vhmax(best);
+  for (int64_t j = i; j < n; ++j) {
+    const float v = to_float(x[j]);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return j;   // the first NaN (the vector part had none)
+    m = std::max(m, v);
+  }
+  const vf vm = vset1(m);
+  for (i = 0; i + VW <= n; i += VW) {
+    const uint32_t eq = veq_lanes(vload(x + i), vm);
+    if (eq) return i + __builtin_ctz(eq);
+  }
+  for (; i < n; ++i) if (to_float(x[i]) == m) return i;
+  return 0;   // a row of -inf only: torch's answer too
+}
+
+void argmax_rows(at::Tensor out, at::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && out.is_contiguous() && out.scalar_type() == at::kLong
+              && out.numel() == logits.size(0));
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "argmax_rows: float32 or bfloat16 only");
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
+  int64_t* o = out.data_ptr<int64_t>();
+  py::gil_scoped_release nogil;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (logits.scalar_type() == at::kFloat) o[r] = row_argmax(logits.data_ptr<float>() + r * stride, n);
+      else o[r] = row_argmax(logits.data_ptr<at::BFloat16>() + r * stride, n);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function(paged_decode), "decode attention over the paged KV pool");
   m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm, with an optional residual add first");
@@ -1011,5 +1076,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", torch::wrap_pybind_function(rope), "rotary embedding in place (rotate half)");
   m.def("set_serial_work", &set_serial_work, "the work below which an op runs on one thread; returns the old value");
   m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
+  m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
 }
