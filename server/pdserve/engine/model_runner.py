@@ -226,10 +226,21 @@ class ModelRunner:
         groups = self._prefill_groups(step.prefills)
         if len(groups) < 2:
             return self._run(step.prefills, step.decodes)
-        sampled = []
-        for group in groups[:-1]:
-            sampled += self._run(group, [])
-        return sampled + self._run(groups[-1], step.decodes)
+        if self.tp is not None:   # every rank runs each forward whole, its LM head's gather included
+            sampled = []
+            for group in groups[:-1]:
+                sampled += self._run(group, [])
+            return sampled + self._run(groups[-1], step.decodes)
+        # The LM head once for the step, over every group's sampled rows: it reads the whole
+        # vocabulary's weights whatever the number of rows.
+        seqs, hidden = [], []
+        for i, group in enumerate(groups):
+            sampled, scored, h = self._forward(group, step.decodes if i == len(groups) - 1 else [], head=None)
+            if scored:   # prompt log-probabilities: scored now
+                self._score_prompts(self.model.logits(h[len(sampled):]), scored)
+            seqs += sampled
+            hidden.append(h[:len(sampled)])
+        return self._sample(self.model.logits(torch.cat(hidden)), seqs)
 
     def _prefill_groups(self, prefills: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         groups, current, size = [], [], 0
@@ -242,6 +253,17 @@ class ModelRunner:
         return groups + [current] if current else groups
 
     def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
+        sampled, scored, logits = self._forward(prefills, decodes, head=self.model.logits)
+        if scored:
+            self._score_prompts(logits[len(sampled):], scored)
+            logits = logits[:len(sampled)]
+        return self._sample(logits, sampled)
+
+    def _forward(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence], head):
+        """One forward: (the sequences to sample, the (sequence, position) pairs whose prompt
+        log-probabilities are scored, the rows of both: the sampled ones first). Rows are the
+        last hidden states, or their logits with head=model.logits: the LM head inside the
+        forward, where the other TP ranks run it (before their KV push reports)."""
         input_ids, positions, meta, sampled, scored = self._prepare(prefills, decodes)
         meta.progress = self.progress
         if self.layer_push is not None and prefills:
@@ -249,12 +271,14 @@ class ModelRunner:
                                                 for seq, n in prefills])
         if self.tp is not None:   # the other ranks run the same forward over their shards
             self.tp.send_step(step_payload(input_ids, positions, meta))
-        logits = self.model(input_ids, positions, self.kv_cache, meta)
+        rows = self.model.last_hidden(input_ids, positions, self.kv_cache, meta)
+        if head is not None:
+            rows = head(rows)
         if self.tp is not None and meta.after_layer is not None:   # the handoff is whole when every rank's heads landed
             meta.after_layer.merge(self.tp.push_reports())
-        if scored:
-            self._score_prompts(logits[len(sampled):], scored)
-            logits = logits[:len(sampled)]
+        return sampled, scored, rows
+
+    def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> list[tuple[Sequence, int]]:
         if not sampled:
             return []
         return list(zip(sampled, self.sampler.sample(logits, sampled, self.eos_ids)))

@@ -217,6 +217,8 @@ class DeepseekForCausalLM(nn.Module):
     rope = LlamaForCausalLM.rope
     prepare = LlamaForCausalLM.prepare
     forward = LlamaForCausalLM.forward
+    last_hidden = LlamaForCausalLM.last_hidden
+    logits = LlamaForCausalLM.logits
 
     def __init__(self, config):
         super().__init__()

@@ -105,6 +105,10 @@ class GemmaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Returns the logits of the last token of every sequence, [num_seqs, vocab]."""
+        return self.logits(self.last_hidden(input_ids, positions, kv_cache, meta))
+
+    def last_hidden(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The final-normed hidden state of each row in meta.last_token_indices (llama.py)."""
         kernels = self.kernels
         h = self.model.embed_tokens(input_ids) * self.embed_scale
         rope = {k: cos_sin(f, s, positions, h.dtype) for k, (f, s) in self.rope_tables.items()}
@@ -113,11 +117,14 @@ class GemmaForCausalLM(nn.Module):
             h, residual = layer(kernels, h, residual, *rope[self.layer_rope[i]], kv_cache, meta)
             meta.layer_done(i)
         last = meta.last_token_indices
-        if last.numel() == 0:
-            return h.new_empty((0, self.vocab_size))
         norm = self.model.norm
         h, _ = kernels.add_rms_norm(h[last], residual[last], norm.weight, norm.eps)
-        logits = self.head(h)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 0:
+            return hidden.new_empty((0, self.vocab_size))
+        logits = self.head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

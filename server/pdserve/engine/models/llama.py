@@ -162,6 +162,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Returns the logits of the last token of every sequence, [num_seqs, vocab]."""
+        return self.logits(self.last_hidden(input_ids, positions, kv_cache, meta))
+
+    def last_hidden(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The final-normed hidden state of each row in meta.last_token_indices, [rows, hidden]:
+        what the LM head reads. A caller running several forwards in one step (the prefill's
+        groups) takes these and runs the head once, over all of them."""
         kernels = self.kernels
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
@@ -170,11 +176,14 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(kernels, h, residual, cos, sin, kv_cache, meta)
             meta.layer_done(i)
         last = meta.last_token_indices
-        if last.numel() == 0:          # a step of prompt pieces none of which ends its prompt
-            return h.new_empty((0, self.vocab_size))
         norm = self.model.norm
         h, _ = kernels.add_rms_norm(h[last], residual[last], norm.weight, norm.eps)
-        return self.head(h)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 0:      # a step of prompt pieces none of which ends its prompt
+            return hidden.new_empty((0, self.vocab_size))
+        return self.head(hidden)
 
 
 def build_model(config, state_dict_keys) -> LlamaForCausalLM:

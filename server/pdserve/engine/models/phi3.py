@@ -74,10 +74,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             reach[start:end] = positions[end - 1]
         return reach >= self.original_max
 
-    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def last_hidden(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         if self.long_rope is not None:
             self._long_tokens = self.long_tokens(positions, meta)
-        return super().forward(input_ids, positions, kv_cache, meta)
+        return super().last_hidden(input_ids, positions, kv_cache, meta)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         if self.long_rope is None:
