@@ -1,5 +1,6 @@
 """The CPU fast kernels against the plain-torch reference; bfloat16 logits against float32."""
 import importlib.util
+import itertools
 import os
 import random
 
@@ -392,3 +393,75 @@ def test_a_shape_model_keeps_the_real_vocabulary_and_generates_as_transformers(t
         with torch.no_grad():
             expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert got == expected[0, len(ids):].tolist() and max(got) < known
+
+
+# ---- prefill attention: the AMX tile kernel against the reference ------------------------------
+def flat_batch(lengths, heads, kv_heads, dim, seed):
+    """q, k, v as the model passes them (views into one QKV output row per token) and the
+    pieces' bounds in the flat batch."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(torch.bfloat16)
+    q = qkv[:, :heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
+    ends = list(itertools.accumulate(lengths))
+    return q, k, v, list(zip([0] + ends[:-1], ends))
+
+
+def prefill_meta(bounds, cached=None, tables=None):
+    n = bounds[-1][1]
+    return AttentionMetadata(slot_blocks=torch.zeros(n, dtype=torch.long), slot_offsets=torch.zeros(n, dtype=torch.long),
+                             last_token_indices=torch.tensor([e - 1 for _, e in bounds]), prefill_bounds=bounds,
+                             prefill_cached=cached or [0] * len(bounds), prefill_block_tables=tables or [None] * len(bounds))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,lengths", [
+    (14, 2, 64, [256]),
+    (14, 2, 64, [1, 15, 16, 17, 33, 256, 100]),
+    (4, 4, 64, [40, 1, 300]),                 # a group of 1
+    (8, 2, 128, [17, 513, 16, 33]),           # groups of 4; more than one softmax chunk
+    (14, 2, 128, [15, 256, 1]),
+    (4, 2, 96, [20, 7]),                      # a head size the kernel leaves to SDPA
+])
+def test_prefill_attention_matches_reference(heads, kv_heads, dim, lengths, variant):
+    """Whole prompts of mixed lengths in one flat batch, q, k, v strided as the model passes
+    them: every build's prefill attention against the reference's SDPA, in bfloat16."""
+    ref, cpu = pair(torch.bfloat16, variant)
+    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=sum(lengths))
+    meta = prefill_meta(bounds)
+    torch.testing.assert_close(cpu.prefill_attention(q, k, v, None, 0, meta), ref.prefill_attention(q, k, v, None, 0, meta),
+                               **TOL[torch.bfloat16])
+
+
+def test_prefill_attention_with_a_cached_piece_matches_reference(variant):
+    """A batch mixing pieces after a cached prefix (the SDPA path, reading the pool) with whole
+    prompts (the kernel where the build has one): each piece as the reference computes it."""
+    ref, cpu = pair(torch.bfloat16, variant)
+    heads, kv_heads, dim, block = 14, 2, 64, 16
+    lengths, cached = [33, 20, 17, 64], [0, 40, 0, 0]
+    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=11)
+    pool = torch.zeros(12, 1, 2, block, kv_heads, dim, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(12)
+    table = torch.tensor([7, 2, 9, 4])   # the cached piece's blocks: 40 cached tokens, then its 20
+    prefix_k, prefix_v = (torch.randn(40, kv_heads, dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    s, e = bounds[1]
+    pos = torch.arange(60)
+    stored = AttentionMetadata(slot_blocks=table[pos // block], slot_offsets=pos % block,
+                               last_token_indices=torch.tensor([59]), prefill_bounds=[(0, 60)])
+    ref.store_kv(pool, 0, torch.cat((prefix_k, k[s:e])), torch.cat((prefix_v, v[s:e])), stored)
+    meta = prefill_meta(bounds, cached, [table if c else None for c in cached])
+    torch.testing.assert_close(cpu.prefill_attention(q, k, v, pool, 0, meta), ref.prefill_attention(q, k, v, pool, 0, meta),
+                               **TOL[torch.bfloat16])
+
+
+def test_the_amx_build_runs_the_prefill_kernel():
+    """Where the CPU has AMX, bfloat16 prefill attention is the tile kernel, not SDPA."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("no AMX on this CPU")
+    _, cpu = pair(torch.bfloat16, variants.VARIANTS[0])
+    assert cpu.tile_prefill and "AMX tile" in cpu.describe()
+    q, k, v, bounds = flat_batch([5, 40], 4, 2, 64, seed=3)
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
+    assert cpu.ext.prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125) and not out.isnan().any()
+    assert not pair(torch.float32, variants.VARIANTS[0])[1].tile_prefill

@@ -23,14 +23,19 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
-- Prefill: 4-D inputs to SDPA take torch's flash kernel for CPU (3-D inputs fall back to the
-  math kernel), from kernels/reference.py.
+- Prefill: whole prompts (no cached prefix) in bfloat16 on the AMX build run a flash attention
+  on tiles (kernels/csrc: both products tile multiplies, the softmax in float32 down the
+  columns of transposed scores, the whole flat batch in one call read through the QKV output's
+  strides); torch's SDPA flash kernel for CPU (4-D inputs, kernels/reference.py) runs its
+  products far below the AMX linears' speed. Other builds, head sizes and pieces after a
+  cached prefix take SDPA.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
+import dataclasses
 import os
 
 import torch
@@ -151,6 +156,15 @@ class CpuKernels(TorchKernels):
         self.ext, self.ext_note = extension()
         self.panel_linears = self.ext is not None   # every build has the AVX2 panels
         self.gather = BlockGather(device)
+        self.tile_prefill = self._tile_prefill_runs()
+
+    def _tile_prefill_runs(self) -> bool:
+        """Whether this build runs the AMX prefill attention (asked with an empty batch: it says
+        whether it ran)."""
+        if self.ext is None or self.dtype != torch.bfloat16:
+            return False
+        q, kv = torch.empty(0, 1, 64, dtype=self.dtype), torch.empty(0, 1, 64, dtype=self.dtype)
+        return self.ext.prefill_attention(torch.empty_like(q), q, kv, kv, torch.empty(0, 2, dtype=torch.long), 1.0)
 
     def describe(self) -> str:
         lin = "oneDNN prepacked" if self.onednn else "torch"
@@ -159,7 +173,8 @@ class CpuKernels(TorchKernels):
         if self.dtype == torch.bfloat16 and not self.bf16_native:
             lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
         att = "C++ paged kernel" if self.ext is not None else "gather into reused buffers + matmul"
-        return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill 4-D SDPA"
+        pre = "AMX tile flash kernel (head sizes 64, 128; after a cached prefix: 4-D SDPA)" if self.tile_prefill else "4-D SDPA"
+        return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}"
 
     # ---- linears ------------------------------------------------------------------------------
     def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
@@ -255,6 +270,26 @@ class CpuKernels(TorchKernels):
         super().store_kv(kv_cache, layer, k, v, meta)
 
     # ---- attention ----------------------------------------------------------------------------
+    def prefill_attention(self, q, k, v, kv_cache: torch.Tensor, layer: int, meta):
+        """Whole prompts on the AMX kernel, all in one call; pieces after a cached prefix (and
+        whatever the kernel does not take) on the reference's SDPA path."""
+        if not (self.tile_prefill and q.dtype == k.dtype == v.dtype == torch.bfloat16
+                and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+            return super().prefill_attention(q, k, v, kv_cache, layer, meta)
+        bounds = meta.prefill_bounds
+        cached = meta.prefill_cached or [0] * len(bounds)
+        whole = [b for b, c in zip(bounds, cached) if c == 0]
+        out = torch.empty(q.shape, dtype=q.dtype)
+        if not self.ext.prefill_attention(out, q, k, v, torch.tensor(whole, dtype=torch.long).view(-1, 2),
+                                          q.shape[-1] ** -0.5):
+            return super().prefill_attention(q, k, v, kv_cache, layer, meta)
+        for i, ((start, end), c) in enumerate(zip(bounds, cached)):
+            if c:
+                piece = dataclasses.replace(meta, prefill_bounds=[(0, end - start)], prefill_cached=[c],
+                                            prefill_block_tables=[meta.prefill_block_tables[i]])
+                out[start:end] = super().prefill_attention(q[start:end], k[start:end], v[start:end], kv_cache, layer, piece)
+        return out
+
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta):
         scale = q.shape[-1] ** -0.5
         if self.ext is not None and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in EXT_HEAD_SIZES:

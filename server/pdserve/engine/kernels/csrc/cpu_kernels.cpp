@@ -1021,6 +1021,279 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
   else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
 }
 
+// ---- prefill attention on AMX tiles ---------------------------------------------------------------
+// Causal attention of whole prompts (no cached prefix) in one flat batch, bf16 in and out, as a
+// flash attention with tile multiplies for both products. A task is (prompt, query head, 16
+// query rows), and it works on transposed products so that the softmax runs down the columns:
+// scores^T = K Q^T (a 16-key tile by the rows' queries), one vector holding a key's scores for
+// all 16 rows, so the maximum, the exponentials and the sums are plain vector ops with no
+// horizontal reductions, and out^T = V^T P^T. Each (prompt, KV head)'s keys (rows, zero padded
+// to 32) and values (V^T tiles: dims x 32 keys) are packed once and shared by the GQA group's
+// query heads; q, k and v are read through their strides (views into the QKV output). Scores in
+// float32, the softmax online across chunks of CH keys, probabilities rounded to bf16 before
+// the PV product as torch's bf16 attention rounds them. The causal triangle makes tasks unequal
+// (work grows with the rows' offset), so the threads take them longest first from a counter.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <atomic>
+#include <memory>
+
+struct PrefillTask {
+  int64_t piece, head, r0, keys;   // keys: the last row's keys, the task's work
+};
+
+// 2^t for t in float range (not -inf): 2^round(t) times a degree-5 fit of 2^f on [-0.5, 0.5]
+// (relative error near float's own); the probabilities are rounded to bf16 anyway.
+static inline __m512 exp2_fit(__m512 t) {
+  const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, r);
+  __m512 p = _mm512_set1_ps(1.326697039e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675459746e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742616e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212175e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469492e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000071f));
+  return _mm512_scalef_ps(p, r);
+}
+
+// A permutation of 32 words: lane 2i + e takes word a + i of the first operand (e = 0) or b + i
+// (e = 1; 32 and up name the second operand of a two-source permute).
+static inline __m512i interleave_index(int a, int b) {
+  alignas(64) uint16_t idx[32];
+  for (int i = 0; i < 16; ++i) {
+    idx[2 * i] = (uint16_t)(a + i);
+    idx[2 * i + 1] = (uint16_t)(b + i);
+  }
+  return _mm512_load_si512(idx);
+}
+
+template <int D>
+static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const int64_t* bounds, int64_t pieces, float scale) {
+  static_assert(D == 64 || D == 128, "Q^T in at most 4 tiles, accumulators in groups of 4");
+  using T = at::BFloat16;
+  constexpr int C = D / 32, XT = D / 16;   // 32-dim chunks; 16-dim tiles of out^T
+  constexpr int64_t CH = 256, TILE = 512;  // keys per softmax chunk; bf16 in a tile
+  const int64_t H = q.size(1), KVH = k.size(1), G = H / KVH;
+  const int64_t sq_t = q.stride(0), sq_h = q.stride(1), sk_t = k.stride(0), sk_h = k.stride(1);
+  const int64_t sv_t = v.stride(0), sv_h = v.stride(1);
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<T>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<T>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<T>());
+  T* op = out.data_ptr<T>();
+  auto start = [&](int64_t p) { return bounds[2 * p]; };
+  auto length = [&](int64_t p) { return bounds[2 * p + 1] - bounds[2 * p]; };
+  auto padded = [&](int64_t p) { return (length(p) + 31) / 32 * 32; };
+
+  // where each piece's packing starts, the 32-key blocks to pack (piece, block), the tasks
+  std::vector<int64_t> packed_at(pieces + 1, 0);
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  std::vector<PrefillTask> tasks;
+  for (int64_t p = 0; p < pieces; ++p) {
+    packed_at[p + 1] = packed_at[p] + padded(p) * KVH * D;
+    for (int64_t b = 0; b < padded(p) / 32; ++b) blocks.emplace_back(p, b);
+    for (int64_t r0 = 0; r0 < length(p); r0 += 16)
+      for (int64_t h = 0; h < H; ++h) tasks.push_back({p, h, r0, std::min(r0 + 16, length(p))});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.keys > b.keys; });
+  // per (piece, KV head): keys as rows [key][D]; values as V^T tiles [32-key block][16-dim tile],
+  // row d of a tile dim d's 32 values in key order
+  std::unique_ptr<uint16_t[]> kbuf(new uint16_t[packed_at[pieces]]), vbuf(new uint16_t[packed_at[pieces]]);
+  auto packed = [&](uint16_t* buf, int64_t p, int64_t g) { return buf + packed_at[p] + g * padded(p) * D; };
+
+  at::parallel_for(0, (int64_t)blocks.size() * KVH, 1, [&](int64_t begin, int64_t end) {
+    const __m512i lower = interleave_index(0, 32), upper = interleave_index(16, 48);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p, b] = blocks[item / KVH];
+      const int64_t g = item % KVH, n = length(p), k0 = 32 * b;
+      const uint16_t* krow = kp + start(p) * sk_t + g * sk_h;
+      const uint16_t* vrow = vp + start(p) * sv_t + g * sv_h;
+      uint16_t* kt = packed(kbuf.get(), p, g) + k0 * D;
+      uint16_t* vt = packed(vbuf.get(), p, g) + b * XT * TILE;
+      for (int64_t j = 0; j < 32; ++j) {
+        if (k0 + j < n) std::memcpy(kt + j * D, krow + (k0 + j) * sk_t, D * sizeof(T));
+        else std::memset(kt + j * D, 0, D * sizeof(T));
+      }
+      for (int c = 0; c < C; ++c) {   // key pairs interleaved (dword i of row p: keys 2p, 2p + 1 of dim i), then transposed
+        __m512i lo16[16], hi16[16];
+        for (int pr = 0; pr < 16; ++pr) {
+          const int64_t ka = k0 + 2 * pr;
+          const __m512i a = ka < n ? _mm512_loadu_si512(vrow + ka * sv_t + 32 * c) : _mm512_setzero_si512();
+          const __m512i z = ka + 1 < n ? _mm512_loadu_si512(vrow + (ka + 1) * sv_t + 32 * c) : _mm512_setzero_si512();
+          lo16[pr] = _mm512_permutex2var_epi16(a, lower, z);
+          hi16[pr] = _mm512_permutex2var_epi16(a, upper, z);
+        }
+        transpose16x16(lo16);
+        transpose16x16(hi16);
+        for (int d = 0; d < 16; ++d) {
+          _mm512_storeu_si512(vt + 2 * c * TILE + 32 * d, lo16[d]);
+          _mm512_storeu_si512(vt + (2 * c + 1) * TILE + 32 * d, hi16[d]);
+        }
+      }
+    }
+  });
+
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = (int64_t)tasks.size();
+  const float scale2 = scale * 1.44269504088896341f;   // exp(x scale) = 2^(x scale2)
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    alignas(64) uint32_t qtr[C][16][16];   // Q^T: [chunk][dim pair][row]
+    std::vector<float> st(CH * 16), acc(XT * 256);   // scores^T [key][row]; out^T [dim tile][dim][row]
+    std::vector<uint16_t> pt(CH * 16);               // P^T, key pairs interleaved: [key pair][row][2]
+    const __m512i pairs = interleave_index(0, 16);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
+      const PrefillTask& task = tasks[t];
+      const int64_t p = task.piece, h = task.head, r0 = task.r0, kn = task.keys, rows = kn - r0;
+      const uint16_t* kg = packed(kbuf.get(), p, h / G);
+      const uint16_t* vg = packed(vbuf.get(), p, h / G);
+      for (int c = 0; c < C; ++c) {   // rows past the prompt: zeros, their results dropped
+        __m512i r[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = i < rows ? _mm512_loadu_si512(qp + (start(p) + r0 + i) * sq_t + h * sq_h + 32 * c) : _mm512_setzero_si512();
+        transpose16x16(r);
+        for (int pr = 0; pr < 16; ++pr) _mm512_store_si512(qtr[c][pr], r[pr]);
+      }
+      __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+      for (int64_t c0 = 0; c0 < kn; c0 += CH) {   // c0 <= r0: every row sees a key of each chunk
+        const int64_t cn = std::min(CH, kn - c0), span = (cn + 31) / 32 * 32;
+        // scores^T st[key - c0][row], two 16-key tiles at a time
+        _tile_loadd(4, qtr[0], 64);
+        _tile_loadd(5, qtr[1], 64);
+        if constexpr (C > 2) {
+          _tile_loadd(6, qtr[2], 64);
+          _tile_loadd(7, qtr[3], 64);
+        }
+        for (int64_t j0 = 0; j0 < span; j0 += 32) {
+          const uint16_t* kt = kg + (c0 + j0) * D;
+          _tile_zero(0);
+          _tile_zero(1);
+// chunk x of both key tiles against Q^T tile qx (a literal: the tile instructions' operands)
+#define PDSERVE_QK(x, qx)                             \
+  _tile_loadd(2, kt + 32 * (x), D * sizeof(T));       \
+  _tile_dpbf16ps(0, 2, qx);                           \
+  _tile_loadd(3, kt + 16 * D + 32 * (x), D * sizeof(T)); \
+  _tile_dpbf16ps(1, 3, qx);
+          PDSERVE_QK(0, 4)
+          PDSERVE_QK(1, 5)
+          if constexpr (C > 2) {
+            PDSERVE_QK(2, 6)
+            PDSERVE_QK(3, 7)
+          }
+#undef PDSERVE_QK
+          _tile_stored(0, &st[j0 * 16], 64);
+          _tile_stored(1, &st[(j0 + 16) * 16], 64);
+        }
+        // key c0 + j is seen by rows i >= c0 + j - r0: all of them below r0
+        auto seen = [&](int64_t j) -> __mmask16 {
+          const int64_t late = c0 + j - r0;
+          return late <= 0 ? (__mmask16)0xffff : late >= 16 ? (__mmask16)0 : (__mmask16)(0xffffu << late);
+        };
+        // four chains of maxima: one would wait on each max's latency
+        __m512 m0 = mx, m1 = mx, m2 = mx, m3 = mx;
+        auto upto = [&](__m512 m, int64_t j) { return _mm512_mask_max_ps(m, seen(j), m, _mm512_loadu_ps(&st[j * 16])); };
+        int64_t j = 0;
+        for (; j + 4 <= cn; j += 4) {
+          m0 = upto(m0, j);
+          m1 = upto(m1, j + 1);
+          m2 = upto(m2, j + 2);
+          m3 = upto(m3, j + 3);
+        }
+        for (; j < cn; ++j) m0 = upto(m0, j);
+        const __m512 cm = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+        const __m512 shift = _mm512_mul_ps(cm, _mm512_set1_ps(scale2));
+        if (c0 > 0) {   // rows whose maximum rose: the earlier sums and accumulators scaled down
+          const __m512 corr = exp2_fit(_mm512_fmsub_ps(mx, _mm512_set1_ps(scale2), shift));
+          sum = _mm512_mul_ps(sum, corr);
+          for (int64_t x = 0; x < XT * 16; ++x) _mm512_storeu_ps(&acc[x * 16], _mm512_mul_ps(corr, _mm512_loadu_ps(&acc[x * 16])));
+        }
+        mx = cm;
+        // P^T: each key's probabilities for the 16 rows, two keys interleaved per B-tile row
+        for (int64_t j = 0; j < span; j += 2) {
+          const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
+              exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(&st[j * 16]), _mm512_set1_ps(scale2), shift)));
+          const __m512 e1 = _mm512_maskz_mov_ps(j + 1 < cn ? seen(j + 1) : 0,
+              exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(&st[(j + 1) * 16]), _mm512_set1_ps(scale2), shift)));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);   // e0 in the low half
+          _mm512_storeu_si512(&pt[j * 16], _mm512_permutexvar_epi16(pairs, both));
+        }
+        // out^T += V^T P^T, four 16-dim tiles at a time
+        for (int xg = 0; xg < XT; xg += 4) {
+          float* ag = &acc[xg * 256];
+          if (c0 == 0) {
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+          } else {
+            _tile_loadd(4, ag, 64);
+            _tile_loadd(5, ag + 256, 64);
+            _tile_loadd(6, ag + 512, 64);
+            _tile_loadd(7, ag + 768, 64);
+          }
+          for (int64_t k0 = 0; k0 < span; k0 += 32) {
+            const uint16_t* vt = vg + ((c0 + k0) / 32 * XT + xg) * TILE;
+            _tile_loadd(0, &pt[k0 * 16], 64);
+            _tile_loadd(1, vt, 64);
+            _tile_dpbf16ps(4, 1, 0);
+            _tile_loadd(2, vt + TILE, 64);
+            _tile_dpbf16ps(5, 2, 0);
+            _tile_loadd(3, vt + 2 * TILE, 64);
+            _tile_dpbf16ps(6, 3, 0);
+            _tile_loadd(1, vt + 3 * TILE, 64);
+            _tile_dpbf16ps(7, 1, 0);
+          }
+          _tile_stored(4, ag, 64);
+          _tile_stored(5, ag + 256, 64);
+          _tile_stored(6, ag + 512, 64);
+          _tile_stored(7, ag + 768, 64);
+        }
+      }
+      // out = (out^T / sum)^T, a 16 x 16 transpose per dim tile
+      const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
+      alignas(64) float ot[16][D];
+      for (int x = 0; x < XT; ++x) {
+        __m512i r[16];
+        for (int d = 0; d < 16; ++d) r[d] = _mm512_castps_si512(_mm512_mul_ps(inv, _mm512_loadu_ps(&acc[(x * 16 + d) * 16])));
+        transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(&ot[i][16 * x], r[i]);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        T* o = op + ((start(p) + r0 + i) * H + h) * D;
+        for (int d = 0; d < D; d += 16) vstore(o + d, _mm512_load_ps(&ot[i][d]));
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// Causal attention of the pieces bounds[i] = (start, end) of a flat batch, each a whole prompt
+// (no cached prefix): out [T, H, D] (contiguous) from q [T, H, D], k, v [T, KVH, D] (any row
+// and head strides, unit last stride). Returns whether it ran: only the AMX build runs it, for
+// bf16 and head sizes 64 and 128; otherwise the caller takes its torch path (nothing written).
+bool prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bounds, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes() && out.is_contiguous());
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1);
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0);
+  TORCH_CHECK(bounds.scalar_type() == at::kLong && bounds.dim() == 2 && bounds.size(1) == 2 && bounds.is_contiguous());
+  const int64_t* b = bounds.data_ptr<int64_t>();
+  for (int64_t i = 0; i < bounds.size(0); ++i)
+    TORCH_CHECK(0 <= b[2 * i] && b[2 * i] <= b[2 * i + 1] && b[2 * i + 1] <= q.size(0), "prefill_attention: a piece outside the batch");
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                    v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16;
+  if (bf16 && (q.size(2) == 64 || q.size(2) == 128) && amx_permitted()) {
+    py::gil_scoped_release nogil;
+    if (q.size(2) == 64) prefill_kernel_amx<64>(out, q, k, v, b, bounds.size(0), (float)scale);
+    else prefill_kernel_amx<128>(out, q, k, v, b, bounds.size(0), (float)scale);
+    return true;
+  }
+#endif
+  return false;
+}
+
 // ---- greedy sampling -------------------------------------------------------------------------------
 // The index of each row's largest value, as torch's max(dim).indices: the first of tied maxima,
 // and a NaN wins over every number (the first NaN). Two reads of the row (its maximum, then
@@ -1078,4 +1351,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
   m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
+  m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
+        "causal attention of whole prompts in a flat batch (AMX build, bf16); returns whether it ran");
 }
