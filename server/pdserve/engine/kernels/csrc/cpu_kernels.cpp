@@ -1023,8 +1023,10 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
 
 // ---- prefill attention on AMX tiles ---------------------------------------------------------------
 // Causal attention of whole prompts (no cached prefix) in one flat batch, bf16 in and out, as a
-// flash attention with tile multiplies for both products. A task is (prompt, query head, 16
-// query rows), and it works on transposed products so that the softmax runs down the columns:
+// flash attention with tile multiplies for both products. A task is (prompt, KV head, 16 query
+// rows), for each query head of the group, each phase's tile work for all of them back to back
+// (tile multiplies run slower for a while after vector work). It works on transposed products
+// so that the softmax runs down the columns:
 // scores^T = K Q^T (a 16-key tile by the rows' queries), one vector holding a key's scores for
 // all 16 rows, so the maximum, the exponentials and the sums are plain vector ops with no
 // horizontal reductions, and out^T = V^T P^T. Each (prompt, KV head)'s keys (rows, zero padded
@@ -1038,7 +1040,7 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
 #include <memory>
 
 struct PrefillTask {
-  int64_t piece, head, r0, keys;   // keys: the last row's keys, the task's work
+  int64_t piece, group, r0, keys;   // group: the KV head; keys: the last row's keys, the task's work
 };
 
 // 2^t for t in float range (not -inf): 2^round(t) times a degree-5 fit of 2^f on [-0.5, 0.5]
@@ -1092,7 +1094,7 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
     packed_at[p + 1] = packed_at[p] + padded(p) * KVH * D;
     for (int64_t b = 0; b < padded(p) / 32; ++b) blocks.emplace_back(p, b);
     for (int64_t r0 = 0; r0 < length(p); r0 += 16)
-      for (int64_t h = 0; h < H; ++h) tasks.push_back({p, h, r0, std::min(r0 + 16, length(p))});
+      for (int64_t g = 0; g < KVH; ++g) tasks.push_back({p, g, r0, std::min(r0 + 16, length(p))});
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.keys > b.keys; });
   // per (piece, KV head): keys as rows [key][D]; values as V^T tiles [32-key block][16-dim tile],
@@ -1138,130 +1140,153 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const TileConfig cfg;
     _tile_loadconfig(&cfg);
-    alignas(64) uint32_t qtr[C][16][16];   // Q^T: [chunk][dim pair][row]
-    std::vector<float> st(CH * 16), acc(XT * 256);   // scores^T [key][row]; out^T [dim tile][dim][row]
-    std::vector<uint16_t> pt(CH * 16);               // P^T, key pairs interleaved: [key pair][row][2]
+    // per query head of the group: Q^T [chunk][dim pair][row]; scores^T [key][row]; P^T, key
+    // pairs interleaved [key pair][row][2]; out^T [dim tile][dim][row]; row maxima and sums
+    std::vector<uint32_t> qtr(G * C * 256);
+    std::vector<float> st(G * CH * 16), acc(G * XT * 256), mxs(G * 16), sums(G * 16);
+    std::vector<uint16_t> pt(G * CH * 16);
     const __m512i pairs = interleave_index(0, 16);
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
       const PrefillTask& task = tasks[t];
-      const int64_t p = task.piece, h = task.head, r0 = task.r0, kn = task.keys, rows = kn - r0;
-      const uint16_t* kg = packed(kbuf.get(), p, h / G);
-      const uint16_t* vg = packed(vbuf.get(), p, h / G);
-      for (int c = 0; c < C; ++c) {   // rows past the prompt: zeros, their results dropped
-        __m512i r[16];
-        for (int64_t i = 0; i < 16; ++i)
-          r[i] = i < rows ? _mm512_loadu_si512(qp + (start(p) + r0 + i) * sq_t + h * sq_h + 32 * c) : _mm512_setzero_si512();
-        transpose16x16(r);
-        for (int pr = 0; pr < 16; ++pr) _mm512_store_si512(qtr[c][pr], r[pr]);
-      }
-      __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+      const int64_t p = task.piece, g = task.group, r0 = task.r0, kn = task.keys, rows = kn - r0;
+      const uint16_t* kg = packed(kbuf.get(), p, g);
+      const uint16_t* vg = packed(vbuf.get(), p, g);
+      for (int64_t hh = 0; hh < G; ++hh)
+        for (int c = 0; c < C; ++c) {   // rows past the prompt: zeros, their results dropped
+          __m512i r[16];
+          for (int64_t i = 0; i < 16; ++i)
+            r[i] = i < rows ? _mm512_loadu_si512(qp + (start(p) + r0 + i) * sq_t + (g * G + hh) * sq_h + 32 * c)
+                            : _mm512_setzero_si512();
+          transpose16x16(r);
+          for (int pr = 0; pr < 16; ++pr) _mm512_storeu_si512(&qtr[((hh * C + c) * 16 + pr) * 16], r[pr]);
+        }
+      std::fill(mxs.begin(), mxs.end(), -INFINITY);
+      std::fill(sums.begin(), sums.end(), 0.f);
       for (int64_t c0 = 0; c0 < kn; c0 += CH) {   // c0 <= r0: every row sees a key of each chunk
         const int64_t cn = std::min(CH, kn - c0), span = (cn + 31) / 32 * 32;
-        // scores^T st[key - c0][row], two 16-key tiles at a time
-        _tile_loadd(4, qtr[0], 64);
-        _tile_loadd(5, qtr[1], 64);
-        if constexpr (C > 2) {
-          _tile_loadd(6, qtr[2], 64);
-          _tile_loadd(7, qtr[3], 64);
-        }
-        for (int64_t j0 = 0; j0 < span; j0 += 32) {
-          const uint16_t* kt = kg + (c0 + j0) * D;
-          _tile_zero(0);
-          _tile_zero(1);
+        // scores^T st[head][key - c0][row], two 16-key tiles at a time; the tile work of all
+        // the group's heads back to back (AMX runs slower for a while after vector work)
+        for (int64_t hh = 0; hh < G; ++hh) {
+          const uint32_t* qh = &qtr[hh * C * 256];
+          float* sh = &st[hh * CH * 16];
+          _tile_loadd(4, qh, 64);
+          _tile_loadd(5, qh + 256, 64);
+          if constexpr (C > 2) {
+            _tile_loadd(6, qh + 512, 64);
+            _tile_loadd(7, qh + 768, 64);
+          }
+          for (int64_t j0 = 0; j0 < span; j0 += 32) {
+            const uint16_t* kt = kg + (c0 + j0) * D;
+            _tile_zero(0);
+            _tile_zero(1);
 // chunk x of both key tiles against Q^T tile qx (a literal: the tile instructions' operands)
-#define PDSERVE_QK(x, qx)                             \
-  _tile_loadd(2, kt + 32 * (x), D * sizeof(T));       \
-  _tile_dpbf16ps(0, 2, qx);                           \
+#define PDSERVE_QK(x, qx)                                \
+  _tile_loadd(2, kt + 32 * (x), D * sizeof(T));          \
+  _tile_dpbf16ps(0, 2, qx);                              \
   _tile_loadd(3, kt + 16 * D + 32 * (x), D * sizeof(T)); \
   _tile_dpbf16ps(1, 3, qx);
-          PDSERVE_QK(0, 4)
-          PDSERVE_QK(1, 5)
-          if constexpr (C > 2) {
-            PDSERVE_QK(2, 6)
-            PDSERVE_QK(3, 7)
-          }
+            PDSERVE_QK(0, 4)
+            PDSERVE_QK(1, 5)
+            if constexpr (C > 2) {
+              PDSERVE_QK(2, 6)
+              PDSERVE_QK(3, 7)
+            }
 #undef PDSERVE_QK
-          _tile_stored(0, &st[j0 * 16], 64);
-          _tile_stored(1, &st[(j0 + 16) * 16], 64);
+            _tile_stored(0, sh + j0 * 16, 64);
+            _tile_stored(1, sh + (j0 + 16) * 16, 64);
+          }
         }
         // key c0 + j is seen by rows i >= c0 + j - r0: all of them below r0
         auto seen = [&](int64_t j) -> __mmask16 {
           const int64_t late = c0 + j - r0;
           return late <= 0 ? (__mmask16)0xffff : late >= 16 ? (__mmask16)0 : (__mmask16)(0xffffu << late);
         };
-        // four chains of maxima: one would wait on each max's latency
-        __m512 m0 = mx, m1 = mx, m2 = mx, m3 = mx;
-        auto upto = [&](__m512 m, int64_t j) { return _mm512_mask_max_ps(m, seen(j), m, _mm512_loadu_ps(&st[j * 16])); };
-        int64_t j = 0;
-        for (; j + 4 <= cn; j += 4) {
-          m0 = upto(m0, j);
-          m1 = upto(m1, j + 1);
-          m2 = upto(m2, j + 2);
-          m3 = upto(m3, j + 3);
-        }
-        for (; j < cn; ++j) m0 = upto(m0, j);
-        const __m512 cm = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
-        const __m512 shift = _mm512_mul_ps(cm, _mm512_set1_ps(scale2));
-        if (c0 > 0) {   // rows whose maximum rose: the earlier sums and accumulators scaled down
-          const __m512 corr = exp2_fit(_mm512_fmsub_ps(mx, _mm512_set1_ps(scale2), shift));
-          sum = _mm512_mul_ps(sum, corr);
-          for (int64_t x = 0; x < XT * 16; ++x) _mm512_storeu_ps(&acc[x * 16], _mm512_mul_ps(corr, _mm512_loadu_ps(&acc[x * 16])));
-        }
-        mx = cm;
-        // P^T: each key's probabilities for the 16 rows, two keys interleaved per B-tile row
-        for (int64_t j = 0; j < span; j += 2) {
-          const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
-              exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(&st[j * 16]), _mm512_set1_ps(scale2), shift)));
-          const __m512 e1 = _mm512_maskz_mov_ps(j + 1 < cn ? seen(j + 1) : 0,
-              exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(&st[(j + 1) * 16]), _mm512_set1_ps(scale2), shift)));
-          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-          const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);   // e0 in the low half
-          _mm512_storeu_si512(&pt[j * 16], _mm512_permutexvar_epi16(pairs, both));
-        }
-        // out^T += V^T P^T, four 16-dim tiles at a time
-        for (int xg = 0; xg < XT; xg += 4) {
-          float* ag = &acc[xg * 256];
-          if (c0 == 0) {
-            _tile_zero(4);
-            _tile_zero(5);
-            _tile_zero(6);
-            _tile_zero(7);
-          } else {
-            _tile_loadd(4, ag, 64);
-            _tile_loadd(5, ag + 256, 64);
-            _tile_loadd(6, ag + 512, 64);
-            _tile_loadd(7, ag + 768, 64);
+        for (int64_t hh = 0; hh < G; ++hh) {
+          const float* sh = &st[hh * CH * 16];
+          const __m512 mx = _mm512_loadu_ps(&mxs[hh * 16]);
+          // four chains of maxima: one would wait on each max's latency
+          __m512 m0 = mx, m1 = mx, m2 = mx, m3 = mx;
+          auto upto = [&](__m512 m, int64_t j) { return _mm512_mask_max_ps(m, seen(j), m, _mm512_loadu_ps(sh + j * 16)); };
+          int64_t j = 0;
+          for (; j + 4 <= cn; j += 4) {
+            m0 = upto(m0, j);
+            m1 = upto(m1, j + 1);
+            m2 = upto(m2, j + 2);
+            m3 = upto(m3, j + 3);
           }
-          for (int64_t k0 = 0; k0 < span; k0 += 32) {
-            const uint16_t* vt = vg + ((c0 + k0) / 32 * XT + xg) * TILE;
-            _tile_loadd(0, &pt[k0 * 16], 64);
-            _tile_loadd(1, vt, 64);
-            _tile_dpbf16ps(4, 1, 0);
-            _tile_loadd(2, vt + TILE, 64);
-            _tile_dpbf16ps(5, 2, 0);
-            _tile_loadd(3, vt + 2 * TILE, 64);
-            _tile_dpbf16ps(6, 3, 0);
-            _tile_loadd(1, vt + 3 * TILE, 64);
-            _tile_dpbf16ps(7, 1, 0);
+          for (; j < cn; ++j) m0 = upto(m0, j);
+          const __m512 cm = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+          const __m512 shift = _mm512_mul_ps(cm, _mm512_set1_ps(scale2));
+          __m512 sum = _mm512_loadu_ps(&sums[hh * 16]);
+          if (c0 > 0) {   // rows whose maximum rose: the earlier sums and accumulators scaled down
+            const __m512 corr = exp2_fit(_mm512_fmsub_ps(mx, _mm512_set1_ps(scale2), shift));
+            sum = _mm512_mul_ps(sum, corr);
+            float* ah = &acc[hh * XT * 256];
+            for (int64_t x = 0; x < XT * 16; ++x) _mm512_storeu_ps(ah + x * 16, _mm512_mul_ps(corr, _mm512_loadu_ps(ah + x * 16)));
           }
-          _tile_stored(4, ag, 64);
-          _tile_stored(5, ag + 256, 64);
-          _tile_stored(6, ag + 512, 64);
-          _tile_stored(7, ag + 768, 64);
+          _mm512_storeu_ps(&mxs[hh * 16], cm);
+          // P^T: each key's probabilities for the 16 rows, two keys interleaved per B-tile row
+          uint16_t* ph = &pt[hh * CH * 16];
+          for (j = 0; j < span; j += 2) {
+            const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
+                exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + j * 16), _mm512_set1_ps(scale2), shift)));
+            const __m512 e1 = _mm512_maskz_mov_ps(j + 1 < cn ? seen(j + 1) : 0,
+                exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + (j + 1) * 16), _mm512_set1_ps(scale2), shift)));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);   // e0 in the low half
+            _mm512_storeu_si512(ph + j * 16, _mm512_permutexvar_epi16(pairs, both));
+          }
+          _mm512_storeu_ps(&sums[hh * 16], sum);
         }
+        // out^T += V^T P^T, four 16-dim tiles at a time, the group's heads back to back
+        for (int64_t hh = 0; hh < G; ++hh)
+          for (int xg = 0; xg < XT; xg += 4) {
+            float* ag = &acc[(hh * XT + xg) * 256];
+            const uint16_t* ph = &pt[hh * CH * 16];
+            if (c0 == 0) {
+              _tile_zero(4);
+              _tile_zero(5);
+              _tile_zero(6);
+              _tile_zero(7);
+            } else {
+              _tile_loadd(4, ag, 64);
+              _tile_loadd(5, ag + 256, 64);
+              _tile_loadd(6, ag + 512, 64);
+              _tile_loadd(7, ag + 768, 64);
+            }
+            for (int64_t k0 = 0; k0 < span; k0 += 32) {
+              const uint16_t* vt = vg + ((c0 + k0) / 32 * XT + xg) * TILE;
+              _tile_loadd(0, ph + k0 * 16, 64);
+              _tile_loadd(1, vt, 64);
+              _tile_dpbf16ps(4, 1, 0);
+              _tile_loadd(2, vt + TILE, 64);
+              _tile_dpbf16ps(5, 2, 0);
+              _tile_loadd(3, vt + 2 * TILE, 64);
+              _tile_dpbf16ps(6, 3, 0);
+              _tile_loadd(1, vt + 3 * TILE, 64);
+              _tile_dpbf16ps(7, 1, 0);
+            }
+            _tile_stored(4, ag, 64);
+            _tile_stored(5, ag + 256, 64);
+            _tile_stored(6, ag + 512, 64);
+            _tile_stored(7, ag + 768, 64);
+          }
       }
       // out = (out^T / sum)^T, a 16 x 16 transpose per dim tile
-      const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
-      alignas(64) float ot[16][D];
-      for (int x = 0; x < XT; ++x) {
-        __m512i r[16];
-        for (int d = 0; d < 16; ++d) r[d] = _mm512_castps_si512(_mm512_mul_ps(inv, _mm512_loadu_ps(&acc[(x * 16 + d) * 16])));
-        transpose16x16(r);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(&ot[i][16 * x], r[i]);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        T* o = op + ((start(p) + r0 + i) * H + h) * D;
-        for (int d = 0; d < D; d += 16) vstore(o + d, _mm512_load_ps(&ot[i][d]));
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(&sums[hh * 16]));
+        alignas(64) float ot[16][D];
+        for (int x = 0; x < XT; ++x) {
+          __m512i r[16];
+          for (int d = 0; d < 16; ++d)
+            r[d] = _mm512_castps_si512(_mm512_mul_ps(inv, _mm512_loadu_ps(&acc[((hh * XT + x) * 16 + d) * 16])));
+          transpose16x16(r);
+          for (int i = 0; i < 16; ++i) _mm512_store_si512(&ot[i][16 * x], r[i]);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          T* o = op + ((start(p) + r0 + i) * H + g * G + hh) * D;
+          for (int d = 0; d < D; d += 16) vstore(o + d, _mm512_load_ps(&ot[i][d]));
+        }
       }
     }
     _tile_release();
