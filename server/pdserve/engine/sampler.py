@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.common.sampling import TokenLogprobs
+from pdserve.engine.kernels.reference import first_max_indices
 from pdserve.engine.sequence import Sequence
 
 PROMPT_LOGPROB_ROWS = 256   # prompt rows widened to float32 at a time (a row is a whole vocabulary)
@@ -141,7 +142,7 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0, argmax=None):
         self.device = device
         # greedy rows' tokens: the kernel set's argmax (engine/kernels/), torch's max by default
-        self.argmax = argmax or (lambda logits: logits.max(dim=-1).indices)
+        self.argmax = argmax or first_max_indices
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         # Constrained decoding's hook (engine/structured.py): masks rows of the logits in place

@@ -32,10 +32,10 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
-import dataclasses
 import os
 
 import torch

@@ -72,6 +72,12 @@ def zero_padding(keys: torch.Tensor, values: torch.Tensor, context_lens: torch.T
     return keys.masked_fill_(pad, 0), values.masked_fill_(pad, 0)
 
 
+def first_max_indices(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: each row's first largest logit. max(dim).indices, not argmax: on CPU,
+    argmax over bfloat16 is the slower kernel of the two (bench/RESULTS.md)."""
+    return logits.max(dim=-1).indices
+
+
 class TorchKernels:
     name = "torch"
 
@@ -95,9 +101,7 @@ class TorchKernels:
         return FakeQuantLinear(weight, bias)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy tokens: each row's first largest logit. max(dim).indices, not argmax: on CPU,
-        argmax over bfloat16 is the slower kernel of the two (bench/RESULTS.md)."""
-        return logits.max(dim=-1).indices
+        return first_max_indices(logits)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Computed in float32 like transformers, so low-precision outputs match it.
