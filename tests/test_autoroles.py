@@ -134,7 +134,9 @@ def test_auto_roles_follow_the_load_and_lose_no_request(auto_server):
 
 @pytest.fixture
 def auto2_server(repo, small_model):
-    yield from serve_auto(repo, small_model, 2)
+    # the flip alone: decode pressure (the switch to DECODE) needs more sequences per decoder than
+    # the test's 4 clients can run at once, so it cannot fire first (it did in one CI run)
+    yield from serve_auto(repo, small_model, 2, planner_decode_seqs_high=8)
 
 
 def test_an_idle_prefill_engine_flips_to_both_and_loses_no_request(auto2_server):
