@@ -314,6 +314,23 @@ def test_bfloat16_logits_match_float32(small_model):
     assert cos.min() > 0.999, cos
 
 
+def test_bfloat16_engine_rotates_by_float32_angles(small_model):
+    """RoPE's angles at long positions are those of float32 frequencies, as transformers computes
+    them, not of frequencies rounded to the model's bfloat16 (off by up to a radian at 1024)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(small_model)
+    head_dim = config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    runner = ModelRunner(EngineConfig(model_path=small_model, dtype="bfloat16", kv_cache_blocks=8, max_model_len=64))
+    positions = torch.tensor([0, 100, 1024, 4000])
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.double()[:, None] * inv_freq.float().double()[None, :]
+    cos, sin = runner.model.rope(positions, torch.float32)
+    assert (cos[:, 0, : head_dim // 2].double() - angles.cos()).abs().max() < 1e-3
+    assert (sin[:, 0, : head_dim // 2].double() - angles.sin()).abs().max() < 1e-3
+
+
 def test_a_mixed_step_grouped_into_prefill_forwards_gives_the_same_logits(small_model):
     """A step of several prompt pieces and some decodes runs as forwards of about
     PREFILL_GROUP_TOKENS prompt tokens, the decodes with the last one, and the LM head and the
