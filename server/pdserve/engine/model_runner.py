@@ -93,11 +93,7 @@ class ModelRunner:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights in {cfg.model_path} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        # RoPE's frequencies stay float32, as transformers keeps them: rounded to bf16 they turn
-        # the rotation angles by up to a radian at a thousand positions
-        inv_freq = self.model.inv_freq
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.inv_freq = inv_freq.to(self.device)
         log.info("%s", quantization.attach(self.model, self.quant, self.device))
         self.kernels = kernels_for(self.device, self.dtype)
         self.model.prepare(self.kernels)

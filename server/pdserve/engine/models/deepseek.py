@@ -225,8 +225,8 @@ class DeepseekForCausalLM(nn.Module):
         self.config = config
         self.model = DeepseekBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv_freq, self.rope_scaling = rope_inv_freq(config)   # over qk_rope_head_dim (config.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # over qk_rope_head_dim (config.head_dim); float32, not a buffer (llama.py)
+        self.inv_freq, self.rope_scaling = rope_inv_freq(config)
         self.kernels = None
         self.vocab_size = config.vocab_size
         self.register_load_state_dict_pre_hook(_drop_layers_past(config.num_hidden_layers))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.attention import AttentionMetadata
-from pdserve.engine.models.llama import MLP, RMSNorm
+from pdserve.engine.models.llama import MLP, LlamaForCausalLM, RMSNorm
 from pdserve.engine.models.local_attention import AttentionShape, ShapedAttention, sliding_windows
 from pdserve.engine.models.rotary import cos_sin, per_layer_type, rope_tables
 
@@ -82,9 +82,6 @@ class GemmaForCausalLM(nn.Module):
         self.rope_tables = rope_tables(config)
         self.layer_rope = (list(config.layer_types[:config.num_hidden_layers]) if per_layer_type(config)
                            else [None] * config.num_hidden_layers)
-        # ModelRunner sets this buffer back to float32 after the dtype cast; the float32 tables
-        # above are what the layers use
-        self.register_buffer("inv_freq", next(iter(self.rope_tables.values()))[0].clone(), persistent=False)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.kernels = None
         self.vocab_size = config.vocab_size
@@ -122,9 +119,7 @@ class GemmaForCausalLM(nn.Module):
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] == 0:
-            return hidden.new_empty((0, self.vocab_size))
-        logits = self.head(hidden)
+        logits = LlamaForCausalLM.logits(self, hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -137,8 +137,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = Backbone(config, qkv_bias, qk_norm)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv_freq, self.rope_scaling = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # RoPE's frequencies: float32, as transformers keeps them, and no buffer, so the model's
+        # cast to its dtype leaves them (bf16 frequencies turn the angles by up to a radian at a
+        # thousand positions); prepare() moves them to the device
+        self.inv_freq, self.rope_scaling = rope_inv_freq(config)
         self.kernels = None
         self.vocab_size = config.vocab_size
 
@@ -152,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse(kernels)
         self.head = kernels.linear(self.lm_head.weight.detach())
         del self.lm_head
+        self.inv_freq = self.inv_freq.to(kernels.device)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
