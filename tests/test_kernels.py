@@ -45,7 +45,7 @@ def test_linear_matches_reference(dtype, variant):
     # four panels (AVX-512 builds); K past one 128-wide chunk; x a strided view of a wider row
     cases = ((1, 64, 96, False), (32, 512, 1024, True), (300, 128, 64, False), (5, 64, 100, True),
              (13, 96, 40, False), (PANEL_ROWS_MAX, 128, 48, True), (PANEL_ROWS_MAX + 1, 128, 48, True),
-             (9, 200, 124, True), (20, 300, 84, False))
+             (9, 200, 124, True), (20, 300, 84, False), (17, 128, 72, True))
     for rows, k, n, bias in cases:
         w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
         b = torch.randn(n, generator=g).to(dtype) if bias else None
@@ -470,6 +470,26 @@ def test_prefill_attention_with_a_cached_piece_matches_reference(variant):
     meta = prefill_meta(bounds, cached, [table if c else None for c in cached])
     torch.testing.assert_close(cpu.prefill_attention(q, k, v, pool, 0, meta), ref.prefill_attention(q, k, v, pool, 0, meta),
                                **TOL[torch.bfloat16])
+
+
+def test_the_amx_build_runs_bfloat16_decode_linears_on_tiles():
+    """Where the CPU has AMX, a bf16 linear of up to 32 rows multiplies its weight tiles: every row
+    count of the two row tiles, outputs short of a whole group, a bias, x a strided view."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("no AMX on this CPU")
+    ref, cpu = pair(torch.bfloat16, variants.VARIANTS[0])
+    assert cpu.tile_linears and "AMX weight tiles" in cpu.describe()
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(88, 96, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(88, generator=g).to(torch.bfloat16)
+    linear = cpu.linear(w, b)
+    assert linear.tiles is not None
+    for rows in (1, 15, 16, 17, 31, 32):
+        x = torch.randn(rows, 104, generator=g).to(torch.bfloat16)[:, 4:100]
+        out = torch.full((rows, 88), float("nan"), dtype=torch.bfloat16)
+        assert cpu.ext.tile_linear(out, x, linear.tiles, b)
+        torch.testing.assert_close(out, ref.linear(w, b)(x), **TOL[torch.bfloat16])
+    assert not pair(torch.float32, variants.VARIANTS[0])[1].tile_linears
 
 
 def test_the_amx_build_runs_the_prefill_kernel():

@@ -7,10 +7,12 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
   (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise) skips it. In bfloat16 oneDNN
   needs native bf16 support (avx512_bf16, AMX or avx_ne_convert); without it torch's own bf16
   GEMM is slow, so the weights are kept in float32 for the GEMM (see `native_bf16`).
-- Float32 linears of a decode step (a few rows): the weights stream from memory once per step,
-  and oneDNN's blocked weights run well below their in-cache speed there. Weight panels (16
-  outputs' weights, one contiguous [K][16] run) are read in order, with the next panel prefetched
-  while one is multiplied; prefill (many rows) stays on oneDNN, which is faster there.
+- Linears of a decode step (a few rows): the weights stream from memory once per step, and
+  oneDNN's blocked weights run well below the memory's speed there. In float32, weight panels
+  (16 outputs' weights, one contiguous [K][16] run) are read in order, with the next panel
+  prefetched while one is multiplied; in bf16 on AMX, the weight is laid out as the tile
+  multiplies read it (pack_tiles), one sequential run per thread. Prefill (many rows) stays on
+  oneDNN, which is faster there; the linear keeps both forms.
 - The compiled kernels let go of the GIL while they run, so the engine process's asyncio thread
   (streaming the outputs) is not held up by them.
 - Decode attention: gathering each sequence's blocks into a padded tensor reads and writes the
@@ -105,32 +107,56 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, 16, k).transpose(1, 2).contiguous()
 
 
+TILE_GROUP = 16 * 2   # outputs per group of bf16 weight tiles (kernels/csrc: TILE_GROUP panels)
+
+
+def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [N, K] weight (K a multiple of 32) as tile_linear reads it: [ceil(N / 32), K / 32,
+    2, 16, 16, 2], per group of 32 outputs and 32 k the two B tiles of 16 outputs, each
+    [16 k pairs][16 outputs][2]; the last group zero-padded."""
+    n, k = weight.shape
+    groups = -(-n // TILE_GROUP)
+    padded = F.pad(weight, (0, 0, 0, groups * TILE_GROUP - n))
+    return padded.view(groups, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
 # Up to this many rows (a decode step's batch), float32 linears run on weight panels
 # (panel_linear above): there the weights' memory traffic dominates. More rows (prefill) run on
-# oneDNN, which is faster once the multiply dominates.
+# oneDNN, which is faster once the multiply dominates. bf16 linears on AMX: up to 32 rows (two
+# tiles of rows; above that oneDNN's blocking wins).
 PANEL_ROWS_MAX = 64
+TILE_ROWS_MAX = 32
 
 
 class PackedLinear(Linear):
-    """oneDNN linear over a weight reordered once into its blocked layout; in float32 with the
-    compiled kernels, also the weight in panels for steps of a few rows. The plain weight is not
-    kept: each form holds what its path reads."""
+    """oneDNN linear over a weight reordered once into its blocked layout; with the compiled
+    kernels, also the weight as steps of a few rows read it: float32 panels, or bf16 AMX tiles
+    (tiles=True: the build runs them). The plain weight is not kept: each form holds what its
+    path reads."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, ext=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, ext=None,
+                 tiles: bool = False):
         super().__init__(weight, bias)
         self.weight = None
         self.packed = packed
-        self.ext = ext if weight.dtype == torch.float32 else None
-        self.panels = pack_panels(weight) if self.ext is not None else None
+        self.ext = ext
+        self.panels = pack_panels(weight) if ext is not None and weight.dtype == torch.float32 else None
+        self.tiles = (pack_tiles(weight) if ext is not None and tiles and weight.dtype == torch.bfloat16
+                      and weight.shape[1] % 32 == 0 else None)
         self._bias = bias.contiguous() if bias is not None else _NONE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if self.panels is not None and x.shape[0] <= PANEL_ROWS_MAX and x.dtype == torch.float32 and x.stride(1) == 1:
-            out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype)
+        rows = x.shape[0]
+        if self.panels is not None and rows <= PANEL_ROWS_MAX and x.dtype == torch.float32 and x.stride(1) == 1:
+            out = torch.empty((rows, self.out_features), dtype=x.dtype)
             self.ext.panel_linear(out, x, self.panels, self._bias)
             return out
+        if self.tiles is not None and 0 < rows <= TILE_ROWS_MAX and x.dtype == torch.bfloat16 and x.stride(1) == 1:
+            out = torch.empty((rows, self.out_features), dtype=x.dtype)
+            if self.ext.tile_linear(out, x, self.tiles, self._bias):
+                return out
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -155,8 +181,16 @@ class CpuKernels(TorchKernels):
         self.bf16_native = native_bf16()
         self.ext, self.ext_note = extension()
         self.panel_linears = self.ext is not None   # every build has the AVX2 panels
+        self.tile_linears = self._tile_linears_run()
         self.gather = BlockGather(device)
         self.tile_prefill = self._tile_prefill_runs()
+
+    def _tile_linears_run(self) -> bool:
+        """Whether this build runs bf16 linears on AMX tiles (asked with no rows)."""
+        if self.ext is None or self.dtype != torch.bfloat16:
+            return False
+        empty = torch.empty(0, 32, dtype=self.dtype)
+        return self.ext.tile_linear(torch.empty(0, 32, dtype=self.dtype), empty, empty, _NONE)
 
     def _tile_prefill_runs(self) -> bool:
         """Whether this build runs the AMX prefill attention (asked with an empty batch: it says
@@ -170,6 +204,8 @@ class CpuKernels(TorchKernels):
         lin = "oneDNN prepacked" if self.onednn else "torch"
         if self.onednn and self.panel_linears and self.dtype == torch.float32:
             lin += f" (up to {PANEL_ROWS_MAX} rows: weight panels)"
+        if self.tile_linears:
+            lin += f" (up to {TILE_ROWS_MAX} rows: AMX weight tiles)"
         if self.dtype == torch.bfloat16 and not self.bf16_native:
             lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
         att = "C++ paged kernel" if self.ext is not None else "gather into reused buffers + matmul"
@@ -182,8 +218,9 @@ class CpuKernels(TorchKernels):
             return Linear(weight, bias)
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
-            linear = PackedLinear(weight, bias, packed, self.ext if self.panel_linears else None)
-            for rows in (3, PANEL_ROWS_MAX + 1):   # both paths: panels (a few rows) and oneDNN
+            linear = PackedLinear(weight, bias, packed, self.ext if self.panel_linears else None,
+                                  tiles=self.tile_linears)
+            for rows in (3, 17, PANEL_ROWS_MAX + 1):   # every path: panels or tiles (a few rows), oneDNN
                 x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
                 if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2):
                     raise RuntimeError(f"the prepared linear disagrees with F.linear at {rows} rows")

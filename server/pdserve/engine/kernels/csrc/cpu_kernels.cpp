@@ -1009,6 +1009,98 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
 #endif
 }
 
+// ---- bfloat16 linears for a few rows on AMX tiles (decode steps) ---------------------------------
+// The float32 panels' reasoning in bf16: at decode sizes a linear streams its weight from memory
+// once, and oneDNN's blocked AMX GEMM reads it well below the memory's speed. Here the weight is
+// laid out (pack_tiles in Python) as the B tiles of tdpbf16ps in the order they are multiplied:
+// per group of TILE_GROUP panels of 16 outputs, per 32 k, the panels' tiles [16 k pairs][16][2],
+// so each thread reads one sequential run, prefetched ahead of the tile loads. The rows (up to
+// 32: two A tiles, loaded through x's stride) multiply every B tile once; each group's four
+// accumulator tiles go through a float32 scratch to bf16 with the bias added.
+constexpr int TILE_GROUP = 2;                  // panels per group: 2 B tiles + 2 A + 4 C of the 8
+constexpr int64_t TILE_PREFETCH = 4096;        // bytes ahead of the tile loads
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, int64_t lda, int64_t M,
+                             const uint16_t* b, int64_t K, const at::BFloat16* bias, int64_t N,
+                             int64_t g0, int64_t g1) {
+  const int64_t KB = K / 32, group_elems = KB * TILE_GROUP * 512;
+  const int m0 = (int)std::min<int64_t>(16, M), m1 = (int)(M - m0);
+  TileConfig cfg;
+  cfg.rows[0] = cfg.rows[4] = cfg.rows[5] = m0;
+  cfg.rows[1] = cfg.rows[6] = cfg.rows[7] = std::max(m1, 1);
+  _tile_loadconfig(&cfg);
+  alignas(64) float st[32][32];
+  const char* end = reinterpret_cast<const char*>(b + g1 * group_elems);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* bg = b + g * group_elems;
+    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const uint16_t* bt = bg + kb * TILE_GROUP * 512;
+      const char* ahead = reinterpret_cast<const char*>(bt) + TILE_PREFETCH;
+      if (ahead < end)
+        for (int l = 0; l < TILE_GROUP * 16; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      _tile_loadd(0, a + kb * 32, lda * 2);
+      _tile_loadd(2, bt, 64);
+      _tile_loadd(3, bt + 512, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+      if (m1) {
+        _tile_loadd(1, a + 16 * lda + kb * 32, lda * 2);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+    _tile_stored(4, &st[0][0], 128);
+    _tile_stored(5, &st[0][16], 128);
+    if (m1) { _tile_stored(6, &st[16][0], 128); _tile_stored(7, &st[16][16], 128); }
+    const int64_t n0 = g * 16 * TILE_GROUP;
+    const int cols = (int)std::min<int64_t>(16 * TILE_GROUP, N - n0);
+    __mmask16 mask[2];
+    __m512 bv[2];
+    for (int j = 0; j < 2; ++j) {
+      const int cj = std::clamp(cols - 16 * j, 0, 16);
+      mask[j] = (__mmask16)((1u << cj) - 1);
+      bv[j] = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                  _mm256_maskz_loadu_epi16(mask[j], bias + n0 + 16 * j)), 16)) : _mm512_setzero_ps();
+    }
+    for (int r = 0; r < M; ++r)
+      for (int j = 0; j < 2; ++j)
+        if (mask[j])
+          _mm256_mask_storeu_epi16(c + r * ldc + n0 + 16 * j, mask[j],
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&st[r][16 * j]), bv[j])));
+  }
+}
+#endif
+
+// out [M, N] = x [M, K] @ W^T + bias in bf16, W as pack_tiles (Python) laid it out, M <= 32.
+// Returns whether it ran: false on builds without AMX or where Linux refuses the tiles (an
+// empty x asks just that).
+bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (!amx_permitted()) return false;
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), groups = tiles.size(0);
+  if (M == 0) return true;
+  TORCH_CHECK(M <= 32 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && out.is_contiguous()
+              && out.scalar_type() == at::kBFloat16 && out.size(0) == M);
+  TORCH_CHECK(K % 32 == 0 && tiles.is_contiguous() && tiles.numel() == groups * TILE_GROUP * 16 * K
+              && groups == (N + 16 * TILE_GROUP - 1) / (16 * TILE_GROUP));
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == N && bias.is_contiguous() && bias.scalar_type() == at::kBFloat16));
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(tiles.data_ptr());
+  const at::BFloat16* bs = bias.numel() ? bias.data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* c = out.data_ptr<at::BFloat16>();
+  const int64_t lda = x.stride(0);
+  py::gil_scoped_release nogil;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    tile_linear_rows(c, N, a, lda, M, b, K, bs, N, g0, g1);
+    _tile_release();
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
 void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
                   at::Tensor tables, at::Tensor lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 6 && q.stride(2) == 1 && kv.stride(5) == 1 && out.is_contiguous());
@@ -1376,6 +1468,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
   m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
+  m.def("tile_linear", torch::wrap_pybind_function(tile_linear),
+        "bf16 x @ W^T + b of up to 32 rows over weight tiles (AMX build); returns whether it ran");
   m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
         "causal attention of whole prompts in a flat batch (AMX build, bf16); returns whether it ran");
 }
