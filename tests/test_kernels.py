@@ -487,9 +487,25 @@ def test_the_amx_build_runs_bfloat16_decode_linears_on_tiles():
     for rows in (1, 15, 16, 17, 31, 32):
         x = torch.randn(rows, 104, generator=g).to(torch.bfloat16)[:, 4:100]
         out = torch.full((rows, 88), float("nan"), dtype=torch.bfloat16)
-        assert cpu.ext.tile_linear(out, x, linear.tiles, b)
+        assert cpu.ext.tile_linear(out, x, linear.tiles, b, False)
         torch.testing.assert_close(out, ref.linear(w, b)(x), **TOL[torch.bfloat16])
     assert not pair(torch.float32, variants.VARIANTS[0])[1].tile_linears
+
+
+def test_the_amx_build_fuses_silu_and_mul_into_the_gate_up_tiles():
+    """An MLP's gate_up with SiLU-and-mul: the tiles' epilogue (up to 32 rows) and oneDNN then the
+    op (more rows) both give the separate reference ops' result."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("no AMX on this CPU")
+    ref, cpu = pair(torch.bfloat16, variants.VARIANTS[0])
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(2 * 48, 64, generator=g) * 0.2).to(torch.bfloat16)
+    b = torch.randn(2 * 48, generator=g).to(torch.bfloat16)
+    fused = cpu.silu_gate_up(w, b)
+    assert fused.tiles is not None and fused.linear.tiles is None   # one second form, not two
+    for rows in (1, 16, 17, 32, 33, 70):
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        torch.testing.assert_close(fused(x), ref.silu_gate_up(w, b)(x), **TOL[torch.bfloat16])
 
 
 def test_the_amx_build_runs_the_prefill_kernel():

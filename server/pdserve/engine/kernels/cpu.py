@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kernels import quant, variants
-from pdserve.engine.kernels.reference import BlockGather, Linear, TorchKernels
+from pdserve.engine.kernels.reference import BlockGather, Linear, SiluGateUp, TorchKernels
 from pdserve.engine.quantization import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,13 @@ def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(groups, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
+def interleave_halves(t: torch.Tensor) -> torch.Tensor:
+    """[gate; up] rows (2I, I a multiple of 16) reordered by 16: gate 0-15, up 0-15, gate 16-31, ...
+    so that each group of weight tiles holds the gate and up rows of the same 16 outputs."""
+    half = t.shape[0] // 2
+    return t.view(2, half // 16, 16, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 # Up to this many rows (a decode step's batch), float32 linears run on weight panels
 # (panel_linear above): there the weights' memory traffic dominates. More rows (prefill) run on
 # oneDNN, which is faster once the multiply dominates. bf16 linears on AMX: up to 32 rows (two
@@ -155,9 +162,29 @@ class PackedLinear(Linear):
             return out
         if self.tiles is not None and 0 < rows <= TILE_ROWS_MAX and x.dtype == torch.bfloat16 and x.stride(1) == 1:
             out = torch.empty((rows, self.out_features), dtype=x.dtype)
-            if self.ext.tile_linear(out, x, self.tiles, self._bias):
+            if self.ext.tile_linear(out, x, self.tiles, self._bias, False):
                 return out
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class TiledSiluGateUp(SiluGateUp):
+    """bf16 on AMX: steps of up to TILE_ROWS_MAX rows multiply the weight tiles (gate and up rows
+    interleaved by 16) with SiLU-and-mul in the kernel's epilogue; more rows take the linear
+    (oneDNN), then the op."""
+
+    def __init__(self, linear: Linear, silu_and_mul, ext, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(linear, silu_and_mul)
+        self.ext = ext
+        self.tiles = pack_tiles(interleave_halves(weight))
+        self._bias = interleave_halves(bias).contiguous() if bias is not None else _NONE
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() == 2 and 0 < rows <= TILE_ROWS_MAX and x.dtype == torch.bfloat16 and x.stride(1) == 1:
+            out = torch.empty((rows, self.out_features), dtype=x.dtype)
+            if self.ext.tile_linear(out, x, self.tiles, self._bias, True):
+                return out
+        return super().__call__(x)
 
 
 class UpcastLinear(Linear):
@@ -190,7 +217,7 @@ class CpuKernels(TorchKernels):
         if self.ext is None or self.dtype != torch.bfloat16:
             return False
         empty = torch.empty(0, 32, dtype=self.dtype)
-        return self.ext.tile_linear(torch.empty(0, 32, dtype=self.dtype), empty, empty, _NONE)
+        return self.ext.tile_linear(torch.empty(0, 32, dtype=self.dtype), empty, empty, _NONE, False)
 
     def _tile_prefill_runs(self) -> bool:
         """Whether this build runs the AMX prefill attention (asked with an empty batch: it says
@@ -213,13 +240,13 @@ class CpuKernels(TorchKernels):
         return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}"
 
     # ---- linears ------------------------------------------------------------------------------
-    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None, tiles: bool = True) -> Linear:
         if not self.onednn:
             return Linear(weight, bias)
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
             linear = PackedLinear(weight, bias, packed, self.ext if self.panel_linears else None,
-                                  tiles=self.tile_linears)
+                                  tiles=tiles and self.tile_linears)
             for rows in (3, 17, PANEL_ROWS_MAX + 1):   # every path: panels or tiles (a few rows), oneDNN
                 x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
                 if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2):
@@ -236,6 +263,22 @@ class CpuKernels(TorchKernels):
             inner = self._packed(weight.float(), None if bias is None else bias.float())
             return UpcastLinear(weight, bias, inner)
         return self._packed(weight, bias)
+
+    def silu_gate_up(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SiluGateUp:
+        """bf16 on AMX: the activation in the decode linear's epilogue (TiledSiluGateUp), checked
+        once against the separate ops; the weight's second form is the interleaved tiles, so the
+        linear for larger steps keeps only oneDNN's."""
+        if not (self.tile_linears and isinstance(weight, torch.Tensor) and not isinstance(weight, QuantizedWeight)
+                and weight.dtype == torch.bfloat16 and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0):
+            return super().silu_gate_up(weight, bias)
+        linear = self._packed(weight, bias, tiles=False)
+        fused = TiledSiluGateUp(linear, self.silu_and_mul, self.ext, weight, bias)
+        x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+        if not torch.allclose(fused(x).float(), super().silu_and_mul(F.linear(x, weight, bias)).float(),
+                              rtol=2e-2, atol=2e-2):
+            log.info("the fused gate_up disagrees with the separate ops for %s; running them apart", tuple(weight.shape))
+            return SiluGateUp(self._packed(weight, bias), self.silu_and_mul)
+        return fused
 
     def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
         """int8 activations: oneDNN's int8 GEMM (VNNI / AMX-INT8; kernels/quant.py)."""

@@ -32,6 +32,17 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class SiluGateUp:
+    """An MLP's gate_up linear followed by SiLU-and-mul (TorchKernels.silu_gate_up)."""
+
+    def __init__(self, linear: Linear, silu_and_mul):
+        self.linear, self.silu_and_mul = linear, silu_and_mul
+        self.in_features, self.out_features = linear.in_features, linear.out_features // 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.silu_and_mul(self.linear(x))
+
+
 class BlockGather:
     """Gathers one layer's K and V blocks of a decode batch into buffers reused across steps
     (a fresh multi-MB tensor per step costs more than the copy): keys and values come back as
@@ -124,6 +135,12 @@ class TorchKernels:
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         half = gate_up.shape[-1] // 2
         return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+    def silu_gate_up(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SiluGateUp":
+        """An MLP's gate_up linear (weight: the gate rows, then the up rows) with SiLU-and-mul
+        after it: x -> silu(x gate^T) * (x up^T). Here the linear, then silu_and_mul; a kernel
+        set may fuse them."""
+        return SiluGateUp(self.linear(weight, bias), self.silu_and_mul)
 
     # ---- the paged KV cache -----------------------------------------------------------------
     def store_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,

@@ -24,6 +24,9 @@ from pdserve.engine.models.rotary import cos_sin, per_layer_type, rope_tables
 
 
 class GeluMLP(MLP):
+    def activated(self, kernels, gate_up: torch.Tensor):
+        return kernels.linear(gate_up)   # the GELU runs in forward
+
     def forward(self, kernels, x):
         gate_up = self.gate_up(x)
         half = gate_up.shape[-1] // 2

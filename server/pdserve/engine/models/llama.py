@@ -89,13 +89,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def fuse(self, kernels) -> None:
-        """One gate_up linear instead of two (weights concatenated once, at load)."""
-        self.gate_up = kernels.linear(torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach())
+        """One gate_up linear instead of two (weights concatenated once, at load), with the
+        activation after it."""
+        self.gate_up = self.activated(kernels, torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach())
         self.down = kernels.linear(self.down_proj.weight.detach())
         del self.gate_proj, self.up_proj, self.down_proj
 
+    def activated(self, kernels, gate_up: torch.Tensor):
+        """x -> silu(gate) * up, fused where the kernel set can."""
+        return kernels.silu_gate_up(gate_up)
+
     def forward(self, kernels, x):
-        return self.down(kernels.silu_and_mul(self.gate_up(x)))
+        return self.down(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):

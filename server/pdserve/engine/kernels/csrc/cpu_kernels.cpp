@@ -1016,13 +1016,16 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
 // per group of TILE_GROUP panels of 16 outputs, per 32 k, the panels' tiles [16 k pairs][16][2],
 // so each thread reads one sequential run, prefetched ahead of the tile loads. The rows (up to
 // 32: two A tiles, loaded through x's stride) multiply every B tile once; each group's four
-// accumulator tiles go through a float32 scratch to bf16 with the bias added.
+// accumulator tiles go through a float32 scratch to bf16 with the bias added. An MLP's gate_up
+// packed with each group's two panels the gate and the up rows of the same 16 outputs
+// (silu_mul) gets SiLU-and-mul in that epilogue, while the next weights stream in: its output
+// is the MLP's intermediate row, rounded at each step as the separate ops round it.
 constexpr int TILE_GROUP = 2;                  // panels per group: 2 B tiles + 2 A + 4 C of the 8
 constexpr int64_t TILE_PREFETCH = 4096;        // bytes ahead of the tile loads
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, int64_t lda, int64_t M,
                              const uint16_t* b, int64_t K, const at::BFloat16* bias, int64_t N,
-                             int64_t g0, int64_t g1) {
+                             int64_t g0, int64_t g1, bool silu_mul) {
   const int64_t KB = K / 32, group_elems = KB * TILE_GROUP * 512;
   const int m0 = (int)std::min<int64_t>(16, M), m1 = (int)(M - m0);
   TileConfig cfg;
@@ -1063,6 +1066,16 @@ static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, in
       bv[j] = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                   _mm256_maskz_loadu_epi16(mask[j], bias + n0 + 16 * j)), 16)) : _mm512_setzero_ps();
     }
+    if (silu_mul) {   // whole groups: the gate in panel 0, the up rows in panel 1
+      const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
+      for (int r = 0; r < M; ++r) {
+        const vf gate = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][0]), bv[0]));
+        const vf up = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][16]), bv[1]));
+        const vf silu = vround_bf16(vdiv(gate, vadd(one, vexp(vmin(vsub(zero, gate), hi)))));
+        _mm256_storeu_si256((__m256i*)(c + r * ldc + g * 16), (__m256i)_mm512_cvtneps_pbh(vmul(silu, up)));
+      }
+      continue;
+    }
     for (int r = 0; r < M; ++r)
       for (int j = 0; j < 2; ++j)
         if (mask[j])
@@ -1072,13 +1085,15 @@ static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, in
 }
 #endif
 
-// out [M, N] = x [M, K] @ W^T + bias in bf16, W as pack_tiles (Python) laid it out, M <= 32.
-// Returns whether it ran: false on builds without AMX or where Linux refuses the tiles (an
-// empty x asks just that).
-bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias) {
+// out [M, N] = x [M, K] @ W^T + bias in bf16, W as pack_tiles (Python) laid it out, M <= 32;
+// with silu_mul, out [M, N / 2] = silu(gate) * up, W and bias packed with gate and up rows
+// interleaved by 16. Returns whether it ran: false on builds without AMX or where Linux refuses
+// the tiles (an empty x asks just that).
+bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias, bool silu_mul) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (!amx_permitted()) return false;
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), groups = tiles.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1) * (silu_mul ? 2 : 1), groups = tiles.size(0);
+  TORCH_CHECK(!silu_mul || N % (16 * TILE_GROUP) == 0, "tile_linear: silu_mul needs whole groups");
   if (M == 0) return true;
   TORCH_CHECK(M <= 32 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && out.is_contiguous()
               && out.scalar_type() == at::kBFloat16 && out.size(0) == M);
@@ -1092,7 +1107,7 @@ bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias
   const int64_t lda = x.stride(0);
   py::gil_scoped_release nogil;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    tile_linear_rows(c, N, a, lda, M, b, K, bs, N, g0, g1);
+    tile_linear_rows(c, out.size(1), a, lda, M, b, K, bs, N, g0, g1, silu_mul);
     _tile_release();
   });
   return true;
@@ -1469,7 +1484,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
   m.def("tile_linear", torch::wrap_pybind_function(tile_linear),
-        "bf16 x @ W^T + b of up to 32 rows over weight tiles (AMX build); returns whether it ran");
+        "bf16 x @ W^T + b of up to 32 rows over weight tiles (AMX build), optionally SiLU-and-mul "
+        "of gate and up rows interleaved by 16; returns whether it ran");
   m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
         "causal attention of whole prompts in a flat batch (AMX build, bf16); returns whether it ran");
 }
