@@ -3,6 +3,7 @@ import importlib.util
 import itertools
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import TorchKernels, kernels_for
 from pdserve.engine.kernels import variants
 from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, cpu_flags, extension, load_variant, native_bf16
-from pdserve.engine.model_runner import ModelRunner, resolve_dtype
+from pdserve.engine.model_runner import ModelRunner, prefill_group_tokens, resolve_dtype
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import SamplingParams, Sequence
 
@@ -331,9 +332,21 @@ def test_bfloat16_engine_rotates_by_float32_angles(small_model):
     assert (sin[:, 0, : head_dim // 2].double() - angles.sin()).abs().max() < 1e-3
 
 
+def test_prefill_groups_keep_the_widest_activation_within_the_cache_budget():
+    """A power of two of tokens from 512 to 4096 whose gate_up output fits 12 MiB."""
+    def shape(intermediate, hidden):
+        return SimpleNamespace(intermediate_size=intermediate, hidden_size=hidden)
+    assert prefill_group_tokens(shape(4864, 896), torch.bfloat16) == 512     # Qwen2.5-0.5B
+    assert prefill_group_tokens(shape(1408, 512), torch.bfloat16) == 2048    # the demo
+    assert prefill_group_tokens(shape(1408, 512), torch.float32) == 1024
+    assert prefill_group_tokens(shape(64, 32), torch.float32) == 4096        # the most
+    assert prefill_group_tokens(shape(18944, 3584), torch.bfloat16) == 512   # the least
+    assert prefill_group_tokens(SimpleNamespace(hidden_size=512), torch.bfloat16) == 1024   # no intermediate_size: 4x
+
+
 def test_a_mixed_step_grouped_into_prefill_forwards_gives_the_same_logits(small_model):
     """A step of several prompt pieces and some decodes runs as forwards of about
-    PREFILL_GROUP_TOKENS prompt tokens, the decodes with the last one, and the LM head and the
+    prefill_group_tokens prompt tokens, the decodes with the last one, and the LM head and the
     sampler once over every group's rows: the same logits as one forward of the whole step."""
     runner = ModelRunner(EngineConfig(model_path=small_model, dtype="float32", kv_cache_blocks=64, max_model_len=256))
     rng = random.Random(7)
@@ -353,9 +366,9 @@ def test_a_mixed_step_grouped_into_prefill_forwards_gives_the_same_logits(small_
     captured = []
     sample = runner.sampler.sample
     runner.sampler.sample = lambda logits, *args: (captured.append(logits.clone()), sample(logits, *args))[1]
-    runner.PREFILL_GROUP_TOKENS = 64        # two forwards of two prompts each
+    runner.prefill_group_tokens = 64        # two forwards of two prompts each
     grouped = runner.run(step)
-    runner.PREFILL_GROUP_TOKENS = 10 ** 6   # one forward
+    runner.prefill_group_tokens = 10 ** 6   # one forward
     whole = runner.run(step)
     assert len(captured) == 2 and [s for s, _ in grouped] == [s for s, _ in whole]
     torch.testing.assert_close(captured[0], captured[1], rtol=1e-4, atol=1e-4)

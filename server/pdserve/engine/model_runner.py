@@ -69,9 +69,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return chosen
 
 
-class ModelRunner:
-    PREFILL_GROUP_TOKENS = 512
+# A prefill of many prompts runs as forwards of whole pieces whose widest activation (the MLP's
+# gate_up output) stays within about this much: the GEMMs slow down once it no longer stays in
+# cache. Groups are a power of two of tokens between the bounds below.
+PREFILL_GROUP_BYTES = 12 << 20
+PREFILL_GROUP_TOKENS_MIN, PREFILL_GROUP_TOKENS_MAX = 512, 4096
 
+
+def prefill_group_tokens(config, dtype: torch.dtype) -> int:
+    """The prefill group's size for a model: 512 tokens at Qwen2.5-0.5B's width in bf16, 2048 at
+    the demo's (bench/RESULTS.md)."""
+    width = 2 * (getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+    fits = PREFILL_GROUP_BYTES // (width * torch.finfo(dtype).bits // 8)
+    tokens = PREFILL_GROUP_TOKENS_MIN
+    while tokens * 2 <= min(fits, PREFILL_GROUP_TOKENS_MAX):
+        tokens *= 2
+    return tokens
+
+
+class ModelRunner:
     def __init__(self, cfg: EngineConfig, tp=None):
         self.cfg = cfg
         self.tp = tp    # the instance's RankGroup (engine/ranks.py) when it spans several devices
@@ -110,6 +126,7 @@ class ModelRunner:
         self.layer_push = None
         self.progress = Progress()   # the last layer a forward finished, for the stall watchdog
         self.vocab_size = self.model.vocab_size
+        self.prefill_group_tokens = prefill_group_tokens(self.model_config, self.dtype)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -218,7 +235,7 @@ class ModelRunner:
     def run(self, step: SchedulerOutput) -> list[tuple[Sequence, int]]:
         """Computes one step and returns the token sampled for each sequence that reached the
         end of its known tokens (decodes, and prompts whose last piece this step computed)."""
-        # A prefill of many prompts runs as forwards of about PREFILL_GROUP_TOKENS each (whole
+        # A prefill of many prompts runs as forwards of about prefill_group_tokens each (whole
         # pieces): the activations then stay in cache, and the GEMMs run at the row count they
         # are fastest at on CPU, against one forward over every prompt. A step's decodes ride
         # with the last group, so a mixed step is grouped as well. Results are the same either way.
@@ -244,7 +261,7 @@ class ModelRunner:
     def _prefill_groups(self, prefills: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         groups, current, size = [], [], 0
         for seq, n in prefills:
-            if current and size + n > self.PREFILL_GROUP_TOKENS:
+            if current and size + n > self.prefill_group_tokens:
                 groups.append(current)
                 current, size = [], 0
             current.append((seq, n))
