@@ -491,7 +491,7 @@ def test_the_amx_build_runs_bfloat16_decode_linears_on_tiles():
     if not {"amx_tile", "amx_bf16"} <= cpu_flags():
         pytest.skip("no AMX on this CPU")
     ref, cpu = pair(torch.bfloat16, variants.VARIANTS[0])
-    assert cpu.tile_linears and "AMX weight tiles" in cpu.describe()
+    assert cpu.tile_linears and "bf16 weight tiles" in cpu.describe()
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(88, 96, generator=g) * 0.05).to(torch.bfloat16)
     b = torch.randn(88, generator=g).to(torch.bfloat16)

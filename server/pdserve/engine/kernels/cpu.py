@@ -10,9 +10,9 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 - Linears of a decode step (a few rows): the weights stream from memory once per step, and
   oneDNN's blocked weights run well below the memory's speed there. In float32, weight panels
   (16 outputs' weights, one contiguous [K][16] run) are read in order, with the next panel
-  prefetched while one is multiplied; in bf16 on AMX, the weight is laid out as the tile
-  multiplies read it (pack_tiles), one sequential run per thread. Prefill (many rows) stays on
-  oneDNN, which is faster there; the linear keeps both forms.
+  prefetched while one is multiplied; in bf16 (AMX tiles, or avx512_bf16 dot products), the
+  weight is laid out as the tile multiplies read it (pack_tiles), one sequential run per thread.
+  Prefill (many rows) stays on oneDNN, which is faster there; the linear keeps both forms.
 - The compiled kernels let go of the GIL while they run, so the engine process's asyncio thread
   (streaming the outputs) is not held up by them.
 - Decode attention: gathering each sequence's blocks into a padded tensor reads and writes the
@@ -129,15 +129,15 @@ def interleave_halves(t: torch.Tensor) -> torch.Tensor:
 
 # Up to this many rows (a decode step's batch), float32 linears run on weight panels
 # (panel_linear above): there the weights' memory traffic dominates. More rows (prefill) run on
-# oneDNN, which is faster once the multiply dominates. bf16 linears on AMX: up to 32 rows (two
-# tiles of rows; above that oneDNN's blocking wins).
+# oneDNN, which is faster once the multiply dominates. bf16 linears on weight tiles: up to 32 rows
+# (two AMX tiles of rows; above that oneDNN's blocking wins).
 PANEL_ROWS_MAX = 64
 TILE_ROWS_MAX = 32
 
 
 class PackedLinear(Linear):
     """oneDNN linear over a weight reordered once into its blocked layout; with the compiled
-    kernels, also the weight as steps of a few rows read it: float32 panels, or bf16 AMX tiles
+    kernels, also the weight as steps of a few rows read it: float32 panels, or bf16 weight tiles
     (tiles=True: the build runs them). The plain weight is not kept: each form holds what its
     path reads."""
 
@@ -168,7 +168,7 @@ class PackedLinear(Linear):
 
 
 class TiledSiluGateUp(SiluGateUp):
-    """bf16 on AMX: steps of up to TILE_ROWS_MAX rows multiply the weight tiles (gate and up rows
+    """bf16 weight tiles: steps of up to TILE_ROWS_MAX rows multiply them (gate and up rows
     interleaved by 16) with SiLU-and-mul in the kernel's epilogue; more rows take the linear
     (oneDNN), then the op."""
 
@@ -213,7 +213,8 @@ class CpuKernels(TorchKernels):
         self.tile_prefill = self._tile_prefill_runs()
 
     def _tile_linears_run(self) -> bool:
-        """Whether this build runs bf16 linears on AMX tiles (asked with no rows)."""
+        """Whether this build runs bf16 linears on weight tiles (AMX, or avx512_bf16 dot products
+        where there is no AMX; asked with no rows)."""
         if self.ext is None or self.dtype != torch.bfloat16:
             return False
         empty = torch.empty(0, 32, dtype=self.dtype)
@@ -232,7 +233,7 @@ class CpuKernels(TorchKernels):
         if self.onednn and self.panel_linears and self.dtype == torch.float32:
             lin += f" (up to {PANEL_ROWS_MAX} rows: weight panels)"
         if self.tile_linears:
-            lin += f" (up to {TILE_ROWS_MAX} rows: AMX weight tiles)"
+            lin += f" (up to {TILE_ROWS_MAX} rows: bf16 weight tiles)"
         if self.dtype == torch.bfloat16 and not self.bf16_native:
             lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
         att = "C++ paged kernel" if self.ext is not None else "gather into reused buffers + matmul"
@@ -265,7 +266,7 @@ class CpuKernels(TorchKernels):
         return self._packed(weight, bias)
 
     def silu_gate_up(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SiluGateUp:
-        """bf16 on AMX: the activation in the decode linear's epilogue (TiledSiluGateUp), checked
+        """bf16 weight tiles: the activation in the decode linear's epilogue (TiledSiluGateUp), checked
         once against the separate ops; the weight's second form is the interleaved tiles, so the
         linear for larger steps keeps only oneDNN's."""
         if not (self.tile_linears and isinstance(weight, torch.Tensor) and not isinstance(weight, QuantizedWeight)

@@ -1009,7 +1009,7 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
 #endif
 }
 
-// ---- bfloat16 linears for a few rows on AMX tiles (decode steps) ---------------------------------
+// ---- bfloat16 linears for a few rows on weight tiles (decode steps) ------------------------------
 // The float32 panels' reasoning in bf16: at decode sizes a linear streams its weight from memory
 // once, and oneDNN's blocked AMX GEMM reads it well below the memory's speed. Here the weight is
 // laid out (pack_tiles in Python) as the B tiles of tdpbf16ps in the order they are multiplied:
@@ -1022,6 +1022,94 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
 // is the MLP's intermediate row, rounded at each step as the separate ops round it.
 constexpr int TILE_GROUP = 2;                  // panels per group: 2 B tiles + 2 A + 4 C of the 8
 constexpr int64_t TILE_PREFETCH = 4096;        // bytes ahead of the tile loads
+#if defined(__AVX512BF16__)
+// One group's float32 sums (st: rows x the group's 32 outputs) to bf16 with the bias added, or,
+// with silu_mul, to the group's 16 SiLU-and-mul outputs.
+static inline void store_group(float (*st)[32], int64_t rows, at::BFloat16* c, int64_t ldc, int64_t g, int64_t N,
+                               const at::BFloat16* bias, bool silu_mul) {
+  const int64_t n0 = g * 16 * TILE_GROUP;
+  const int cols = (int)std::min<int64_t>(16 * TILE_GROUP, N - n0);
+  __mmask16 mask[2];
+  __m512 bv[2];
+  for (int j = 0; j < 2; ++j) {
+    const int cj = std::clamp(cols - 16 * j, 0, 16);
+    mask[j] = (__mmask16)((1u << cj) - 1);
+    bv[j] = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16(mask[j], bias + n0 + 16 * j)), 16)) : _mm512_setzero_ps();
+  }
+  if (silu_mul) {   // whole groups: the gate in panel 0, the up rows in panel 1
+    const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const vf gate = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][0]), bv[0]));
+      const vf up = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][16]), bv[1]));
+      const vf silu = vround_bf16(vdiv(gate, vadd(one, vexp(vmin(vsub(zero, gate), hi)))));
+      _mm256_storeu_si256((__m256i*)(c + r * ldc + g * 16), (__m256i)_mm512_cvtneps_pbh(vmul(silu, up)));
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < 2; ++j)
+      if (mask[j])
+        _mm256_mask_storeu_epi16(c + r * ldc + n0 + 16 * j, mask[j],
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&st[r][16 * j]), bv[j])));
+}
+
+// Without AMX (or where Linux refuses the tiles), the same layout by bf16 dot products: each B
+// tile row is one vector of 16 outputs x 2 k, so R rows x the group's 2 panels are 2R
+// accumulators in registers, each broadcast pair of x feeding two vdpbf16ps. Row tiles after the
+// first read the group's tiles from L2.
+template <int R>
+static inline void dot_rows(float (*st)[32], const uint16_t* a, int64_t lda, const uint16_t* bg, int64_t KB,
+                            const char* ahead, const char* end) {
+  __m512 acc[R][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint16_t* bt = bg + kb * TILE_GROUP * 512;
+    if (ahead && ahead + kb * TILE_GROUP * 1024 < end)
+      for (int l = 0; l < TILE_GROUP * 16; ++l) _mm_prefetch(ahead + kb * TILE_GROUP * 1024 + 64 * l, _MM_HINT_T0);
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(bt + p * 32);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(bt + 512 + p * 32);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + r * lda + kb * 32 + 2 * p));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) { _mm512_store_ps(&st[r][0], acc[r][0]); _mm512_store_ps(&st[r][16], acc[r][1]); }
+}
+
+constexpr int DOT_ROWS = 12;   // 24 accumulators, 2 weights and a broadcast of the 32 registers
+
+static void dot_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, int64_t lda, int64_t M,
+                            const uint16_t* b, int64_t K, const at::BFloat16* bias, int64_t N,
+                            int64_t g0, int64_t g1, bool silu_mul) {
+  const int64_t KB = K / 32, group_elems = KB * TILE_GROUP * 512;
+  alignas(64) float st[DOT_ROWS][32];
+  const char* end = reinterpret_cast<const char*>(b + g1 * group_elems);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* bg = b + g * group_elems;
+    for (int64_t m = 0; m < M; m += DOT_ROWS) {
+      const int rows = (int)std::min<int64_t>(DOT_ROWS, M - m);
+      const char* ahead = m == 0 ? reinterpret_cast<const char*>(bg) + TILE_PREFETCH : nullptr;
+      const uint16_t* am = a + m * lda;
+      switch (rows) {
+#define PDSERVE_DOT(r) case r: dot_rows<r>(st, am, lda, bg, KB, ahead, end); break;
+        PDSERVE_DOT(1) PDSERVE_DOT(2) PDSERVE_DOT(3) PDSERVE_DOT(4) PDSERVE_DOT(5) PDSERVE_DOT(6)
+        PDSERVE_DOT(7) PDSERVE_DOT(8) PDSERVE_DOT(9) PDSERVE_DOT(10) PDSERVE_DOT(11) PDSERVE_DOT(12)
+#undef PDSERVE_DOT
+        default: break;
+      }
+      store_group(st, rows, c + m * ldc, ldc, g, N, bias, silu_mul);
+    }
+  }
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, int64_t lda, int64_t M,
                              const uint16_t* b, int64_t K, const at::BFloat16* bias, int64_t N,
@@ -1056,42 +1144,22 @@ static void tile_linear_rows(at::BFloat16* c, int64_t ldc, const uint16_t* a, in
     _tile_stored(4, &st[0][0], 128);
     _tile_stored(5, &st[0][16], 128);
     if (m1) { _tile_stored(6, &st[16][0], 128); _tile_stored(7, &st[16][16], 128); }
-    const int64_t n0 = g * 16 * TILE_GROUP;
-    const int cols = (int)std::min<int64_t>(16 * TILE_GROUP, N - n0);
-    __mmask16 mask[2];
-    __m512 bv[2];
-    for (int j = 0; j < 2; ++j) {
-      const int cj = std::clamp(cols - 16 * j, 0, 16);
-      mask[j] = (__mmask16)((1u << cj) - 1);
-      bv[j] = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                  _mm256_maskz_loadu_epi16(mask[j], bias + n0 + 16 * j)), 16)) : _mm512_setzero_ps();
-    }
-    if (silu_mul) {   // whole groups: the gate in panel 0, the up rows in panel 1
-      const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
-      for (int r = 0; r < M; ++r) {
-        const vf gate = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][0]), bv[0]));
-        const vf up = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][16]), bv[1]));
-        const vf silu = vround_bf16(vdiv(gate, vadd(one, vexp(vmin(vsub(zero, gate), hi)))));
-        _mm256_storeu_si256((__m256i*)(c + r * ldc + g * 16), (__m256i)_mm512_cvtneps_pbh(vmul(silu, up)));
-      }
-      continue;
-    }
-    for (int r = 0; r < M; ++r)
-      for (int j = 0; j < 2; ++j)
-        if (mask[j])
-          _mm256_mask_storeu_epi16(c + r * ldc + n0 + 16 * j, mask[j],
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&st[r][16 * j]), bv[j])));
+    store_group(st, M, c, ldc, g, N, bias, silu_mul);
   }
 }
 #endif
 
 // out [M, N] = x [M, K] @ W^T + bias in bf16, W as pack_tiles (Python) laid it out, M <= 32;
 // with silu_mul, out [M, N / 2] = silu(gate) * up, W and bias packed with gate and up rows
-// interleaved by 16. Returns whether it ran: false on builds without AMX or where Linux refuses
-// the tiles (an empty x asks just that).
+// interleaved by 16. On AMX tiles, else by bf16 dot products. Returns whether it ran: false on
+// builds without avx512_bf16 (an empty x asks just that).
 bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias, bool silu_mul) {
+#if defined(__AVX512BF16__)
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (!amx_permitted()) return false;
+  const bool amx = amx_permitted();
+#else
+  const bool amx = false;
+#endif
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1) * (silu_mul ? 2 : 1), groups = tiles.size(0);
   TORCH_CHECK(!silu_mul || N % (16 * TILE_GROUP) == 0, "tile_linear: silu_mul needs whole groups");
   if (M == 0) return true;
@@ -1104,11 +1172,17 @@ bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias
   const uint16_t* b = reinterpret_cast<const uint16_t*>(tiles.data_ptr());
   const at::BFloat16* bs = bias.numel() ? bias.data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* c = out.data_ptr<at::BFloat16>();
-  const int64_t lda = x.stride(0);
+  const int64_t lda = x.stride(0), ldc = out.size(1);
   py::gil_scoped_release nogil;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    tile_linear_rows(c, out.size(1), a, lda, M, b, K, bs, N, g0, g1, silu_mul);
-    _tile_release();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) {
+      tile_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
+      _tile_release();
+      return;
+    }
+#endif
+    dot_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
   });
   return true;
 #else
