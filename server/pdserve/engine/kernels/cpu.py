@@ -107,7 +107,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, 16, k).transpose(1, 2).contiguous()
 
 
-TILE_GROUP = 16 * 2   # outputs per group of bf16 weight tiles (kernels/csrc: TILE_GROUP panels)
+TILE_GROUP_OUTPUTS = 16 * 2   # outputs per group of bf16 weight tiles (kernels/csrc: TILE_GROUP panels of 16)
 
 
 def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,8 @@ def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
     2, 16, 16, 2], per group of 32 outputs and 32 k the two B tiles of 16 outputs, each
     [16 k pairs][16 outputs][2]; the last group zero-padded."""
     n, k = weight.shape
-    groups = -(-n // TILE_GROUP)
-    padded = F.pad(weight, (0, 0, 0, groups * TILE_GROUP - n))
+    groups = -(-n // TILE_GROUP_OUTPUTS)
+    padded = F.pad(weight, (0, 0, 0, groups * TILE_GROUP_OUTPUTS - n))
     return padded.view(groups, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
@@ -133,6 +133,16 @@ def interleave_halves(t: torch.Tensor) -> torch.Tensor:
 # (two AMX tiles of rows; above that oneDNN's blocking wins).
 PANEL_ROWS_MAX = 64
 TILE_ROWS_MAX = 32
+
+
+def disagreement(prepared, reference, weight: torch.Tensor, row_counts) -> int | None:
+    """The first row count at which a prepared linear's output and the reference's differ beyond
+    a bf16 rounding (random rows in the weight's dtype), or None: the load-time check of a path."""
+    for rows in row_counts:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        if not torch.allclose(prepared(x).float(), reference(x).float(), rtol=2e-2, atol=2e-2):
+            return rows
+    return None
 
 
 class PackedLinear(Linear):
@@ -218,7 +228,7 @@ class CpuKernels(TorchKernels):
         if self.ext is None or self.dtype != torch.bfloat16:
             return False
         empty = torch.empty(0, 32, dtype=self.dtype)
-        return self.ext.tile_linear(torch.empty(0, 32, dtype=self.dtype), empty, empty, _NONE, False)
+        return self.ext.tile_linear(empty, empty, empty, _NONE, False)
 
     def _tile_prefill_runs(self) -> bool:
         """Whether this build runs the AMX prefill attention (asked with an empty batch: it says
@@ -248,10 +258,10 @@ class CpuKernels(TorchKernels):
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
             linear = PackedLinear(weight, bias, packed, self.ext if self.panel_linears else None,
                                   tiles=tiles and self.tile_linears)
-            for rows in (3, 17, PANEL_ROWS_MAX + 1):   # every path: panels or tiles (a few rows), oneDNN
-                x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-                if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2):
-                    raise RuntimeError(f"the prepared linear disagrees with F.linear at {rows} rows")
+            # every path: panels or tiles (a few rows), oneDNN
+            rows = disagreement(linear, lambda x: F.linear(x, weight, bias), weight, (3, 17, PANEL_ROWS_MAX + 1))
+            if rows:
+                raise RuntimeError(f"the prepared linear disagrees with F.linear at {rows} rows")
             return linear
         except Exception as exc:  # e.g. bf16 on a CPU oneDNN cannot run it on
             log.info("oneDNN prepacked linear unavailable for %s %s: %s", tuple(weight.shape), weight.dtype, exc)
@@ -269,16 +279,13 @@ class CpuKernels(TorchKernels):
         """bf16 weight tiles: the activation in the decode linear's epilogue (TiledSiluGateUp), checked
         once against the separate ops; the weight's second form is the interleaved tiles, so the
         linear for larger steps keeps only oneDNN's."""
-        if not (self.tile_linears and isinstance(weight, torch.Tensor) and not isinstance(weight, QuantizedWeight)
-                and weight.dtype == torch.bfloat16 and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0):
+        if not (self.tile_linears and not isinstance(weight, QuantizedWeight) and weight.dtype == torch.bfloat16
+                and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0):
             return super().silu_gate_up(weight, bias)
-        linear = self._packed(weight, bias, tiles=False)
-        fused = TiledSiluGateUp(linear, self.silu_and_mul, self.ext, weight, bias)
-        x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
-        if not torch.allclose(fused(x).float(), super().silu_and_mul(F.linear(x, weight, bias)).float(),
-                              rtol=2e-2, atol=2e-2):
+        fused = TiledSiluGateUp(self._packed(weight, bias, tiles=False), self.silu_and_mul, self.ext, weight, bias)
+        if disagreement(fused, lambda x: super(CpuKernels, self).silu_and_mul(F.linear(x, weight, bias)), weight, (3,)):
             log.info("the fused gate_up disagrees with the separate ops for %s; running them apart", tuple(weight.shape))
-            return SiluGateUp(self._packed(weight, bias), self.silu_and_mul)
+            return super().silu_gate_up(weight, bias)
         return fused
 
     def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:

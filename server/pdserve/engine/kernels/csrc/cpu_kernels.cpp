@@ -149,6 +149,11 @@ static inline vf vexp(vf x) {
   return vmul(y, vexp2i(fx));
 }
 
+// x / (1 + e^-x), the exponent's argument capped where e^x would overflow
+static inline vf vsilu(vf x) {
+  return vdiv(x, vadd(vset1(1.f), vexp(vmin(vsub(vset1(0.f), x), vset1(88.f)))));
+}
+
 // One decode-attention call: the pool seen through its strides, the queries, and the work
 // split (one task per sequence, or per sequence and KV head when there are too few sequences to
 // keep every thread busy).
@@ -742,7 +747,6 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor w, d
 template <typename T>
 static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, row_grain(kSiluMul, n), [&](int64_t begin, int64_t end) {
-    const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gu + r * gs;
       const T* u = g + n;
@@ -750,7 +754,7 @@ static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t
       int64_t i = 0;
       for (; i + VW <= n; i += VW) {
         const vf x = vload(g + i);
-        const vf silu = vround(vdiv(x, vadd(one, vexp(vmin(vsub(zero, x), hi)))), o);
+        const vf silu = vround(vsilu(x), o);
         vstore(o + i, vmul(silu, vload(u + i)));
       }
       for (; i < n; ++i) {
@@ -1038,11 +1042,10 @@ static inline void store_group(float (*st)[32], int64_t rows, at::BFloat16* c, i
                 _mm256_maskz_loadu_epi16(mask[j], bias + n0 + 16 * j)), 16)) : _mm512_setzero_ps();
   }
   if (silu_mul) {   // whole groups: the gate in panel 0, the up rows in panel 1
-    const vf one = vset1(1.f), hi = vset1(88.f), zero = vset1(0.f);
     for (int64_t r = 0; r < rows; ++r) {
       const vf gate = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][0]), bv[0]));
       const vf up = vround_bf16(_mm512_add_ps(_mm512_load_ps(&st[r][16]), bv[1]));
-      const vf silu = vround_bf16(vdiv(gate, vadd(one, vexp(vmin(vsub(zero, gate), hi)))));
+      const vf silu = vround_bf16(vsilu(gate));
       _mm256_storeu_si256((__m256i*)(c + r * ldc + g * 16), (__m256i)_mm512_cvtneps_pbh(vmul(silu, up)));
     }
     return;
@@ -1558,7 +1561,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
   m.def("panel_linear", torch::wrap_pybind_function(panel_linear), "float32 x @ W^T + b over weight panels");
   m.def("tile_linear", torch::wrap_pybind_function(tile_linear),
-        "bf16 x @ W^T + b of up to 32 rows over weight tiles (AMX build), optionally SiLU-and-mul "
+        "bf16 x @ W^T + b of up to 32 rows over weight tiles (AMX tiles or avx512_bf16 dot products), "
+        "optionally SiLU-and-mul "
         "of gate and up rows interleaved by 16; returns whether it ran");
   m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
         "causal attention of whole prompts in a flat batch (AMX build, bf16); returns whether it ran");
