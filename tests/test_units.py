@@ -11,7 +11,7 @@ from pdserve_testing.harness import config_text, thread_policies, write_config
 from pdserve._proto import engine_pb2
 from pdserve.cluster.engine_client import EngineCallError, GenerateCall
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.detokenizer import IncrementalDetokenizer, text_of_ids
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence
 from pdserve.frontend.tensors import InvalidInput, parse_sampling_parameters
@@ -103,6 +103,25 @@ def test_detokenizer_never_splits_a_character_and_holds_back_stops():
     stopped_at = next(i for i, b in enumerate(b"ND more") if detok.add_token(b))
     assert stopped_at == 1  # "END" completes with the D
     assert "".join(pieces) + detok.take_piece(final=True) == "héllo €nd "
+
+
+def test_detokenizer_decodes_as_transformers_does(demo_model):
+    """The Rust tokenizer's decode, taken directly, gives transformers' text: special tokens
+    skipped, characters split across tokens, and with space clean-up on, transformers' own path."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    text = "def f(x):\n    return x  # héllo wörld €5 你好 "
+    ids = tokenizer.encode(text)
+    special = tokenizer.all_special_ids[:1]
+    for window in [ids, special + ids + special, ids[1:3], ids[-4:], []]:
+        assert text_of_ids(tokenizer)(window) == tokenizer.decode(window, skip_special_tokens=True)
+    tokenizer.clean_up_tokenization_spaces = True
+    assert text_of_ids(tokenizer).func == tokenizer.decode
+    detok = IncrementalDetokenizer(AutoTokenizer.from_pretrained(demo_model))
+    for token in ids:
+        detok.add_token(token)
+    assert detok.take_piece(final=True) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_preemption_frees_and_requeues():

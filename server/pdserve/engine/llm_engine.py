@@ -16,7 +16,7 @@ from pdserve.common.errors import Cause, ServeError
 from pdserve.common.sampling import TokenLogprobs
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.detokenizer import IncrementalDetokenizer, text_of_ids
 from pdserve.engine.kv_connector import (Action, Decision, DecodeKVConnector, Handoff, PrefillKVConnector,
                                          DEFAULT_GRACE_S, DEFAULT_TIMEOUT_S)
 from pdserve.engine.kv_events import KVEventLog
@@ -85,6 +85,7 @@ class LLMEngine:
         self.cfg = cfg
         self.runner = ModelRunner(cfg, tp)
         self.tokenizer = self.runner.tokenizer
+        self.text_of_ids = text_of_ids(self.tokenizer)   # every request's detokenizer decodes with it
         self.max_model_len = self.runner.max_model_len
         self.kv_events = KVEventLog()
         self.kv_tiers = build_tiers(cfg, self.runner.kv_cache, self.runner.block_size)
@@ -162,7 +163,7 @@ class LLMEngine:
         matcher = self.structured.new_matcher(params)
         seq = self._admit(request_id, token_ids, params, prompt_block_hashes)
         self.structured.start(request_id, matcher, resume_token_ids)
-        detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop, self.text_of_ids)
         if resume_token_ids:
             seq.output_token_ids = list(resume_token_ids)
             for token_id in resume_token_ids:     # the text of these was sent by the former engine
