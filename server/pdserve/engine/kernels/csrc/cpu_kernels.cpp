@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <string>
 
@@ -26,6 +27,53 @@ template <typename T>
 static inline void prefetch_row(const T* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < elems * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// [0, n) over the OpenMP team: one contiguous share per thread, claimed from its front, half of
+// what is left at a time (at least `chunk`); a thread whose share is done claims from the
+// others' the same way. With at::parallel_for's fixed shares a whole op waits while one thread
+// is off its core (the front end, a client, another tenant of the host); here the threads that
+// run take its work, and a thread that is never held up still reads its share in a few long runs.
+class Shares {
+ public:
+  Shares(int64_t n, int64_t chunk)
+      : n_(n), chunk_(std::max<int64_t>(chunk, 1)),
+        threads_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + chunk_ - 1) / chunk_))),
+        cursor_(threads_) {
+    for (int64_t t = 0; t < threads_; ++t) cursor_[t].next.store(begin_of(t), std::memory_order_relaxed);
+  }
+  int64_t threads() const { return threads_; }
+  // Thread t's next piece [s, e): its own share's first, then the others'; false when none is left.
+  bool claim(int64_t t, int64_t& s, int64_t& e) {
+    for (int64_t i = 0; i < threads_; ++i) {
+      const int64_t u = (t + i) % threads_, end = begin_of(u + 1);
+      std::atomic<int64_t>& next = cursor_[u].next;
+      for (int64_t at = next.load(std::memory_order_relaxed); at < end;) {
+        const int64_t to = std::min(end, at + std::max(chunk_, (end - at) / 2));
+        if (next.compare_exchange_weak(at, to, std::memory_order_relaxed)) {
+          s = at;
+          e = to;
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+
+ private:
+  int64_t begin_of(int64_t t) const { return n_ * t / threads_; }
+  struct alignas(64) Cursor { std::atomic<int64_t> next{0}; };
+  const int64_t n_, chunk_, threads_;
+  std::vector<Cursor> cursor_;
+};
+
+// body(claim) runs once per thread (its setup once), taking chunks while claim(s, e) gives one.
+template <typename F>
+static void parallel_shares(int64_t n, int64_t chunk, const F& body) {
+  Shares shares(n, chunk);
+  at::parallel_for(0, shares.threads(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body([&](int64_t& s, int64_t& e) { return shares.claim(t, s, e); });
+  });
 }
 
 // Every build has AVX2 and FMA at least (kernels/variants.py); CPUs without run the torch path.
@@ -185,9 +233,10 @@ template <typename T, int D>
 static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                           const at::Tensor& tables, const at::Tensor& lens, float scale) {
   const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
-  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const int64_t nh = dv.per * dv.G;
     std::vector<float> qf(nh * D), acc(nh * D), sc(nh * dv.BS), mx(nh), sum(nh);
+    for (int64_t begin, end; claim(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
       for (int64_t h = 0; h < nh; ++h) {
@@ -340,7 +389,7 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
   // all its keys first, then one softmax pass (a max and a rescale per head per chunk, not per
   // tile), then its values; the scores stay in L1.
   const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 16 + 15) / 16 * 16;
-  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const int64_t nh = dv.per * dv.G;
     std::vector<uint32_t> qd(dv.per * G4 * P);
     std::vector<float> acc(nh * D), mx(nh), sum(nh), sc(nh * CHP);
@@ -348,6 +397,7 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
     alignas(64) int32_t kt[P][16];
     alignas(64) int32_t vi[8][2 * C][16];
     alignas(64) float s4[4][16];
+    for (int64_t begin, end; claim(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
       std::fill(qd.begin(), qd.end(), 0u);   // the padding heads of each group score zeros
@@ -497,7 +547,7 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
   const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
   const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 32 + 31) / 32 * 32;
   const int64_t kstride = dv.s_tok * (int64_t)sizeof(T);
-  at::parallel_for(0, dv.B * dv.splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const TileConfig cfg;
     _tile_loadconfig(&cfg);
     const int64_t nh = dv.per * dv.G;
@@ -507,6 +557,7 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
     std::vector<const T*> vrow(CHP);              // the chunk's value rows (these heads), by key
     alignas(64) float st[16][16];
     alignas(64) uint32_t vb[4][16][16];
+    for (int64_t begin, end; claim(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
       std::fill(qb.begin(), qb.end(), 0u);   // heads past the group score zeros
@@ -975,7 +1026,9 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
   py::gil_scoped_release nogil;
 #if defined(__AVX512F__)
   constexpr int NP = PANEL_GROUP;
-  at::parallel_for(0, (P + NP - 1) / NP, 1, [&](int64_t g0, int64_t g1) {
+  const int64_t groups = (P + NP - 1) / NP;
+  parallel_shares(groups, groups / (16 * at::get_num_threads()), [&](const auto& claim) {
+    for (int64_t g0, g1; claim(g0, g1);)
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t p = g * NP;
       if (p + NP <= P) {
@@ -990,8 +1043,9 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
     }
   });
 #else
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  parallel_shares(P, P / (16 * at::get_num_threads()), [&](const auto& claim) {
     const int every = (int)std::max<int64_t>(1, (M + 5) / 6);   // tiles per panel share its prefetching
+    for (int64_t p0, p1; claim(p0, p1);)
     for (int64_t p = p0; p < p1; ++p) {
       const float* bp = b + p * K * 16;
       const int cols = (int)std::min<int64_t>(16, N - p * 16);
@@ -1177,15 +1231,19 @@ bool tile_linear(at::Tensor out, at::Tensor x, at::Tensor tiles, at::Tensor bias
   at::BFloat16* c = out.data_ptr<at::BFloat16>();
   const int64_t lda = x.stride(0), ldc = out.size(1);
   py::gil_scoped_release nogil;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  parallel_shares(groups, groups / (16 * at::get_num_threads()), [&](const auto& claim) {
+    for (int64_t g0, g1; claim(g0, g1);) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx) {
-      tile_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
-      _tile_release();
-      return;
-    }
+      if (amx) {
+        tile_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
+        continue;
+      }
 #endif
-    dot_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
+      dot_linear_rows(c, ldc, a, lda, M, b, K, bs, N, g0, g1, silu_mul);
+    }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) _tile_release();
+#endif
   });
   return true;
 #else
