@@ -93,7 +93,7 @@ class ByteTokenizer:
 
 
 def test_detokenizer_never_splits_a_character_and_holds_back_stops():
-    detok = IncrementalDetokenizer(ByteTokenizer(), stop=("END",))
+    detok = IncrementalDetokenizer(text_of_ids(ByteTokenizer()), stop=("END",))
     pieces = []
     for b in "héllo €nd E".encode():
         detok.add_token(b)
@@ -118,7 +118,7 @@ def test_detokenizer_decodes_as_transformers_does(demo_model):
         assert text_of_ids(tokenizer)(window) == tokenizer.decode(window, skip_special_tokens=True)
     tokenizer.clean_up_tokenization_spaces = True
     assert text_of_ids(tokenizer).func == tokenizer.decode
-    detok = IncrementalDetokenizer(AutoTokenizer.from_pretrained(demo_model))
+    detok = IncrementalDetokenizer(text_of_ids(AutoTokenizer.from_pretrained(demo_model)))
     for token in ids:
         detok.add_token(token)
     assert detok.take_piece(final=True) == tokenizer.decode(ids, skip_special_tokens=True)

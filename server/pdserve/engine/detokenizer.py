@@ -20,8 +20,8 @@ def text_of_ids(tokenizer):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), decode=None):
-        self._decode = decode or text_of_ids(tokenizer)   # the engine passes one per tokenizer
+    def __init__(self, decode, stop: tuple[str, ...] = ()):
+        self._decode = decode   # ids -> text: text_of_ids(tokenizer), one per engine
         self.stop = tuple(s for s in stop if s)
         self.hold_back = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []

@@ -163,7 +163,7 @@ class LLMEngine:
         matcher = self.structured.new_matcher(params)
         seq = self._admit(request_id, token_ids, params, prompt_block_hashes)
         self.structured.start(request_id, matcher, resume_token_ids)
-        detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop, self.text_of_ids)
+        detok = self.detokenizers[request_id] = IncrementalDetokenizer(self.text_of_ids, params.stop)
         if resume_token_ids:
             seq.output_token_ids = list(resume_token_ids)
             for token_id in resume_token_ids:     # the text of these was sent by the former engine

@@ -11,7 +11,7 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
   oneDNN's blocked weights run well below the memory's speed there. In float32, weight panels
   (16 outputs' weights, one contiguous [K][16] run) are read in order, with the next panel
   prefetched while one is multiplied; in bf16 (AMX tiles, or avx512_bf16 dot products), the
-  weight is laid out as the tile multiplies read it (pack_tiles), one sequential run per thread.
+  weight is laid out as the tile multiplies read it (pack_tiles), a few long runs per thread.
   Prefill (many rows) stays on oneDNN, which is faster there; the linear keeps both forms.
 - The compiled kernels let go of the GIL while they run, so the engine process's asyncio thread
   (streaming the outputs) is not held up by them.

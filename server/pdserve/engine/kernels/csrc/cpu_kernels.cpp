@@ -1072,8 +1072,8 @@ void panel_linear(at::Tensor out, at::Tensor x, at::Tensor panels, at::Tensor bi
 // once, and oneDNN's blocked AMX GEMM reads it well below the memory's speed. Here the weight is
 // laid out (pack_tiles in Python) as the B tiles of tdpbf16ps in the order they are multiplied:
 // per group of TILE_GROUP panels of 16 outputs, per 32 k, the panels' tiles [16 k pairs][16][2],
-// so each thread reads one sequential run, prefetched ahead of the tile loads. The rows (up to
-// 32: two A tiles, loaded through x's stride) multiply every B tile once; each group's four
+// so each thread reads a few long runs (parallel_shares), prefetched ahead of the tile loads. The
+// rows (up to 32: two A tiles, loaded through x's stride) multiply every B tile once; each group's four
 // accumulator tiles go through a float32 scratch to bf16 with the bias added. An MLP's gate_up
 // packed with each group's two panels the gate and the up rows of the same 16 outputs
 // (silu_mul) gets SiLU-and-mul in that epilogue, while the next weights stream in: its output
