@@ -538,6 +538,10 @@ static bool amx_permitted() {
   return ok;
 }
 
+// The most query heads per KV head at which the AMX decode kernel prefetches a block's values
+// with its keys (measured at 2 and 7 heads: bench/RESULTS.md).
+constexpr int64_t kPrefetchValuesMaxGroup = 4;
+
 template <int D>
 static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                               const at::Tensor& tables, const at::Tensor& lens, float scale) {
@@ -547,6 +551,7 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
   const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
   const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 32 + 31) / 32 * 32;
   const int64_t kstride = dv.s_tok * (int64_t)sizeof(T);
+  const bool prefetch_values = dv.G <= kPrefetchValuesMaxGroup;
   parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const TileConfig cfg;
     _tile_loadconfig(&cfg);
@@ -578,10 +583,12 @@ static void decode_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Te
           const T* blk = block(t0);
           const int64_t m = std::min(dv.BS, n - t0);
           // the value rows' addresses once per key (the PV loop below would otherwise divide
-          // by the block size per key and dim chunk), and the rows fetched while the keys multiply
+          // by the block size per key and dim chunk), and, where few query heads share a KV
+          // head, the rows fetched while the keys multiply: with more, each key's scores take
+          // long enough that the burst of prefetches stalls them more than it saves the PV loop
           for (int64_t j = 0; j < m; ++j) {
             vrow[t0 - c0 + j] = blk + dv.s_kv + j * dv.s_tok;
-            prefetch_row(vrow[t0 - c0 + j], dv.per * dv.s_head);
+            if (prefetch_values) prefetch_row(vrow[t0 - c0 + j], dv.per * dv.s_head);
           }
           if (t0 + dv.BS < c0 + cn) {
             const T* nb = block(t0 + dv.BS);
