@@ -606,8 +606,10 @@ def test_a_long_prompt_step_shows_progress_layer_by_layer(small_model):
     assert max(seen) < 1.5 * layer_s, f"a {took:.2f} s step read as {max(seen):.2f} s without progress"
 
 
-def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -> list[int]:
-    """An idle EngineLoop gets 6 requests 4 ms apart, as a front end forwards a burst; the
+def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float, first_gap_s: float = 0.004,
+                                       announced: bool = False) -> list[int]:
+    """An idle EngineLoop gets 6 requests 4 ms apart (the second first_gap_s after the first), as
+    a front end forwards a burst, each announcing the ones after it when `announced`; the
     num_output_tokens of the first 6 outputs that come out."""
     from pdserve.engine.commands import AddRequest
     from pdserve.engine.sequence import SamplingParams
@@ -618,8 +620,9 @@ def _first_outputs_of_a_trickled_burst(model: str, admission_window_ms: float) -
             sink: asyncio.Queue = asyncio.Queue()
             params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
             for i in range(6):
-                engine_loop.open(AddRequest(f"r{i}", tuple(range(3 + i, 3 + i + 300)), params), sink)
-                await asyncio.sleep(0.004)
+                engine_loop.open(AddRequest(f"r{i}", tuple(range(3 + i, 3 + i + 300)), params,
+                                            admitting=5 - i if announced else 0), sink)
+                await asyncio.sleep(first_gap_s if i == 0 else 0.004)
             outputs = [await asyncio.wait_for(sink.get(), 60) for _ in range(6)]
             finals = sum(out.final for out in outputs)
             while finals < 6:   # every request ends before the loop closes
@@ -638,3 +641,13 @@ def test_a_burst_reaching_an_idle_engine_shares_its_first_step(small_model):
     # without the window the first step holds one request; 300 prompt tokens take it well past
     # the 4 ms spacing, so the next step both prefills the others and decodes the first
     assert 2 in _first_outputs_of_a_trickled_burst(small_model, 0)
+
+
+def test_a_burst_its_front_end_announces_shares_the_first_step_past_a_quiet_window(small_model):
+    """A front end admitting a burst (tokenizing, routing: on CPU it shares the cores) can fall
+    quiet longer than the admission window, which ended the gathering: the first step then held
+    the first request alone. Each request says how many more of its model version its front end
+    was still admitting (GenerateRequest.admitting); an idle engine waits for those, up to ten
+    windows."""
+    assert _first_outputs_of_a_trickled_burst(small_model, 10, first_gap_s=0.03, announced=True) == [1] * 6
+    assert 2 in _first_outputs_of_a_trickled_burst(small_model, 10, first_gap_s=0.03, announced=False)

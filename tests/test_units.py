@@ -327,3 +327,19 @@ def test_a_chat_templates_bos_is_not_doubled():
     loaded = LoadedTokenizer(tokenizer, None)
     assert encode(loaded, "<s>hi", add_special_tokens=False).token_ids == [0, 1]
     assert encode(loaded, "hi").token_ids == [0, 1]
+
+
+def test_admissions_count_each_versions_requests_not_yet_sent_to_an_engine():
+    """What a front end sends as GenerateRequest.admitting: the requests of the same model version
+    it is still tokenizing or routing; each closes once (when sent, or when its request ends)."""
+    from collections import defaultdict
+
+    from pdserve.frontend.core import Admission
+
+    counts = defaultdict(int)
+    first, second, third = (Admission(counts, ("m", "1")) for _ in range(3))
+    other_model = Admission(counts, ("n", "1"))
+    assert first.close() == 2
+    assert first.close() == 2   # closing again changes nothing
+    assert second.close() == 1 and third.close() == 0
+    assert other_model.close() == 0 and counts == {("m", "1"): 0, ("n", "1"): 0}

@@ -31,6 +31,7 @@ class AddRequest:
     prefill_address: str = ""      # "": prefill here
     resume_token_ids: tuple[int, ...] = ()   # migration: output a former engine already sent
     prompt_block_hashes: tuple[int, ...] = ()  # the front end's hashes of the prompt's full blocks
+    admitting: int = 0             # more requests the front end was admitting: a burst on its way
 
 
 @dataclass(frozen=True)

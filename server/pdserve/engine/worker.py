@@ -131,17 +131,18 @@ class EngineLoop:
         except queue.Empty:
             return None
 
-    def _following_command(self, gather_until: float | None) -> Command | None:
+    def _following_command(self, gather_until: float | None, announced: int = 0) -> Command | None:
         """The next queued command. An idle engine that just got a request (gather_until set)
         waits for the rest of a burst: while requests keep coming within an admission window of
-        each other, until its first step is full or gather_until. The step takes only the
-        prompts that have arrived, and its compute would hold the rest (and the front end and
-        asyncio thread forwarding them, which run at lower priority) until it ends."""
+        each other, or while the last one announced more (its front end was still admitting
+        them), until its first step is full or gather_until. The step takes only the prompts
+        that have arrived, and its compute would hold the rest (and the front end and asyncio
+        thread forwarding them, which run at lower priority) until it ends."""
         try:
             left = 0.0 if gather_until is None else gather_until - time.monotonic()
             if left <= 0 or self.stopped or self.engine.next_step_is_full():
                 return self.inbox.get_nowait()
-            return self.inbox.get(timeout=min(self.admission_window(), left))
+            return self.inbox.get(timeout=left if announced else min(self.admission_window(), left))
         except queue.Empty:
             return None
 
@@ -164,10 +165,13 @@ class EngineLoop:
             if idle:   # it may have waited here for minutes: progress is owed from now on
                 self.heartbeat = time.monotonic()
                 if isinstance(command, (AddRequest, AddPrefill)):
-                    gather_until = self.heartbeat + ADMISSION_WINDOWS_MAX * self.admission_window()
+                    gather_until = self.heartbeat + ADMISSION_WINDOWS_MAX * self.max_admission_window_s
+            announced = 0   # requests the last one said its front end was still admitting
             while command is not None:
                 outputs += self._handle(command)
-                command = self._following_command(gather_until)
+                if isinstance(command, AddRequest):
+                    announced = command.admitting
+                command = self._following_command(gather_until, announced)
             outputs += self.engine.expire_handoffs()
             self.stats = self.engine.stats()   # what the step is about to do shows while it runs
             stepped = False
@@ -340,7 +344,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         hashes = tuple(request.prompt_block_hashes) if request.block_size == self.block_size else ()
         command = AddRequest(request.request_id, tuple(request.prompt_token_ids),
                              SamplingParams.from_proto(request.sampling), request.prefill_address,
-                             tuple(request.resume_token_ids), hashes)
+                             tuple(request.resume_token_ids), hashes, request.admitting)
         if command.params.structured_kind:
             asyncio.ensure_future(self._compile_then_open(command, outputs, open_ids))
         else:

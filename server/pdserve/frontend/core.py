@@ -92,6 +92,24 @@ class Piece:
     prompt_token_ids: tuple[int, ...] = ()   # with prompt_logprobs
 
 
+class Admission:
+    """One engine request being admitted (taken by this front end, not yet sent to an engine:
+    tokenizing, routing), counted with the others of its model version."""
+
+    def __init__(self, counts: defaultdict, key: tuple[str, str]):
+        self._counts, self._key, self._open = counts, key, True
+        counts[key] += 1
+
+    def close(self) -> int:
+        """Ends this one's count (only the first call does); returns how many requests of its
+        version are still being admitted. Sent with the engine request: an idle engine gathering
+        a burst for its first step waits for them (engine/worker.py)."""
+        if self._open:
+            self._open = False
+            self._counts[self._key] -= 1
+        return self._counts[self._key]
+
+
 class Request:
     """One request's accounting; made by InferenceCore.request()."""
 
@@ -107,6 +125,7 @@ class Request:
         self.n_in = self.n_out = 0
         # (prompt text, add special tokens) -> its tokenization: the sibling sequences of n/best_of share one
         self._prompts: dict[tuple[str, bool], asyncio.Future] = {}
+        self._admissions: list[Admission] = []   # one per engine call; closed when sent, or at the end
 
     async def _tokenized(self, prompt: str, add_special_tokens: bool) -> PromptTokens:
         key = (prompt, add_special_tokens)
@@ -125,6 +144,8 @@ class Request:
         engine continues from the prompt plus the tokens already sent, so the client sees no error.
         `deadline` (time.monotonic()) bounds the engine call: DEADLINE_EXCEEDED after it."""
         core, dep = self.core, self.dep
+        admission = Admission(core.admitting, self.key)
+        self._admissions.append(admission)
         failed: set[str] = set()
         sent_tokens: list[int] = []
         n_out = 0   # this call's tokens: a request may make several calls (n choices), counted together
@@ -162,6 +183,7 @@ class Request:
                 client = route.client
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 self.engine_call = self.engine_call or time.monotonic()
+                request.admitting = admission.close()
                 call = client.generate(request, timeout=timeout, stream_interval=stream_interval)
                 started = finished = False
                 try:
@@ -213,6 +235,8 @@ class Request:
                                     f"({failure.code.name}: {failure.details}); retry the request")
 
     def _finish(self, failure: Cause | None) -> None:
+        for admission in self._admissions:   # a call that failed before reaching an engine
+            admission.close()
         now = time.monotonic()
         s = self.core.stats[self.key]
         elapsed_ns = int((now - self.start) * 1e9)
@@ -265,6 +289,7 @@ class InferenceCore:
         self.tokenizers = tokenizers or PromptTokenizers()
         self.model_files = model_files   # tokenizer files of models other nodes load (router-only nodes)
         self.stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
+        self.admitting: defaultdict[tuple[str, str], int] = defaultdict(int)   # Admission counts per version
 
     def lookup(self, name: str, version: str = "") -> Deployment:
         """The deployment serving this model version; ServeError when unknown or not ready.
