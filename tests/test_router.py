@@ -80,6 +80,14 @@ def test_round_robin_takes_turns_per_model_and_side():
     assert choose(router, exclude=frozenset({"a"})).decode.instance_id == "b"   # a's turn, a excluded
 
 
+def test_decode_engines_counts_the_ready_engines_that_generate_for_a_version():
+    """What a front end divides a burst's announced requests by (GenerateRequest.admitting)."""
+    router = make_router([record("a", "BOTH"), record("d", "DECODE"), record("p", "PREFILL"),
+                          record("s", "BOTH", state="STARTING"), record("x", "BOTH", model="other")])
+    assert router.decode_engines("m", "1") == 2
+    assert router.decode_engines("other", "1") == 1 and router.decode_engines("none", "1") == 0
+
+
 @pytest.mark.parametrize("policy", ["least_load", "kv_aware"])
 def test_least_load_picks_the_lowest_and_spreads_ties(policy):
     router = make_router([record("a", "BOTH"), record("b", "BOTH"), record("c", "BOTH")],

@@ -304,6 +304,11 @@ class Router:
                    if g is not None and g.max_model_len is not None]
         return min(lengths, default=None)
 
+    def decode_engines(self, model: str, version: str) -> int:
+        """How many ready engines generate for the version (its DECODE and BOTH instances)."""
+        group = self._group(model, version, DECODE)
+        return len(group.records) if group is not None else 0
+
     def choose(self, model: str, version: str, exclude: frozenset[str] = frozenset(),
                prompt_tokens: int = 0, prompt_hashes: Sequence[int] = (),
                max_local_prefill_tokens: int = -1) -> Route:

@@ -183,7 +183,9 @@ class Request:
                 client = route.client
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 self.engine_call = self.engine_call or time.monotonic()
-                request.admitting = admission.close()
+                # the others still admitting, spread over the version's engines: about how
+                # many more of this burst the chosen one will get
+                request.admitting = admission.close() // max(core.router.decode_engines(dep.name, str(dep.version)), 1)
                 call = client.generate(request, timeout=timeout, stream_interval=stream_interval)
                 started = finished = False
                 try:
