@@ -51,10 +51,10 @@ log = logging.getLogger("pdserve.engine")
 KV_HANDOFF_TIMEOUT_S = float(os.environ.get("PDSERVE_KV_HANDOFF_TIMEOUT", "60"))
 IDLE_POLL_S = 0.1      # how often an idle engine with open handoffs checks their deadlines
 STALLED_POLL_S = 0.02  # how long a step that could do nothing waits for a command
-# An idle engine gathers a burst for at most this many admission windows in all (a steady
-# trickle of requests must not hold the first one back for long), and a window is at most this
-# fraction of its recent decode step, so a lone request's wait stays small beside its first
-# step on a fast device.
+# An idle engine gathers a burst for at most this many admission_window_ms in all (a steady
+# trickle of requests, or announced ones that went to another engine, must not hold the first
+# one back for long), and the window it waits between requests is at most this fraction of its
+# recent decode step, so a lone request's wait stays small beside its first step on a fast device.
 ADMISSION_WINDOWS_MAX = 10
 ADMISSION_STEP_FRACTION = 0.5
 
