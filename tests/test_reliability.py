@@ -61,11 +61,12 @@ def error_of(fn) -> InferenceServerException:
     return info.value
 
 
-def stream_outcome(url, model, tensors, timeout=60):
-    """('ok', text) or ('error', message) for one streamed request: never silence."""
+def stream_outcome(url, model, tensors, timeout=60, on_response=lambda: None):
+    """('ok', text) or ('error', message) for one streamed request: never silence. on_response is
+    called on the stream's thread as each response (not an error) arrives."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.start_stream(callback=lambda result, error: (results.put((result, error)), error is None and on_response()))
     try:
         client.async_stream_infer(model, tensors)
         text = ""
@@ -445,11 +446,15 @@ def test_sigterm_with_streams_in_flight_ends_them_and_exits_0(repo, small_model)
     try:
         server.wait_ready("pd")
         outcomes = []
+        # each stream's first response: it is in flight (1000 tokens of the small model last well under a
+        # second, shorter than a metrics poll could be relied on to catch both running)
+        first = [threading.Event() for _ in range(2)]
         threads = [threading.Thread(target=lambda i=i: outcomes.append(stream_outcome(
-            server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 1000})))) for i in range(2)]
+            server.url, "pd", inputs(f"def f{i}(x):", True, {**GREEDY, "max_tokens": 1000}), on_response=first[i].set)))
+            for i in range(2)]
         for t in threads:
             t.start()
-        server.wait_for(lambda: server.metric_value("pdserve_requests_running", role="DECODE") == 2, "2 streams", 30)
+        server.wait_for(lambda: all(e.is_set() for e in first), "2 streams", 30)
         [decode] = server.engines("DECODE")
         os.kill(decode["pid"], signal.SIGTERM)
         for t in threads:
