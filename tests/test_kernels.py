@@ -521,13 +521,20 @@ def test_the_amx_build_fuses_silu_and_mul_into_the_gate_up_tiles():
         torch.testing.assert_close(fused(x), ref.silu_gate_up(w, b)(x), **TOL[torch.bfloat16])
 
 
-def test_the_amx_build_runs_the_prefill_kernel():
-    """Where the CPU has AMX, bfloat16 prefill attention is the tile kernel, not SDPA."""
-    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
-        pytest.skip("no AMX on this CPU")
-    _, cpu = pair(torch.bfloat16, variants.VARIANTS[0])
-    assert cpu.tile_prefill and "AMX tile" in cpu.describe()
+@pytest.mark.parametrize("build", [v for v in RUNNABLE if "avx512_bf16" in v.needs] or [None],
+                         ids=lambda v: v.name if v else "none")
+def test_builds_with_avx512_bf16_run_the_prefill_kernel(build):
+    """Where the CPU has avx512_bf16 (dot products) or AMX (tiles), bfloat16 prefill attention is
+    the build's flash kernel, not SDPA; float32 and builds without bf16 take SDPA."""
+    if build is None:
+        pytest.skip("no avx512_bf16 on this CPU")
+    _, cpu = pair(torch.bfloat16)
+    products = "AMX tiles" if "amx_bf16" in variants.choose(cpu_flags()).needs else "bf16 dot products"
+    assert cpu.prefill_kernel and f"flash kernel on {products}" in cpu.describe()
+    ext = load_variant(build)
     q, k, v, bounds = flat_batch([5, 40], 4, 2, 64, seed=3)
     out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
-    assert cpu.ext.prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125) and not out.isnan().any()
-    assert not pair(torch.float32, variants.VARIANTS[0])[1].tile_prefill
+    assert ext.prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125) and not out.isnan().any()
+    no_bf16 = next(v for v in variants.VARIANTS if v.name == "avx512")
+    assert not load_variant(no_bf16).prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125)
+    assert not pair(torch.float32)[1].prefill_kernel

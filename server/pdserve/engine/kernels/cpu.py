@@ -25,12 +25,12 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
-- Prefill: whole prompts (no cached prefix) in bfloat16 on the AMX build run a flash attention
-  on tiles (kernels/csrc: both products tile multiplies, the softmax in float32 down the
-  columns of transposed scores, the whole flat batch in one call read through the QKV output's
-  strides); torch's SDPA flash kernel for CPU (4-D inputs, kernels/reference.py) runs its
-  products far below the AMX linears' speed. Other builds, head sizes and pieces after a
-  cached prefix take SDPA.
+- Prefill: whole prompts (no cached prefix) in bfloat16 on the avx512_bf16 and AMX builds run a
+  flash attention (kernels/csrc: both products bf16 dot products, or tile multiplies with AMX;
+  the softmax in float32 down the columns of transposed scores, the whole flat batch in one call
+  read through the QKV output's strides); torch's SDPA flash kernel for CPU (4-D inputs,
+  kernels/reference.py) runs its bf16 products far below the linears' speed. Other builds,
+  dtypes, head sizes and pieces after a cached prefix take SDPA.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ class CpuKernels(TorchKernels):
         self.panel_linears = self.ext is not None   # every build has the AVX2 panels
         self.tile_linears = self._tile_linears_run()
         self.gather = BlockGather(device)
-        self.tile_prefill = self._tile_prefill_runs()
+        self.prefill_kernel = self._prefill_kernel_runs()
 
     def _tile_linears_run(self) -> bool:
         """Whether this build runs bf16 linears on weight tiles (AMX, or avx512_bf16 dot products
@@ -230,9 +230,9 @@ class CpuKernels(TorchKernels):
         empty = torch.empty(0, 32, dtype=self.dtype)
         return self.ext.tile_linear(empty, empty, empty, _NONE, False)
 
-    def _tile_prefill_runs(self) -> bool:
-        """Whether this build runs the AMX prefill attention (asked with an empty batch: it says
-        whether it ran)."""
+    def _prefill_kernel_runs(self) -> bool:
+        """Whether this build runs the bf16 prefill attention kernel (asked with an empty batch: it
+        says whether it ran)."""
         if self.ext is None or self.dtype != torch.bfloat16:
             return False
         q, kv = torch.empty(0, 1, 64, dtype=self.dtype), torch.empty(0, 1, 64, dtype=self.dtype)
@@ -247,7 +247,9 @@ class CpuKernels(TorchKernels):
         if self.dtype == torch.bfloat16 and not self.bf16_native:
             lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
         att = "C++ paged kernel" if self.ext is not None else "gather into reused buffers + matmul"
-        pre = "AMX tile flash kernel (head sizes 64, 128; after a cached prefix: 4-D SDPA)" if self.tile_prefill else "4-D SDPA"
+        products = "AMX tiles" if "amx" in self.ext_note else "bf16 dot products"
+        pre = (f"flash kernel on {products} (head sizes 64, 128; after a cached prefix: 4-D SDPA)"
+               if self.prefill_kernel else "4-D SDPA")
         return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}"
 
     # ---- linears ------------------------------------------------------------------------------
@@ -359,9 +361,9 @@ class CpuKernels(TorchKernels):
 
     # ---- attention ----------------------------------------------------------------------------
     def prefill_attention(self, q, k, v, kv_cache: torch.Tensor, layer: int, meta):
-        """Whole prompts on the AMX kernel, all in one call; pieces after a cached prefix (and
+        """Whole prompts on the kernel, all in one call; pieces after a cached prefix (and
         whatever the kernel does not take) on the reference's SDPA path."""
-        if not (self.tile_prefill and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        if not (self.prefill_kernel and q.dtype == k.dtype == v.dtype == torch.bfloat16
                 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
             return super().prefill_attention(q, k, v, kv_cache, layer, meta)
         bounds = meta.prefill_bounds

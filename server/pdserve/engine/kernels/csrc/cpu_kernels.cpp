@@ -1270,21 +1270,23 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
   else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
 }
 
-// ---- prefill attention on AMX tiles ---------------------------------------------------------------
+// ---- prefill attention: avx512_bf16 dot products, or AMX tiles ------------------------------------
 // Causal attention of whole prompts (no cached prefix) in one flat batch, bf16 in and out, as a
-// flash attention with tile multiplies for both products. A task is (prompt, KV head, 16 query
-// rows), for each query head of the group, each phase's tile work for all of them back to back
-// (tile multiplies run slower for a while after vector work). It works on transposed products
-// so that the softmax runs down the columns:
-// scores^T = K Q^T (a 16-key tile by the rows' queries), one vector holding a key's scores for
-// all 16 rows, so the maximum, the exponentials and the sums are plain vector ops with no
-// horizontal reductions, and out^T = V^T P^T. Each (prompt, KV head)'s keys (rows, zero padded
-// to 32) and values (V^T tiles: dims x 32 keys) are packed once and shared by the GQA group's
-// query heads; q, k and v are read through their strides (views into the QKV output). Scores in
-// float32, the softmax online across chunks of CH keys, probabilities rounded to bf16 before
-// the PV product as torch's bf16 attention rounds them. The causal triangle makes tasks unequal
-// (work grows with the rows' offset), so the threads take them longest first from a counter.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// flash attention. A task is (prompt, KV head, 16 query rows), for each query head of the group.
+// It works on transposed products so that the softmax runs down the columns:
+// scores^T = K Q^T, one vector holding a key's scores for all 16 rows, so the maximum, the
+// exponentials and the sums are plain vector ops with no horizontal reductions, and
+// out^T = V^T P^T. Each (prompt, KV head)'s keys (rows, zero padded to 32) and values (V^T tiles:
+// dims x 32 keys, key pairs interleaved) are packed once and shared by the GQA group's query heads;
+// q, k and v are read through their strides (views into the QKV output). Scores in float32, the
+// softmax online across chunks of CH keys, probabilities rounded to bf16 before the PV product as
+// torch's bf16 attention rounds them. The causal triangle makes tasks unequal (work grows with the
+// rows' offset), so the threads take them longest first from a counter.
+// The two products of a chunk come from a policy: DotProducts (vdpbf16ps: the rows' Q^T pairs
+// against each key's broadcast dim pair; P^T pairs against each dim's broadcast value pair), or
+// TileProducts (tile multiplies, each phase's tile work for all the group's heads back to back:
+// AMX runs slower for a while after vector work).
+#if defined(__AVX512BF16__)
 #include <atomic>
 #include <memory>
 
@@ -1317,13 +1319,137 @@ static inline __m512i interleave_index(int a, int b) {
   return _mm512_load_si512(idx);
 }
 
-template <int D>
-static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const int64_t* bounds, int64_t pieces, float scale) {
-  static_assert(D == 64 || D == 128, "Q^T in at most 4 tiles, accumulators in groups of 4");
+constexpr int64_t kPrefillTile = 512;   // bf16 in a V^T tile: 16 dims x 32 keys
+
+// One head's products by dot products. Layouts (the kernel's): Q^T qh [dim pair][row] dwords;
+// keys kg [key][D]; scores^T sh [key][row]; P^T ph [key pair][row][2]; V^T tiles vg [32-key
+// block][16-dim tile][dim][key pair]; out^T ah [dim][row].
+struct DotProducts {
+  static void begin() {}
+  static void end() {}
+
+  // sh[j][.] = scores of keys c0 + j, j < span (a multiple of 32), 16 keys' accumulators at a time
+  template <int D>
+  static void scores(const uint32_t* qh, const uint16_t* kg, int64_t c0, int64_t span, float* sh) {
+    constexpr int KB = 16;
+    for (int64_t j0 = 0; j0 < span; j0 += KB) {
+      const uint32_t* kt = reinterpret_cast<const uint32_t*>(kg + (c0 + j0) * D);
+      __m512 acc[KB];
+      for (int j = 0; j < KB; ++j) acc[j] = _mm512_setzero_ps();
+      for (int dp = 0; dp < D / 2; ++dp) {
+        const __m512bh qv = as_bh(_mm512_loadu_si512(qh + dp * 16));
+        for (int j = 0; j < KB; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], qv, as_bh(_mm512_set1_epi32((int)kt[j * (D / 2) + dp])));
+      }
+      for (int j = 0; j < KB; ++j) _mm512_storeu_ps(sh + (j0 + j) * 16, acc[j]);
+    }
+  }
+
+  // ah (+)= V^T P^T over keys c0 .. c0 + span, 16 dims' accumulators at a time
+  template <int D>
+  static void pv(float* ah, const uint16_t* ph, const uint16_t* vg, int64_t c0, int64_t span, bool first) {
+    constexpr int XT = D / 16;
+    for (int x = 0; x < XT; ++x) {
+      __m512 acc[16];
+      for (int d = 0; d < 16; ++d) acc[d] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ah + (x * 16 + d) * 16);
+      for (int64_t k0 = 0; k0 < span; k0 += 32) {
+        const uint32_t* vt = reinterpret_cast<const uint32_t*>(vg + ((c0 + k0) / 32 * XT + x) * kPrefillTile);
+        for (int pr = 0; pr < 16; ++pr) {
+          const __m512bh pv = as_bh(_mm512_loadu_si512(ph + (k0 + 2 * pr) * 16));
+          for (int d = 0; d < 16; ++d) acc[d] = _mm512_dpbf16_ps(acc[d], pv, as_bh(_mm512_set1_epi32((int)vt[16 * d + pr])));
+        }
+      }
+      for (int d = 0; d < 16; ++d) _mm512_storeu_ps(ah + (x * 16 + d) * 16, acc[d]);
+    }
+  }
+};
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The same products as tile multiplies (the layouts above are the tiles' own).
+struct TileProducts {
+  static void begin() {
+    const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+  }
+  static void end() { _tile_release(); }
+
+  template <int D>
+  static void scores(const uint32_t* qh, const uint16_t* kg, int64_t c0, int64_t span, float* sh) {
+    static_assert(D == 64 || D == 128, "Q^T in at most 4 tiles");
+    constexpr int C = D / 32;
+    _tile_loadd(4, qh, 64);
+    _tile_loadd(5, qh + 256, 64);
+    if constexpr (C > 2) {
+      _tile_loadd(6, qh + 512, 64);
+      _tile_loadd(7, qh + 768, 64);
+    }
+    for (int64_t j0 = 0; j0 < span; j0 += 32) {
+      const uint16_t* kt = kg + (c0 + j0) * D;
+      _tile_zero(0);
+      _tile_zero(1);
+// chunk x of both key tiles against Q^T tile qx (a literal: the tile instructions' operands)
+#define PDSERVE_QK(x, qx)                                     \
+  _tile_loadd(2, kt + 32 * (x), D * sizeof(uint16_t));        \
+  _tile_dpbf16ps(0, 2, qx);                                   \
+  _tile_loadd(3, kt + 16 * D + 32 * (x), D * sizeof(uint16_t)); \
+  _tile_dpbf16ps(1, 3, qx);
+      PDSERVE_QK(0, 4)
+      PDSERVE_QK(1, 5)
+      if constexpr (C > 2) {
+        PDSERVE_QK(2, 6)
+        PDSERVE_QK(3, 7)
+      }
+#undef PDSERVE_QK
+      _tile_stored(0, sh + j0 * 16, 64);
+      _tile_stored(1, sh + (j0 + 16) * 16, 64);
+    }
+  }
+
+  // four 16-dim tiles of out^T at a time
+  template <int D>
+  static void pv(float* ah, const uint16_t* ph, const uint16_t* vg, int64_t c0, int64_t span, bool first) {
+    constexpr int XT = D / 16;
+    for (int xg = 0; xg < XT; xg += 4) {
+      float* ag = ah + xg * 256;
+      if (first) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+      } else {
+        _tile_loadd(4, ag, 64);
+        _tile_loadd(5, ag + 256, 64);
+        _tile_loadd(6, ag + 512, 64);
+        _tile_loadd(7, ag + 768, 64);
+      }
+      for (int64_t k0 = 0; k0 < span; k0 += 32) {
+        const uint16_t* vt = vg + ((c0 + k0) / 32 * XT + xg) * kPrefillTile;
+        _tile_loadd(0, ph + k0 * 16, 64);
+        _tile_loadd(1, vt, 64);
+        _tile_dpbf16ps(4, 1, 0);
+        _tile_loadd(2, vt + kPrefillTile, 64);
+        _tile_dpbf16ps(5, 2, 0);
+        _tile_loadd(3, vt + 2 * kPrefillTile, 64);
+        _tile_dpbf16ps(6, 3, 0);
+        _tile_loadd(1, vt + 3 * kPrefillTile, 64);
+        _tile_dpbf16ps(7, 1, 0);
+      }
+      _tile_stored(4, ag, 64);
+      _tile_stored(5, ag + 256, 64);
+      _tile_stored(6, ag + 512, 64);
+      _tile_stored(7, ag + 768, 64);
+    }
+  }
+};
+#endif
+
+template <int D, typename Products>
+static void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const int64_t* bounds, int64_t pieces, float scale) {
+  static_assert(D == 64 || D == 128, "dims in 32-dim chunks, out^T in groups of four 16-dim tiles");
   using T = at::BFloat16;
   constexpr int C = D / 32, XT = D / 16;   // 32-dim chunks; 16-dim tiles of out^T
-  constexpr int64_t CH = 256, TILE = 512;  // keys per softmax chunk; bf16 in a tile
+  constexpr int64_t CH = 256, TILE = kPrefillTile;   // keys per softmax chunk; bf16 in a tile
   const int64_t H = q.size(1), KVH = k.size(1), G = H / KVH;
   const int64_t sq_t = q.stride(0), sq_h = q.stride(1), sk_t = k.stride(0), sk_h = k.stride(1);
   const int64_t sv_t = v.stride(0), sv_h = v.stride(1);
@@ -1387,8 +1513,7 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
   const int64_t ntasks = (int64_t)tasks.size();
   const float scale2 = scale * 1.44269504088896341f;   // exp(x scale) = 2^(x scale2)
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const TileConfig cfg;
-    _tile_loadconfig(&cfg);
+    Products::begin();
     // per query head of the group: Q^T [chunk][dim pair][row]; scores^T [key][row]; P^T, key
     // pairs interleaved [key pair][row][2]; out^T [dim tile][dim][row]; row maxima and sums
     std::vector<uint32_t> qtr(G * C * 256);
@@ -1413,38 +1538,8 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
       std::fill(sums.begin(), sums.end(), 0.f);
       for (int64_t c0 = 0; c0 < kn; c0 += CH) {   // c0 <= r0: every row sees a key of each chunk
         const int64_t cn = std::min(CH, kn - c0), span = (cn + 31) / 32 * 32;
-        // scores^T st[head][key - c0][row], two 16-key tiles at a time; the tile work of all
-        // the group's heads back to back (AMX runs slower for a while after vector work)
-        for (int64_t hh = 0; hh < G; ++hh) {
-          const uint32_t* qh = &qtr[hh * C * 256];
-          float* sh = &st[hh * CH * 16];
-          _tile_loadd(4, qh, 64);
-          _tile_loadd(5, qh + 256, 64);
-          if constexpr (C > 2) {
-            _tile_loadd(6, qh + 512, 64);
-            _tile_loadd(7, qh + 768, 64);
-          }
-          for (int64_t j0 = 0; j0 < span; j0 += 32) {
-            const uint16_t* kt = kg + (c0 + j0) * D;
-            _tile_zero(0);
-            _tile_zero(1);
-// chunk x of both key tiles against Q^T tile qx (a literal: the tile instructions' operands)
-#define PDSERVE_QK(x, qx)                                \
-  _tile_loadd(2, kt + 32 * (x), D * sizeof(T));          \
-  _tile_dpbf16ps(0, 2, qx);                              \
-  _tile_loadd(3, kt + 16 * D + 32 * (x), D * sizeof(T)); \
-  _tile_dpbf16ps(1, 3, qx);
-            PDSERVE_QK(0, 4)
-            PDSERVE_QK(1, 5)
-            if constexpr (C > 2) {
-              PDSERVE_QK(2, 6)
-              PDSERVE_QK(3, 7)
-            }
-#undef PDSERVE_QK
-            _tile_stored(0, sh + j0 * 16, 64);
-            _tile_stored(1, sh + (j0 + 16) * 16, 64);
-          }
-        }
+        for (int64_t hh = 0; hh < G; ++hh)
+          Products::template scores<D>(&qtr[hh * C * 256], kg, c0, span, &st[hh * CH * 16]);
         // key c0 + j is seen by rows i >= c0 + j - r0: all of them below r0
         auto seen = [&](int64_t j) -> __mmask16 {
           const int64_t late = c0 + j - r0;
@@ -1474,7 +1569,7 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
             for (int64_t x = 0; x < XT * 16; ++x) _mm512_storeu_ps(ah + x * 16, _mm512_mul_ps(corr, _mm512_loadu_ps(ah + x * 16)));
           }
           _mm512_storeu_ps(&mxs[hh * 16], cm);
-          // P^T: each key's probabilities for the 16 rows, two keys interleaved per B-tile row
+          // P^T: each key's probabilities for the 16 rows, two keys interleaved per pair row
           uint16_t* ph = &pt[hh * CH * 16];
           for (j = 0; j < span; j += 2) {
             const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
@@ -1487,39 +1582,8 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
           }
           _mm512_storeu_ps(&sums[hh * 16], sum);
         }
-        // out^T += V^T P^T, four 16-dim tiles at a time, the group's heads back to back
         for (int64_t hh = 0; hh < G; ++hh)
-          for (int xg = 0; xg < XT; xg += 4) {
-            float* ag = &acc[(hh * XT + xg) * 256];
-            const uint16_t* ph = &pt[hh * CH * 16];
-            if (c0 == 0) {
-              _tile_zero(4);
-              _tile_zero(5);
-              _tile_zero(6);
-              _tile_zero(7);
-            } else {
-              _tile_loadd(4, ag, 64);
-              _tile_loadd(5, ag + 256, 64);
-              _tile_loadd(6, ag + 512, 64);
-              _tile_loadd(7, ag + 768, 64);
-            }
-            for (int64_t k0 = 0; k0 < span; k0 += 32) {
-              const uint16_t* vt = vg + ((c0 + k0) / 32 * XT + xg) * TILE;
-              _tile_loadd(0, ph + k0 * 16, 64);
-              _tile_loadd(1, vt, 64);
-              _tile_dpbf16ps(4, 1, 0);
-              _tile_loadd(2, vt + TILE, 64);
-              _tile_dpbf16ps(5, 2, 0);
-              _tile_loadd(3, vt + 2 * TILE, 64);
-              _tile_dpbf16ps(6, 3, 0);
-              _tile_loadd(1, vt + 3 * TILE, 64);
-              _tile_dpbf16ps(7, 1, 0);
-            }
-            _tile_stored(4, ag, 64);
-            _tile_stored(5, ag + 256, 64);
-            _tile_stored(6, ag + 512, 64);
-            _tile_stored(7, ag + 768, 64);
-          }
+          Products::template pv<D>(&acc[hh * XT * 256], &pt[hh * CH * 16], vg, c0, span, c0 == 0);
       }
       // out = (out^T / sum)^T, a 16 x 16 transpose per dim tile
       for (int64_t hh = 0; hh < G; ++hh) {
@@ -1538,15 +1602,23 @@ static void prefill_kernel_amx(at::Tensor& out, const at::Tensor& q, const at::T
         }
       }
     }
-    _tile_release();
+    Products::end();
   });
+}
+
+template <typename Products>
+static void prefill_by(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const int64_t* bounds, int64_t pieces, float scale) {
+  if (q.size(2) == 64) prefill_kernel<64, Products>(out, q, k, v, bounds, pieces, scale);
+  else prefill_kernel<128, Products>(out, q, k, v, bounds, pieces, scale);
 }
 #endif
 
 // Causal attention of the pieces bounds[i] = (start, end) of a flat batch, each a whole prompt
 // (no cached prefix): out [T, H, D] (contiguous) from q [T, H, D], k, v [T, KVH, D] (any row
-// and head strides, unit last stride). Returns whether it ran: only the AMX build runs it, for
-// bf16 and head sizes 64 and 128; otherwise the caller takes its torch path (nothing written).
+// and head strides, unit last stride). Returns whether it ran: builds with avx512_bf16 run it
+// (on AMX tiles where permitted), for bf16 and head sizes 64 and 128; otherwise the caller takes
+// its torch path (nothing written).
 bool prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bounds, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes() && out.is_contiguous());
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1);
@@ -1555,13 +1627,18 @@ bool prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
   const int64_t* b = bounds.data_ptr<int64_t>();
   for (int64_t i = 0; i < bounds.size(0); ++i)
     TORCH_CHECK(0 <= b[2 * i] && b[2 * i] <= b[2 * i + 1] && b[2 * i + 1] <= q.size(0), "prefill_attention: a piece outside the batch");
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
   const bool bf16 = q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                     v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16;
-  if (bf16 && (q.size(2) == 64 || q.size(2) == 128) && amx_permitted()) {
+  if (bf16 && (q.size(2) == 64 || q.size(2) == 128)) {
     py::gil_scoped_release nogil;
-    if (q.size(2) == 64) prefill_kernel_amx<64>(out, q, k, v, b, bounds.size(0), (float)scale);
-    else prefill_kernel_amx<128>(out, q, k, v, b, bounds.size(0), (float)scale);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_permitted()) {
+      prefill_by<TileProducts>(out, q, k, v, b, bounds.size(0), (float)scale);
+      return true;
+    }
+#endif
+    prefill_by<DotProducts>(out, q, k, v, b, bounds.size(0), (float)scale);
     return true;
   }
 #endif
@@ -1630,5 +1707,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "optionally SiLU-and-mul "
         "of gate and up rows interleaved by 16; returns whether it ran");
   m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
-        "causal attention of whole prompts in a flat batch (AMX build, bf16); returns whether it ran");
+        "causal attention of whole prompts in a flat batch (avx512_bf16 and AMX builds, bf16); returns whether it ran");
 }
