@@ -317,12 +317,14 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
 
 #if defined(__AVX512BF16__)
 // bf16 KV with avx512_bf16: both products as bf16 dot products (vdpbf16ps: 32 bf16 products a
-// step, float32 sums), 16 keys at a time. QK^T: a tile's 16 key rows are transposed once into
-// dim pairs x keys (16x16 dword transposes), then each query head takes its 16 scores in
-// D / 2 steps with no horizontal sums; the 4-head batches keep independent chains in flight.
-// PV: the tile's value rows interleaved by key pairs (unpack, no transpose) against each head's
+// step, float32 sums), 16 keys at a time. QK^T: a tile's 16 key rows half transposed (unpacks
+// within 128-bit lanes only: the cross-lane shuffles of a full transpose cost more than the
+// products), each head's scores in four accumulators summed across lanes at the end. PV: the
+// tile's value rows interleaved by key pairs (unpack, no transpose) against each head's
 // probabilities rounded to bf16, as torch's bf16 attention rounds them before its PV product.
 // The accumulators hold the dims in the unpack's lane order, put back in order at the end.
+// Both products run on blocks of heads and tiles whose chains are independent, each load
+// shared across the block.
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // One chunk of a head's scores sh[0, cn) through the softmax, online across chunks: the
@@ -377,82 +379,174 @@ static inline void transpose16x16(__m512i* r) {
   }
 }
 
+// The keys of a 16-key tile after half a transpose (two unpack rounds per 32-dim chunk c, no
+// cross-lane shuffles): vector 4i + cc of chunk c holds, in 128-bit lane L, dim pair 16c + 4L + cc
+// of keys 4i .. 4i + 3. Against queries laid out to match (qA[h][c][cc]: lane L holds the head's
+// pair 16c + 4L + cc, four times), accumulator i sums, in lane (L, e), key 4i + e's products over
+// the pairs of lane L; the four lanes' sums of the four accumulators are one cross-lane reduction
+// away from the tile's 16 scores in key order.
+static inline void half_transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+}
+
+// lane 4i + e = the sum over 128-bit lanes of a[i]'s element e
+static inline __m512 lane_sums4(const __m512* a) {
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
+}
+
+// Scores of KB consecutive tiles (kA: each tile's C x 16 half-transposed vectors) for HB heads
+// (qA as above, per head C x 4 vectors): sc[h][16 kb + lane] = scale * q . key.
+template <int C, int HB, int KB>
+static inline void dp_scores(const uint32_t* kA, const uint32_t* qA, float* sc, int64_t ldsc, float scale) {
+  __m512 a[KB][HB][4];
+  for (int k = 0; k < KB; ++k)
+    for (int h = 0; h < HB; ++h)
+      for (int i = 0; i < 4; ++i) a[k][h][i] = _mm512_setzero_ps();
+  for (int c = 0; c < C; ++c)
+    for (int cc = 0; cc < 4; ++cc) {
+      __m512bh kv[KB][4];
+      for (int k = 0; k < KB; ++k)
+        for (int i = 0; i < 4; ++i) kv[k][i] = as_bh(_mm512_loadu_si512(kA + ((k * C + c) * 16 + 4 * i + cc) * 16));
+      for (int h = 0; h < HB; ++h) {
+        const __m512bh w = as_bh(_mm512_loadu_si512(qA + ((h * C + c) * 4 + cc) * 16));
+        for (int k = 0; k < KB; ++k)
+          for (int i = 0; i < 4; ++i) a[k][h][i] = _mm512_dpbf16_ps(a[k][h][i], kv[k][i], w);
+      }
+    }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int k = 0; k < KB; ++k)
+    for (int h = 0; h < HB; ++h) _mm512_storeu_ps(sc + h * ldsc + 16 * k, _mm512_mul_ps(lane_sums4(a[k][h]), s));
+}
+
+// acc[h][16 (x0 + x) + lane] += P V over a chunk's `pairs` key pairs for HB heads and XB groups
+// of 16 accumulator lanes: vc[pair][x][16] the values interleaved by key pairs, pb[h][key] the
+// heads' probabilities in bf16 (a dword: one key pair's). Each value load is shared by the heads.
+template <int X, int HB, int XB>
+static inline void dp_values(const uint32_t* vc, int64_t pairs, int x0, const uint16_t* pb, int64_t ldp, float* acc,
+                             int64_t lda) {
+  __m512 a[HB][XB];
+  for (int h = 0; h < HB; ++h)
+    for (int x = 0; x < XB; ++x) a[h][x] = _mm512_loadu_ps(acc + h * lda + 16 * (x0 + x));
+  for (int64_t t = 0; t < pairs; ++t) {
+    __m512bh v[XB];
+    for (int x = 0; x < XB; ++x) v[x] = as_bh(_mm512_loadu_si512(vc + (t * X + x0 + x) * 16));
+    for (int h = 0; h < HB; ++h) {
+      uint32_t w2;
+      std::memcpy(&w2, pb + h * ldp + 2 * t, 4);
+      const __m512bh w = as_bh(_mm512_set1_epi32((int)w2));
+      for (int x = 0; x < XB; ++x) a[h][x] = _mm512_dpbf16_ps(a[h][x], v[x], w);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int x = 0; x < XB; ++x) _mm512_storeu_ps(acc + h * lda + 16 * (x0 + x), a[h][x]);
+}
+
+// The heads of a group in blocks of up to 4 (HB, a template argument: the chains live in registers).
+template <typename F>
+static inline void head_blocks(int64_t G, const F& body) {
+  int64_t h0 = 0;
+  for (; h0 + 4 <= G; h0 += 4) body(h0, std::integral_constant<int, 4>());
+  switch (G - h0) {
+    case 3: body(h0, std::integral_constant<int, 3>()); break;
+    case 2: body(h0, std::integral_constant<int, 2>()); break;
+    case 1: body(h0, std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
 template <int D>
 static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t layer,
                                  const at::Tensor& tables, const at::Tensor& lens, float scale) {
   static_assert(D % 32 == 0, "rows are whole 32-dim chunks");
   using T = at::BFloat16;
-  constexpr int P = D / 2, C = D / 32;   // dim pairs (one dword each); 32-dim chunks (one zmm)
+  // dim pairs (one dword each); 32-dim chunks (one zmm); 16-lane accumulator groups; groups per PV pass
+  constexpr int P = D / 2, C = D / 32, X = 2 * C, XB = X % 4 == 0 ? 4 : 2;
   const DecodeShape<T> dv(out, q, kv, layer, tables, lens);
-  const int64_t G4 = (dv.G + 3) / 4 * 4;
-  // The context in chunks of whole blocks, about 256 keys: a chunk's scores are computed for
-  // all its keys first, then one softmax pass (a max and a rescale per head per chunk, not per
-  // tile), then its values; the scores stay in L1.
+  // The context in chunks of whole blocks, about 256 keys: a chunk's keys are half transposed and
+  // its values interleaved for all the task's KV heads as the pool is read (16 rows at a time,
+  // prefetched a tile ahead); the scores, one softmax pass (a max and a rescale per head per
+  // chunk) and the PV product run from those copies in L2.
   const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 16 + 15) / 16 * 16;
   parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const int64_t nh = dv.per * dv.G;
-    std::vector<uint32_t> qd(dv.per * G4 * P);
+    std::vector<uint32_t> qA(nh * C * 4 * 16), kA(dv.per * CHP * D / 2), vc(dv.per * (CHP / 2) * X * 16);
     std::vector<float> acc(nh * D), mx(nh), sum(nh), sc(nh * CHP);
     std::vector<uint16_t> pb(nh * CHP);
-    alignas(64) int32_t kt[P][16];
-    alignas(64) int32_t vi[8][2 * C][16];
-    alignas(64) float s4[4][16];
     for (int64_t begin, end; claim(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dv.splits, g0 = (task % dv.splits) * dv.per, n = dv.len[b];
-      std::fill(qd.begin(), qd.end(), 0u);   // the padding heads of each group score zeros
-      for (int64_t g = 0; g < dv.per; ++g)
-        for (int64_t i = 0; i < dv.G; ++i)
-          std::memcpy(&qd[(g * G4 + i) * P], dv.qp + b * dv.qs_b + ((g0 + g) * dv.G + i) * dv.qs_h, D * sizeof(T));
+      for (int64_t h = 0; h < nh; ++h) {   // qA[h][c][cc], lane (L, e): the head's dim pair 16c + 4L + cc
+        const uint32_t* qh = reinterpret_cast<const uint32_t*>(dv.qp + b * dv.qs_b + (g0 * dv.G + h) * dv.qs_h);
+        for (int c = 0; c < C; ++c)
+          for (int cc = 0; cc < 4; ++cc)
+            for (int l = 0; l < 16; ++l) qA[((h * C + c) * 4 + cc) * 16 + l] = qh[16 * c + 4 * (l / 4) + cc];
+      }
       std::fill(mx.begin(), mx.end(), -INFINITY);
       std::fill(sum.begin(), sum.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      auto block = [&](int64_t t0) { return dv.base + dv.tab[b * dv.tab_stride + t0 / dv.BS] * dv.s_block + g0 * dv.s_head; };
-      auto prefetch_block = [&](int64_t t0, int64_t part) {   // a block's rows of these heads: keys or values
-        if (t0 >= n) return;
-        const T* nb = block(t0) + part * dv.s_kv;
-        for (int64_t j = 0; j < std::min(dv.BS, n - t0); ++j) prefetch_row(nb + j * dv.s_tok, dv.per * dv.s_head);
+      // the rows of these heads' keys (part 0) or values (1) of tokens [t0, t0 + m), m <= 16, into
+      // at: a tile may span blocks (blocks of 8)
+      auto tile_rows = [&](int64_t t0, int64_t m, int64_t part, const T** at) {
+        int64_t bi = t0 / dv.BS, off = t0 % dv.BS;
+        for (int64_t j = 0; j < m; off = 0) {   // one run of rows per block
+          const T* blk = dv.base + dv.tab[b * dv.tab_stride + bi++] * dv.s_block + part * dv.s_kv + g0 * dv.s_head;
+          const int64_t run = std::min(m - j, dv.BS - off);
+          for (int64_t r = 0; r < run; ++r) at[j + r] = blk + (off + r) * dv.s_tok;
+          j += run;
+        }
+      };
+      const T* rows[16];
+      auto prefetch_rows = [&](int64_t t0, int64_t t1, int64_t part) {   // keys or values of tokens [t0, t1)
+        const T* ahead[16];
+        t1 = std::min(t1, n);
+        if (t0 >= t1) return;
+        tile_rows(t0, t1 - t0, part, ahead);
+        for (int64_t j = 0; j < t1 - t0; ++j) prefetch_row(ahead[j], dv.per * dv.s_head);
       };
       for (int64_t c0 = 0; c0 < n; c0 += CH) {
-        const int64_t cn = std::min(CH, n - c0);
-        // scores: sc[h][key - c0], scaled
-        for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
-          const T* blk = block(t0);
-          const int64_t m = std::min(dv.BS, n - t0);
-          prefetch_block(t0 + dv.BS < c0 + cn ? t0 + dv.BS : c0, t0 + dv.BS < c0 + cn ? 0 : 1);   // then this chunk's values
-          for (int64_t j0 = 0; j0 < m; j0 += 16) {
-            const int mt = (int)std::min<int64_t>(16, m - j0);
-            const __mmask16 valid = mt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << mt) - 1);
-            for (int64_t g = 0; g < dv.per; ++g) {
-              const T* kb = blk + g * dv.s_head + j0 * dv.s_tok;
-              for (int c = 0; c < C; ++c) {   // kt[p][j]: key j's dims 2p, 2p+1
-                __m512i r[16];
-                for (int j = 0; j < 16; ++j)
-                  r[j] = j < mt ? _mm512_loadu_si512(kb + j * dv.s_tok + 32 * c) : _mm512_setzero_si512();
-                transpose16x16(r);
-                for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[16 * c + i], r[i]);
-              }
-              for (int64_t i0 = 0; i0 < dv.G; i0 += 4) {
-                const uint32_t* q0 = &qd[(g * G4 + i0) * P];
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int p = 0; p < P; ++p) {
-                  const __m512bh k = as_bh(_mm512_load_si512(kt[p]));
-                  a0 = _mm512_dpbf16_ps(a0, k, as_bh(_mm512_set1_epi32((int)q0[p])));
-                  a1 = _mm512_dpbf16_ps(a1, k, as_bh(_mm512_set1_epi32((int)q0[P + p])));
-                  a2 = _mm512_dpbf16_ps(a2, k, as_bh(_mm512_set1_epi32((int)q0[2 * P + p])));
-                  a3 = _mm512_dpbf16_ps(a3, k, as_bh(_mm512_set1_epi32((int)q0[3 * P + p])));
-                }
-                _mm512_store_ps(s4[0], a0);
-                _mm512_store_ps(s4[1], a1);
-                _mm512_store_ps(s4[2], a2);
-                _mm512_store_ps(s4[3], a3);
-                for (int64_t x = 0; x < 4 && i0 + x < dv.G; ++x)
-                  _mm512_mask_storeu_ps(&sc[(g * dv.G + i0 + x) * CHP + t0 - c0 + j0], valid,
-                                        _mm512_mul_ps(_mm512_load_ps(s4[x]), _mm512_set1_ps(scale)));
-              }
+        const int64_t cn = std::min(CH, n - c0), tiles = (cn + 15) / 16, pairs = (cn + 1) / 2;
+        // keys: kA[g][tile][c][16], each tile half transposed; the next tile prefetched, after the
+        // last one this chunk's first values
+        for (int64_t k0 = c0; k0 < c0 + cn; k0 += 16) {
+          const int64_t mt = std::min<int64_t>(16, c0 + cn - k0);
+          tile_rows(k0, mt, 0, rows);
+          if (k0 + 16 < c0 + cn) prefetch_rows(k0 + 16, std::min(k0 + 32, c0 + cn), 0);
+          else prefetch_rows(c0, c0 + 16, 1);
+          for (int64_t g = 0; g < dv.per; ++g) {
+            uint32_t* kg = &kA[(g * CHP + k0 - c0) * D / 2];
+            for (int c = 0; c < C; ++c) {
+              __m512i r[16];
+              for (int j = 0; j < 16; ++j)
+                r[j] = j < mt ? _mm512_loadu_si512(rows[j] + g * dv.s_head + 32 * c) : _mm512_setzero_si512();
+              half_transpose16(r);
+              for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kg + (16 * c + i) * 16, r[i]);
             }
           }
         }
+        // scores: sc[h][key - c0], scaled
+        for (int64_t g = 0; g < dv.per; ++g)
+          head_blocks(dv.G, [&](int64_t h0, auto hb) {
+            constexpr int HB = decltype(hb)::value;
+            const int64_t h = g * dv.G + h0;
+            constexpr int KB = HB <= 2 ? 2 : 1;   // tiles at a time: 16 to 24 accumulators
+            int64_t t = 0;
+            for (; t + KB <= tiles; t += KB)
+              dp_scores<C, HB, KB>(&kA[(g * CHP + 16 * t) * D / 2], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
+            for (; t < tiles; ++t)
+              dp_scores<C, HB, 1>(&kA[(g * CHP + 16 * t) * D / 2], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
+          });
         // softmax over the chunk, online across chunks; probabilities in bf16, zero past the chunk
         for (int64_t h = 0; h < nh; ++h) {
           const float corr = chunk_softmax(&sc[h * CHP], cn, cn / 16 * 16 + 16, mx[h], sum[h], &pb[h * CHP]);
@@ -461,40 +555,32 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
             for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ah + d, _mm512_mul_ps(_mm512_set1_ps(corr), _mm512_loadu_ps(ah + d)));
           }
         }
-        // values: acc[h] += P V, value rows interleaved by key pairs
-        for (int64_t t0 = c0; t0 < c0 + cn; t0 += dv.BS) {
-          const T* blk = block(t0) + dv.s_kv;
-          const int64_t m = std::min(dv.BS, n - t0);
-          if (t0 + dv.BS < c0 + cn) prefetch_block(t0 + dv.BS, 1);
-          else prefetch_block(c0 + cn, 0);   // the next chunk's first keys
-          for (int64_t j0 = 0; j0 < m; j0 += 16) {
-            const int mt = (int)std::min<int64_t>(16, m - j0);
-            const int pairs = (mt + 1) / 2;
-            for (int64_t g = 0; g < dv.per; ++g) {
-              const T* vb = blk + g * dv.s_head + j0 * dv.s_tok;
-              for (int t = 0; t < pairs; ++t)
-                for (int c = 0; c < C; ++c) {
-                  const __m512i lo = _mm512_loadu_si512(vb + 2 * t * dv.s_tok + 32 * c);
-                  const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(vb + (2 * t + 1) * dv.s_tok + 32 * c) : _mm512_setzero_si512();
-                  _mm512_store_si512(vi[t][2 * c], _mm512_unpacklo_epi16(lo, hi));
-                  _mm512_store_si512(vi[t][2 * c + 1], _mm512_unpackhi_epi16(lo, hi));
-                }
-              for (int64_t i = 0; i < dv.G; ++i) {
-                const int64_t h = g * dv.G + i;
-                const uint16_t* ph = &pb[h * CHP + t0 - c0 + j0];
-                float* ah = &acc[h * D];
-                __m512 o[2 * C];
-                for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_loadu_ps(ah + 16 * x);
-                for (int t = 0; t < pairs; ++t) {
-                  const uint32_t w2 = uint32_t(ph[2 * t]) | (uint32_t(ph[2 * t + 1]) << 16);   // past mt: 0 or unused
-                  const __m512bh w = as_bh(_mm512_set1_epi32((int)w2));
-                  for (int x = 0; x < 2 * C; ++x) o[x] = _mm512_dpbf16_ps(o[x], as_bh(_mm512_load_si512(vi[t][x])), w);
-                }
-                for (int x = 0; x < 2 * C; ++x) _mm512_storeu_ps(ah + 16 * x, o[x]);
+        // values: vc[g][pair][x], rows 2t and 2t + 1 interleaved (zeros past the context); the next
+        // tile prefetched, after the last one the next chunk's first keys
+        for (int64_t k0 = c0; k0 < c0 + cn; k0 += 16) {
+          const int64_t mt = std::min<int64_t>(16, c0 + cn - k0);
+          tile_rows(k0, mt, 1, rows);
+          if (k0 + 16 < c0 + cn) prefetch_rows(k0 + 16, std::min(k0 + 32, c0 + cn), 1);
+          else prefetch_rows(c0 + cn, c0 + cn + 16, 0);
+          for (int64_t g = 0; g < dv.per; ++g) {
+            uint32_t* vg = &vc[(g * (CHP / 2) + (k0 - c0) / 2) * X * 16];
+            for (int64_t t = 0; t < (mt + 1) / 2; ++t)
+              for (int c = 0; c < C; ++c) {
+                const __m512i lo = _mm512_loadu_si512(rows[2 * t] + g * dv.s_head + 32 * c);
+                const __m512i hi = 2 * t + 1 < mt ? _mm512_loadu_si512(rows[2 * t + 1] + g * dv.s_head + 32 * c) : _mm512_setzero_si512();
+                _mm512_storeu_si512(vg + (t * X + 2 * c) * 16, _mm512_unpacklo_epi16(lo, hi));
+                _mm512_storeu_si512(vg + (t * X + 2 * c + 1) * 16, _mm512_unpackhi_epi16(lo, hi));
               }
-            }
           }
         }
+        // acc[h] += P V
+        for (int64_t g = 0; g < dv.per; ++g)
+          head_blocks(dv.G, [&](int64_t h0, auto hb) {
+            constexpr int HB = decltype(hb)::value;
+            const int64_t h = g * dv.G + h0;
+            for (int x0 = 0; x0 < X; x0 += XB)
+              dp_values<X, HB, XB>(&vc[g * (CHP / 2) * X * 16], pairs, x0, &pb[h * CHP], CHP, &acc[h * D], D);
+          });
       }
       for (int64_t h = 0; h < nh; ++h) {   // accumulator lane k of chunk c's lo / hi: dim 32c + 8(k/4) + k%4 (+4)
         const float inv = 1.f / sum[h];
