@@ -426,12 +426,12 @@ def test_a_shape_model_keeps_the_real_vocabulary_and_generates_as_transformers(t
 
 
 # ---- prefill attention: the AMX tile kernel against the reference ------------------------------
-def flat_batch(lengths, heads, kv_heads, dim, seed):
+def flat_batch(lengths, heads, kv_heads, dim, seed, dtype=torch.bfloat16):
     """q, k, v as the model passes them (views into one QKV output row per token) and the
     pieces' bounds in the flat batch."""
     g = torch.Generator().manual_seed(seed)
     tokens = sum(lengths)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(torch.bfloat16)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
     q = qkv[:, :heads * dim].view(tokens, heads, dim)
     k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
     v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
@@ -454,27 +454,29 @@ def prefill_meta(bounds, cached=None, tables=None):
     (14, 2, 128, [15, 256, 1]),
     (4, 2, 96, [20, 7]),                      # a head size the kernel leaves to SDPA
 ])
-def test_prefill_attention_matches_reference(heads, kv_heads, dim, lengths, variant):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_matches_reference(heads, kv_heads, dim, lengths, dtype, variant):
     """Whole prompts of mixed lengths in one flat batch, q, k, v strided as the model passes
-    them: every build's prefill attention against the reference's SDPA, in bfloat16."""
-    ref, cpu = pair(torch.bfloat16, variant)
-    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=sum(lengths))
+    them: every build's prefill attention against the reference's SDPA."""
+    ref, cpu = pair(dtype, variant)
+    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=sum(lengths), dtype=dtype)
     meta = prefill_meta(bounds)
     torch.testing.assert_close(cpu.prefill_attention(q, k, v, None, 0, meta), ref.prefill_attention(q, k, v, None, 0, meta),
-                               **TOL[torch.bfloat16])
+                               **TOL[dtype])
 
 
-def test_prefill_attention_with_a_cached_piece_matches_reference(variant):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_with_a_cached_piece_matches_reference(dtype, variant):
     """A batch mixing pieces after a cached prefix (the SDPA path, reading the pool) with whole
     prompts (the kernel where the build has one): each piece as the reference computes it."""
-    ref, cpu = pair(torch.bfloat16, variant)
+    ref, cpu = pair(dtype, variant)
     heads, kv_heads, dim, block = 14, 2, 64, 16
     lengths, cached = [33, 20, 17, 64], [0, 40, 0, 0]
-    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=11)
-    pool = torch.zeros(12, 1, 2, block, kv_heads, dim, dtype=torch.bfloat16)
+    q, k, v, bounds = flat_batch(lengths, heads, kv_heads, dim, seed=11, dtype=dtype)
+    pool = torch.zeros(12, 1, 2, block, kv_heads, dim, dtype=dtype)
     g = torch.Generator().manual_seed(12)
     table = torch.tensor([7, 2, 9, 4])   # the cached piece's blocks: 40 cached tokens, then its 20
-    prefix_k, prefix_v = (torch.randn(40, kv_heads, dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(40, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
     s, e = bounds[1]
     pos = torch.arange(60)
     stored = AttentionMetadata(slot_blocks=table[pos // block], slot_offsets=pos % block,
@@ -482,7 +484,7 @@ def test_prefill_attention_with_a_cached_piece_matches_reference(variant):
     ref.store_kv(pool, 0, torch.cat((prefix_k, k[s:e])), torch.cat((prefix_v, v[s:e])), stored)
     meta = prefill_meta(bounds, cached, [table if c else None for c in cached])
     torch.testing.assert_close(cpu.prefill_attention(q, k, v, pool, 0, meta), ref.prefill_attention(q, k, v, pool, 0, meta),
-                               **TOL[torch.bfloat16])
+                               **TOL[dtype])
 
 
 def test_the_amx_build_runs_bfloat16_decode_linears_on_tiles():
@@ -521,20 +523,21 @@ def test_the_amx_build_fuses_silu_and_mul_into_the_gate_up_tiles():
         torch.testing.assert_close(fused(x), ref.silu_gate_up(w, b)(x), **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("build", [v for v in RUNNABLE if "avx512_bf16" in v.needs] or [None],
-                         ids=lambda v: v.name if v else "none")
-def test_builds_with_avx512_bf16_run_the_prefill_kernel(build):
-    """Where the CPU has avx512_bf16 (dot products) or AMX (tiles), bfloat16 prefill attention is
-    the build's flash kernel, not SDPA; float32 and builds without bf16 take SDPA."""
-    if build is None:
-        pytest.skip("no avx512_bf16 on this CPU")
-    _, cpu = pair(torch.bfloat16)
-    products = "AMX tiles" if "amx_bf16" in variants.choose(cpu_flags()).needs else "bf16 dot products"
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx512_builds_run_the_prefill_kernel(dtype):
+    """Where the CPU has AVX-512, float32 prefill attention is the build's flash kernel (FMAs), and
+    with avx512_bf16 (dot products) or AMX (tiles) bfloat16's too, not SDPA; the builds without
+    them leave it to SDPA."""
+    need = "avx512f" if dtype == torch.float32 else "avx512_bf16"
+    builds = [v for v in RUNNABLE if need in v.needs]
+    if not builds:
+        pytest.skip(f"no {need} on this CPU")
+    _, cpu = pair(dtype)
+    products = ("float32 FMAs" if dtype == torch.float32 else
+                "AMX tiles" if "amx_bf16" in variants.choose(cpu_flags()).needs else "bf16 dot products")
     assert cpu.prefill_kernel and f"flash kernel on {products}" in cpu.describe()
-    ext = load_variant(build)
-    q, k, v, bounds = flat_batch([5, 40], 4, 2, 64, seed=3)
-    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
-    assert ext.prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125) and not out.isnan().any()
-    no_bf16 = next(v for v in variants.VARIANTS if v.name == "avx512")
-    assert not load_variant(no_bf16).prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125)
-    assert not pair(torch.float32)[1].prefill_kernel
+    q, k, v, bounds = flat_batch([5, 40], 4, 2, 64, seed=3, dtype=dtype)
+    for build in RUNNABLE:
+        out = torch.full(q.shape, float("nan"), dtype=dtype)
+        ran = load_variant(build).prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125)
+        assert ran == (build in builds) and (not ran or not out.isnan().any()), build.name

@@ -25,12 +25,12 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
-- Prefill: whole prompts (no cached prefix) in bfloat16 on the avx512_bf16 and AMX builds run a
-  flash attention (kernels/csrc: both products bf16 dot products, or tile multiplies with AMX;
-  the softmax in float32 down the columns of transposed scores, the whole flat batch in one call
-  read through the QKV output's strides); torch's SDPA flash kernel for CPU (4-D inputs,
-  kernels/reference.py) runs its bf16 products far below the linears' speed. Other builds,
-  dtypes, head sizes and pieces after a cached prefix take SDPA.
+- Prefill: whole prompts (no cached prefix) run a flash attention on the AVX-512 builds in
+  float32 (FMAs) and on the avx512_bf16 and AMX builds in bfloat16 (bf16 dot products, or tile
+  multiplies with AMX): kernels/csrc, the softmax in float32 down the columns of transposed
+  scores, the whole flat batch in one call read through the QKV output's strides. torch's SDPA
+  flash kernel for CPU (4-D inputs, kernels/reference.py) runs its products far below the
+  linears' speed. The AVX2 build, other head sizes and pieces after a cached prefix take SDPA.
 """
 from __future__ import annotations
 
@@ -231,9 +231,9 @@ class CpuKernels(TorchKernels):
         return self.ext.tile_linear(empty, empty, empty, _NONE, False)
 
     def _prefill_kernel_runs(self) -> bool:
-        """Whether this build runs the bf16 prefill attention kernel (asked with an empty batch: it
-        says whether it ran)."""
-        if self.ext is None or self.dtype != torch.bfloat16:
+        """Whether this build runs the prefill attention kernel in this dtype (asked with an empty
+        batch: it says whether it ran)."""
+        if self.ext is None or self.dtype not in (torch.float32, torch.bfloat16):
             return False
         q, kv = torch.empty(0, 1, 64, dtype=self.dtype), torch.empty(0, 1, 64, dtype=self.dtype)
         return self.ext.prefill_attention(torch.empty_like(q), q, kv, kv, torch.empty(0, 2, dtype=torch.long), 1.0)
@@ -247,7 +247,8 @@ class CpuKernels(TorchKernels):
         if self.dtype == torch.bfloat16 and not self.bf16_native:
             lin += " (float32 GEMM on bf16 weights: this CPU has no native bf16)"
         att = "C++ paged kernel" if self.ext is not None else "gather into reused buffers + matmul"
-        products = "AMX tiles" if "amx" in self.ext_note else "bf16 dot products"
+        products = ("float32 FMAs" if self.dtype == torch.float32 else "AMX tiles" if "amx" in self.ext_note
+                    else "bf16 dot products")
         pre = (f"flash kernel on {products} (head sizes 64, 128; after a cached prefix: 4-D SDPA)"
                if self.prefill_kernel else "4-D SDPA")
         return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}"
@@ -363,7 +364,7 @@ class CpuKernels(TorchKernels):
     def prefill_attention(self, q, k, v, kv_cache: torch.Tensor, layer: int, meta):
         """Whole prompts on the kernel, all in one call; pieces after a cached prefix (and
         whatever the kernel does not take) on the reference's SDPA path."""
-        if not (self.prefill_kernel and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        if not (self.prefill_kernel and q.dtype == k.dtype == v.dtype == self.dtype
                 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
             return super().prefill_attention(q, k, v, kv_cache, layer, meta)
         bounds = meta.prefill_bounds

@@ -315,6 +315,31 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
   });
 }
 
+#if defined(__AVX512F__)
+// r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i
+static inline void transpose16x16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 KV with avx512_bf16: both products as bf16 dot products (vdpbf16ps: 32 bf16 products a
 // step, float32 sums), 16 keys at a time. QK^T: a tile's 16 key rows half transposed (unpacks
@@ -354,29 +379,6 @@ static inline float chunk_softmax(const float* sh, int64_t cn, int64_t span, flo
   }
   sum += _mm512_reduce_add_ps(vs);
   return corr;
-}
-
-// r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i
-static inline void transpose16x16(__m512i* r) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {   // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
-    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
-  }
 }
 
 // The keys of a 16-key tile after half a transpose (two unpack rounds per 32-dim chunk c, no
@@ -1356,23 +1358,24 @@ void paged_decode(at::Tensor out, at::Tensor q, at::Tensor kv, int64_t layer,
   else TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
 }
 
-// ---- prefill attention: avx512_bf16 dot products, or AMX tiles ------------------------------------
-// Causal attention of whole prompts (no cached prefix) in one flat batch, bf16 in and out, as a
-// flash attention. A task is (prompt, KV head, 16 query rows), for each query head of the group.
-// It works on transposed products so that the softmax runs down the columns:
+// ---- prefill attention: float32 FMAs, avx512_bf16 dot products, or AMX tiles ---------------------
+// Causal attention of whole prompts (no cached prefix) in one flat batch, as a flash attention. A
+// task is (prompt, KV head, 16 query rows), for each query head of the group. It works on
+// transposed products so that the softmax runs down the columns:
 // scores^T = K Q^T, one vector holding a key's scores for all 16 rows, so the maximum, the
 // exponentials and the sums are plain vector ops with no horizontal reductions, and
-// out^T = V^T P^T. Each (prompt, KV head)'s keys (rows, zero padded to 32) and values (V^T tiles:
-// dims x 32 keys, key pairs interleaved) are packed once and shared by the GQA group's query heads;
-// q, k and v are read through their strides (views into the QKV output). Scores in float32, the
-// softmax online across chunks of CH keys, probabilities rounded to bf16 before the PV product as
-// torch's bf16 attention rounds them. The causal triangle makes tasks unequal (work grows with the
-// rows' offset), so the threads take them longest first from a counter.
-// The two products of a chunk come from a policy: DotProducts (vdpbf16ps: the rows' Q^T pairs
-// against each key's broadcast dim pair; P^T pairs against each dim's broadcast value pair), or
+// out^T = V^T P^T. Each (prompt, KV head)'s keys and values are packed once (zero padded to 32
+// keys) and shared by the GQA group's query heads; q, k and v are read through their strides
+// (views into the QKV output). Scores in float32, the softmax online across chunks of CH keys.
+// The causal triangle makes tasks unequal (work grows with the rows' offset), so the threads take
+// them longest first from a counter.
+// float32: both products by FMAs against broadcast key and value elements (keys and values packed
+// as rows). bf16: probabilities rounded to bf16 before the PV product as torch's bf16 attention
+// rounds them; the two products from a policy: DotProducts (vdpbf16ps: the rows' Q^T pairs against
+// each key's broadcast dim pair; P^T pairs against each dim's broadcast value pair), or
 // TileProducts (tile multiplies, each phase's tile work for all the group's heads back to back:
 // AMX runs slower for a while after vector work).
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <atomic>
 #include <memory>
 
@@ -1380,8 +1383,20 @@ struct PrefillTask {
   int64_t piece, group, r0, keys;   // group: the KV head; keys: the last row's keys, the task's work
 };
 
+// Every (piece, KV head, 16 rows), longest first.
+static std::vector<PrefillTask> prefill_tasks(const int64_t* bounds, int64_t pieces, int64_t kv_heads) {
+  std::vector<PrefillTask> tasks;
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t n = bounds[2 * p + 1] - bounds[2 * p];
+    for (int64_t r0 = 0; r0 < n; r0 += 16)
+      for (int64_t g = 0; g < kv_heads; ++g) tasks.push_back({p, g, r0, std::min(r0 + 16, n)});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.keys > b.keys; });
+  return tasks;
+}
+
 // 2^t for t in float range (not -inf): 2^round(t) times a degree-5 fit of 2^f on [-0.5, 0.5]
-// (relative error near float's own); the probabilities are rounded to bf16 anyway.
+// (relative error near float's own).
 static inline __m512 exp2_fit(__m512 t) {
   const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, r);
@@ -1394,6 +1409,170 @@ static inline __m512 exp2_fit(__m512 t) {
   return _mm512_scalef_ps(p, r);
 }
 
+// One head's chunk of scores^T sh[key][row] (cn keys; key j seen by the rows seen(j) masks)
+// through the online softmax down the columns: the 16 rows' maxima mx and sums sum updated, the
+// head's accumulators acc (n floats) scaled down where a maximum rose (not on the first chunk),
+// and the probabilities exp(scale (s - max)) of each key pair j, j + 1 < span (zero where unseen or
+// past cn) handed to store(j, e_j, e_j+1).
+template <typename Seen, typename Store>
+static inline void column_softmax(const float* sh, int64_t cn, int64_t span, const Seen& seen, float scale2,
+                                  float* mx, float* sum, float* acc, int64_t n, bool first, const Store& store) {
+  const __m512 m = _mm512_loadu_ps(mx);
+  // four chains of maxima: one would wait on each max's latency
+  __m512 m0 = m, m1 = m, m2 = m, m3 = m;
+  auto upto = [&](__m512 a, int64_t j) { return _mm512_mask_max_ps(a, seen(j), a, _mm512_loadu_ps(sh + j * 16)); };
+  int64_t j = 0;
+  for (; j + 4 <= cn; j += 4) {
+    m0 = upto(m0, j);
+    m1 = upto(m1, j + 1);
+    m2 = upto(m2, j + 2);
+    m3 = upto(m3, j + 3);
+  }
+  for (; j < cn; ++j) m0 = upto(m0, j);
+  const __m512 cm = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+  const __m512 shift = _mm512_mul_ps(cm, _mm512_set1_ps(scale2));
+  __m512 s = _mm512_loadu_ps(sum);
+  if (!first) {   // rows whose maximum rose: the earlier sums and accumulators scaled down
+    const __m512 corr = exp2_fit(_mm512_fmsub_ps(m, _mm512_set1_ps(scale2), shift));
+    s = _mm512_mul_ps(s, corr);
+    for (int64_t x = 0; x < n; x += 16) _mm512_storeu_ps(acc + x, _mm512_mul_ps(corr, _mm512_loadu_ps(acc + x)));
+  }
+  _mm512_storeu_ps(mx, cm);
+  for (j = 0; j < span; j += 2) {
+    const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
+        exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + j * 16), _mm512_set1_ps(scale2), shift)));
+    const __m512 e1 = _mm512_maskz_mov_ps(j + 1 < cn ? seen(j + 1) : 0,
+        exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + (j + 1) * 16), _mm512_set1_ps(scale2), shift)));
+    s = _mm512_add_ps(s, _mm512_add_ps(e0, e1));
+    store(j, e0, e1);
+  }
+  _mm512_storeu_ps(sum, s);
+}
+
+// key c0 + j is seen by rows i >= c0 + j - r0 of the task's 16 (all of them below r0)
+static inline __mmask16 seen_by(int64_t c0, int64_t r0, int64_t j) {
+  const int64_t late = c0 + j - r0;
+  return late <= 0 ? (__mmask16)0xffff : late >= 16 ? (__mmask16)0 : (__mmask16)(0xffffu << late);
+}
+
+// out rows r0 .. r0 + rows of head h (op + its first row's offset, row stride ld) from out^T
+// acc[dim][row] and the rows' sums
+template <int D, typename T>
+static inline void store_rows(T* o, int64_t ld, int64_t rows, const float* acc, const float* sum) {
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(sum));
+  alignas(64) float ot[16][D];
+  for (int x = 0; x < D / 16; ++x) {
+    __m512i r[16];
+    for (int d = 0; d < 16; ++d) r[d] = _mm512_castps_si512(_mm512_mul_ps(inv, _mm512_loadu_ps(acc + (16 * x + d) * 16)));
+    transpose16x16(r);
+    for (int i = 0; i < 16; ++i) _mm512_store_si512(&ot[i][16 * x], r[i]);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int d = 0; d < D; d += 16) vstore(o + i * ld + d, _mm512_load_ps(&ot[i][d]));
+}
+
+// float32: sh[j][row] = K Q^T for 16 keys at a time (16 chains), keys as rows kt[key][D]
+template <int D>
+static inline void scores_f32(const float* qt, const float* kt, int64_t span, float* sh) {
+  for (int64_t j0 = 0; j0 < span; j0 += 16) {
+    const float* kj = kt + j0 * D;
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m512 qv = _mm512_loadu_ps(qt + d * 16);
+      for (int j = 0; j < 16; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(kj[j * D + d]), a[j]);
+    }
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(sh + (j0 + j) * 16, a[j]);
+  }
+}
+
+// float32: ah[dim][row] (+)= V^T P^T for 16 dims at a time (16 chains), values as rows vt[key][D]
+template <int D>
+static inline void values_f32(float* ah, const float* pt, const float* vt, int64_t span, bool first) {
+  for (int x = 0; x < D / 16; ++x) {
+    __m512 a[16];
+    for (int d = 0; d < 16; ++d) a[d] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ah + (16 * x + d) * 16);
+    for (int64_t j = 0; j < span; ++j) {
+      const __m512 pv = _mm512_loadu_ps(pt + j * 16);
+      for (int d = 0; d < 16; ++d) a[d] = _mm512_fmadd_ps(pv, _mm512_set1_ps(vt[j * D + 16 * x + d]), a[d]);
+    }
+    for (int d = 0; d < 16; ++d) _mm512_storeu_ps(ah + (16 * x + d) * 16, a[d]);
+  }
+}
+
+template <int D>
+static void prefill_kernel_f32(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const int64_t* bounds, int64_t pieces, float scale) {
+  static_assert(D % 16 == 0, "16 x 16 transposes");
+  constexpr int64_t CH = 256;   // keys per softmax chunk
+  const int64_t H = q.size(1), KVH = k.size(1), G = H / KVH;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto start = [&](int64_t p) { return bounds[2 * p]; };
+  auto length = [&](int64_t p) { return bounds[2 * p + 1] - bounds[2 * p]; };
+  auto padded = [&](int64_t p) { return (length(p) + 31) / 32 * 32; };
+  // per (piece, KV head): keys and values as rows [key][D], zeros past the piece
+  std::vector<int64_t> packed_at(pieces + 1, 0);
+  for (int64_t p = 0; p < pieces; ++p) packed_at[p + 1] = packed_at[p] + padded(p) * KVH * D;
+  std::unique_ptr<float[]> kbuf(new float[packed_at[pieces]]), vbuf(new float[packed_at[pieces]]);
+  auto packed = [&](float* buf, int64_t p, int64_t g) { return buf + packed_at[p] + g * padded(p) * D; };
+  at::parallel_for(0, pieces * KVH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / KVH, g = item % KVH, n = length(p);
+      for (const at::Tensor* src : {&k, &v}) {
+        const float* row = src->data_ptr<float>() + start(p) * src->stride(0) + g * src->stride(1);
+        float* dst = packed(src == &k ? kbuf.get() : vbuf.get(), p, g);
+        for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * D, row + j * src->stride(0), D * sizeof(float));
+        std::memset(dst + n * D, 0, (padded(p) - n) * D * sizeof(float));
+      }
+    }
+  });
+  const std::vector<PrefillTask> tasks = prefill_tasks(bounds, pieces, KVH);
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = (int64_t)tasks.size();
+  const float scale2 = scale * 1.44269504088896341f;   // exp(x scale) = 2^(x scale2)
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    // per query head of the group: Q^T [dim][row]; scores^T and P^T [key][row]; out^T [dim][row]
+    std::vector<float> qtr(G * D * 16), st(G * CH * 16), pt(G * CH * 16), acc(G * D * 16), mxs(G * 16), sums(G * 16);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
+      const PrefillTask& task = tasks[t];
+      const int64_t p = task.piece, g = task.group, r0 = task.r0, kn = task.keys, rows = kn - r0;
+      const float* kg = packed(kbuf.get(), p, g);
+      const float* vg = packed(vbuf.get(), p, g);
+      for (int64_t hh = 0; hh < G; ++hh)
+        for (int x = 0; x < D / 16; ++x) {   // rows past the prompt: zeros, their results dropped
+          __m512i r[16];
+          for (int64_t i = 0; i < 16; ++i)
+            r[i] = i < rows ? _mm512_loadu_si512(qp + (start(p) + r0 + i) * q.stride(0) + (g * G + hh) * q.stride(1) + 16 * x)
+                            : _mm512_setzero_si512();
+          transpose16x16(r);
+          for (int d = 0; d < 16; ++d) _mm512_storeu_si512(&qtr[(hh * D + 16 * x + d) * 16], r[d]);
+        }
+      std::fill(mxs.begin(), mxs.end(), -INFINITY);
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (int64_t c0 = 0; c0 < kn; c0 += CH) {   // c0 <= r0: every row sees a key of each chunk
+        const int64_t cn = std::min(CH, kn - c0), span = (cn + 15) / 16 * 16;
+        const auto seen = [&](int64_t j) { return seen_by(c0, r0, j); };
+        for (int64_t hh = 0; hh < G; ++hh) {
+          float* sh = &st[hh * CH * 16];
+          float* ph = &pt[hh * CH * 16];
+          scores_f32<D>(&qtr[hh * D * 16], kg + c0 * D, span, sh);
+          column_softmax(sh, cn, span, seen, scale2, &mxs[hh * 16], &sums[hh * 16], &acc[hh * D * 16], D * 16, c0 == 0,
+                         [&](int64_t j, __m512 e0, __m512 e1) {
+                           _mm512_storeu_ps(ph + j * 16, e0);
+                           _mm512_storeu_ps(ph + (j + 1) * 16, e1);
+                         });
+          values_f32<D>(&acc[hh * D * 16], ph, vg + c0 * D, span, c0 == 0);
+        }
+      }
+      for (int64_t hh = 0; hh < G; ++hh)
+        store_rows<D>(op + ((start(p) + r0) * H + g * G + hh) * D, H * D, rows, &acc[hh * D * 16], &sums[hh * 16]);
+    }
+  });
+}
+#endif
+
+#if defined(__AVX512BF16__)
 // A permutation of 32 words: lane 2i + e takes word a + i of the first operand (e = 0) or b + i
 // (e = 1; 32 and up name the second operand of a two-source permute).
 static inline __m512i interleave_index(int a, int b) {
@@ -1547,17 +1726,14 @@ static void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tenso
   auto length = [&](int64_t p) { return bounds[2 * p + 1] - bounds[2 * p]; };
   auto padded = [&](int64_t p) { return (length(p) + 31) / 32 * 32; };
 
-  // where each piece's packing starts, the 32-key blocks to pack (piece, block), the tasks
+  // where each piece's packing starts, the 32-key blocks to pack (piece, block)
   std::vector<int64_t> packed_at(pieces + 1, 0);
   std::vector<std::pair<int64_t, int64_t>> blocks;
-  std::vector<PrefillTask> tasks;
   for (int64_t p = 0; p < pieces; ++p) {
     packed_at[p + 1] = packed_at[p] + padded(p) * KVH * D;
     for (int64_t b = 0; b < padded(p) / 32; ++b) blocks.emplace_back(p, b);
-    for (int64_t r0 = 0; r0 < length(p); r0 += 16)
-      for (int64_t g = 0; g < KVH; ++g) tasks.push_back({p, g, r0, std::min(r0 + 16, length(p))});
   }
-  std::stable_sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.keys > b.keys; });
+  const std::vector<PrefillTask> tasks = prefill_tasks(bounds, pieces, KVH);
   // per (piece, KV head): keys as rows [key][D]; values as V^T tiles [32-key block][16-dim tile],
   // row d of a tile dim d's 32 values in key order
   std::unique_ptr<uint16_t[]> kbuf(new uint16_t[packed_at[pieces]]), vbuf(new uint16_t[packed_at[pieces]]);
@@ -1626,67 +1802,21 @@ static void prefill_kernel(at::Tensor& out, const at::Tensor& q, const at::Tenso
         const int64_t cn = std::min(CH, kn - c0), span = (cn + 31) / 32 * 32;
         for (int64_t hh = 0; hh < G; ++hh)
           Products::template scores<D>(&qtr[hh * C * 256], kg, c0, span, &st[hh * CH * 16]);
-        // key c0 + j is seen by rows i >= c0 + j - r0: all of them below r0
-        auto seen = [&](int64_t j) -> __mmask16 {
-          const int64_t late = c0 + j - r0;
-          return late <= 0 ? (__mmask16)0xffff : late >= 16 ? (__mmask16)0 : (__mmask16)(0xffffu << late);
-        };
+        const auto seen = [&](int64_t j) { return seen_by(c0, r0, j); };
         for (int64_t hh = 0; hh < G; ++hh) {
-          const float* sh = &st[hh * CH * 16];
-          const __m512 mx = _mm512_loadu_ps(&mxs[hh * 16]);
-          // four chains of maxima: one would wait on each max's latency
-          __m512 m0 = mx, m1 = mx, m2 = mx, m3 = mx;
-          auto upto = [&](__m512 m, int64_t j) { return _mm512_mask_max_ps(m, seen(j), m, _mm512_loadu_ps(sh + j * 16)); };
-          int64_t j = 0;
-          for (; j + 4 <= cn; j += 4) {
-            m0 = upto(m0, j);
-            m1 = upto(m1, j + 1);
-            m2 = upto(m2, j + 2);
-            m3 = upto(m3, j + 3);
-          }
-          for (; j < cn; ++j) m0 = upto(m0, j);
-          const __m512 cm = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
-          const __m512 shift = _mm512_mul_ps(cm, _mm512_set1_ps(scale2));
-          __m512 sum = _mm512_loadu_ps(&sums[hh * 16]);
-          if (c0 > 0) {   // rows whose maximum rose: the earlier sums and accumulators scaled down
-            const __m512 corr = exp2_fit(_mm512_fmsub_ps(mx, _mm512_set1_ps(scale2), shift));
-            sum = _mm512_mul_ps(sum, corr);
-            float* ah = &acc[hh * XT * 256];
-            for (int64_t x = 0; x < XT * 16; ++x) _mm512_storeu_ps(ah + x * 16, _mm512_mul_ps(corr, _mm512_loadu_ps(ah + x * 16)));
-          }
-          _mm512_storeu_ps(&mxs[hh * 16], cm);
           // P^T: each key's probabilities for the 16 rows, two keys interleaved per pair row
           uint16_t* ph = &pt[hh * CH * 16];
-          for (j = 0; j < span; j += 2) {
-            const __m512 e0 = _mm512_maskz_mov_ps(j < cn ? seen(j) : 0,
-                exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + j * 16), _mm512_set1_ps(scale2), shift)));
-            const __m512 e1 = _mm512_maskz_mov_ps(j + 1 < cn ? seen(j + 1) : 0,
-                exp2_fit(_mm512_fmsub_ps(_mm512_loadu_ps(sh + (j + 1) * 16), _mm512_set1_ps(scale2), shift)));
-            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);   // e0 in the low half
-            _mm512_storeu_si512(ph + j * 16, _mm512_permutexvar_epi16(pairs, both));
-          }
-          _mm512_storeu_ps(&sums[hh * 16], sum);
+          column_softmax(&st[hh * CH * 16], cn, span, seen, scale2, &mxs[hh * 16], &sums[hh * 16], &acc[hh * XT * 256],
+                         XT * 256, c0 == 0, [&](int64_t j, __m512 e0, __m512 e1) {
+                           const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);   // e0 in the low half
+                           _mm512_storeu_si512(ph + j * 16, _mm512_permutexvar_epi16(pairs, both));
+                         });
         }
         for (int64_t hh = 0; hh < G; ++hh)
           Products::template pv<D>(&acc[hh * XT * 256], &pt[hh * CH * 16], vg, c0, span, c0 == 0);
       }
-      // out = (out^T / sum)^T, a 16 x 16 transpose per dim tile
-      for (int64_t hh = 0; hh < G; ++hh) {
-        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(&sums[hh * 16]));
-        alignas(64) float ot[16][D];
-        for (int x = 0; x < XT; ++x) {
-          __m512i r[16];
-          for (int d = 0; d < 16; ++d)
-            r[d] = _mm512_castps_si512(_mm512_mul_ps(inv, _mm512_loadu_ps(&acc[((hh * XT + x) * 16 + d) * 16])));
-          transpose16x16(r);
-          for (int i = 0; i < 16; ++i) _mm512_store_si512(&ot[i][16 * x], r[i]);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          T* o = op + ((start(p) + r0 + i) * H + g * G + hh) * D;
-          for (int d = 0; d < D; d += 16) vstore(o + d, _mm512_load_ps(&ot[i][d]));
-        }
-      }
+      for (int64_t hh = 0; hh < G; ++hh)
+        store_rows<D>(op + ((start(p) + r0) * H + g * G + hh) * D, H * D, rows, &acc[hh * XT * 256], &sums[hh * 16]);
     }
     Products::end();
   });
@@ -1702,9 +1832,9 @@ static void prefill_by(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
 
 // Causal attention of the pieces bounds[i] = (start, end) of a flat batch, each a whole prompt
 // (no cached prefix): out [T, H, D] (contiguous) from q [T, H, D], k, v [T, KVH, D] (any row
-// and head strides, unit last stride). Returns whether it ran: builds with avx512_bf16 run it
-// (on AMX tiles where permitted), for bf16 and head sizes 64 and 128; otherwise the caller takes
-// its torch path (nothing written).
+// and head strides, unit last stride). Returns whether it ran, for head sizes 64 and 128: float32
+// on every AVX-512 build, bf16 on builds with avx512_bf16 (on AMX tiles where permitted);
+// otherwise the caller takes its torch path (nothing written).
 bool prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bounds, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes() && out.is_contiguous());
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1);
@@ -1713,10 +1843,20 @@ bool prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
   const int64_t* b = bounds.data_ptr<int64_t>();
   for (int64_t i = 0; i < bounds.size(0); ++i)
     TORCH_CHECK(0 <= b[2 * i] && b[2 * i] <= b[2 * i + 1] && b[2 * i + 1] <= q.size(0), "prefill_attention: a piece outside the batch");
+  const auto all = [&](at::ScalarType t) {
+    return q.scalar_type() == t && k.scalar_type() == t && v.scalar_type() == t && out.scalar_type() == t;
+  };
+  if (q.size(2) != 64 && q.size(2) != 128) return false;
+#if defined(__AVX512F__)
+  if (all(at::kFloat)) {
+    py::gil_scoped_release nogil;
+    if (q.size(2) == 64) prefill_kernel_f32<64>(out, q, k, v, b, bounds.size(0), (float)scale);
+    else prefill_kernel_f32<128>(out, q, k, v, b, bounds.size(0), (float)scale);
+    return true;
+  }
+#endif
 #if defined(__AVX512BF16__)
-  const bool bf16 = q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                    v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16;
-  if (bf16 && (q.size(2) == 64 || q.size(2) == 128)) {
+  if (all(at::kBFloat16)) {
     py::gil_scoped_release nogil;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (amx_permitted()) {
@@ -1793,5 +1933,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "optionally SiLU-and-mul "
         "of gate and up rows interleaved by 16; returns whether it ran");
   m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention),
-        "causal attention of whole prompts in a flat batch (avx512_bf16 and AMX builds, bf16); returns whether it ran");
+        "causal attention of whole prompts in a flat batch (AVX-512 builds: float32; avx512_bf16 and AMX: bf16); returns whether it ran");
 }
