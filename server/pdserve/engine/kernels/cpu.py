@@ -19,9 +19,10 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
   whole context twice per layer and allocates it fresh every step; the kernel (kernels/csrc)
   walks the block table and reads every key and value once, in place, with an online softmax
   per head group (GQA heads share each key load). With avx512_bf16 and a bf16 pool, both
-  products are bf16 dot products over 16 keys at a time (no horizontal sums); with AMX, tile
-  multiplies (the keys tile-loaded straight from the pool, no transpose). Without a build (no AVX2, or
-  PDSERVE_CPU_ATTENTION=torch) a gather into reused buffers followed by grouped matmuls runs.
+  products are bf16 dot products over 16 keys at a time (keys half transposed, one cross-lane sum
+  per 16 keys and head); with AMX, tile multiplies (the keys tile-loaded straight from the pool,
+  no transpose). Without a build (no AVX2, or PDSERVE_CPU_ATTENTION=torch) a gather into reused
+  buffers followed by grouped matmuls runs.
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
