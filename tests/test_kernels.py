@@ -425,7 +425,7 @@ def test_a_shape_model_keeps_the_real_vocabulary_and_generates_as_transformers(t
         assert got == expected[0, len(ids):].tolist() and max(got) < known
 
 
-# ---- prefill attention: the AMX tile kernel against the reference ------------------------------
+# ---- prefill attention: each build's flash kernel against the reference -----------------------
 def flat_batch(lengths, heads, kv_heads, dim, seed, dtype=torch.bfloat16):
     """q, k, v as the model passes them (views into one QKV output row per token) and the
     pieces' bounds in the flat batch."""

@@ -316,22 +316,29 @@ static void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor
 }
 
 #if defined(__AVX512F__)
-// r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i
-static inline void transpose16x16(__m512i* r) {
-  __m512i t[16], u[16];
+// r[i] = row i of a 16x16 matrix of dwords -> half a transpose (two unpack rounds, no cross-lane
+// shuffles): r[4i + c], in 128-bit lane L, holds rows 4i .. 4i + 3 of column 4L + c.
+static inline void half_transpose16(__m512i* r) {
+  __m512i t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
-  for (int i = 0; i < 4; ++i) {   // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+}
+
+// r[i] = row i of a 16x16 matrix of dwords -> r[i] = column i: the half transpose, then the
+// 128-bit lanes gathered (each c reads and writes only r[c], r[4 + c], r[8 + c], r[12 + c])
+static inline void transpose16x16(__m512i* r) {
+  half_transpose16(r);
   for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
     r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
     r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
     r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
@@ -381,25 +388,11 @@ static inline float chunk_softmax(const float* sh, int64_t cn, int64_t span, flo
   return corr;
 }
 
-// The keys of a 16-key tile after half a transpose (two unpack rounds per 32-dim chunk c, no
-// cross-lane shuffles): vector 4i + cc of chunk c holds, in 128-bit lane L, dim pair 16c + 4L + cc
-// of keys 4i .. 4i + 3. Against queries laid out to match (qA[h][c][cc]: lane L holds the head's
-// pair 16c + 4L + cc, four times), accumulator i sums, in lane (L, e), key 4i + e's products over
-// the pairs of lane L; the four lanes' sums of the four accumulators are one cross-lane reduction
-// away from the tile's 16 scores in key order.
-static inline void half_transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-}
+// The keys of a 16-key tile after half_transpose16 of each 32-dim chunk c: vector 4i + cc of chunk
+// c holds, in 128-bit lane L, dim pair 16c + 4L + cc of keys 4i .. 4i + 3. Against queries laid out
+// to match (qA[h][c][cc]: lane L holds the head's pair 16c + 4L + cc, four times), accumulator i
+// sums, in lane (L, e), key 4i + e's products over the pairs of lane L; the four lanes' sums of the
+// four accumulators are one cross-lane reduction away from the tile's 16 scores in key order.
 
 // lane 4i + e = the sum over 128-bit lanes of a[i]'s element e
 static inline __m512 lane_sums4(const __m512* a) {
@@ -483,7 +476,7 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
   const int64_t CH = std::max<int64_t>(256 / dv.BS, 1) * dv.BS, CHP = (CH + 16 + 15) / 16 * 16;
   parallel_shares(dv.B * dv.splits, 1, [&](const auto& claim) {
     const int64_t nh = dv.per * dv.G;
-    std::vector<uint32_t> qA(nh * C * 4 * 16), kA(dv.per * CHP * D / 2), vc(dv.per * (CHP / 2) * X * 16);
+    std::vector<uint32_t> qA(nh * C * 4 * 16), kA(dv.per * CHP * P), vc(dv.per * (CHP / 2) * X * 16);
     std::vector<float> acc(nh * D), mx(nh), sum(nh), sc(nh * CHP);
     std::vector<uint16_t> pb(nh * CHP);
     for (int64_t begin, end; claim(begin, end);)
@@ -527,7 +520,7 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
           if (k0 + 16 < c0 + cn) prefetch_rows(k0 + 16, std::min(k0 + 32, c0 + cn), 0);
           else prefetch_rows(c0, c0 + 16, 1);
           for (int64_t g = 0; g < dv.per; ++g) {
-            uint32_t* kg = &kA[(g * CHP + k0 - c0) * D / 2];
+            uint32_t* kg = &kA[(g * CHP + k0 - c0) * P];
             for (int c = 0; c < C; ++c) {
               __m512i r[16];
               for (int j = 0; j < 16; ++j)
@@ -545,9 +538,9 @@ static void decode_kernel_dpbf16(at::Tensor& out, const at::Tensor& q, const at:
             constexpr int KB = HB <= 2 ? 2 : 1;   // tiles at a time: 16 to 24 accumulators
             int64_t t = 0;
             for (; t + KB <= tiles; t += KB)
-              dp_scores<C, HB, KB>(&kA[(g * CHP + 16 * t) * D / 2], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
+              dp_scores<C, HB, KB>(&kA[(g * CHP + 16 * t) * P], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
             for (; t < tiles; ++t)
-              dp_scores<C, HB, 1>(&kA[(g * CHP + 16 * t) * D / 2], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
+              dp_scores<C, HB, 1>(&kA[(g * CHP + 16 * t) * P], &qA[h * C * 64], &sc[h * CHP + 16 * t], CHP, scale);
           });
         // softmax over the chunk, online across chunks; probabilities in bf16, zero past the chunk
         for (int64_t h = 0; h < nh; ++h) {
