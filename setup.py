@@ -12,6 +12,7 @@ The kernels build against the torch already installed, so pip must not isolate t
 pyproject.toml.
 """
 import copy
+import glob
 import importlib.util
 import os
 import platform
@@ -36,8 +37,9 @@ def load_variants():
 
 
 variants = load_variants()
+headers = glob.glob(os.path.join(os.path.dirname(variants.SOURCE), "*.h"))
 kernels = [CppExtension(v.module, [variants.SOURCE], extra_compile_args=[*variants.COMMON_CFLAGS, *v.cflags],
-                        extra_link_args=list(variants.LINK_FLAGS))
+                        extra_link_args=list(variants.LINK_FLAGS), depends=headers)
            for v in variants.built_for(platform.machine())]
 bind_shim = Extension("pdserve.engine._bind_host", ["server/pdserve/engine/bind_host.c"],
                       extra_compile_args=["-O2", "-std=gnu11"], libraries=["dl"])

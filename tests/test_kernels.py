@@ -3,6 +3,8 @@ import importlib.util
 import itertools
 import os
 import random
+import select
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -541,3 +543,92 @@ def test_avx512_builds_run_the_prefill_kernel(dtype):
         out = torch.full(q.shape, float("nan"), dtype=dtype)
         ran = load_variant(build).prefill_attention(out, q, k, v, torch.tensor(bounds), 0.125)
         assert ran == (build in builds) and (not ran or not out.isnan().any()), build.name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_decode_step_gives_the_same_bits_on_the_hot_team(dtype, variant):
+    """A decode step's kernels (linears, gate_up, attention, the small ops split over rows) give
+    the same bits on the kernels' hot team as on OpenMP. The team is hot only inside
+    step_threads of a decode step the linears take, and only for the thread that entered it."""
+    _, cpu = pair(dtype, variant)
+    if cpu.ext is None:
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(8)
+    rows = 32
+    linear = cpu.linear((torch.randn(1024, 512, generator=g) * 0.05).to(dtype))
+    gate_up = cpu.silu_gate_up((torch.randn(2 * 256, 512, generator=g) * 0.05).to(dtype))
+    x, res = (torch.randn(rows, 512, generator=g).to(dtype) for _ in range(2))
+    norm = torch.randn(512, generator=g).to(dtype)
+    qk = torch.randn(rows, 6, 64, generator=g).to(dtype)
+    angle = torch.rand(rows, 1, 64, generator=g)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    pool = random_pool(dtype, blocks=320)
+    meta = decode_meta([random.Random(i).randrange(1, 150) for i in range(rows)], pool.shape[0])
+    q = torch.randn(rows, 8, 64, generator=g).to(dtype)
+
+    def step():
+        normed, stream = cpu.add_rms_norm(x, res.clone(), norm, 1e-6)
+        return (linear(x), gate_up(x), cpu.decode_attention(q, pool, 1, meta), normed, stream,
+                cpu.rope(qk.clone(), cos, sin))
+
+    hot = cpu.hot_team and (cpu.tile_linears if dtype == torch.bfloat16 else cpu.panel_linears)
+    threads = torch.get_num_threads()
+    ops = ("rms_norm", "silu_and_mul", "rope")
+    saved = [cpu.ext.set_serial_work(op, 1) for op in ops]   # every small op split over rows
+    torch.set_num_threads(2)
+    try:
+        cold = step()
+        with cpu.step_threads(rows):
+            assert cpu.ext.hot_here() == hot
+            other = []
+            helper = threading.Thread(target=lambda: other.append(cpu.ext.hot_here()))
+            helper.start()
+            helper.join(timeout=10)
+            assert other == [False]
+            on_team = step()
+        assert not cpu.ext.hot_here()
+        with cpu.step_threads(0):   # a step with prompt pieces
+            assert not cpu.ext.hot_here()
+        with cpu.step_threads(PANEL_ROWS_MAX + 1):   # more rows than the panels and tiles take
+            assert not cpu.ext.hot_here()
+    finally:
+        torch.set_num_threads(threads)
+        for op, value in zip(ops, saved):
+            cpu.ext.set_serial_work(op, value)
+    for a, b in zip(cold, on_team):
+        assert torch.equal(a, b)
+
+
+def test_a_forked_child_runs_decode_steps_on_its_own_team():
+    """The team's workers do not survive a fork: the child of a process that used them starts
+    its own, rather than waiting on threads it does not have."""
+    cpu = CpuKernels(CPU, torch.float32)
+    if cpu.ext is None:
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(9)
+    linear = cpu.linear(torch.randn(256, 128, generator=g))
+    x = torch.randn(8, 128, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu.step_threads(8):
+            expected = linear(x)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: one decode-sized linear on the team, then out without cleanup
+            try:
+                with cpu.step_threads(8):
+                    same = torch.equal(linear(x), expected)
+                os.write(write, b"1" if same else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready = select.select([read], [], [], 60)[0]
+        answer = os.read(read, 1) if ready else b""
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert answer == b"1"
+    finally:
+        torch.set_num_threads(threads)

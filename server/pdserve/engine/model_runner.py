@@ -287,9 +287,10 @@ class ModelRunner:
                                                 for seq, n in prefills])
         if self.tp is not None:   # the other ranks run the same forward over their shards
             self.tp.send_step(step_payload(input_ids, positions, meta))
-        rows = self.model.last_hidden(input_ids, positions, self.kv_cache, meta)
-        if head is not None:
-            rows = head(rows)
+        with self.kernels.step_threads(0 if prefills else len(decodes)):
+            rows = self.model.last_hidden(input_ids, positions, self.kv_cache, meta)
+            if head is not None:
+                rows = head(rows)
         if self.tp is not None and meta.after_layer is not None:   # the handoff is whole when every rank's heads landed
             meta.after_layer.merge(self.tp.push_reports())
         return sampled, scored, rows

@@ -23,6 +23,11 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
   per 16 keys and head); with AMX, tile multiplies (the keys tile-loaded straight from the pool,
   no transpose). Without a build (no AVX2, or PDSERVE_CPU_ATTENTION=torch) a gather into reused
   buffers followed by grouped matmuls runs.
+- Threads: engines run with OMP_WAIT_POLICY=PASSIVE (the front end and clients share the cores),
+  so each OpenMP region wakes a sleeping thread, tens of microseconds on a VM, about 50 times a
+  decode step. A decode step's forward, whose parallel work is all in the compiled kernels, runs
+  on their own team instead (kernels/csrc/hot_team.h), whose workers spin between the step's
+  kernels and sleep when it ends (`step_threads`; PDSERVE_HOT_TEAM=0 turns it off).
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
@@ -35,6 +40,7 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -222,6 +228,24 @@ class CpuKernels(TorchKernels):
         self.tile_linears = self._tile_linears_run()
         self.gather = BlockGather(device)
         self.prefill_kernel = self._prefill_kernel_runs()
+        self.hot_team = self.ext is not None and os.environ.get("PDSERVE_HOT_TEAM", "1") != "0"
+        self.other_linears = False   # a linear off the panels and tiles (quantized, plain torch) was made
+
+    @contextlib.contextmanager
+    def step_threads(self, decode_rows: int):
+        """A decode step whose linears all run on weight panels or tiles (float32 panels, bf16
+        tiles; no quantized or plain linear loaded) computes on the kernels' hot team."""
+        rows_max = PANEL_ROWS_MAX if self.panel_linears and self.dtype == torch.float32 else (
+            TILE_ROWS_MAX if self.tile_linears else 0)
+        threads = torch.get_num_threads()
+        if not (self.hot_team and 0 < decode_rows <= rows_max and threads > 1 and not self.other_linears):
+            yield
+            return
+        self.ext.set_hot(threads)
+        try:
+            yield
+        finally:
+            self.ext.set_hot(0)
 
     def _tile_linears_run(self) -> bool:
         """Whether this build runs bf16 linears on weight tiles (AMX, or avx512_bf16 dot products
@@ -252,11 +276,13 @@ class CpuKernels(TorchKernels):
                     else "bf16 dot products")
         pre = (f"flash kernel on {products} (head sizes 64, 128; after a cached prefix: 4-D SDPA)"
                if self.prefill_kernel else "4-D SDPA")
-        return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}"
+        team = "; decode steps on the kernels' hot team" if self.hot_team else ""
+        return f"cpu kernels ({self.dtype}, {self.ext_note}): linears {lin}; decode attention {att}; prefill {pre}{team}"
 
     # ---- linears ------------------------------------------------------------------------------
     def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None, tiles: bool = True) -> Linear:
         if not self.onednn:
+            self.other_linears = True
             return Linear(weight, bias)
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
@@ -269,6 +295,7 @@ class CpuKernels(TorchKernels):
             return linear
         except Exception as exc:  # e.g. bf16 on a CPU oneDNN cannot run it on
             log.info("oneDNN prepacked linear unavailable for %s %s: %s", tuple(weight.shape), weight.dtype, exc)
+            self.other_linears = True
             return Linear(weight, bias)
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
@@ -294,6 +321,7 @@ class CpuKernels(TorchKernels):
 
     def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
         """int8 activations: oneDNN's int8 GEMM (VNNI / AMX-INT8; kernels/quant.py)."""
+        self.other_linears = True
         if weight.activations == "int8" and self.onednn:
             return quant.checked(quant.OneDnnInt8Linear, weight, bias)
         return super().quantized_linear(weight, bias)

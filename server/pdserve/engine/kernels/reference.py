@@ -10,6 +10,7 @@ kernels index it through its strides, never assuming it is contiguous.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,6 +95,11 @@ class TorchKernels:
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
+
+    def step_threads(self, decode_rows: int):
+        """A context around one forward, which holds decode_rows decoding sequences and no prompt
+        piece where that is not 0: a device's kernel set may keep its threads ready for it."""
+        return contextlib.nullcontext()
 
     # ---- linears and the layer body -------------------------------------------------------
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <type_traits>
 #include <string>
+#include "hot_team.h"
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) {
@@ -67,14 +68,38 @@ class Shares {
   std::vector<Cursor> cursor_;
 };
 
-// body(claim) runs once per thread (its setup once), taking chunks while claim(s, e) gives one.
+// body(claim) runs once per thread (its setup once), taking chunks while claim(s, e) gives one;
+// on the hot team during a decode step's forward (hot_team.h), else on OpenMP.
 template <typename F>
 static void parallel_shares(int64_t n, int64_t chunk, const F& body) {
   Shares shares(n, chunk);
+  const auto part = [&](int64_t t) { body([&](int64_t& s, int64_t& e) { return shares.claim(t, s, e); }); };
+  hot_team::Team& team = hot_team::Team::get();
+  if (team.hot_here()) {
+    team.run(shares.threads(), part);
+    return;
+  }
   at::parallel_for(0, shares.threads(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) body([&](int64_t& s, int64_t& e) { return shares.claim(t, s, e); });
+    for (int64_t t = t0; t < t1; ++t) part(t);
   });
 }
+
+// at::parallel_for's contract (f(begin, end) over [0, rows), at least `grain` rows a task), on the
+// hot team during a decode step's forward
+template <typename F>
+static void parallel_rows(int64_t rows, int64_t grain, const F& f) {
+  hot_team::Team& team = hot_team::Team::get();
+  if (team.hot_here() && rows > grain) {
+    const int64_t n = std::min(team.size(), (rows + grain - 1) / grain);
+    team.run(n, [&](int64_t t) { f(rows * t / n, rows * (t + 1) / n); });
+    return;
+  }
+  at::parallel_for(0, rows, grain, f);
+}
+
+// the calling thread's decode forward starts (threads > 1) or ends (0)
+void set_hot(int64_t threads) { hot_team::Team::get().set_hot(threads); }
+bool hot_here() { return hot_team::Team::get().hot_here(); }
 
 // Every build has AVX2 and FMA at least (kernels/variants.py); CPUs without run the torch path.
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -833,7 +858,7 @@ int64_t set_serial_work(std::string op, int64_t elements) {
 template <typename T>
 static void rms_norm_rows(T* out, const T* x, int64_t xs, T* res, int64_t rs, const T* w, int64_t rows, int64_t n,
                           float eps) {
-  at::parallel_for(0, rows, row_grain(kRmsNorm, n), [&](int64_t begin, int64_t end) {
+  parallel_rows(rows, row_grain(kRmsNorm, n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * xs;
       const T* src = xr;      // the row normed: x, or the new residual stream
@@ -885,7 +910,7 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::Tensor w, d
 // out[t] = silu(gate[t]) * up[t], gate_up[t] = [gate | up]; silu rounded to T first, as torch does
 template <typename T>
 static void silu_mul_rows(T* out, const T* gu, int64_t gs, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, row_grain(kSiluMul, n), [&](int64_t begin, int64_t end) {
+  parallel_rows(rows, row_grain(kSiluMul, n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gu + r * gs;
       const T* u = g + n;
@@ -925,7 +950,7 @@ template <typename T>
 static void rope_rows(T* x, int64_t xs_t, int64_t xs_h, const T* cos, int64_t cs, const T* sin, int64_t ss,
                       int64_t tokens, int64_t heads, int64_t d) {
   const int64_t half = d / 2;
-  at::parallel_for(0, tokens, row_grain(kRope, heads * d), [&](int64_t begin, int64_t end) {
+  parallel_rows(tokens, row_grain(kRope, heads * d), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos + t * cs;
       const T* s = sin + t * ss;
@@ -1904,7 +1929,7 @@ void argmax_rows(at::Tensor out, at::Tensor logits) {
   int64_t* o = out.data_ptr<int64_t>();
   py::gil_scoped_release nogil;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (logits.scalar_type() == at::kFloat) o[r] = row_argmax(logits.data_ptr<float>() + r * stride, n);
       else o[r] = row_argmax(logits.data_ptr<at::BFloat16>() + r * stride, n);
@@ -1917,6 +1942,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm, with an optional residual add first");
   m.def("silu_and_mul", torch::wrap_pybind_function(silu_and_mul), "silu(gate) * up");
   m.def("rope", torch::wrap_pybind_function(rope), "rotary embedding in place (rotate half)");
+  m.def("set_hot", &set_hot, "threads > 1: the calling thread's kernels run on the hot team until set_hot(0)");
+  m.def("hot_here", &hot_here, "whether the calling thread's kernels run on the hot team now");
   m.def("set_serial_work", &set_serial_work, "the work below which an op runs on one thread; returns the old value");
   m.def("store_kv", torch::wrap_pybind_function(store_kv), "K and V rows into their pool slots");
   m.def("argmax_rows", torch::wrap_pybind_function(argmax_rows), "each row's first largest value's index (greedy)");
