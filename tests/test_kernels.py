@@ -553,6 +553,7 @@ def test_a_decode_step_gives_the_same_bits_on_the_hot_team(dtype, variant):
     _, cpu = pair(dtype, variant)
     if cpu.ext is None:
         pytest.skip("no compiled kernels here")
+    cpu.hot_team = True   # as under OMP_WAIT_POLICY=PASSIVE (test_the_hot_team_runs_where_openmp_sleeps)
     g = torch.Generator().manual_seed(8)
     rows = 32
     linear = cpu.linear((torch.randn(1024, 512, generator=g) * 0.05).to(dtype))
@@ -571,7 +572,7 @@ def test_a_decode_step_gives_the_same_bits_on_the_hot_team(dtype, variant):
         return (linear(x), gate_up(x), cpu.decode_attention(q, pool, 1, meta), normed, stream,
                 cpu.rope(qk.clone(), cos, sin))
 
-    hot = cpu.hot_team and (cpu.tile_linears if dtype == torch.bfloat16 else cpu.panel_linears)
+    hot = cpu.tile_linears if dtype == torch.bfloat16 else cpu.panel_linears
     threads = torch.get_num_threads()
     ops = ("rms_norm", "silu_and_mul", "rope")
     saved = [cpu.ext.set_serial_work(op, 1) for op in ops]   # every small op split over rows
@@ -605,6 +606,7 @@ def test_a_forked_child_runs_decode_steps_on_its_own_team():
     cpu = CpuKernels(CPU, torch.float32)
     if cpu.ext is None:
         pytest.skip("no compiled kernels here")
+    cpu.hot_team = True
     g = torch.Generator().manual_seed(9)
     linear = cpu.linear(torch.randn(256, 128, generator=g))
     x = torch.randn(8, 128, generator=g)
@@ -632,3 +634,18 @@ def test_a_forked_child_runs_decode_steps_on_its_own_team():
         assert answer == b"1"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("policy,switch,hot", [("PASSIVE", None, True), ("passive", "1", True), ("PASSIVE", "0", False),
+                                               ("ACTIVE", None, False), (None, None, False)])
+def test_the_hot_team_runs_where_openmp_sleeps(monkeypatch, policy, switch, hot):
+    """Decode steps take the kernels' own team where OpenMP's idle threads sleep (PASSIVE, as
+    pdserve starts its engines) unless PDSERVE_HOT_TEAM=0; where OpenMP's threads spin, not."""
+    for name, value in (("OMP_WAIT_POLICY", policy), ("PDSERVE_HOT_TEAM", switch)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cpu = CpuKernels(CPU, torch.float32)
+    assert cpu.hot_team == (hot and cpu.ext is not None)
+    assert ("hot team" in cpu.describe()) == cpu.hot_team

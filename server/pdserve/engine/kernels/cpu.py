@@ -27,7 +27,8 @@ Why each piece (docs/engine.md; the measurements are in bench/RESULTS.md):
   so each OpenMP region wakes a sleeping thread, tens of microseconds on a VM, about 50 times a
   decode step. A decode step's forward, whose parallel work is all in the compiled kernels, runs
   on their own team instead (kernels/csrc/hot_team.h), whose workers spin between the step's
-  kernels and sleep when it ends (`step_threads`; PDSERVE_HOT_TEAM=0 turns it off).
+  kernels and sleep when it ends (`step_threads`; only under PASSIVE; PDSERVE_HOT_TEAM=0 turns
+  it off).
 - The compiled kernels are built at install, one module per instruction set
   (kernels/variants.py), and the one this CPU's flags allow is imported: an engine start never
   runs a compiler, and a missing build is an error that says to run `make setup`.
@@ -103,6 +104,15 @@ def extension():
     if variant is None:
         return None, "no build for this CPU: it lacks AVX2 and FMA or is not x86"
     return load_variant(variant), f"{variant.name} build"
+
+
+def hot_team_wanted() -> bool:
+    """Whether decode steps run on the kernels' own team: where OpenMP's idle threads sleep
+    (OMP_WAIT_POLICY=PASSIVE, as pdserve starts its engines), unless PDSERVE_HOT_TEAM=0. Where
+    they spin (ACTIVE, or libgomp's default spin before sleeping) they are awake already, and a
+    second spinning team would take their cores."""
+    return (os.environ.get("PDSERVE_HOT_TEAM", "1") != "0"
+            and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE")
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -228,7 +238,7 @@ class CpuKernels(TorchKernels):
         self.tile_linears = self._tile_linears_run()
         self.gather = BlockGather(device)
         self.prefill_kernel = self._prefill_kernel_runs()
-        self.hot_team = self.ext is not None and os.environ.get("PDSERVE_HOT_TEAM", "1") != "0"
+        self.hot_team = self.ext is not None and hot_team_wanted()
         self.other_linears = False   # a linear off the panels and tiles (quantized, plain torch) was made
 
     @contextlib.contextmanager
