@@ -15,6 +15,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import TorchKernels, kernels_for
 from pdserve.engine.kernels import variants
 from pdserve.engine.kernels.cpu import PANEL_ROWS_MAX, CpuKernels, cpu_flags, extension, load_variant, native_bf16
+from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner, prefill_group_tokens, resolve_dtype
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import SamplingParams, Sequence
@@ -649,3 +650,29 @@ def test_the_hot_team_runs_where_openmp_sleeps(monkeypatch, policy, switch, hot)
     cpu = CpuKernels(CPU, torch.float32)
     assert cpu.hot_team == (hot and cpu.ext is not None)
     assert ("hot team" in cpu.describe()) == cpu.hot_team
+
+
+def test_greedy_tokens_are_the_same_on_the_hot_team(small_model, monkeypatch):
+    """An engine under OMP_WAIT_POLICY=PASSIVE (as pdserve starts them) runs its decode steps on
+    the kernels' hot team, and generates the tokens the OpenMP path does, in both dtypes."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in ("float32", "bfloat16"):
+            engine = LLMEngine(EngineConfig(model_path=small_model, dtype=dtype, kv_cache_blocks=128, max_model_len=256))
+            kernels = engine.runner.kernels
+            assert kernels.hot_team == (kernels.ext is not None)
+            tokens = {}
+            for hot in (True, False):
+                kernels.hot_team = hot
+                for i, n in enumerate((5, 40, 17)):
+                    prompt = [(11 * j + i) % 1000 + 3 for j in range(n)]
+                    engine.add_request(f"{hot}-{i}", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+                while engine.has_work():
+                    for out in engine.step():
+                        tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            for i in range(3):
+                assert len(tokens[f"True-{i}"]) == 12 and tokens[f"True-{i}"] == tokens[f"False-{i}"], dtype
+    finally:
+        torch.set_num_threads(threads)
