@@ -109,8 +109,10 @@ def test_min_tokens_and_stop_token_ids(float64_engine):
 
 
 def test_64_streams_through_a_small_pool_all_complete(demo_model, repo):
-    """Preemption: the pool holds far fewer than 64 sequences; every stream still completes."""
-    add_model(repo, "tiny-qwen2", demo_model, config_text(kv_cache_blocks=40, max_num_seqs=64, max_model_len=256))
+    """Preemption: the pool holds far fewer than 64 sequences (a stream ends with 3 blocks, the pool
+    has 16: six streams decoding at once preempt, however the front end spreads their arrival);
+    every stream still completes."""
+    add_model(repo, "tiny-qwen2", demo_model, config_text(kv_cache_blocks=16, max_num_seqs=64, max_model_len=128))
     server = PdServer(repo).start()
     try:
         server.wait_ready("tiny-qwen2")
