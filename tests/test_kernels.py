@@ -583,10 +583,18 @@ def test_a_decode_step_gives_the_same_bits_on_the_hot_team(dtype, variant):
         with cpu.step_threads(rows):
             assert cpu.ext.hot_here() == hot
             other = []
-            helper = threading.Thread(target=lambda: other.append(cpu.ext.hot_here()))
+
+            def elsewhere():   # another thread: its kernels stay on OpenMP, even asking for the team
+                other.append(cpu.ext.hot_here())
+                cpu.ext.set_hot(2)
+                other.append(cpu.ext.hot_here())
+                other.append(torch.equal(linear(x), cold[0]))
+                cpu.ext.set_hot(0)
+            helper = threading.Thread(target=elsewhere)
             helper.start()
-            helper.join(timeout=10)
-            assert other == [False]
+            helper.join(timeout=60)
+            assert other == [False, False, True]
+            assert cpu.ext.hot_here() == hot
             on_team = step()
         assert not cpu.ext.hot_here()
         with cpu.step_threads(0):   # a step with prompt pieces

@@ -37,17 +37,21 @@ class Team {
   }
 
   // size > 1: the calling thread's kernels run on `size` threads (it and size - 1 workers) until
-  // set_hot(0) from the same thread.
+  // it calls set_hot(0). One thread at a time: while another holds the team, the caller's kernels
+  // stay on OpenMP.
   void set_hot(int64_t size) {
     if (size <= 1) {
-      owner() = false;
-      hot_.store(false, std::memory_order_relaxed);
+      if (owner()) {
+        owner() = false;
+        hot_.store(false, std::memory_order_release);
+      }
       return;
     }
+    bool cold = false;
+    if (owner() || !hot_.compare_exchange_strong(cold, true, std::memory_order_acquire)) return;
     size_ = std::min<int64_t>(size, kMaxThreads);
     while (workers_ < size_ - 1) std::thread(&Team::work, this, 1 + workers_++).detach();
     owner() = true;
-    hot_.store(true, std::memory_order_relaxed);
   }
 
   bool hot_here() const { return hot_.load(std::memory_order_relaxed) && owner(); }
