@@ -1,4 +1,5 @@
 """The CPU fast kernels against the plain-torch reference; bfloat16 logits against float32."""
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -609,9 +610,11 @@ def test_a_decode_step_gives_the_same_bits_on_the_hot_team(dtype, variant):
         assert torch.equal(a, b)
 
 
-def test_a_forked_child_runs_decode_steps_on_its_own_team():
-    """The team's workers do not survive a fork: the child of a process that used them starts
-    its own, rather than waiting on threads it does not have."""
+@pytest.mark.parametrize("in_step", [False, True], ids=["between steps", "in a step"])
+def test_a_forked_child_runs_decode_steps_on_its_own_team(in_step):
+    """The team's workers do not survive a fork: the child of a process that used them (or was
+    in a decode step on them when it forked) starts its own, rather than waiting on threads it
+    does not have or staying off the team."""
     cpu = CpuKernels(CPU, torch.float32)
     if cpu.ext is None:
         pytest.skip("no compiled kernels here")
@@ -625,14 +628,15 @@ def test_a_forked_child_runs_decode_steps_on_its_own_team():
         with cpu.step_threads(8):
             expected = linear(x)
         read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the child: one decode-sized linear on the team, then out without cleanup
-            try:
-                with cpu.step_threads(8):
-                    same = torch.equal(linear(x), expected)
-                os.write(write, b"1" if same else b"0")
-            finally:
-                os._exit(0)
+        with cpu.step_threads(8) if in_step else contextlib.nullcontext():
+            pid = os.fork()
+            if pid == 0:   # the child, still inside the step it forked in: a decode step of its own
+                try:
+                    with cpu.step_threads(8):
+                        same = cpu.ext.hot_here() and torch.equal(linear(x), expected)
+                    os.write(write, b"1" if same else b"0")
+                finally:
+                    os._exit(0)
         os.close(write)
         ready = select.select([read], [], [], 60)[0]
         answer = os.read(read, 1) if ready else b""

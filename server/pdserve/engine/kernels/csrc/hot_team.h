@@ -1,4 +1,4 @@
-// The kernels' own thread team for decode steps (engine/kernels/cpu.py: CpuKernels.hot_team).
+// The kernels' own thread team for decode steps (engine/kernels/cpu.py: CpuKernels.step_threads).
 // Engines are served with OMP_WAIT_POLICY=PASSIVE, so every OpenMP region wakes a sleeping
 // thread: a futex wake-up and, on a VM, the vCPU's return from halt, tens of microseconds a
 // region (bench/RESULTS.md) and about 50 regions a decode step. While the engine runs a decode
@@ -113,11 +113,12 @@ class Team {
   };
 
   Team() {
-    pthread_atfork(nullptr, nullptr, [] {   // a forked child has none of the workers
+    pthread_atfork(nullptr, nullptr, [] {   // a forked child has none of the workers, and a cold team
       Team& t = get();
       t.workers_ = 0;
       t.sleepers_.store(0);
       t.hot_.store(false);
+      owner() = false;   // the forking thread, the child's only one
     });
   }
 
