@@ -10,7 +10,8 @@
 # Installs what it needs: pdserve (its dependencies, its protos) into the python that holds a CUDA
 # torch (PYTHON, default python3), and vLLM into its own virtualenv (VLLM_VENV, default
 # /tmp/vllm-gpu: vLLM pins its own torch). vLLM's own CUDA-graph and attention settings are its
-# defaults (FlashAttention / FlashInfer as it picks them). The measurement is bounded by BENCH_TIMEOUT
+# defaults (FlashAttention / FlashInfer as it picks them); pdserve's engine captures its decode
+# CUDA graphs at load and decodes through FlashInfer where flashinfer-python installs (docs/engine.md). The measurement is bounded by BENCH_TIMEOUT
 # seconds (default 420: installs aside, the whole run fits in 8 minutes). Writes bench/out/gpu.json,
 # bench/gpu.md (the table for bench/RESULTS.md) and bench/gpu.png.
 set -euo pipefail
@@ -32,6 +33,9 @@ start=$(date +%s)
 "$PY" -m pip install -q "${PIP_SOURCE[@]}" "grpcio-tools>=1.80,<1.81" "protobuf>=6.31,<7" matplotlib
 "$PY" "$ROOT/protos/generate.py"
 "$PY" -m pip install -q "${PIP_SOURCE[@]}" --no-build-isolation -e "$ROOT"
+# FlashInfer's paged decode for pdserve's engine (kernels/flashinfer_decode.py): without it the
+# engine logs so and decodes through SDPA over gathered blocks; the engine log says which ran
+"$PY" -m pip install -q "${PIP_SOURCE[@]}" flashinfer-python || echo "flashinfer-python not installed: pdserve decodes through SDPA"
 # vLLM in its own virtualenv
 if ! "$VENV/bin/python" -c 'import vllm' 2>/dev/null; then
   "$PY" -m venv "$VENV"

@@ -6,7 +6,9 @@ CI has no GPU, so this module skips there; bench/RESULTS.md records its runs on 
   - float32 greedy tokens equal transformers' generate on the same GPU, whatever the arrival
     order, with prefix caching, chunked prefill and preemption at work; every block comes back;
   - bfloat16 logits stay within bf16 tolerance of float32;
-  - a served cuda:0 instance answers tritonclient with generate's text.
+  - a served cuda:0 instance answers tritonclient with generate's text;
+  - decode steps replayed from CUDA graphs give the eager forward's logits, FlashInfer's paged
+    decode (where flashinfer-python is installed) the reference's attention.
 """
 import random
 
@@ -16,11 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pdserve_testing.harness import PdServer, add_model, config_text, inputs
 from test_correctness import PROMPTS, hf_greedy, run_engine
+from test_decode_graphs import prefilled
 from test_kernels import decode_meta, prefill_logits, random_pool
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kernels import TorchKernels, kernels_for
 from pdserve.engine.kernels.cuda import CudaKernels
+from pdserve.engine.kernels.flashinfer_decode import FlashInferDecode
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_runner import ModelRunner, resolve_dtype
 from pdserve.engine.sequence import SamplingParams
@@ -100,3 +104,41 @@ def test_a_cuda_instance_serves_generate_text(demo_model, repo):
             assert result.as_numpy("text_output")[0].decode() == expected, prompt
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replayed_decode_graphs_give_the_eager_logits(small_model, dtype):
+    runner = ModelRunner(EngineConfig(model_path=small_model, device="cuda:0", dtype=dtype, kv_cache_blocks=64,
+                                      max_model_len=256, max_num_seqs=12))
+    graphs = runner.decode_graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 12] and graphs.scratch_block == 64
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=3e-2, atol=3e-2)
+    for count, seed in ((5, 1), (3, 2), (1, 3), (12, 4)):
+        seqs = prefilled(runner, count, seed)
+        _, _, eager = runner._forward([], seqs, head=runner.model.logits)
+        torch.testing.assert_close(graphs.run(seqs).float(), eager.float(), **tol)
+    eager_runner = ModelRunner(EngineConfig(model_path=small_model, device="cuda:0", dtype=dtype, kv_cache_blocks=64,
+                                            max_model_len=256, max_num_seqs=12, enforce_eager=True))
+    assert eager_runner.decode_graphs is None and eager_runner.num_blocks == 64
+
+
+def test_flashinfer_paged_decode_matches_the_reference():
+    flashinfer = pytest.importorskip("flashinfer")
+    dtype = torch.bfloat16
+    pool = random_pool(dtype).to(CUDA)
+    lens = [1, 17, 100, 33, 16, 250]
+    meta = decode_meta(lens, pool.shape[0])
+    meta.block_tables, meta.context_lens = meta.block_tables.to(CUDA), meta.context_lens.to(CUDA)
+    q = torch.randn(6, 8, 64, generator=torch.Generator().manual_seed(4)).to(dtype).to(CUDA)
+    kernel = FlashInferDecode(flashinfer, CUDA, dtype, 8, 2, 64, 16, max_blocks=16)
+    kernels = CudaKernels(CUDA, dtype)
+    for graph_size in (None, 8):
+        tables = meta.block_tables.tolist() + [[0]] * (0 if graph_size is None else graph_size - len(lens))
+        context = lens + [1] * (len(tables) - len(lens))
+        meta.decode_plan = kernel.plan(tables, context, graph_size=graph_size)
+        for layer in (0, 1):
+            got = kernels.decode_attention(torch.cat([q, q[:len(tables) - len(lens)]]), pool, layer, meta)[:len(lens)]
+            meta.decode_plan, plan = None, meta.decode_plan
+            torch.testing.assert_close(got, TorchKernels(CUDA, dtype).decode_attention(q, pool, layer, meta),
+                                       rtol=3e-2, atol=3e-2)
+            meta.decode_plan = plan

@@ -38,6 +38,9 @@ class AttentionMetadata:
     # decode part: per-sequence block tables (padded) and context lengths
     block_tables: torch.Tensor | None = None   # [seqs, max_blocks] int64
     context_lens: torch.Tensor | None = None   # [seqs] int64
+    # the device kernel's plan of the decode part's attention, made on the host before the
+    # forward (kernels.paged_decode: FlashInfer's wrapper); None: the kernel set reads block_tables
+    decode_plan: object | None = None
     # called with each layer's index once its KV is in the pool (a PREFILL engine pushes it out)
     after_layer: Callable[[int], None] | None = None
     progress: Progress | None = None   # stamped after each layer (rank 0 only)

@@ -49,6 +49,9 @@ class EngineConfig:
     # share that step instead of queuing behind a step of one or two (engine/worker.py). A lone
     # request waits one window. 0: start at once.
     admission_window_ms: float = 10.0
+    # GPU engines replay a CUDA graph per decode batch size (engine/decode_graphs.py); true: every
+    # step runs eagerly (vLLM's flag of the same name)
+    enforce_eager: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import time
 
 import torch
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 from pdserve.engine.attention import AttentionMetadata, Progress
 from pdserve.engine.block_manager import blocks_needed
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.decode_graphs import CudaGraph, DecodeGraphs
 from pdserve.common.devices import parse_device
 from pdserve.engine.devices import free_memory_bytes, open_device
 from pdserve.engine.kernels import kernels_for
@@ -119,15 +121,26 @@ class ModelRunner:
         self.eos_ids = eos_token_ids(cfg.model_path, self.hf_config, self.tokenizer)
         self.max_model_len = cfg.max_model_len or self.hf_config.max_position_embeddings
         self.block_size = cfg.kv_block_size
+        self.max_blocks = blocks_needed(self.max_model_len, self.block_size)   # the widest block table
+        # decode-only steps replay CUDA graphs (decode_graphs.py): GPUs, unless enforce_eager, for
+        # the models whose decode forward is all device work, on one device
+        self.graphs_wanted = (self.device.type == "cuda" and not cfg.enforce_eager and tp is None
+                              and getattr(self.model, "decode_graphs", False))
         self.kv_cache = self._allocate_kv_cache()
-        self.num_blocks = self.kv_cache.shape[0]
+        # the block manager's blocks; a pool with graphs holds one more, the padding rows' scratch
+        self.num_blocks = self.kv_cache.shape[0] - self.graphs_wanted
         self.sampler = Sampler(self.device, cfg.seed, self.kernels.argmax)
         # PREFILL engines: builds, per forward, what to push after each layer (kv_connector.py)
         self.layer_push = None
         self.progress = Progress()   # the last layer a forward finished, for the stall watchdog
         self.vocab_size = self.model.vocab_size
         self.prefill_group_tokens = prefill_group_tokens(self.model_config, self.dtype)
+        self.decode_planner = self._paged_decode()
         self._warm_up()
+        self.decode_graphs = None
+        if self.graphs_wanted:
+            self.decode_graphs = self.make_decode_graphs(CudaGraph)
+            self.decode_graphs.capture()
 
     def _warm_up(self) -> None:
         """One tiny prefill and decode at load (before READY), so the first request does not pay
@@ -144,6 +157,24 @@ class ModelRunner:
                                      last_token_indices=self._tensor([0]), block_tables=self._tensor([[0]]),
                                      context_lens=self._tensor([3]))
             self.model(self._tensor([0]), self._tensor([2]), self.kv_cache, meta)
+
+    def _paged_decode(self):
+        """The kernel set's planned decode attention (FlashInfer's on GPUs), for models whose pool
+        is per-head K and V, on one device (a follower rank gets no plan); None where there is none."""
+        if hasattr(self.model, "kv_block_shape") or self.tp is not None:
+            return None
+        _, _, _, heads, head_dim = self._kv_block_shape()
+        return self.kernels.paged_decode(self.model_config.num_attention_heads, heads, head_dim,
+                                         self.block_size, self.max_blocks)
+
+    def make_decode_graphs(self, graph_type) -> DecodeGraphs:
+        """The decode forward's graphs over this runner's pool (not yet captured); the last pool
+        block is their scratch."""
+        def forward(input_ids, positions, meta):
+            return self.model.logits(self.model.last_hidden(input_ids, positions, self.kv_cache, meta))
+        return DecodeGraphs(forward, self.device, self.cfg.max_num_seqs, self.block_size, self.max_blocks,
+                            scratch_block=self.kv_cache.shape[0] - 1, planner=self.decode_planner,
+                            graph_type=graph_type)
 
     # ---- the KV pool -------------------------------------------------------------------
     def _kv_block_shape(self) -> tuple[int, ...]:
@@ -173,6 +204,7 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache; lower max_num_seqs or set kv_cache_blocks")
         if self.tp is not None:   # every rank's pool must hold the block ids rank 0 hands out
             num_blocks = self.tp.agree_min(num_blocks, self.device)
+        scratch = 1 if self.graphs_wanted else 0
         log.info("KV pool: %d blocks of %d tokens, %d bytes per token (%.1f MiB)", num_blocks, self.block_size,
                  self.block_bytes // self.block_size, num_blocks * self.block_bytes / 2**20)
         # Stored layer-major, [layers, blocks, 2, block_size, kv_heads, dim], so one layer of a run
@@ -180,7 +212,7 @@ class ModelRunner:
         # as soon as the layer is computed); seen block-major, [blocks, layers, ...] (attention.py).
         # torch.empty: on CPU, pages are committed only as blocks are first written.
         layers, *rest = self._kv_block_shape()
-        storage = torch.empty((layers, num_blocks, *rest), dtype=self.dtype, device=self.device)
+        storage = torch.empty((layers, num_blocks + scratch, *rest), dtype=self.dtype, device=self.device)
         return storage.transpose(0, 1)
 
     # ---- one step --------------------------------------------------------------------------
@@ -209,7 +241,7 @@ class ModelRunner:
             if end == seq.num_tokens:       # the prompt's last piece: its next token is sampled
                 last.append(len(input_ids) - 1)
                 sampled.append(seq)
-        block_tables = context_lens = None
+        block_tables = context_lens = decode_plan = None
         if decodes:
             for seq in decodes:
                 p = seq.num_tokens - 1
@@ -219,13 +251,17 @@ class ModelRunner:
                 slot_blocks.append(seq.block_table[p // bs])
                 slot_offsets.append(p % bs)
             sampled += decodes
+            if self.decode_planner is not None:
+                decode_plan = self.decode_planner.plan([seq.block_table for seq in decodes],
+                                                       [seq.num_tokens for seq in decodes])
             max_blocks = max(len(seq.block_table) for seq in decodes)
             block_tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes])
             context_lens = self._tensor([seq.num_tokens for seq in decodes])
         meta = AttentionMetadata(
             slot_blocks=self._tensor(slot_blocks), slot_offsets=self._tensor(slot_offsets),
             last_token_indices=self._tensor(last + scored_rows), prefill_bounds=bounds or None,
-            prefill_cached=cached or None, prefill_block_tables=tables or None, block_tables=block_tables, context_lens=context_lens)
+            prefill_cached=cached or None, prefill_block_tables=tables or None, block_tables=block_tables, context_lens=context_lens,
+            decode_plan=decode_plan)
         return self._tensor(input_ids), self._tensor(positions), meta, sampled, scored
 
     def _tensor(self, values) -> torch.Tensor:
@@ -269,6 +305,11 @@ class ModelRunner:
         return groups + [current] if current else groups
 
     def _run(self, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]) -> list[tuple[Sequence, int]]:
+        if not prefills and self.decode_graphs is not None:
+            logits = self.decode_graphs.run(decodes)   # None: a batch larger than every graph
+            if logits is not None:
+                self.progress.at = time.monotonic()
+                return self._sample(logits, decodes)
         sampled, scored, logits = self._forward(prefills, decodes, head=self.model.logits)
         if scored:
             self._score_prompts(logits[len(sampled):], scored)

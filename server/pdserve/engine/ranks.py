@@ -186,9 +186,9 @@ def parallelize(model, config, shard: Shard, group: RankGroup) -> None:
 
 def step_payload(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
     """What rank 0 broadcasts of a step: host tensors (a follower moves them to its own device),
-    the metadata without its callbacks, and what the forward pushes to decode engines (each rank
+    the metadata without its callbacks and rank 0's attention plan, and what the forward pushes to decode engines (each rank
     writes the KV heads it holds of the same blocks)."""
-    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.name not in ("after_layer", "progress")}
+    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.name not in ("after_layer", "progress", "decode_plan")}
     plan = meta.after_layer.plan() if meta.after_layer is not None else None
     return input_ids.cpu(), positions.cpu(), _moved(fields, torch.device("cpu")), plan
 

@@ -200,6 +200,13 @@ class TorchKernels:
             i += 1
         return out
 
+    def paged_decode(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_blocks: int):
+        """A decode attention kernel planned on the host once per step (FlashInfer's on GPUs):
+        an object whose plan(block_lists, context_lens, graph_size=None) returns what
+        meta.decode_plan carries to decode_attention. None here: decode_attention reads the
+        block tables itself. max_blocks: the widest block table a step can hold."""
+        return None
+
     def decode_attention(self, q, kv_cache: torch.Tensor, layer: int, meta: "AttentionMetadata"):
         """q [seqs, H, D], one new token per sequence: attention over its whole context in the pool.
         The reference gathers every sequence's blocks (padded to the longest) and masks the tail."""

@@ -137,6 +137,10 @@ class LlamaForCausalLM(nn.Module):
     """Parameter names follow transformers so a checkpoint's state dict loads as is; prepare()
     then fuses the layer body's linears for the device's kernel set."""
 
+    # the decode forward is device work only (no host reads, no shapes from values): a GPU engine
+    # may capture it in CUDA graphs (engine/decode_graphs.py); families that differ say False
+    decode_graphs = True
+
     def __init__(self, config, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         self.config = config

@@ -89,6 +89,8 @@ class SparseMoeBlock(nn.Module):
 class MoeForCausalLM(LlamaForCausalLM):
     """Llama's model with a SparseMoeBlock as the MLP of every sparse layer."""
 
+    decode_graphs = False   # the experts' routing reads token counts on the host
+
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, shared_expert: bool, renormalize: bool):
         super().__init__(config, qkv_bias, qk_norm)
         num_experts = getattr(config, "num_experts", None) or config.num_local_experts

@@ -44,6 +44,8 @@ def _split_fused(config):
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    decode_graphs = False   # its windowed layers and LongRoPE switch are not tried in graphs
+
     def __init__(self, config):
         super().__init__(config, qkv_bias=False, qk_norm=False)
         window_layers(self.model.layers, config, qkv_bias=False, qk_norm=False)
