@@ -10,6 +10,8 @@ import random
 
 import pytest
 import torch
+from pdserve_testing.harness import config_text
+from test_units import model_folder
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.decode_graphs import graph_batch_sizes
@@ -17,6 +19,7 @@ from pdserve.engine.kernels.flashinfer_decode import page_lists
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import SamplingParams, Sequence
+from pdserve.repository.config import ConfigError, load_model_spec
 
 
 class Rerun:
@@ -105,3 +108,11 @@ def test_a_runner_with_graphs_samples_the_eager_tokens(runner):
     runner.decode_graphs.capture()
     replayed = [(s.request_id, t) for s, t in runner.run(SchedulerOutput(decodes=seqs))]
     assert replayed == eager
+
+
+def test_enforce_eager_is_a_config_parameter(tmp_path):
+    spec = load_model_spec(model_folder(tmp_path / "a", config_text(enforce_eager="true")))
+    assert spec.engine_config(1, "cuda:0").enforce_eager is True
+    assert load_model_spec(model_folder(tmp_path / "b", config_text())).engine_config(1, "cuda:0").enforce_eager is False
+    with pytest.raises(ConfigError, match="'enforce_eager' is 'maybe'; it must be a bool"):
+        load_model_spec(model_folder(tmp_path / "c", config_text(enforce_eager="maybe")))
