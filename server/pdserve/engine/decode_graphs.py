@@ -99,6 +99,7 @@ class DecodeGraphs:
                                  block_tables=self.tables[:size], context_lens=rows[4],
                                  decode_plan=self.plans.get(size))
 
+    @torch.inference_mode()
     def capture(self) -> None:
         """Largest first, so the smaller graphs reuse its memory pool. Each size runs once eagerly
         before its capture (lazy initialisations, library workspaces)."""
@@ -117,6 +118,7 @@ class DecodeGraphs:
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 
+    @torch.inference_mode()
     def run(self, seqs) -> torch.Tensor | None:
         """The logits of a decode-only step's sequences, [len(seqs), vocab], from a replay; None
         when the batch is larger than every graph (the caller runs it eagerly)."""
