@@ -89,6 +89,10 @@ def prefill_group_tokens(config, dtype: torch.dtype) -> int:
     return tokens
 
 
+# The largest KV gather (K and V of one layer) a decode graph may hold on the SDPA path
+GRAPH_GATHER_BYTES_MAX = 1 << 30
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, tp=None):
         self.cfg = cfg
@@ -122,10 +126,8 @@ class ModelRunner:
         self.max_model_len = cfg.max_model_len or self.hf_config.max_position_embeddings
         self.block_size = cfg.kv_block_size
         self.max_blocks = blocks_needed(self.max_model_len, self.block_size)   # the widest block table
-        # decode-only steps replay CUDA graphs (decode_graphs.py): GPUs, unless enforce_eager, for
-        # the models whose decode forward is all device work, on one device
-        self.graphs_wanted = (self.device.type == "cuda" and not cfg.enforce_eager and tp is None
-                              and getattr(self.model, "decode_graphs", False))
+        self.decode_planner = self._paged_decode()
+        self.graphs_wanted = self._graphs_wanted()
         self.kv_cache = self._allocate_kv_cache()
         # the block manager's blocks; a pool with graphs holds one more, the padding rows' scratch
         self.num_blocks = self.kv_cache.shape[0] - self.graphs_wanted
@@ -135,7 +137,6 @@ class ModelRunner:
         self.progress = Progress()   # the last layer a forward finished, for the stall watchdog
         self.vocab_size = self.model.vocab_size
         self.prefill_group_tokens = prefill_group_tokens(self.model_config, self.dtype)
-        self.decode_planner = self._paged_decode()
         self._warm_up()
         self.decode_graphs = None
         if self.graphs_wanted:
@@ -166,6 +167,22 @@ class ModelRunner:
         _, _, _, heads, head_dim = self._kv_block_shape()
         return self.kernels.paged_decode(self.model_config.num_attention_heads, heads, head_dim,
                                          self.block_size, self.max_blocks)
+
+    def _graphs_wanted(self) -> bool:
+        """Decode-only steps replay CUDA graphs (decode_graphs.py) on GPUs, unless enforce_eager,
+        for models whose decode forward is all device work, on one device. Without a paged decode
+        kernel the SDPA path gathers every graph row's table, max_model_len wide: only while that
+        stays small."""
+        if (self.device.type != "cuda" or self.cfg.enforce_eager or self.tp is not None
+                or not getattr(self.model, "decode_graphs", False)):
+            return False
+        if self.decode_planner is None:
+            gather = self.cfg.max_num_seqs * self.max_blocks * self.block_bytes // self.model_config.num_hidden_layers
+            if gather > GRAPH_GATHER_BYTES_MAX:
+                log.info("decode graphs off: without a paged decode kernel each would gather %.1f GiB of KV a layer "
+                         "(max_num_seqs x max_model_len); pip install flashinfer-python", gather / 2**30)
+                return False
+        return True
 
     def make_decode_graphs(self, graph_type) -> DecodeGraphs:
         """The decode forward's graphs over this runner's pool (not yet captured); the last pool
