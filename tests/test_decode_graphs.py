@@ -84,6 +84,7 @@ def prefilled(runner, count: int, seed: int) -> list[Sequence]:
 def test_a_replayed_decode_gives_the_eager_logits_and_pads_touch_only_the_scratch_block(runner):
     graphs = runner.make_decode_graphs(Rerun)
     graphs.capture()
+    graphs.check()
     assert graphs.sizes == [1, 2, 4, 8, 12] and graphs.scratch_block == 63
     pool = runner.kv_cache
     for count, seed in ((5, 1), (3, 2), (1, 3), (12, 4)):   # padded to 8, 4, 1, 12 (stale table rows between)
@@ -116,3 +117,20 @@ def test_enforce_eager_is_a_config_parameter(tmp_path):
     assert load_model_spec(model_folder(tmp_path / "b", config_text())).engine_config(1, "cuda:0").enforce_eager is False
     with pytest.raises(ConfigError, match="'enforce_eager' is 'maybe'; it must be a bool"):
         load_model_spec(model_folder(tmp_path / "c", config_text(enforce_eager="maybe")))
+
+
+class Frozen(Rerun):
+    """A capture that went wrong: replays leave the output as captured."""
+
+    def replay(self):
+        pass
+
+
+def test_a_graph_that_replays_wrong_is_found_at_load(runner):
+    graphs = runner.make_decode_graphs(Frozen)
+    graphs.capture()
+    with torch.inference_mode():   # what the capture left, other than what the rows compute
+        for size in graphs.sizes:
+            graphs.outputs[size].add_(1.0)
+    with pytest.raises(RuntimeError, match="differs from the eager forward"):
+        graphs.check()

@@ -52,7 +52,7 @@ class CudaGraph:
 
 class DecodeGraphs:
     """The graphs of one engine's decode forward, captured by capture() after the engine's
-    warm-up, and run() for each decode-only step."""
+    warm-up and checked by check(), and run() for each decode-only step."""
 
     def __init__(self, forward, device: torch.device, max_seqs: int, block_size: int, max_blocks: int,
                  scratch_block: int, planner=None, graph_type=CudaGraph):
@@ -114,6 +114,19 @@ class DecodeGraphs:
             pool = graph.memory_pool()
         log.info("decode graphs: %d batch sizes (%s) captured in %.1f s", len(self.sizes),
                  ", ".join(map(str, self.sizes)), time.monotonic() - started)
+
+    @torch.inference_mode()
+    def check(self) -> None:
+        """Raises unless a replay of the smallest and the largest graph gives the eager forward's
+        logits over the same (padding) rows: a capture that went wrong is found at load."""
+        for size in {self.sizes[0], self.sizes[-1]}:
+            self._fill([], size)
+            rows, meta = self.rows[:, :size], self._meta(size)
+            expected = self.forward(rows[0], rows[1], meta).float()
+            self.graphs[size].replay()
+            error = (self.outputs[size].float() - expected).abs().max().item()
+            if not error <= 1e-2 * expected.abs().max().item() + 1e-3:
+                raise RuntimeError(f"the graph of {size} rows differs from the eager forward by {error}")
 
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)

@@ -140,8 +140,13 @@ class ModelRunner:
         self._warm_up()
         self.decode_graphs = None
         if self.graphs_wanted:
-            self.decode_graphs = self.make_decode_graphs(CudaGraph)
-            self.decode_graphs.capture()
+            graphs = self.make_decode_graphs(CudaGraph)
+            try:
+                graphs.capture()
+                graphs.check()
+                self.decode_graphs = graphs
+            except Exception as exc:   # an op that cannot be captured, memory: the engine runs eagerly
+                log.warning("decode graphs off, every step runs eagerly: %s", exc)
 
     def _warm_up(self) -> None:
         """One tiny prefill and decode at load (before READY), so the first request does not pay
