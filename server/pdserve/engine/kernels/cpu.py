@@ -65,6 +65,10 @@ class KernelsNotBuilt(RuntimeError):
     """The compiled kernels this CPU needs are not installed: an engine start never compiles them."""
 
 
+# the int8 dot products oneDNN's int8 GEMM needs to be exact (VNNI, AMX-INT8)
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's flags as /proc/cpuinfo lists them (empty where there is no such file)."""
@@ -330,9 +334,11 @@ class CpuKernels(TorchKernels):
         return fused
 
     def quantized_linear(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
-        """int8 activations: oneDNN's int8 GEMM (VNNI / AMX-INT8; kernels/quant.py)."""
+        """int8 activations: oneDNN's int8 GEMM (VNNI / AMX-INT8; kernels/quant.py) on CPUs with
+        an int8 dot product; without one (AVX2 only) oneDNN's path sums u8 x s8 pairs in int16,
+        which saturates (one row's outputs off by 10x on a Zen 3), so the reference runs."""
         self.other_linears = True
-        if weight.activations == "int8" and self.onednn:
+        if weight.activations == "int8" and self.onednn and cpu_flags() & INT8_DOT_FLAGS:
             return quant.checked(quant.OneDnnInt8Linear, weight, bias)
         return super().quantized_linear(weight, bias)
 
