@@ -58,7 +58,7 @@ class DecodeGraphs:
                  scratch_block: int, planner=None, graph_type=CudaGraph):
         """forward(input_ids, positions, meta) -> logits; planner: the kernel set's paged decode
         (kernels.paged_decode), planned on the host before each replay, or None."""
-        self.forward, self.device, self.block_size = forward, device, block_size
+        self.forward, self.block_size = forward, block_size
         self.scratch_block, self.planner, self.graph_type = scratch_block, planner, graph_type
         self.sizes = graph_batch_sizes(max_seqs)
         n = self.sizes[-1]
@@ -79,19 +79,20 @@ class DecodeGraphs:
         kernel stops at a row's context length)."""
         bs, scratch, pad = self.block_size, self.scratch_block, size - len(seqs)
         positions = [seq.num_tokens - 1 for seq in seqs]
+        lens = [p + 1 for p in positions] + [1] * pad
         self.host_rows[:, :size] = torch.tensor([
             [seq.last_token_id for seq in seqs] + [0] * pad,
             positions + [0] * pad,
             [seq.block_table[p // bs] for seq, p in zip(seqs, positions)] + [scratch] * pad,
             [p % bs for p in positions] + [0] * pad,
-            [p + 1 for p in positions] + [1] * pad])
+            lens])
         tables = [seq.block_table for seq in seqs] + [[scratch]] * pad
         width = max(map(len, tables))
         self.host_tables[:size, :width] = torch.tensor([t + [scratch] * (width - len(t)) for t in tables])
         self.rows[:, :size].copy_(self.host_rows[:, :size], non_blocking=True)
         self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
         if self.planner is not None:
-            self.plans[size] = self.planner.plan(tables, [p + 1 for p in positions] + [1] * pad, graph_size=size)
+            self.plans[size] = self.planner.plan(tables, lens, graph_size=size)
 
     def _meta(self, size: int) -> AttentionMetadata:
         rows = self.rows[:, :size]
@@ -136,7 +137,7 @@ class DecodeGraphs:
         """The logits of a decode-only step's sequences, [len(seqs), vocab], from a replay; None
         when the batch is larger than every graph (the caller runs it eagerly)."""
         size = self.size_for(len(seqs))
-        if size is None or size not in self.graphs:
+        if size is None:
             return None
         self._fill(seqs, size)
         self.graphs[size].replay()
